@@ -1,0 +1,320 @@
+"""
+Shared plumbing for every picochat stage: the --key=value configurator, device and distributed setup,
+atomic file writes, checkpoints, and the report sections each stage leaves behind.
+
+Nothing here knows about a particular stage. A stage script does, in order:
+
+    config = common.configure(globals())          # module globals <- config file and --key=value
+    ddp, rank, local_rank, world_size, device = common.setup_device(device)
+    ...
+    common.save_checkpoint(common.checkpoint_dir("base", tag), step, model.state_dict(), rank_state, meta, rank)
+    common.teardown()
+"""
+
+import ast
+import contextlib
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# The artifacts directory: everything a run produces lives under it.
+
+
+def get_base_dir():
+    """$PICOCHAT_DIR, or ~/.cache/picochat; created on first use."""
+    base = os.environ.get("PICOCHAT_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "picochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def is_rank0():
+    # RANK is set by torchrun before the process group exists, so this works before setup_device() too
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print0(*args, **kwargs):
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# The configurator (nanoGPT's idea, with type checks): a script's lowercase module globals of type
+# int/float/bool/str are its config. `python x.py [config_file.py] --key=value ...` overrides them.
+
+CONFIG_TYPES = (bool, int, float, str)
+
+
+def config_keys(g):
+    """The overridable settings of a script's globals: lowercase, public, of a plain type."""
+    return {k: v for k, v in g.items()
+            if not k.startswith("_") and not k.isupper() and type(v) in CONFIG_TYPES}
+
+
+def parse_value(key, raw, default):
+    """Convert the text after `--key=` to the type of the default, or exit with one line naming the key."""
+    want = type(default)
+    if want is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true"):
+            return True
+        if low in ("0", "false"):
+            return False
+        raise SystemExit(f"error: --{key} expects a bool (1/0/true/false), got {raw!r}")
+    if want is str:
+        # a quoted string is unquoted; anything else is taken as written (paths, names, `a=b`)
+        try:
+            value = ast.literal_eval(raw)
+            return value if isinstance(value, str) else raw
+        except (ValueError, SyntaxError):
+            return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"error: --{key} expects {want.__name__}, got {raw!r}") from None
+    if want is float and type(value) in (int, float):
+        return float(value)
+    if type(value) is not want:  # bool is not accepted for an int: `--depth=True` is a mistake
+        raise SystemExit(f"error: --{key} expects {want.__name__}, got {raw!r}")
+    return value
+
+
+def configure(g, argv=None):
+    """Override the settings in `g` (a script's globals()) and return the final config as a dict."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    defaults = config_keys(g)
+    valid = ", ".join(sorted(defaults))
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print("settings (override with --key=value):")
+            for k in sorted(defaults):
+                print(f"  --{k}={defaults[k]!r}")
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            # a config file: plain Python assigning some of the settings
+            if not os.path.isfile(arg):
+                raise SystemExit(f"error: config file {arg!r} not found (settings are given as --key=value)")
+            file_globals = {}
+            with open(arg) as f:
+                exec(f.read(), file_globals)
+            for key, value in file_globals.items():
+                if key.startswith("_"):
+                    continue
+                if key not in defaults:
+                    raise SystemExit(f"error: unknown config key '{key}' in {arg}; valid keys: {valid}")
+                g[key] = parse_value(key, repr(value) if not isinstance(value, str) else value, defaults[key])
+            continue
+        key, sep, raw = arg[2:].partition("=")  # partition: values may themselves contain '='
+        if key not in defaults:
+            raise SystemExit(f"error: unknown config key '{key}'; valid keys: {valid}")
+        if not sep:
+            raise SystemExit(f"error: --{key} needs a value: --{key}=VALUE")
+        g[key] = parse_value(key, raw, defaults[key])
+    config = config_keys(g)
+    print0("config: " + " ".join(f"{k}={config[k]!r}" for k in sorted(config)))
+    return config
+
+
+# -----------------------------------------------------------------------------
+# Device and distributed setup
+
+
+def setup_device(device=""):
+    """Pick the device (cuda > mps > cpu unless given) and, under torchrun, join the process group.
+    Returns (ddp, rank, local_rank, world_size, device)."""
+    if not device:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if device not in ("cuda", "mps", "cpu") and not device.startswith("cuda:"):
+        raise SystemExit(f"error: --device must be cuda, mps or cpu, got {device!r}")
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        world_size = int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+            dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        elif device == "cpu":
+            dist.init_process_group(backend="gloo")
+        else:
+            raise SystemExit(f"error: distributed training needs cuda or cpu, not {device}")
+    if device == "cpu":
+        # torchrun sets OMP_NUM_THREADS=1 when several processes share a machine; respect an explicit value,
+        # otherwise give each local process an equal share of the cores
+        if "OMP_NUM_THREADS" not in os.environ:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    print0(f"device: {device}" + (f", {world_size} processes" if ddp else ""))
+    return ddp, rank, local_rank, world_size, torch.device(device)
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed):
+    import random
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device, dtype_name):
+    """bf16 autocast (the default on GPUs; AMX makes it fast on recent CPUs too) or plain fp32."""
+    if dtype_name == "float32":
+        return contextlib.nullcontext()
+    if dtype_name == "bfloat16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    raise SystemExit(f"error: --dtype must be bfloat16 or float32, got {dtype_name!r}")
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes: a reader sees the old file or the whole new one, never a half-written one.
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path next to `path`; rename it into place only if the block finishes."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path, data):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: checkpoints/<stage>/<model_tag>/{model_S.pt, optim_S_rankR.pt, meta_S.json}.
+# The meta file is written last, after every rank's files: a step exists only once its meta does,
+# so a run killed mid-save leaves the previous checkpoint as the latest.
+
+
+def checkpoint_dir(stage, model_tag):
+    return os.path.join(get_base_dir(), "checkpoints", stage, model_tag)
+
+
+def last_step(ckpt_dir):
+    """The latest complete step in ckpt_dir, or None."""
+    steps = [int(m.group(1)) for p in glob.glob(os.path.join(ckpt_dir, "meta_*.json"))
+             if (m := re.search(r"meta_(\d+)\.json$", p))]
+    return max(steps) if steps else None
+
+
+def save_checkpoint(ckpt_dir, step, model_state, rank_state, meta, rank=0, keep=2):
+    """Save one step: the model (rank 0), each rank's own state (optimiser, data position, RNG), then the
+    meta JSON. Older steps beyond the last `keep` are deleted."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    if rank == 0:
+        atomic_torch_save(model_state, os.path.join(ckpt_dir, f"model_{step:06d}.pt"))
+    if rank_state is not None:
+        atomic_torch_save(rank_state, os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()  # every rank's file is on disk before the meta makes the step visible
+    if rank == 0:
+        atomic_write_text(os.path.join(ckpt_dir, f"meta_{step:06d}.json"), json.dumps(meta, indent=2))
+        steps = sorted(int(m.group(1)) for p in glob.glob(os.path.join(ckpt_dir, "meta_*.json"))
+                       if (m := re.search(r"meta_(\d+)\.json$", p)))
+        for old in steps[:-keep] if keep > 0 else []:
+            os.remove(os.path.join(ckpt_dir, f"meta_{old:06d}.json"))  # meta first: the step vanishes at once
+            for p in glob.glob(os.path.join(ckpt_dir, f"*_{old:06d}*.pt")):
+                os.remove(p)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(ckpt_dir, step=-1, rank=0, device="cpu", load_rank_state=True):
+    """Returns (model_state, rank_state or None, meta) of `step` (-1: the latest)."""
+    if step < 0:
+        step = last_step(ckpt_dir)
+        if step is None:
+            raise SystemExit(f"error: no checkpoint in {ckpt_dir}")
+    meta_path = os.path.join(ckpt_dir, f"meta_{step:06d}.json")
+    if not os.path.exists(meta_path):
+        raise SystemExit(f"error: no checkpoint for step {step} in {ckpt_dir}")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    model_state = torch.load(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), map_location=device)
+    rank_state = None
+    if load_rank_state:
+        path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path} is missing: was this checkpoint saved with another world size?")
+        rank_state = torch.load(path, map_location=device, weights_only=False)
+    return model_state, rank_state, meta
+
+
+def find_model_tag(stage, model_tag=""):
+    """The given tag, or the tag of the stage's most recently saved checkpoint."""
+    stage_dir = os.path.join(get_base_dir(), "checkpoints", stage)
+    if model_tag:
+        return model_tag
+    metas = glob.glob(os.path.join(stage_dir, "*", "meta_*.json"))
+    if not metas:
+        raise SystemExit(f"error: no {stage} checkpoint under {stage_dir}; train one first "
+                         f"({'python pretrain.py' if stage == 'base' else f'python {stage}.py'})")
+    return os.path.basename(os.path.dirname(max(metas, key=os.path.getmtime)))
+
+
+def load_model(stage, device="cpu", model_tag="", step=-1):
+    """Build the model of a saved stage (base/sft/rl) with its tokenizer. Returns (model, tokenizer, meta)."""
+    from model import GPT, GPTConfig
+    from tokenizer import load_tokenizer
+    ckpt_dir = checkpoint_dir(stage, find_model_tag(stage, model_tag))
+    model_state, _, meta = load_checkpoint(ckpt_dir, step, device=device, load_rank_state=False)
+    tokenizer = load_tokenizer()
+    if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
+        raise SystemExit(f"error: {ckpt_dir} was trained with another tokenizer than the one in "
+                         f"{os.path.join(get_base_dir(), 'tokenizer')}")
+    model = GPT(GPTConfig(**meta["model_config"]))
+    model.load_state_dict(model_state)
+    model.to(device)
+    model.eval()
+    print0(f"loaded {stage} model from {ckpt_dir} (step {meta['step']})")
+    return model, tokenizer, meta
+
+
+# -----------------------------------------------------------------------------
+# Report sections: each stage leaves a JSON of its config, time and metrics; evaluate.py --report=1
+# assembles them into report.md.
+
+
+def write_report_section(name, section):
+    path = os.path.join(get_base_dir(), "report", f"{name}.json")
+    atomic_write_text(path, json.dumps(section, indent=2, default=str))
+    return path
