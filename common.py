@@ -15,6 +15,7 @@ import ast
 import contextlib
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -318,3 +319,39 @@ def write_report_section(name, section):
     path = os.path.join(get_base_dir(), "report", f"{name}.json")
     atomic_write_text(path, json.dumps(section, indent=2, default=str))
     return path
+
+
+def svg_chart(series, title, xlabel="step", width=480, height=260):
+    """A small line chart as inline SVG text (the report card's charts; no plotting dependency).
+    series: {name: [(x, y), ...]}; points with y None are skipped."""
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    points = {name: [(float(x), float(y)) for x, y in pts if y is not None and math.isfinite(y)]
+              for name, pts in series.items()}
+    allp = [p for pts in points.values() for p in pts]
+    if not allp:
+        return f"<p><em>{title}: no data</em></p>"
+    x0, x1 = min(p[0] for p in allp), max(p[0] for p in allp)
+    y0, y1 = min(p[1] for p in allp), max(p[1] for p in allp)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    left, right, top, bottom = 50, 10, 24, 36
+    sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
+    sy = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{width / 2}" y="15" text-anchor="middle" font-size="13">{title}</text>',
+           f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#888"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#888"/>']
+    for v in (y0, (y0 + y1) / 2, y1):
+        out.append(f'<text x="{left - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+    for v in (x0, x1):
+        out.append(f'<text x="{sx(v):.1f}" y="{height - bottom + 14}" text-anchor="middle">{v:.0f}</text>')
+    out.append(f'<text x="{width / 2}" y="{height - 6}" text-anchor="middle">{xlabel}</text>')
+    for i, (name, pts) in enumerate(points.items()):
+        color = colors[i % len(colors)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
+        if len(pts) == 1:
+            out.append(f'<circle cx="{sx(pts[0][0]):.1f}" cy="{sy(pts[0][1]):.1f}" r="3" fill="{color}"/>')
+        out.append(f'<text x="{width - right - 4}" y="{top + 12 + 13 * i}" text-anchor="end" fill="{color}">{name}</text>')
+    out.append("</svg>")
+    return "".join(out)

@@ -91,3 +91,10 @@ def test_checkpoint_roundtrip_latest_and_keep(tmp_base_dir):
     with pytest.raises(SystemExit, match="no checkpoint for step 40"):
         common.load_checkpoint(d, 40)
     assert json.load(open(os.path.join(d, "meta_000020.json"))) == {"step": 20}
+
+
+def test_svg_chart_draws_each_series_and_skips_missing_points():
+    svg = common.svg_chart({"train": [(1, 3.0), (2, 2.5), (3, None)], "val": [(2, 2.7)]}, "loss")
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    assert svg.count("<polyline") == 2 and ">train<" in svg and ">val<" in svg
+    assert "no data" in common.svg_chart({"x": [(1, None)]}, "empty")
