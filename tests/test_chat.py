@@ -1,0 +1,450 @@
+"""chat.py: the calculator sandbox, the Engine (tool forcing, masks, stop tokens), the streamed reply text, the
+HTTP server (plain HTTP, the official openai client, concurrency) and the terminal chat.
+
+Most tests drive chat.py with a scripted stand-in for model.generate (a byte-level fake tokenizer, and a
+"model" that writes a fixed script), so what they check is exactly chat.py's part. The tests at the end use
+the real tokenizer and a tiny random GPT, saved as a checkpoint and driven through `python chat.py`."""
+import concurrent.futures
+import http.client
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import chat
+
+SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+BOS, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END, PY_START, PY_END, OUT_START, OUT_END = range(9)
+OFFSET = len(SPECIALS)  # byte b is token OFFSET + b
+
+
+# -----------------------------------------------------------------------------
+# Fakes: a byte-level tokenizer and a model that writes a script
+
+
+class FakeTokenizer:
+    bos_id = BOS
+
+    def special(self, name):
+        return SPECIALS.index(name)
+
+    def encode(self, text):
+        return [OFFSET + b for b in text.encode()]
+
+    def decode(self, ids):
+        out = bytearray()
+        for t in ids:
+            out += SPECIALS[t].encode() if t < OFFSET else bytes([t - OFFSET])
+        return out.decode("utf-8", errors="replace")
+
+    def render_for_completion(self, messages):
+        ids = [BOS]
+        for m in messages:
+            content = m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])
+            start, end = (USER_START, USER_END) if m["role"] != "assistant" else (ASSISTANT_START, ASSISTANT_END)
+            ids += [start, *self.encode(content), end]
+        return ids + [ASSISTANT_START]
+
+
+def script(*pieces):
+    """Tokens from text pieces and special token names."""
+    tok = FakeTokenizer()
+    return [t for p in pieces for t in ([SPECIALS.index(p)] if p in SPECIALS else tok.encode(p))]
+
+
+class FakeModel:
+    """Writes `reply` (tokens) whatever the prompt; sequence_len is what the server and terminal check."""
+
+    class config:
+        sequence_len = 4096
+
+    def __init__(self, reply):
+        self.reply = reply
+
+
+def fake_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_tokens=(), seed=None,
+                  force=None):
+    """model.generate's protocol: per step one (token, forced) or None per row; a stop token is yielded and ends
+    its row; force(row, generated) after each token returns tokens to feed in next, yielded as forced."""
+    rows = len(prompts)
+    generated = [[] for _ in range(rows)]
+    pending = [[] for _ in range(rows)]
+    cursor = [0] * rows
+    done = [False] * rows
+    for _ in range(max_new_tokens):
+        if all(done):
+            return
+        out = []
+        for r in range(rows):
+            if done[r]:
+                out.append(None)
+                continue
+            if pending[r]:
+                token, forced = pending[r].pop(0), True
+            else:
+                token, forced = model.reply[cursor[r] % len(model.reply)], False
+                cursor[r] += 1
+            generated[r].append(token)
+            out.append((token, forced))
+            if token in stop_tokens:
+                done[r] = True
+            elif force is not None:
+                pending[r] += force(r, list(generated[r])) or []
+        yield out
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setattr(chat, "generate", fake_generate)
+
+    def make(*pieces):
+        return chat.Engine(FakeModel(script(*pieces)), FakeTokenizer())
+    return make
+
+# -----------------------------------------------------------------------------
+# The calculator
+
+
+@pytest.mark.parametrize("expr, result", [
+    ("1+2", "3"), ("2**10", "1024"), ("10/4", "2.5"), ("10/2", "5"), ("1/3", "0.333333"), ("2/3", "0.666667"),
+    ("7//2", "3"), ("-7 % 3", "2"), ("-2**2", "-4"), ("+3 - -4", "7"), ("(1 + 2) * (3 + 4)", "21"),
+    ("0.1 + 0.2", "0.3"), ("2**-2", "0.25"), ("2**0.5", "1.41421"), ("1234.5 * 3", "3703.5"),
+    ("12345678.9 * 1", "12345679"), ("1e-10", "1e-10"), ("10**100", str(10**100)), ("-0.0", "0"),
+    (" 3 * 4 ", "12"), ("1_000 * 2", "2000"),
+])
+def test_calculator_values(expr, result):
+    assert chat.calculator(expr) == result
+
+
+@pytest.mark.parametrize("expr", [
+    "__import__('os')", "__import__('os').system('echo hi')", "().__class__", "().__class__.__bases__[0]",
+    "x", "x + 1", "abs(-1)", "[1, 2]", "(1, 2)", "'a' * 3", "b'a'", "{1: 2}", "[1][0]", "lambda: 1",
+    "(lambda: 1)()", "[x for x in range(10**9)]", "sum(range(10**12))", "1 if 1 else 2", "1 < 2", "1 and 2",
+    "not 1", "~1", "1 << 2", "1 | 2", "True + 1", "1j", "9**9**9", "2**1000", "10**101", "(10**50)**3",
+    "1e300", "1e200 * 1e200", "0**-1", "1/0", "5 % 0", "5 // 0", "(-8) ** (1/3)", "f'{1}'", "a := 1", "1;2",
+    "import os", "", "   ", "1 +", "9" * 201, "1+" * 100 + "1", "(" * 300 + "1" + ")" * 300, "\x00", "1 = 1",
+])
+def test_calculator_refuses(expr):
+    assert chat.calculator(expr) is None
+
+
+def test_calculator_fuzz():
+    """Random soups of arithmetic, Python and junk tokens: never raises, never hangs, returns str or None."""
+    rng = random.Random(1234)
+    atoms = ["1", "0", "9", "2.5", "1e5", "-", "+", "*", "/", "//", "%", "**", "(", ")", " ", "x", "__import__",
+             "'os'", ".", "__class__", "[", "]", ",", "lambda", ":", "for", "in", "range", "9**9", "**9", "(9",
+             "\\", "\n", "{", "}", "=", "ééé", "\x00", "1_0", "e", "j", "True", "None", "...", "@", "|", "~"]
+    start = time.time()
+    for _ in range(500):
+        expr = "".join(rng.choice(atoms) for _ in range(rng.randint(1, 60)))
+        result = chat.calculator(expr)
+        assert result is None or isinstance(result, str)
+    assert time.time() - start < 5
+
+
+def test_calculator_bounded_time():
+    start = time.time()
+    for expr in ["9**99**99", "99**100", "(10**100)*(10**100)", "2**100*2**100*2**100", "10**100//3**60"]:
+        chat.calculator(expr)
+    assert time.time() - start < 1
+
+# -----------------------------------------------------------------------------
+# The Engine
+
+
+def test_engine_forces_calculator_output(fake):
+    engine = fake("It is ", "<|python_start|>", "6*7", "<|python_end|>", " so 42.", "<|assistant_end|>")
+    [[(tokens, mask)]] = engine.generate_batch([[BOS, USER_START, USER_END, ASSISTANT_START]], max_new_tokens=100)
+    tok = FakeTokenizer()
+    expected = script("It is ", "<|python_start|>", "6*7", "<|python_end|>", "<|output_start|>", "42",
+                      "<|output_end|>", " so 42.", "<|assistant_end|>")
+    assert tokens == expected  # the stop token is kept: RL trains on ending the turn
+    forced = [t for t, m in zip(tokens, mask) if m == 0]
+    assert forced == [OUT_START, *tok.encode("42"), OUT_END]
+    assert len(mask) == len(tokens) and set(mask) == {0, 1}
+
+
+def test_engine_no_output_for_refused_expression(fake):
+    engine = fake("<|python_start|>", "__import__('os')", "<|python_end|>", "no", "<|assistant_end|>")
+    [[(tokens, mask)]] = engine.generate_batch([[BOS]], max_new_tokens=100)
+    assert OUT_START not in tokens and all(mask)
+
+
+def test_engine_tools_off_and_samples(fake):
+    engine = fake("<|python_start|>", "1+1", "<|python_end|>", "<|assistant_end|>")
+    results = engine.generate_batch([[BOS], [BOS, USER_START]], num_samples=3, max_new_tokens=50, tools=False)
+    assert len(results) == 2 and all(len(samples) == 3 for samples in results)
+    for samples in results:
+        for tokens, mask in samples:
+            assert OUT_START not in tokens and tokens[-1] == ASSISTANT_END and all(mask)
+
+
+def test_engine_conversation_prompts_and_length(fake):
+    engine = fake("abc")  # never ends its turn
+    [[(tokens, mask)]] = engine.generate_batch([[{"role": "user", "content": "hi"}]], max_new_tokens=7)
+    assert FakeTokenizer().decode(tokens) == "abcabca" and mask == [1] * 7
+    assert engine.prompt_ids({"messages": [{"role": "user", "content": "hi"}]})[-1] == ASSISTANT_START
+
+
+def test_engine_streams_per_step(fake):
+    engine = fake("ab", "<|assistant_end|>")
+    steps = list(engine.generate([[BOS], [BOS]], max_new_tokens=10))
+    assert [len(s) for s in steps] == [2, 2, 2]
+    assert steps[-1] == [(ASSISTANT_END, False)] * 2
+
+# -----------------------------------------------------------------------------
+# Replies as text
+
+
+def test_reply_shows_tool_calls_inline(fake):
+    engine = fake("It is ", "<|python_start|>", "6*7", "<|python_end|>", " so.", "<|python_start|>", "x",
+                  "<|python_end|>", "!", "<|assistant_end|>")
+    reply = chat.Reply(engine, [BOS], max_new_tokens=100, temperature=1.0, top_k=0)
+    pieces = list(reply)
+    assert "".join(pieces) == reply.text == "It is <<6*7=42>> so.<<x>>!"
+    assert reply.finish_reason == "stop" and reply.num_tokens == 24
+    assert reply.parts == [{"type": "text", "text": "It is "}, {"type": "python", "text": "6*7"},
+                           {"type": "python_output", "text": "42"}, {"type": "text", "text": " so."},
+                           {"type": "python", "text": "x"}, {"type": "text", "text": "!"}]
+    # the text reads back into the same parts, so a conversation sent back to the server is rendered as generated
+    assert chat.message_parts(reply.text) == reply.parts
+    assert chat.message_parts("plain <b> text") == "plain <b> text"
+
+
+def test_reply_length_and_split_characters(fake):
+    engine = fake("héllo ☃ ")  # multi-byte characters arrive one byte-token at a time
+    reply = chat.Reply(engine, [BOS], max_new_tokens=12, temperature=1.0, top_k=0)
+    pieces = list(reply)
+    assert all("\ufffd" not in p for p in pieces)
+    assert reply.text == "".join(pieces) == "héllo ☃ h" and reply.finish_reason == "length"
+
+
+def test_reply_stop_strings(fake):
+    engine = fake("one two three", "<|assistant_end|>")
+    reply = chat.Reply(engine, [BOS], max_new_tokens=100, temperature=1.0, top_k=0, stop=["two", "zzz"])
+    pieces = list(reply)
+    assert "".join(pieces) == reply.text == "one " and reply.finish_reason == "stop"
+    assert reply.num_tokens < len(script("one two three"))  # generation stopped there
+
+# -----------------------------------------------------------------------------
+# Request checks
+
+
+def request(**fields):
+    return json.dumps({"messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+def test_read_chat_request_good():
+    conversation, options = chat.read_chat_request(request(
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
+                  {"role": "assistant", "content": "<<2+2=4>>4"}, {"role": "user", "content": "and 3+3?"}],
+        temperature=0, top_p=0.5, max_tokens=10, stop="\n", n=1, stream=True, seed=3, model="anything"))
+    assert conversation[1] == {"role": "user", "content": "2+2?"}
+    assert conversation[2]["content"] == [{"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"},
+                                          {"type": "text", "text": "4"}]
+    assert options == dict(max_new_tokens=10, temperature=0, top_p=0.5, seed=3, stop=["\n"], stream=True)
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None), (b"\xff\xfe", None), (b"[]", None), (b'"hi"', None),
+    (json.dumps({}).encode(), "messages"), (request(messages=[]), "messages"), (request(messages="hi"), "messages"),
+    (request(messages=[{"role": "user"}]), "messages[0]"), (request(messages=[{"role": "bot", "content": "x"}]), "messages[0]"),
+    (request(messages=[{"role": "user", "content": 5}]), "messages[0]"), (request(messages=["hi"]), "messages[0]"),
+    (request(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages[0]"),
+    (request(messages=[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]), "messages[1]"),
+    (request(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]), "messages"),
+    (request(messages=[{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]), "messages[0]"),
+    (request(messages=[{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}]), "messages[1]"),
+    (request(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), "messages[1]"),
+    (request(messages=[{"role": "user", "content": "x"}] * 101), "messages"),
+    (request(messages=[{"role": "user", "content": "x" * 16001}]), "messages"),
+    (request(temperature=2.5), "temperature"), (request(temperature="hot"), "temperature"),
+    (request(temperature=True), "temperature"), (request(top_p=0), "top_p"), (request(top_p=1.5), "top_p"),
+    (request(max_tokens=0), "max_tokens"), (request(max_tokens=10**6), "max_tokens"),
+    (request(max_tokens=1.5), "max_tokens"), (request(max_completion_tokens=-1), "max_completion_tokens"),
+    (request(n=2), "n"), (request(stream="yes"), "stream"), (request(stop=5), "stop"),
+    (request(stop=["a"] * 5), "stop"), (request(stop=[1]), "stop"), (request(seed="x"), "seed"),
+])
+def test_read_chat_request_bad(body, param):
+    with pytest.raises(chat.ApiError) as info:
+        chat.read_chat_request(body)
+    assert info.value.status == 400 and info.value.param == param and info.value.message
+
+# -----------------------------------------------------------------------------
+# The server, with the scripted model
+
+REPLY = ("It is ", "<|python_start|>", "6*7", "<|python_end|>", " so.", "<|assistant_end|>")
+REPLY_TEXT = "It is <<6*7=42>> so."
+
+
+@pytest.fixture
+def server(fake, monkeypatch):
+    """A ChatServer on a free port of 127.0.0.1; generate() checks that no two generations ever overlap."""
+    active, overlaps = [0], []
+
+    def exclusive_generate(*args, **kwargs):
+        active[0] += 1
+        overlaps.append(active[0] > 1)
+        try:
+            for step in fake_generate(*args, **kwargs):
+                time.sleep(0.001)  # give other threads the chance to barge in
+                yield step
+        finally:
+            active[0] -= 1
+    monkeypatch.setattr(chat, "generate", exclusive_generate)
+    srv = chat.ChatServer(fake(*REPLY), "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    srv.port = srv.server_address[1]
+    srv.overlaps = overlaps
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    assert not any(overlaps)
+
+
+def call(srv, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, response.getheader("Content-Type"), data
+
+
+def assert_api_error(status, content_type, data, want_status, param=None):
+    assert status == want_status and content_type == "application/json"
+    error = json.loads(data)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["param"] == param
+    assert error["type"] == ("invalid_request_error" if want_status < 500 else "server_error")
+
+
+def test_server_get_routes(server):
+    status, content_type, data = call(server, "GET", "/health")
+    assert status == 200 and json.loads(data) == {"status": "ok"}
+    status, _, data = call(server, "GET", "/v1/models")
+    assert status == 200 and json.loads(data)["data"][0]["id"] == "picochat"
+    status, content_type, data = call(server, "GET", "/?x=1")
+    page = data.decode()
+    assert status == 200 and content_type.startswith("text/html") and "/v1/chat/completions" in page
+    assert "http://" not in page and "https://" not in page  # no external assets
+    assert_api_error(*call(server, "GET", "/nope"), 404)
+    assert_api_error(*call(server, "POST", "/v1/nope", body=b"{}"), 404)
+    assert_api_error(*call(server, "GET", "/v1/chat/completions"), 405)
+    assert_api_error(*call(server, "POST", "/health", body=b"{}"), 405)
+
+
+def test_server_bad_requests(server, monkeypatch):
+    post = lambda body, **kw: call(server, "POST", "/v1/chat/completions", body=body, **kw)
+    assert_api_error(*post(b"{oops"), 400)
+    assert_api_error(*post(b""), 400)
+    assert_api_error(*post(b"null"), 400)
+    assert_api_error(*post(request(temperature=[1])), 400, "temperature")
+    assert_api_error(*post(request(messages=[{"role": "user", "content": None}])), 400, "messages[0]")
+    monkeypatch.setattr(chat, "max_body_bytes", 1000)
+    assert_api_error(*post(b"x" * 5000), 413)
+    # the size is refused from the header alone: the body is never sent
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.0 413")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.0 411")
+    assert_api_error(*post(b"{}", headers={"Content-Length": "-5"}), 400)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"garbage\r\n\r\n")  # not even HTTP: http.server answers 400 itself
+        assert b"400" in s.makefile("rb").read()
+    assert call(server, "GET", "/health")[0] == 200
+
+
+def test_server_context_length(server):
+    server.engine.model.config = type("config", (), {"sequence_len": 8})  # the prompt is 6 tokens
+    completion = json.loads(call(server, "POST", "/v1/chat/completions", body=request())[2])
+    assert completion["usage"]["completion_tokens"] == 2 and completion["choices"][0]["finish_reason"] == "length"
+    server.engine.model.config.sequence_len = 6
+    status, content_type, data = call(server, "POST", "/v1/chat/completions", body=request())
+    assert_api_error(status, content_type, data, 400, "messages")
+    assert json.loads(data)["error"]["code"] == "context_length_exceeded"
+
+
+def test_server_openai_client(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0, timeout=30)
+    assert [m.id for m in client.models.list()] == ["picochat"]
+    messages = [{"role": "user", "content": "What is 6*7?"}]
+    completion = client.chat.completions.create(model="picochat", messages=messages)
+    choice = completion.choices[0]
+    assert completion.object == "chat.completion" and completion.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and choice.message.content == REPLY_TEXT
+    assert choice.finish_reason == "stop"
+    assert completion.usage.completion_tokens == len(script(*REPLY)) + 4  # + the forced <|output_start|>42<|output_end|>
+    assert completion.usage.prompt_tokens == len(FakeTokenizer().render_for_completion(messages))
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model="picochat", messages=messages, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == REPLY_TEXT
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+    short = client.chat.completions.create(model="picochat", messages=messages, max_tokens=3)
+    assert short.choices[0].message.content == "It " and short.choices[0].finish_reason == "length"
+    cut = client.chat.completions.create(model="picochat", messages=messages, stop=[" so", "zz"], stream=True)
+    cut = list(cut)
+    assert "".join(c.choices[0].delta.content or "" for c in cut) == "It is <<6*7=42>>"
+    assert cut[-1].choices[0].finish_reason == "stop"
+    multi = messages + [{"role": "assistant", "content": REPLY_TEXT}, {"role": "user", "content": "thanks"}]
+    assert client.chat.completions.create(model="m", messages=multi).choices[0].message.content == REPLY_TEXT
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="picochat", messages=messages, n=2)
+    assert info.value.body["param"] == "n"  # openai exposes the "error" object as .body
+
+
+def test_server_stream_format(server):
+    status, content_type, data = call(server, "POST", "/v1/chat/completions", body=request(stream=True))
+    assert status == 200 and content_type == "text/event-stream"
+    events = data.decode().split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]" and all(e.startswith("data: {") for e in events[:-2])
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert chunks[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+    assert chunks[-1]["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    assert all(set(c) == {"id", "object", "created", "model", "choices"} for c in chunks)
+
+
+def test_server_concurrent_requests(server):
+    def one(i):
+        status, _, data = call(server, "POST", "/v1/chat/completions", body=request(stream=i % 2 == 1, seed=i))
+        if i % 2:
+            return status, "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "")
+                                   for e in data.decode().split("\n\n")[:-2])
+        return status, json.loads(data)["choices"][0]["message"]["content"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=24) as pool:
+        results = list(pool.map(one, range(24)))
+    assert results == [(200, REPLY_TEXT)] * 24
+    assert len(server.overlaps) == 24 and not any(server.overlaps)
+
+
+def test_server_survives_failures(server, monkeypatch):
+    # a client that leaves mid-stream stops its generation and frees the model for the next one
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        body = request(stream=True)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert s.recv(20).startswith(b"HTTP/1.0 200")
+    assert call(server, "POST", "/v1/chat/completions", body=request())[0] == 200
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+        yield
+    monkeypatch.setattr(chat, "generate", broken)
+    assert_api_error(*call(server, "POST", "/v1/chat/completions", body=request()), 500)
+    status, _, data = call(server, "POST", "/v1/chat/completions", body=request(stream=True))
+    error = json.loads(data.decode().split("\n\n")[1][len("data: "):])["error"]
+    assert status == 200 and error["type"] == "server_error"
+    assert call(server, "GET", "/health")[0] == 200
