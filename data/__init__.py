@@ -1,0 +1,210 @@
+"""
+The reading side of picochat's data: every stage gets its text, conversations and test problems from here.
+
+    import data
+    files = data.pretrain_files("train")            # a user's --data_path, else fineweb shards, else tinyworld
+    for text in data.iter_texts(files[0]): ...
+    convs = data.load_conversations("train")         # list of message lists
+    problems = data.load_math("gsm8k", "test")      # [{"question", "answer": "...\\n#### N", "level"}]
+    items = data.load_mc("arc_easy", "test")        # [{"question", "choices", "answer": index}]
+
+Everything lives under $PICOCHAT_DIR/data/ (see DEVELOPERS.md). The built-in set (tinyworld) is generated on
+first use; the real datasets are downloaded by `python data/<name>.py`.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+
+import common
+
+TEXT_EXTENSIONS = (".txt", ".jsonl", ".parquet")
+TINYWORLD_MB_ENV = "PICOCHAT_TINYWORLD_MB"  # size of a tinyworld generated on demand (e.g. 1 for smoke runs)
+DOWNLOADS = {  # dataset name -> (directory under data/, the script that downloads it)
+    "fineweb": ("fineweb", "fineweb"), "smoltalk": ("smoltalk", "smoltalk"), "gsm8k": ("gsm8k", "gsm8k"),
+    "math500": ("math500", "math500"), "arc_easy": ("arc_easy", "arc"), "arc_challenge": ("arc_challenge", "arc"),
+    "mmlu": ("mmlu", "mmlu"), "hellaswag": ("hellaswag", "hellaswag"),
+}
+
+
+def data_dir(name):
+    return os.path.join(common.get_base_dir(), "data", name)
+
+
+# -----------------------------------------------------------------------------
+# jsonl
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, rows):
+    common.atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+# -----------------------------------------------------------------------------
+# tinyworld: generated into a temp dir and renamed into place, so a half-written set is never read
+
+
+def ensure_tinyworld(**settings):
+    """Path of the tinyworld set, generating it when missing.
+
+    With no arguments any complete set on disk is used as it is (whatever size it was made with); a missing set
+    is generated with the defaults of data/tinyworld.py, except pretrain_mb, taken from $PICOCHAT_TINYWORLD_MB
+    when set. With arguments (tinyworld.py's settings) a set made with other settings is replaced.
+    """
+    from data import tinyworld
+    path = data_dir("tinyworld")
+    meta_path = os.path.join(path, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if all(meta.get(k) == v for k, v in settings.items()):
+            return path
+    if "pretrain_mb" not in settings and os.environ.get(TINYWORLD_MB_ENV):
+        settings["pretrain_mb"] = float(os.environ[TINYWORLD_MB_ENV])
+    unknown = set(settings) - set(common.config_keys(vars(tinyworld)))
+    if unknown:
+        raise ValueError(f"unknown tinyworld settings: {sorted(unknown)}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tinyworld.")
+    try:
+        common.print0(f"generating tinyworld into {path} ...")
+        tinyworld.generate(os.path.join(tmp, "set"), **settings)
+        old = os.path.join(tmp, "old")
+        if os.path.exists(path):
+            os.rename(path, old)  # a set made with other settings (or left incomplete) goes away whole
+        try:
+            os.rename(os.path.join(tmp, "set"), path)
+        except OSError:
+            # another process (e.g. another rank) finished first: use its set when it is complete
+            if not os.path.exists(meta_path):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Pretraining text
+
+
+def pretrain_files(split, data_path=""):
+    """The files of a pretraining split: the last file (sorted) is "val", the others "train".
+
+    data_path: a file or directory of .txt/.jsonl/.parquet given by the user; a single file serves both splits
+    (val then equals train). Without it: the downloaded fineweb shards when there are at least 2, else tinyworld.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if data_path:
+        if os.path.isfile(data_path):
+            files = [data_path]
+        elif os.path.isdir(data_path):
+            files = sorted(os.path.join(data_path, f) for f in os.listdir(data_path) if f.endswith(TEXT_EXTENSIONS))
+        else:
+            raise FileNotFoundError(f"--data_path {data_path!r} does not exist")
+        if not files:
+            raise FileNotFoundError(f"no .txt/.jsonl/.parquet files in {data_path}")
+    else:
+        fineweb = data_dir("fineweb")
+        files = sorted(os.path.join(fineweb, f) for f in os.listdir(fineweb)
+                       if re.fullmatch(r"shard_\d+\.parquet", f)) if os.path.isdir(fineweb) else []
+        if len(files) < 2:
+            tw = os.path.join(ensure_tinyworld(), "pretrain")
+            files = sorted(os.path.join(tw, f) for f in os.listdir(tw) if f.endswith(".jsonl"))
+    if len(files) == 1:
+        return files
+    return files[:-1] if split == "train" else files[-1:]
+
+
+def iter_texts(path):
+    """Yield the documents of a file: .txt split on blank lines, .jsonl "text" fields, .parquet "text" column."""
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            for doc in re.split(r"\n\s*\n", f.read()):
+                if doc.strip():
+                    yield doc.strip()
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)["text"]
+    elif path.endswith(".parquet"):
+        from data.download import iter_parquet
+        for row in iter_parquet(path, ["text"]):
+            yield row["text"]
+    else:
+        raise ValueError(f"{path}: expected a .txt, .jsonl or .parquet file")
+
+
+# -----------------------------------------------------------------------------
+# Chat, math and multiple choice
+
+
+def downloaded(name, split):
+    """Path of a downloaded dataset's split, or one clear error naming the command that fetches it."""
+    directory, script = DOWNLOADS[name]
+    path = os.path.join(data_dir(directory), f"{split}.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} ({split}) is not downloaded: run `python data/{script}.py` first")
+    return path
+
+
+CALC_MARK = re.compile(r"<<([^<>=]+)=([^<>]*)>>")  # GSM8K's calculator marks: <<48/2=24>>
+
+
+def math_conversation(problem):
+    """question -> answer; GSM8K's <<expr=value>> marks become calculator calls (python, python_output parts)."""
+    answer, parts, pos = problem["answer"], [], 0
+    for m in CALC_MARK.finditer(answer):
+        parts += [{"type": "text", "text": answer[pos:m.start()]}, {"type": "python", "text": m[1]},
+                  {"type": "python_output", "text": m[2]}]
+        pos = m.end()
+    parts.append({"type": "text", "text": answer[pos:]})
+    content = [p for p in parts if p["text"]] if len(parts) > 1 else answer
+    return [{"role": "user", "content": problem["question"]}, {"role": "assistant", "content": content}]
+
+
+def load_conversations(split):
+    """The SFT mixture of a split ("train" or "val"), shuffled with a fixed seed, as a list of message lists:
+        tinyworld chat_{split}  (includes tinyworld's train word problems, some solved with the calculator)
+      + smoltalk {split}        when downloaded (python data/smoltalk.py)
+      + gsm8k train problems as (question -> answer "...\\n#### N") when downloaded; "val" takes every 20th
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    convs = [r["messages"] for r in read_jsonl(os.path.join(ensure_tinyworld(), f"chat_{split}.jsonl"))]
+    if os.path.exists(os.path.join(data_dir("smoltalk"), f"{split}.jsonl")):
+        convs += [r["messages"] for r in read_jsonl(downloaded("smoltalk", split))]
+    if os.path.exists(os.path.join(data_dir("gsm8k"), "train.jsonl")):
+        problems = read_jsonl(downloaded("gsm8k", "train"))
+        convs += [math_conversation(p) for i, p in enumerate(problems) if (i % 20 == 0) == (split == "val")]
+    random.Random(0).shuffle(convs)
+    return convs
+
+
+def load_math(name="tinyworld", split="test"):
+    """Word problems [{"question", "answer": "...\\n#### N", "level"?}] of tinyworld, gsm8k or math500 (test only)."""
+    if name == "tinyworld":
+        if split not in ("train", "test"):
+            raise ValueError(f"tinyworld math splits are train and test, got {split!r}")
+        return read_jsonl(os.path.join(ensure_tinyworld(), f"math_{split}.jsonl"))
+    if name not in ("gsm8k", "math500"):
+        raise ValueError(f"unknown math dataset {name!r}: expected tinyworld, gsm8k or math500")
+    return read_jsonl(downloaded(name, split))
+
+
+def load_mc(name="tinyworld", split="test"):
+    """Multiple-choice items [{"question", "choices", "answer": index}]."""
+    if name == "tinyworld":
+        if split not in ("train", "test"):
+            raise ValueError(f"tinyworld mc splits are train and test, got {split!r}")
+        return read_jsonl(os.path.join(ensure_tinyworld(), f"mc_{split}.jsonl"))
+    if name not in ("arc_easy", "arc_challenge", "mmlu", "hellaswag"):
+        raise ValueError(f"unknown mc dataset {name!r}: expected tinyworld, arc_easy, arc_challenge, mmlu, hellaswag")
+    return read_jsonl(downloaded(name, split))

@@ -1,0 +1,185 @@
+"""
+The one download helper of data/: every script that fetches a real dataset goes through here.
+
+    from data.download import download, download_many, hf_parquet_files, iter_parquet
+
+download(url, path) retries with exponential backoff, resumes an interrupted file through an HTTP Range request
+into `path + ".part"` (or restarts it cleanly when the server ignores Range), checks the size against
+Content-Length (and a known size / sha256 when given), and only then renames the file into place, so a truncated
+file is never trusted by a later run. It prints one line per finished file.
+
+hf_parquet_files() asks the HuggingFace datasets-server for the parquet files of a dataset's split;
+iter_parquet() reads them row group by row group. pyarrow is needed only for those, and imported lazily.
+"""
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+HF_DATASETS_SERVER = "https://datasets-server.huggingface.co"  # tests point this at 127.0.0.1
+RETRIES = 5
+BACKOFF = 1.0  # seconds before the first retry; doubled on each further one
+TIMEOUT = 30   # seconds without a byte before a request counts as failed
+CHUNK = 1 << 20
+
+
+class PermanentError(RuntimeError):
+    """A failure that no retry can fix (404, size or checksum differs from the one promised)."""
+
+
+# -----------------------------------------------------------------------------
+# Retries
+
+
+def with_retries(what, fn):
+    """fn() until it returns; network errors and short reads are retried (RETRIES tries, exponential backoff)."""
+    for attempt in range(RETRIES):
+        try:
+            return fn()
+        except (requests.RequestException, OSError) as e:
+            if attempt == RETRIES - 1:
+                raise RuntimeError(f"{what}: giving up after {RETRIES} tries: {e}") from e
+            wait = BACKOFF * 2 ** attempt
+            print(f"{what}: {e}; retrying in {wait:.1f}s", flush=True)
+            time.sleep(wait)
+
+
+def check_status(r, url):
+    if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
+        raise PermanentError(f"{url}: HTTP {r.status_code}")
+    r.raise_for_status()  # 5xx and throttling are retried
+
+
+# -----------------------------------------------------------------------------
+# One file
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_part(url, part, size):
+    """Bring `part` to the whole file: resume from its current length, or restart when the server ignores Range."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    if size is not None and have > size:
+        os.remove(part)  # longer than the file can be: not a prefix of it
+        have = 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
+        if r.status_code == 416:  # nothing left to send: the part is whole (checked below) or wrong (removed)
+            total = int(r.headers.get("Content-Range", "*/-1").rsplit("/", 1)[1].replace("*", "-1"))
+            if total == have:
+                return have
+            os.remove(part)
+            raise OSError(f"server refused range {have}- (size {total}); restarting")
+        check_status(r, url)
+        if r.status_code == 206:
+            start = int(r.headers["Content-Range"].split()[1].split("-")[0])
+            if start != have:
+                os.remove(part)
+                raise OSError(f"server resumed at byte {start}, not {have}; restarting")
+        else:
+            have = 0  # a 200 is the whole file: start the part over
+        length = r.headers.get("Content-Length")
+        total = have + int(length) if length is not None else size
+        if size is not None and total is not None and total != size:
+            raise PermanentError(f"{url}: server sends {total} bytes, expected {size}")
+        with open(part, "ab" if have else "wb") as f:
+            for block in r.iter_content(CHUNK):
+                f.write(block)
+    got = os.path.getsize(part)
+    if total is not None and got != total:
+        raise OSError(f"connection cut after {got} of {total} bytes")
+    return got
+
+
+def download(url, path, size=None, sha256=None):
+    """Download url to path (atomically) unless a file is already there; returns path."""
+    if os.path.exists(path):
+        return path  # only ever renamed into place whole
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    part = path + ".part"
+    name = os.path.basename(path)
+    got = with_retries(name, lambda: fetch_part(url, part, size))
+    if size is not None and got != size:
+        os.remove(part)
+        raise PermanentError(f"{url}: got {got} bytes, expected {size}")
+    if sha256 is not None and sha256_of(part) != sha256:
+        os.remove(part)
+        raise PermanentError(f"{url}: sha256 differs from the one expected")
+    os.replace(part, path)
+    print(f"{name}: {got / 1e6:.1f} MB", flush=True)
+    return path
+
+
+def download_many(jobs, workers=8):
+    """Download [(url, path, size or None), ...] in parallel threads; raises after all ran if any failed."""
+    def one(job):
+        try:
+            return download(*job)
+        except (RuntimeError, OSError) as e:
+            return e
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(pool.map(one, jobs))
+    errors = [r for r in results if isinstance(r, Exception)]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(jobs)} downloads failed; rerun to resume. First: {errors[0]}")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# HuggingFace datasets as parquet, and reading parquet
+
+
+def hf_parquet_files(dataset, config, split):
+    """[(url, filename, size)] of one split, as listed by the datasets-server /parquet endpoint."""
+    url = f"{HF_DATASETS_SERVER}/parquet"
+
+    def listing():
+        r = requests.get(url, params={"dataset": dataset}, timeout=TIMEOUT)
+        check_status(r, url)
+        return r.json()
+    files = [f for f in with_retries(f"{dataset} listing", listing)["parquet_files"]
+             if f["config"] == config and f["split"] == split]
+    if not files:
+        raise PermanentError(f"{dataset}: no parquet files for config {config!r}, split {split!r}")
+    return [(f["url"], f["filename"], f.get("size")) for f in sorted(files, key=lambda f: f["filename"])]
+
+
+def download_hf_split(dataset, config, split, directory):
+    """Download one split's parquet files into directory/<config>/<split>/; returns their paths."""
+    target = os.path.join(directory, config, split)
+    return download_many([(url, os.path.join(target, name), size)
+                          for url, name, size in hf_parquet_files(dataset, config, split)])
+
+
+def iter_parquet(path, columns=None):
+    """Yield the rows of a parquet file as dicts, one row group at a time (memory stays small)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading .parquet files needs pyarrow: pip install pyarrow") from None
+    pf = pq.ParquetFile(path)
+    for i in range(pf.num_row_groups):
+        yield from pf.read_row_group(i, columns=columns).to_pylist()
+
+
+def convert_hf(name, dataset, config, splits, normalise):
+    """Download the splits {our split: their split} of a HF dataset and write $PICOCHAT_DIR/data/<name>/<split>.jsonl
+    with normalise(row) for each row (rows it maps to None are dropped). The parquet files stay in <name>/raw/."""
+    import data
+    raw = os.path.join(data.data_dir(name), "raw")
+    for ours, theirs in splits.items():
+        rows = []
+        for path in download_hf_split(dataset, config, theirs, raw):
+            rows += [r for r in map(normalise, iter_parquet(path)) if r is not None]
+        if not rows:
+            raise RuntimeError(f"{dataset} {config}/{theirs}: no usable rows")
+        data.write_jsonl(os.path.join(data.data_dir(name), f"{ours}.jsonl"), rows)
+        print(f"{name}/{ours}.jsonl: {len(rows)} rows", flush=True)

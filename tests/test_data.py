@@ -1,0 +1,467 @@
+"""Tests of data/: the tinyworld generator, the reading API, the downloaders (against a 127.0.0.1 server) and the
+normalisers of the real datasets."""
+import hashlib
+import json
+import os
+import random
+import re
+import runpy
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import data
+from data import arc, download, gsm8k, hellaswag, math500, mmlu, smoltalk, tinyworld
+from tests.conftest import REPO, shared_data
+
+SMALL = dict(seed=3, pretrain_mb=0.3, shard_mb=0.1, num_chat=300, num_math_train=400, num_math_test=80,
+             num_mc_train=200, num_mc_test=80)
+STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+       "/": lambda a, b: a // b if a % b == 0 else None}
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def signature(question, answer):
+    """Re-derived from the text: the question's numbers and the answer's operators."""
+    return tuple(re.findall(r"\d+", question)), tuple(m[1] for m in STEP.findall(answer))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tw") / "set")
+    tinyworld.generate(out, **SMALL)
+    return out
+
+
+def all_files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+# -----------------------------------------------------------------------------
+# tinyworld
+
+
+def test_generator_is_deterministic(world, tmp_path):
+    again = str(tmp_path / "again")
+    tinyworld.generate(again, **SMALL)
+    files = all_files(world)
+    assert files == all_files(again)
+    assert "pretrain/shard_00001.jsonl" in files and "meta.json" in files
+    for f in files:
+        with open(os.path.join(world, f), "rb") as a, open(os.path.join(again, f), "rb") as b:
+            assert a.read() == b.read(), f
+    other = str(tmp_path / "other")
+    tinyworld.generate(other, **{**SMALL, "seed": 4})
+    with open(os.path.join(world, "chat_train.jsonl"), "rb") as a, open(os.path.join(other, "chat_train.jsonl"), "rb") as b:
+        assert a.read() != b.read()
+
+
+def test_pretrain_shards(world):
+    shards = sorted(os.listdir(os.path.join(world, "pretrain")))
+    assert len(shards) == 3  # 0.3 MB in 0.1 MB shards
+    texts = [r["text"] for s in shards for r in read(os.path.join(world, "pretrain", s))]
+    size = sum(len(t) + 1 for t in texts)
+    assert 0.3e6 <= size < 0.33e6
+    assert all(isinstance(t, str) and t for t in texts)
+    joined = "\n".join(texts)
+    for needle in ("lives in", "Question:", "#### ", " + ", "years old", ": Hello"):
+        assert needle in joined
+
+
+def test_world_facts_are_consistent(world):
+    """Every "X lives in P." anywhere in the pretraining text agrees with the world's facts."""
+    people, _ = tinyworld.build_world(random.Random(f"{SMALL['seed']}/world"))
+    homes = {}
+    for shard in os.listdir(os.path.join(world, "pretrain")):
+        for r in read(os.path.join(world, "pretrain", shard)):
+            for name, place in re.findall(r"\b([A-Z][a-z]+) lives in ([A-Z][a-z]+(?: [A-Z][a-z]+)?)\.", r["text"]):
+                if name in people:
+                    homes.setdefault(name, set()).add(place)
+    assert len(homes) > 20
+    assert all(places == {people[n]["home"]} for n, places in homes.items())
+
+
+def check_problem(p):
+    """Recompute a problem's answer from its text: every step is right, uses the question's numbers (or an
+    earlier result, or a unit constant), and the final answer is the last result."""
+    assert set(p) == {"question", "answer", "level"}
+    lines = p["answer"].split("\n")
+    final = lines[-1]
+    assert re.fullmatch(r"#### \d+", final), final
+    known = [int(x) for x in re.findall(r"\d+", p["question"])] + [2, 6, 12, 60]
+    operands, result = [], None
+    for line in lines[:-1]:
+        steps = STEP.findall(line)
+        assert len(steps) == 1, line
+        a, op, b, c = steps[0]
+        a, b, c = int(a), int(b), int(c)
+        assert OPS[op](a, b) == c, line
+        assert a in known and b in known, line
+        operands += [a, b]
+        known.append(c)
+        result = c
+    assert int(final[5:]) == result
+    assert set(int(x) for x in re.findall(r"\d+", p["question"])) <= set(operands)
+    n_steps = len(lines) - 1
+    assert n_steps == p["level"] or (p["level"] == 4 and n_steps == 5)
+
+
+def test_math_answers_are_correct(world):
+    for split in ("train", "test"):
+        rows = read(os.path.join(world, f"math_{split}.jsonl"))
+        assert len(rows) == SMALL[f"num_math_{split}"]
+        assert {r["level"] for r in rows} == {1, 2, 3, 4}
+        for r in rows:
+            check_problem(r)
+
+
+def test_math_splits_are_disjoint(world):
+    test = read(os.path.join(world, "math_test.jsonl"))
+    test_sigs = {signature(r["question"], r["answer"]) for r in test}
+    assert len(test_sigs) == len(test)  # test problems are unique
+    train = read(os.path.join(world, "math_train.jsonl"))
+    assert not test_sigs & {signature(r["question"], r["answer"]) for r in train}
+    # nor do pretraining docs or chat conversations solve a test problem (bare arithmetic like "What is 4 + 17?"
+    # may share a level-1 signature: that is a skill to learn, not a problem)
+    for shard in os.listdir(os.path.join(world, "pretrain")):
+        for r in read(os.path.join(world, "pretrain", shard)):
+            if r["text"].startswith("Question: "):
+                q, a = r["text"][10:].split("\nAnswer: ")
+                assert signature(q, a) not in test_sigs
+    for r in read(os.path.join(world, "chat_train.jsonl")):
+        for user, assistant in zip(r["messages"][::2], r["messages"][1::2]):
+            if "How many" not in user["content"]:
+                continue
+            text = assistant["content"] if isinstance(assistant["content"], str) else \
+                "".join(p["text"] for p in assistant["content"] if p["type"] == "text")
+            assert signature(user["content"], text) not in test_sigs
+
+
+def test_mc_answers_are_correct(world):
+    people, places = tinyworld.build_world(random.Random(f"{SMALL['seed']}/world"))
+    fact_of = {q.format(n="(\\w+)").replace("?", "\\?"): k for k, qs in tinyworld.FACT_QUESTIONS.items() for q in qs}
+    train = read(os.path.join(world, "mc_train.jsonl"))
+    test = read(os.path.join(world, "mc_test.jsonl"))
+    assert len({r["question"] for r in test}) == len(test)
+    assert not {r["question"] for r in test} & {r["question"] for r in train}
+    checked = 0
+    for r in train + test:
+        q, choices, right = r["question"], r["choices"], r["choices"][r["answer"]]
+        assert len(choices) == 4 and len(set(choices)) == 4 and 0 <= r["answer"] < 4
+        m = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", q)
+        if m:
+            assert int(right) == OPS[m[2]](int(m[1]), int(m[3]))
+            checked += 1
+            continue
+        m = re.fullmatch(r"Who lives in (.+)\?", q)
+        if m:
+            assert [people[c]["home"] == m[1] for c in choices].count(True) == 1 and people[right]["home"] == m[1]
+            checked += 1
+            continue
+        for pattern, kind in fact_of.items():
+            m = re.fullmatch(pattern, q)
+            if m:
+                assert right == people[m[1]][kind] and sum(c == people[m[1]][kind] for c in choices) == 1
+                checked += 1
+                break
+    assert checked == len(train) + len(test)
+
+
+def test_chat_format(world):
+    kinds = set()
+    for split, n in (("train", 300), ("val", 15)):
+        rows = read(os.path.join(world, f"chat_{split}.jsonl"))
+        assert len(rows) == n
+        for r in rows:
+            msgs = r["messages"]
+            assert len(msgs) % 2 == 0 and [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
+            for m in msgs:
+                if isinstance(m["content"], str):
+                    assert m["content"]
+                    if "picochat" in m["content"]:
+                        kinds.add("identity")
+                    if m["content"].startswith("#### ") or "\n#### " in m["content"]:
+                        kinds.add("answer")
+                    continue
+                assert m["role"] == "assistant"
+                parts = m["content"]
+                types = [p["type"] for p in parts]
+                assert all(set(p) == {"type", "text"} and isinstance(p["text"], str) for p in parts)
+                assert types[0] == "text" and types[-1] == "text"
+                for i, p in enumerate(parts):
+                    if p["type"] == "python":
+                        kinds.add("calculator")
+                        assert parts[i + 1]["type"] == "python_output"
+                        a, op, b = re.fullmatch(r"(\d+)([-+*/])(\d+)", p["text"]).groups()
+                        assert parts[i + 1]["text"] == str(OPS[op](int(a), int(b)))
+                assert re.search(r"\n?#### -?\d+$", parts[-1]["text"])
+    assert kinds == {"identity", "answer", "calculator"}
+
+
+# -----------------------------------------------------------------------------
+# The reading API
+
+
+def test_ensure_tinyworld_and_readers(tmp_base_dir):
+    small = {k: v for k, v in SMALL.items() if k != "seed"}
+    path = data.ensure_tinyworld(**small)
+    assert path == os.path.join(tmp_base_dir, "data", "tinyworld")
+    stamp = os.path.getmtime(os.path.join(path, "meta.json"))
+    assert data.ensure_tinyworld() == path and data.ensure_tinyworld(**small) == path  # no regeneration
+    assert os.path.getmtime(os.path.join(path, "meta.json")) == stamp
+    # a failing generation leaves the set there as it was, and no temp dir behind
+    with pytest.raises(ValueError):
+        data.ensure_tinyworld(**{**small, "pretrain_mb": -1.0})
+    assert os.path.getmtime(os.path.join(path, "meta.json")) == stamp
+    assert os.listdir(os.path.dirname(path)) == ["tinyworld"]
+    # other settings replace the set
+    data.ensure_tinyworld(**{**small, "seed": 7})
+    assert json.load(open(os.path.join(path, "meta.json")))["seed"] == 7
+    assert os.listdir(os.path.dirname(path)) == ["tinyworld"]
+
+    train, val = data.pretrain_files("train"), data.pretrain_files("val")
+    assert len(train) == 2 and len(val) == 1 and val[0] > train[-1]
+    assert next(data.iter_texts(val[0]))
+    assert len(data.load_math("tinyworld", "test")) == 80 and len(data.load_mc("tinyworld", "train")) == 200
+    assert len(data.load_conversations("train")) == 300 and len(data.load_conversations("val")) == 15
+    with pytest.raises(FileNotFoundError, match=r"python data/gsm8k\.py"):
+        data.load_math("gsm8k", "test")
+    with pytest.raises(FileNotFoundError, match=r"python data/arc\.py"):
+        data.load_mc("arc_challenge", "test")
+    with pytest.raises(ValueError):
+        data.pretrain_files("test")
+
+
+def test_ensure_tinyworld_size_from_env(tmp_base_dir, monkeypatch):
+    monkeypatch.setenv(data.TINYWORLD_MB_ENV, "0.05")
+    path = data.ensure_tinyworld()
+    assert json.load(open(os.path.join(path, "meta.json")))["pretrain_mb"] == 0.05
+
+
+def write_parquet(path, texts, row_group_size):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=row_group_size)
+
+
+def test_user_data_path_and_iter_texts(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("first doc\nstill first\n\n\n  \nsecond doc\n\n")
+    assert list(data.iter_texts(str(txt))) == ["first doc\nstill first", "second doc"]
+    assert data.pretrain_files("train", str(txt)) == data.pretrain_files("val", str(txt)) == [str(txt)]
+    data.write_jsonl(str(tmp_path / "b.jsonl"), [{"text": "x"}, {"text": "y\n\nz"}])
+    assert list(data.iter_texts(str(tmp_path / "b.jsonl"))) == ["x", "y\n\nz"]
+    write_parquet(str(tmp_path / "c.parquet"), ["p1", "p2", "p3"], row_group_size=2)
+    assert list(data.iter_texts(str(tmp_path / "c.parquet"))) == ["p1", "p2", "p3"]
+    (tmp_path / "notes.md").write_text("ignored")
+    assert data.pretrain_files("train", str(tmp_path)) == [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
+    assert data.pretrain_files("val", str(tmp_path)) == [str(tmp_path / "c.parquet")]
+    with pytest.raises(FileNotFoundError):
+        data.pretrain_files("train", str(tmp_path / "missing"))
+    with pytest.raises(ValueError):
+        list(data.iter_texts(str(tmp_path / "notes.md")))
+
+
+def test_conversation_mixture(tmp_base_dir):
+    data.ensure_tinyworld(**SMALL)
+    smol = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 5
+    data.write_jsonl(os.path.join(tmp_base_dir, "data", "smoltalk", "train.jsonl"), smol)
+    problems = [{"question": f"q{i}", "answer": f"2 * 3 = <<2*3=6>>6 so\n#### {i}", "level": 1} for i in range(40)]
+    data.write_jsonl(os.path.join(tmp_base_dir, "data", "gsm8k", "train.jsonl"), problems)
+    convs = data.load_conversations("train")
+    assert len(convs) == 300 + 5 + 38  # every 20th gsm8k problem is for val
+    assert convs == data.load_conversations("train")  # the shuffle is fixed
+    g = next(c for c in convs if c[0]["content"] == "q1")
+    assert g[1]["content"] == [{"type": "text", "text": "2 * 3 = "}, {"type": "python", "text": "2*3"},
+                               {"type": "python_output", "text": "6"}, {"type": "text", "text": "6 so\n#### 1"}]
+    assert len(data.load_conversations("val")) == 15 + 2  # no smoltalk val downloaded
+
+
+# -----------------------------------------------------------------------------
+# Downloads against a local server
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves Handler.files {path: bytes}; Handler.plan {path: [action, ...]} says how each request fails:
+    "500", "cut" (half the bytes, then the connection closes), "norange" (ignore Range); "ok" or nothing = serve."""
+    files, plan, log, listing = {}, {}, [], {}
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        Handler.log.append((path, self.headers.get("Range")))
+        action = Handler.plan.get(path, []).pop(0) if Handler.plan.get(path) else "ok"
+        if path == "/parquet":
+            body = json.dumps(Handler.listing).encode()
+            return self.reply(200, body, {"Content-Type": "application/json"})
+        if action == "500" or path not in Handler.files:
+            return self.reply(500 if action == "500" else 404, b"no")
+        body = Handler.files[path]
+        rng = self.headers.get("Range")
+        if rng and action != "norange":
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(body):
+                return self.reply(416, b"", {"Content-Range": f"bytes */{len(body)}"})
+            self.reply(206, body[start:], {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"},
+                       cut=action == "cut")
+        else:
+            self.reply(200, body, cut=action == "cut")
+
+    def reply(self, code, body, headers=None, cut=False):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body[:len(body) // 2] if cut else body)
+        self.wfile.flush()
+        self.close_connection = True
+
+
+@pytest.fixture
+def server(monkeypatch):
+    Handler.files, Handler.plan, Handler.log, Handler.listing = {}, {}, [], {}
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(download, "TIMEOUT", 5)
+    monkeypatch.setattr(download, "CHUNK", 8192)  # small reads, so that a cut leaves a part to resume from
+    monkeypatch.setattr(download, "BACKOFF", 0.01)
+    monkeypatch.setattr(download, "HF_DATASETS_SERVER", f"http://127.0.0.1:{httpd.server_port}")
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def blob(n, seed=0):
+    return random.Random(seed).randbytes(n)
+
+
+def test_download_retries_resumes_and_verifies(server, tmp_path):
+    body = blob(300_000)
+    sha = hashlib.sha256(body).hexdigest()
+    Handler.files = {"/a": body, "/b": body, "/c": body}
+    # HTTP 500 twice, then success
+    Handler.plan["/a"] = ["500", "500"]
+    path = download.download(f"{server}/a", str(tmp_path / "a.bin"), size=len(body), sha256=sha)
+    assert open(path, "rb").read() == body and not os.path.exists(path + ".part")
+    # a cut mid-file resumes with a Range request from where it stopped
+    Handler.plan["/b"] = ["cut"]
+    download.download(f"{server}/b", str(tmp_path / "b.bin"))
+    assert open(tmp_path / "b.bin", "rb").read() == body
+    ranges = [r for p, r in Handler.log if p == "/b"]
+    assert len(ranges) == 2 and ranges[0] is None and 0 < int(ranges[1][6:-1]) <= len(body) // 2
+    # a server that ignores Range: the part restarts from zero, still ending whole
+    Handler.plan["/c"] = ["cut", "norange"]
+    download.download(f"{server}/c", str(tmp_path / "c.bin"))
+    assert open(tmp_path / "c.bin", "rb").read() == body
+    # a file already there is trusted (it was only ever renamed into place whole)
+    n = len(Handler.log)
+    download.download(f"{server}/c", str(tmp_path / "c.bin"))
+    assert len(Handler.log) == n
+
+
+def test_download_failures_leave_nothing_trusted(server, tmp_path, monkeypatch):
+    body = blob(50_000, seed=1)
+    Handler.files = {"/f": body}
+    target = str(tmp_path / "f.bin")
+    # the wrong size: refused at once, nothing at the target
+    with pytest.raises(download.PermanentError, match="expected"):
+        download.download(f"{server}/f", target, size=len(body) + 1)
+    assert not os.path.exists(target)
+    # the wrong checksum: the same
+    with pytest.raises(download.PermanentError, match="sha256"):
+        download.download(f"{server}/f", target, sha256="0" * 64)
+    assert not os.path.exists(target) and not os.path.exists(target + ".part")
+    # cut every time: retries run out, a .part remains but never the file; a rerun resumes and completes
+    Handler.plan["/f"] = ["cut"] * 3
+    monkeypatch.setattr(download, "RETRIES", 3)
+    with pytest.raises(RuntimeError, match="giving up after 3 tries"):
+        download.download(f"{server}/f", target)
+    assert not os.path.exists(target) and os.path.getsize(target + ".part") < len(body)
+    download.download(f"{server}/f", target, size=len(body))
+    assert open(target, "rb").read() == body
+    # 404 is not retried
+    n = len(Handler.log)
+    with pytest.raises(download.PermanentError, match="404"):
+        download.download(f"{server}/missing", str(tmp_path / "m.bin"))
+    assert len(Handler.log) == n + 1 and not os.path.exists(tmp_path / "m.bin")
+
+
+def test_fineweb_shards_feed_pretraining(server, tmp_base_dir, tmp_path, monkeypatch):
+    from data import fineweb
+    for i in range(3):
+        write_parquet(str(tmp_path / f"s{i}.parquet"), [f"doc {i}.{j}" for j in range(5)], row_group_size=2)
+        Handler.files[f"/shard_{i:05d}.parquet"] = (tmp_path / f"s{i}.parquet").read_bytes()
+    Handler.plan["/shard_00001.parquet"] = ["500", "cut"]
+    monkeypatch.setattr(fineweb, "BASE_URL", server)
+    download.download_many(fineweb.shard_jobs(3), workers=2)
+    train, val = data.pretrain_files("train"), data.pretrain_files("val")
+    assert [os.path.basename(p) for p in train] == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert list(data.iter_texts(val[0])) == [f"doc 2.{j}" for j in range(5)]
+    assert not os.path.exists(os.path.join(tmp_base_dir, "data", "tinyworld"))  # fineweb was used
+
+
+def test_hf_dataset_script_end_to_end(server, tmp_base_dir, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = {"train": [{"question": "1+1?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2"}],
+            "test": [{"question": "Big?", "answer": "It is 1000.\n#### 1,000"}, {"question": "bad", "answer": "no"}]}
+    Handler.listing = {"parquet_files": []}
+    for split, rs in rows.items():
+        pq.write_table(pa.Table.from_pylist(rs), str(tmp_path / f"{split}.parquet"))
+        Handler.files[f"/files/{split}.parquet"] = (tmp_path / f"{split}.parquet").read_bytes()
+        Handler.listing["parquet_files"].append(
+            {"dataset": gsm8k.DATASET, "config": gsm8k.CONFIG, "split": split, "url": f"{server}/files/{split}.parquet",
+             "filename": "0000.parquet", "size": len(Handler.files[f"/files/{split}.parquet"])})
+    monkeypatch.setattr(sys, "argv", ["gsm8k.py"])
+    runpy.run_path(os.path.join(REPO, "data", "gsm8k.py"), run_name="__main__")
+    assert data.load_math("gsm8k", "train") == [{"question": "1+1?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2", "level": 1}]
+    assert data.load_math("gsm8k", "test") == [{"question": "Big?", "answer": "It is 1000.\n#### 1000", "level": 1}]
+
+
+# -----------------------------------------------------------------------------
+# Normalisers of the real datasets
+
+
+def test_gsm8k_normaliser_on_real_data():
+    with open(shared_data("gsm8k_test.jsonl")) as f:
+        rows = [gsm8k.normalise(json.loads(line)) for line in f]
+    assert len(rows) == 1319 and all(rows)
+    assert all(re.search(r"\n#### -?[\d.]+$", r["answer"]) for r in rows)
+    conv = data.math_conversation(rows[0])
+    assert conv[1]["content"][1] == {"type": "python", "text": "16-3-4"}
+
+
+def test_math500_normaliser_on_real_data():
+    with open(shared_data("math500_test.json")) as f:
+        raw = json.load(f)
+    rows = [math500.normalise(r) for r in raw]
+    assert len(rows) == 500
+    for r, n in zip(raw, rows):
+        assert n["question"] == r["problem"] and n["answer"] == r["solution"] + "\n#### " + r["answer"]
+        assert 1 <= n["level"] <= 5
+
+
+def test_mc_and_chat_normalisers():
+    assert arc.normalise({"question": "Q", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]},
+                          "answerKey": "2"}) == {"question": "Q", "choices": ["a", "b", "c"], "answer": 1}
+    assert mmlu.normalise({"question": "Q", "choices": ["a", "b", "c", "d"], "answer": 3, "subject": "x"})["answer"] == 3
+    assert mmlu.normalise({"train": {"question": "Q", "choices": ["a", "b"], "answer": 0}})["question"] == "Q"
+    row = {"ctx": "A man", "endings": ["w", "x", "y", "z"], "label": "2", "activity_label": "a"}
+    assert hellaswag.normalise(row) == {"question": "A man", "choices": ["w", "x", "y", "z"], "answer": 2}
+    assert hellaswag.normalise({**row, "label": ""}) is None
+    ok = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    assert smoltalk.normalise({"messages": ok}) == {"messages": ok}
+    assert smoltalk.normalise({"messages": ok[:2]}) is None
+    assert smoltalk.normalise({"messages": ok[1:] + ok[1:]})["messages"] == ok[1:] + ok[1:]
+    assert smoltalk.normalise({"messages": [ok[2], ok[1]]}) is None
