@@ -197,9 +197,9 @@ def _parse(s):
         return None
     if "_" in s:  # base subscripts 52_8: compared as strings, never as numbers
         return ("str", re.sub(r"[\s{}]", "", s))
-    m = re.fullmatch(r"\(?([A-Z])\)?", s)
+    m = re.fullmatch(r"\(([A-Ea-e])\)|([A-Z])", s)  # a choice letter: (C), (c), C
     if m:
-        return ("choice", m.group(1))
+        return ("choice", (m.group(1) or m.group(2)).upper())
     if re.fullmatch(r"[A-Za-z]{2,}( [A-Za-z]+)*", s) and s.lower() not in ("pi", "inf", "infinity"):
         return ("text", s.lower())
     parts = _split_top(s, r"\cup")
@@ -428,14 +428,17 @@ def _sympy_parser():
     if not _SYMPY:
         import sympy
         from sympy.parsing import sympy_parser as sp
-        names = {n: getattr(sympy, n) for n in "Add Mul Pow Symbol Integer Float Rational Function factorial binomial sqrt sin "
-                 "cos tan cot sec csc asin acos atan sinh cosh tanh log exp pi oo Abs".split()}
+        names = {n: getattr(sympy, n) for n in "Add Mul Pow Symbol Integer Float Rational Function factorial binomial "
+                 "sqrt sin cos tan cot sec csc asin acos atan sinh cosh tanh log exp pi oo Abs".split()}
         names["__builtins__"] = {}
         local = {"i": sympy.I}
         local.update({g: sympy.Symbol(g) for g in _GREEK})
         transformations = sp.standard_transformations + (sp.implicit_multiplication_application,
                                                          sp.convert_xor, sp.rationalize)
-        _SYMPY.update(sympy=sympy, parse=sp.parse_expr, names=names, local=local, transformations=transformations)
+        # functions that compute eagerly even under evaluate=False: 1000000! would take minutes
+        unevaluated = {n: (lambda f: lambda *a: f(*a, evaluate=False))(names[n]) for n in ("factorial", "binomial")}
+        _SYMPY.update(sympy=sympy, parse=sp.parse_expr, unevaluated=unevaluated, names=names, local=local,
+                      transformations=transformations)
     return _SYMPY
 
 
@@ -451,6 +454,8 @@ def _digits(e, sympy):
         return math.inf if exp > 5 else base * 10 ** exp
     if isinstance(e, sympy.factorial):
         return math.inf if ds[0] > 5 else ds[0] * 10 ** ds[0]
+    if isinstance(e, (sympy.binomial, sympy.exp)):
+        return math.inf if ds[0] > 5 else 10 ** ds[0]
     return sum(ds) + 1  # Add, Mul, functions: generous
 
 
@@ -466,7 +471,8 @@ def _to_sympy(s):
         with _time_limit(SYMPY_TIMEOUT):
             kwargs = dict(local_dict=dict(sp["local"]), global_dict=dict(sp["names"]),
                           transformations=sp["transformations"])
-            if _digits(sp["parse"](code, evaluate=False, **kwargs), sp["sympy"]) > MAX_DIGITS:
+            guard = dict(kwargs, global_dict=dict(sp["names"], **sp["unevaluated"]))
+            if _digits(sp["parse"](code, evaluate=False, **guard), sp["sympy"]) > MAX_DIGITS:
                 return None
             expr = sp["parse"](code, **kwargs)
     except Exception:
@@ -480,10 +486,14 @@ def _is_zero(diff, sympy):
     if diff.is_Rational or diff.has(sympy.nan, sympy.zoo):
         return False
     # cheap disproof before simplify (the slow part): a clearly nonzero value at one rational point settles it
+    # (strict evalf raises unless it has 30 correct digits, so a zero never passes for nonzero)
     point = {x: sympy.Rational(7 + 2 * k, 13 + k) for k, x in enumerate(sorted(diff.free_symbols, key=str))}
-    value = diff.subs(point).evalf(30)
-    if value.is_number and value.is_finite and abs(value) > 1e-12:
-        return False
+    try:
+        value = diff.subs(point).evalf(30, strict=True)
+        if value.is_number and value.is_finite and value != 0:
+            return False
+    except sympy.core.evalf.PrecisionExhausted:
+        pass
     if sympy.expand(diff) == 0 or sympy.simplify(diff) == 0:
         return True
     if diff.free_symbols:
