@@ -71,7 +71,8 @@ max_temperature = 2.0
 # None, and then nothing is forced: the model goes on writing by itself.
 
 CALC_MAX_CHARS = 200
-CALC_MAX_VALUE = 10**100
+CALC_MAX_DIGITS = 100
+CALC_MAX_VALUE = 10**CALC_MAX_DIGITS
 CALC_MAX_EXPONENT = 100
 
 
@@ -79,7 +80,7 @@ def _power(base, exponent):
     # compute the size of the result from logarithms first: 9**9**9 must be refused, not attempted
     if abs(exponent) > CALC_MAX_EXPONENT:
         raise ValueError("exponent too large")
-    if base != 0 and abs(exponent * math.log10(abs(base))) > 100:
+    if base != 0 and abs(exponent * math.log10(abs(base))) > CALC_MAX_DIGITS:
         raise ValueError("power too large")
     return base ** exponent
 
@@ -114,7 +115,7 @@ def format_number(x):
         return str(x)
     if x.is_integer() and abs(x) < 1e15:
         return str(int(x))
-    if x == 0 or not 1e-4 <= abs(x) < 1e15:
+    if not 1e-4 <= abs(x) < 1e15:
         return f"{x:.6g}"
     decimals = max(0, 5 - math.floor(math.log10(abs(x))))
     return f"{x:.{decimals}f}".rstrip("0").rstrip(".")
@@ -304,7 +305,7 @@ class Reply:
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>picochat</title>
+<title>picochat</title><link rel="icon" href="data:,">
 <style>
 body { font-family: system-ui, sans-serif; max-width: 48rem; margin: 0 auto; padding: 1rem; height: 100vh;
        box-sizing: border-box; display: flex; flex-direction: column; }
@@ -385,6 +386,9 @@ async function submit(event) {
 document.getElementById("form").addEventListener("submit", submit);
 input.addEventListener("keydown", e => { if (e.key === "Enter" && !e.shiftKey) submit(e); });
 document.getElementById("clear").addEventListener("click", () => { messages = []; log.replaceChildren(); input.focus(); });
+// a link can ask the first question: http://host:port/?q=What%20is%206*7%3F
+const question = new URLSearchParams(location.search).get("q");
+if (question) { input.value = question; submit(new Event("submit")); }
 </script>
 </body></html>
 """

@@ -278,6 +278,42 @@ def test_read_chat_request_bad(body, param):
     assert info.value.status == 400 and info.value.param == param and info.value.message
 
 # -----------------------------------------------------------------------------
+# The terminal chat, with the scripted model
+
+
+def test_terminal_chat(fake, monkeypatch, capsys):
+    engine = fake(*REPLY)
+    seen = []
+    render = engine.tokenizer.render_for_completion
+    monkeypatch.setattr(engine.tokenizer, "render_for_completion", lambda m: seen.append(list(m)) or render(m), raising=False)
+    lines = iter(["What is 6*7?", "", "thanks", "/clear", "again", "/quit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    chat.terminal_chat(engine, "cpu")
+    out = capsys.readouterr().out
+    assert out.count("Assistant: " + REPLY_TEXT + "\n") == 3 and "(new conversation)" in out
+    assert next(lines) == "never read"
+    assert [len(m) for m in seen] == [1, 3, 1]  # multi-turn history, then a fresh one after /clear
+    assert seen[1][1] == {"role": "assistant", "content": [
+        {"type": "text", "text": "It is "}, {"type": "python", "text": "6*7"}, {"type": "python_output", "text": "42"},
+        {"type": "text", "text": " so."}]}
+
+
+def test_terminal_chat_eof_and_full_context(fake, monkeypatch, capsys):
+    engine = fake(*REPLY)
+    engine.model.config = type("config", (), {"sequence_len": 12})
+    lines = iter(["hi", "a much longer question"])
+
+    def read(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr("builtins.input", read)
+    chat.terminal_chat(engine, "cpu")  # returns at end of input
+    out = capsys.readouterr().out
+    assert "Assistant: It is \n" in out and "no longer fits" in out  # the reply stopped where the context ends
+
+# -----------------------------------------------------------------------------
 # The server, with the scripted model
 
 REPLY = ("It is ", "<|python_start|>", "6*7", "<|python_end|>", " so.", "<|assistant_end|>")
