@@ -636,7 +636,11 @@ def terminal_chat(engine, device_type):
             continue
         conversation.append({"role": "user", "content": line})
         print("Assistant: ", end="", flush=True)
-        reply = respond(engine, conversation, device_type)
+        try:
+            reply = respond(engine, conversation, device_type)
+        except KeyboardInterrupt:  # Ctrl-C stops the answer, not the chat
+            print("\n(interrupted)")
+            reply = None
         if reply is None:
             conversation.pop()
             continue
@@ -656,7 +660,10 @@ if __name__ == "__main__":
     model, tokenizer, meta = common.load_model(source, torch_device, model_tag, step)
     engine = Engine(model, tokenizer)
     if serve:
-        server = ChatServer(engine, host, port, model_name=f"picochat-{source}", device=torch_device.type)
+        try:
+            server = ChatServer(engine, host, port, model_name=f"picochat-{source}", device=torch_device.type)
+        except OSError as e:  # the port is taken, or the host is not this machine's
+            raise SystemExit(f"error: cannot serve on {host}:{port}: {e.strerror}") from None
         common.print0(f"serving the {source} model on http://{host}:{server.server_address[1]}/ "
                       f"(API: /v1/chat/completions, /v1/models, /health)")
         try:
