@@ -21,6 +21,7 @@ import tempfile
 import common
 
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".parquet")
+LETTERS = "ABCDEFGHIJ"  # choice letters of multiple-choice items
 TINYWORLD_MB_ENV = "PICOCHAT_TINYWORLD_MB"  # size of a tinyworld generated on demand (e.g. 1 for smoke runs)
 DOWNLOADS = {  # dataset name -> (directory under data/, the script that downloads it)
     "fineweb": ("fineweb", "fineweb"), "smoltalk": ("smoltalk", "smoltalk"), "gsm8k": ("gsm8k", "gsm8k"),
@@ -125,10 +126,16 @@ def pretrain_files(split, data_path=""):
 def iter_texts(path):
     """Yield the documents of a file: .txt split on blank lines, .jsonl "text" fields, .parquet "text" column."""
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            for doc in re.split(r"\n\s*\n", f.read()):
-                if doc.strip():
-                    yield doc.strip()
+        with open(path, encoding="utf-8") as f:  # line by line: a user's .txt may be large
+            lines = []
+            for line in f:
+                if line.strip():
+                    lines.append(line)
+                elif lines:
+                    yield "".join(lines).strip()
+                    lines = []
+            if lines:
+                yield "".join(lines).strip()
     elif path.endswith(".jsonl"):
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -170,20 +177,38 @@ def math_conversation(problem):
     return [{"role": "user", "content": problem["question"]}, {"role": "assistant", "content": content}]
 
 
+def mc_conversation(item):
+    """A multiple-choice item as a chat: the question and its lettered choices -> the right letter, e.g. "B"."""
+    lines = [item["question"]] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(item["choices"])]
+    return [{"role": "user", "content": "\n".join(lines) + "\nAnswer with the letter of the right choice."},
+            {"role": "assistant", "content": LETTERS[item["answer"]]}]
+
+
 def load_conversations(split):
     """The SFT mixture of a split ("train" or "val"), shuffled with a fixed seed, as a list of message lists:
-        tinyworld chat_{split}  (includes tinyworld's train word problems, some solved with the calculator)
-      + smoltalk {split}        when downloaded (python data/smoltalk.py)
-      + gsm8k train problems as (question -> answer "...\\n#### N") when downloaded; "val" takes every 20th
+        tinyworld chat_{split}   greetings, identity, facts, arithmetic, calculator use, word problems
+      + tinyworld mc_train       as mc_conversation()
+      + smoltalk {split}         when downloaded (python data/smoltalk.py)
+      + gsm8k train              as math_conversation(), when downloaded
+      + mmlu, arc_easy, arc_challenge train   as mc_conversation(), when downloaded
+    Of the sets that have no val split of their own (all but chat and smoltalk), every 20th row is "val" and the
+    others "train". No test split is ever part of it.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    convs = [r["messages"] for r in read_jsonl(os.path.join(ensure_tinyworld(), f"chat_{split}.jsonl"))]
+
+    def held_out(rows):
+        return [r for i, r in enumerate(rows) if (i % 20 == 0) == (split == "val")]
+    tinyworld = ensure_tinyworld()
+    convs = [r["messages"] for r in read_jsonl(os.path.join(tinyworld, f"chat_{split}.jsonl"))]
+    convs += [mc_conversation(r) for r in held_out(read_jsonl(os.path.join(tinyworld, "mc_train.jsonl")))]
     if os.path.exists(os.path.join(data_dir("smoltalk"), f"{split}.jsonl")):
         convs += [r["messages"] for r in read_jsonl(downloaded("smoltalk", split))]
     if os.path.exists(os.path.join(data_dir("gsm8k"), "train.jsonl")):
-        problems = read_jsonl(downloaded("gsm8k", "train"))
-        convs += [math_conversation(p) for i, p in enumerate(problems) if (i % 20 == 0) == (split == "val")]
+        convs += [math_conversation(p) for p in held_out(read_jsonl(downloaded("gsm8k", "train")))]
+    for name in ("mmlu", "arc_easy", "arc_challenge"):
+        if os.path.exists(os.path.join(data_dir(name), "train.jsonl")):
+            convs += [mc_conversation(r) for r in held_out(read_jsonl(downloaded(name, "train")))]
     random.Random(0).shuffle(convs)
     return convs
 

@@ -26,6 +26,15 @@ num_shards = 8   # also -n N
 workers = 8      # parallel downloads
 
 
+def expand_n(argv):
+    """nanochat's spelling `-n 8` -> `--num_shards=8`."""
+    argv = list(argv)
+    if "-n" in argv:
+        i = argv.index("-n")
+        argv[i:i + 2] = [f"--num_shards={argv[i + 1] if i + 1 < len(argv) else ''}"]
+    return argv
+
+
 def shard_jobs(n):
     if not 2 <= n <= MAX_SHARDS:
         raise SystemExit(f"error: --num_shards must be 2..{MAX_SHARDS} (train shards + 1 val), got {n}")
@@ -35,11 +44,7 @@ def shard_jobs(n):
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "-n" in argv:  # nanochat's spelling: -n 8
-        i = argv.index("-n")
-        argv[i:i + 2] = [f"--num_shards={argv[i + 1]}"] if i + 1 < len(argv) else ["--num_shards="]
-    common.configure(globals(), argv)
+    common.configure(globals(), expand_n(sys.argv[1:]))
     jobs = shard_jobs(num_shards)
     download_many(jobs, workers)
     common.print0(f"{len(jobs)} shards in {data.data_dir('fineweb')}")

@@ -135,10 +135,10 @@ FACT_TEMPLATES = {
 FACT_QUESTIONS = {
     "home": ["Where does {n} live?", "In which place does {n} live?", "Where is {n}'s home?"],
     "job": ["What is {n}'s job?", "What does {n} do for work?", "What does {n} work as?"],
-    "food": ["What food does {n} like?", "What is {n}'s favorite food?"],
-    "object": ["What does {n} own?", "Which thing belongs to {n}?"],
-    "pet": ["What pet does {n} have?", "Which animal does {n} keep at home?"],
-    "friend": ["Who is {n}'s best friend?", "Who is the best friend of {n}?"],
+    "food": ["What food does {n} like?", "What is {n}'s favorite food?", "Which food does {n} love to eat?"],
+    "object": ["What does {n} own?", "Which thing belongs to {n}?", "What is the thing that {n} has?"],
+    "pet": ["What pet does {n} have?", "Which animal does {n} keep at home?", "What kind of pet does {n} have?"],
+    "friend": ["Who is {n}'s best friend?", "Who is the best friend of {n}?", "Who is {n} best friends with?"],
     "age": ["How old is {n}?"],
 }
 
@@ -159,21 +159,21 @@ def fact(rng, name, p, kind):
 
 def step(before, a, op, b, after=""):
     c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
-    assert op != "/" or a % b == 0 and c >= 0
+    assert c >= 0 and (op != "/" or a % b == 0), "templates must draw numbers with whole, non-negative results"
     return (before, a, op, b, c, after), c
 
 
 def level1(rng, A, B, item):
     kind = rng.randrange(4)
     if kind == 0:
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        a, b = rng.randint(2, 20), rng.randint(2, 20)
         q = rng.choice([f"{A} has {a} {item}. {B} gives {A} {b} more {item}. How many {item} does {A} have now?",
                         f"{A} found {a} {item} in the morning and {b} {item} in the afternoon. "
                         f"How many {item} did {A} find in all?"])
         s, c = step(f"{A} has ", a, "+", b, f" {item}.")
     elif kind == 1:
         a = rng.randint(5, 30)
-        b = rng.randint(1, a - 1)
+        b = rng.randint(2, a - 2)
         q = rng.choice([f"{A} has {a} {item}. {A} gives {b} {item} to {B}. How many {item} does {A} have left?",
                         f"There were {a} {item} in a basket. {A} took {b} of them. How many {item} are left?"])
         s, c = step("There are ", a, "-", b, f" {item} left.")
@@ -193,26 +193,26 @@ def level1(rng, A, B, item):
 def level2(rng, A, B, item):
     kind = rng.randrange(4)
     if kind == 0:
-        a, b, k = rng.randint(1, 30), rng.randint(2, 9), rng.randint(2, 9)
+        a, b, k = rng.randint(2, 30), rng.randint(2, 9), rng.randint(2, 9)
         q = f"{A} has {a} {item}. {A} buys {b} bags with {k} {item} in each bag. How many {item} does {A} have now?"
         s1, d = step(f"{A} buys ", b, "*", k, f" {item}.")
         s2, c = step("Now there are ", a, "+", d, f" {item}.")
     elif kind == 1:
         a = rng.randint(20, 99)
-        b = rng.randint(1, a // 2)
-        k = rng.randint(1, a - b - 1)
+        b = rng.randint(2, a // 2)
+        k = rng.randint(2, a - b - 2)
         f1, f2 = rng.sample(FOODS, 2)
         q = f"{A} has {a} coins. {A} spends {b} coins on {f1} and {k} coins on {f2}. How many coins are left?"
         s1, d = step("After the first buy, ", a, "-", b, " coins are left.")
         s2, c = step("After the second buy, ", d, "-", k, " coins are left.")
     elif kind == 2:
         a, b = rng.randint(2, 12), rng.randint(2, 7)
-        k = rng.randint(1, a * b - 1)
+        k = rng.randint(2, a * b - 2)
         q = f"{A} picks {a} {item} every day for {b} days. Then {A} gives {k} {item} to {B}. How many {item} does {A} keep?"
         s1, d = step(f"{A} picks ", a, "*", b, f" {item}.")
         s2, c = step(f"{A} keeps ", d, "-", k, f" {item}.")
     else:
-        a, b = rng.randint(1, 9), rng.randint(1, 59)
+        a, b = rng.randint(2, 9), rng.randint(2, 59)
         q = f"{A} reads for {a} hours and {b} minutes. How many minutes does {A} read in all?"
         s1, d = step("One hour is 60 minutes, so ", a, "*", 60, " minutes.")
         s2, c = step("In all, ", d, "+", b, " minutes.")
@@ -229,9 +229,9 @@ def level3(rng, A, B, item):
         s2, y = step("Then ", k, "*", d, " km.")
         s3, c = step("In all, ", x, "+", y, " km.")
     elif kind == 1:
-        a, b = rng.randint(2, 9), rng.randint(3, 12)
-        k = rng.randint(1, a * b // 2)
-        d = rng.randint(1, a * b - k - 1)
+        a, b = rng.randint(2, 9), rng.randint(4, 12)
+        k = rng.randint(2, a * b // 2)
+        d = rng.randint(2, a * b - k - 2)
         C = rng.choice([n for n in NAMES if n not in (A, B)])
         q = (f"{A} buys {a} packs of {b} {item}. {A} gives {k} {item} to {B} and {d} {item} to {C}. "
              f"How many {item} does {A} have left?")
@@ -247,8 +247,8 @@ def level3(rng, A, B, item):
         s2, y = step("With the extra ones, ", x, "+", k, f" {item}.")
         s3, c = step("Each friend gets ", y, "/", d, f" {item}.")
     else:
-        a, b, k, d = rng.randint(2, 15), rng.randint(2, 8), rng.randint(1, 20), rng.randint(1, 30)
-        k = min(k, a * b - 1)
+        a, b, k, d = rng.randint(2, 15), rng.randint(2, 8), rng.randint(2, 20), rng.randint(2, 30)
+        k = min(k, a * b - 2)
         q = (f"{A} earns {a} coins an hour for {b} hours. {A} spends {k} coins, then earns {d} more coins. "
              f"How many coins does {A} have now?")
         s1, x = step(f"{A} earns ", a, "*", b, " coins.")
@@ -263,7 +263,7 @@ def level4(rng, A, B, item):
         a, b, k, d = rng.randint(2, 9), rng.randint(3, 12), rng.randint(2, 9), rng.randint(3, 12)
         f = rng.randint(2, 6)
         t = a * b + k * d
-        e = t % f + f * rng.randint(1, 3)
+        e = t % f + f * rng.randint(1, min(3, t // f - 1))  # leaves at least f fruits, a multiple of f
         q = (f"{A} buys {a} bags of {b} apples and {k} bags of {d} pears. {A} eats {e} of the fruits and shares "
              f"the rest equally among {f} friends. How many fruits does each friend get?")
         s1, x = step("Apples: ", a, "*", b, ".")
@@ -273,7 +273,7 @@ def level4(rng, A, B, item):
         s5, c = step("Each friend gets ", w, "/", f, " fruits.")
         return q, [s1, s2, s3, s4, s5], c
     if kind == 1:
-        a, b, k, d = rng.randint(2, 9), rng.randint(1, 4), rng.randint(2, 6), rng.randint(1, 9)
+        a, b, k, d = rng.randint(2, 9), rng.randint(2, 4), rng.randint(2, 6), rng.randint(2, 9)
         b = min(b, a * 12 // k)
         q = (f"{A} has {a} dozen eggs. {A} uses {b} eggs each day for {k} days. Then {A} buys {d} boxes of 6 eggs. "
              f"How many eggs does {A} have now?")
@@ -284,9 +284,8 @@ def level4(rng, A, B, item):
         s5, c = step("Now ", z, "+", w, " eggs.")
         return q, [s1, s2, s3, s4, s5], c
     a, b, k = rng.randint(2, 8), rng.randint(2, 6), rng.randint(3, 15)
-    d = rng.randint(1, a * b * k - 1)
-    if (a * b * k - d) % 2:
-        d += 1 if d < a * b * k - 1 else -1
+    d = rng.randint(2, a * b * k - 2)
+    d += (a * b * k - d) % 2  # an even rest, to share in two
     q = (f"{A} works {a} hours each day for {b} days and earns {k} coins an hour. {A} spends {d} coins and "
          f"shares the rest equally with {B}. How many coins does each of them get?")
     s1, x = step(f"{A} works ", a, "*", b, " hours.")
@@ -378,21 +377,18 @@ def doc_place(rng, people, places):
 def doc_story(rng, people, places):
     A = rng.choice(NAMES)
     pa = people[A]
-    B = pa["friend"] if rng.random() < 0.5 else rng.choice(NAMES)
+    B = pa["friend"] if rng.random() < 0.5 else rng.choice([n for n in NAMES if n != A])
     pb = people[B]
-    dest = pb["home"] if B != A else rng.choice(PLACES)
     food = pa["food"]
-    a, b = rng.randint(1, 12), rng.randint(1, 12)
-    lines = [f"One {rng.choice(TIMES)}, {A} the {pa['job']} left {pa['home']} and went to {dest}.",
-             f"{A} took the {pa['color']} {pa['object']} and the pet {pa['pet']} along."]
-    if B != A:
-        lines.append(f"In {dest}, {A} met {B}, who lives there and works as {an(pb['job'])}.")
-        if B == pa["friend"]:
-            lines.append(f"{B} is {A}'s best friend, so they were very happy.")
+    a, b = rng.randint(2, 12), rng.randint(2, 12)  # 2+: no "one apples"
+    lines = [f"One {rng.choice(TIMES)}, {A} the {pa['job']} left home in {pa['home']} to visit {B} in {pb['home']}.",
+             f"{A} took the {pa['color']} {pa['object']} and the pet {pa['pet']} along.",
+             f"{B} lives in {pb['home']} and works as {an(pb['job'])}."]
+    if B == pa["friend"]:
+        lines.append(f"{B} is {A}'s best friend, so they were very happy.")
     lines.append(f"{A} had {words(a)} {food}. {B} gave {A} {words(b)} more, so {A} had {a} + {b} = {a + b} {food}.")
-    if a + b > 2:
-        k = rng.randint(1, a + b - 1)
-        lines.append(f"They ate {k} of them together. {a + b} - {k} = {a + b - k}, so {a + b - k} {food} were left.")
+    k = rng.randint(1, a + b - 2)
+    lines.append(f"They ate {k} of them together. {a + b} - {k} = {a + b - k}, so {a + b - k} {food} were left.")
     lines.append(f"In the {rng.choice(['evening', 'night'])}, {A} went back home to {pa['home']}.")
     return " ".join(lines)
 
@@ -518,7 +514,7 @@ def exchange(rng, people):
             return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.\n#### {a + b}"
         return f"What is {a} * {b} + {d}?", f"{render_step(s1)}\n{render_step(s2)}\n#### {c}"
     if kind == "calc":
-        a, b = rng.randint(11, 999), rng.randint(11, 99)
+        a, b = rng.randint(100, 999), rng.randint(11, 99)
         s, c = step("", a, rng.choice("+-*"), b, ".")
         return f"Use the calculator: what is {a} {s[2]} {b}?", calc_parts("Let me use the calculator.\n", [s],
                                                                          f"#### {c}")
@@ -542,7 +538,7 @@ def conversation(rng, people):
 
 def mc_item(rng, people, places):
     """(question, choices, answer index): a fact with 3 wrong choices of the same kind, or a + - * b."""
-    kind = rng.choices(["arith", "resident", "fact"], [3, 1, 6])[0]
+    kind = rng.choices(["arith", "resident", "fact"], [2, 1, 7])[0]
     if kind == "arith":
         a, b = rng.randint(12, 99), rng.randint(2, 12)  # a >= b: no negative differences
         s, right = step("", a, rng.choice("+-*"), b)
@@ -602,7 +598,8 @@ def generate(out_dir, seed=seed, pretrain_mb=pretrain_mb, shard_mb=shard_mb, num
                     num_math_train=num_math_train, num_math_test=num_math_test, num_mc_train=num_mc_train,
                     num_mc_test=num_mc_test)
     # one generator per part, so that changing the size of one part leaves the others byte-identical
-    rng = lambda part: random.Random(f"{seed}/{part}")
+    def rng(part):
+        return random.Random(f"{seed}/{part}")
     people, places = build_world(rng("world"))
     os.makedirs(os.path.join(out_dir, "pretrain"))
     shards = pretrain_shards(rng("pretrain"), people, places, pretrain_mb * 1e6, shard_mb * 1e6)

@@ -122,6 +122,19 @@ def test_math_answers_are_correct(world):
             check_problem(r)
 
 
+def test_templates_hold_on_many_draws():
+    """Rare draws too: every template yields whole, non-negative, correct steps (step() asserts it)."""
+    rng = random.Random(0)
+    for i in range(4000):
+        p = tinyworld.make_problem(rng, 1 + i % 4)
+        del p["steps"]
+        check_problem(p)
+    people, places = tinyworld.build_world(rng)
+    for _ in range(3000):
+        tinyworld.conversation(rng, people)
+        tinyworld.mc_item(rng, people, places)
+
+
 def test_math_splits_are_disjoint(world):
     test = read(os.path.join(world, "math_test.jsonl"))
     test_sigs = {signature(r["question"], r["answer"]) for r in test}
@@ -230,7 +243,7 @@ def test_ensure_tinyworld_and_readers(tmp_base_dir):
     assert len(train) == 2 and len(val) == 1 and val[0] > train[-1]
     assert next(data.iter_texts(val[0]))
     assert len(data.load_math("tinyworld", "test")) == 80 and len(data.load_mc("tinyworld", "train")) == 200
-    assert len(data.load_conversations("train")) == 300 and len(data.load_conversations("val")) == 15
+    assert len(data.load_conversations("train")) == 300 + 190 and len(data.load_conversations("val")) == 15 + 10
     with pytest.raises(FileNotFoundError, match=r"python data/gsm8k\.py"):
         data.load_math("gsm8k", "test")
     with pytest.raises(FileNotFoundError, match=r"python data/arc\.py"):
@@ -275,13 +288,18 @@ def test_conversation_mixture(tmp_base_dir):
     data.write_jsonl(os.path.join(tmp_base_dir, "data", "smoltalk", "train.jsonl"), smol)
     problems = [{"question": f"q{i}", "answer": f"2 * 3 = <<2*3=6>>6 so\n#### {i}", "level": 1} for i in range(40)]
     data.write_jsonl(os.path.join(tmp_base_dir, "data", "gsm8k", "train.jsonl"), problems)
+    arc = [{"question": "Q?", "choices": ["w", "x", "y", "z", "v"], "answer": 4}] * 20
+    data.write_jsonl(os.path.join(tmp_base_dir, "data", "arc_easy", "train.jsonl"), arc)
     convs = data.load_conversations("train")
-    assert len(convs) == 300 + 5 + 38  # every 20th gsm8k problem is for val
+    assert len(convs) == 300 + 190 + 5 + 38 + 19  # tinyworld chat + mc, smoltalk, every 20th gsm8k/mc row is val
     assert convs == data.load_conversations("train")  # the shuffle is fixed
     g = next(c for c in convs if c[0]["content"] == "q1")
     assert g[1]["content"] == [{"type": "text", "text": "2 * 3 = "}, {"type": "python", "text": "2*3"},
                                {"type": "python_output", "text": "6"}, {"type": "text", "text": "6 so\n#### 1"}]
-    assert len(data.load_conversations("val")) == 15 + 2  # no smoltalk val downloaded
+    assert len(data.load_conversations("val")) == 15 + 10 + 2 + 1  # no smoltalk val downloaded
+    assert data.mc_conversation(arc[0]) == [
+        {"role": "user", "content": "Q?\nA. w\nB. x\nC. y\nD. z\nE. v\nAnswer with the letter of the right choice."},
+        {"role": "assistant", "content": "E"}]
 
 
 # -----------------------------------------------------------------------------
@@ -404,6 +422,7 @@ def test_fineweb_shards_feed_pretraining(server, tmp_base_dir, tmp_path, monkeyp
         Handler.files[f"/shard_{i:05d}.parquet"] = (tmp_path / f"s{i}.parquet").read_bytes()
     Handler.plan["/shard_00001.parquet"] = ["500", "cut"]
     monkeypatch.setattr(fineweb, "BASE_URL", server)
+    assert fineweb.expand_n(["-n", "3", "--workers=2"]) == ["--num_shards=3", "--workers=2"]
     download.download_many(fineweb.shard_jobs(3), workers=2)
     train, val = data.pretrain_files("train"), data.pretrain_files("val")
     assert [os.path.basename(p) for p in train] == ["shard_00000.parquet", "shard_00001.parquet"]
