@@ -51,6 +51,16 @@ def write_jsonl(path, rows):
 # tinyworld: generated into a temp dir and renamed into place, so a half-written set is never read
 
 
+def made_with(path, settings):
+    """Whether a complete tinyworld set is at `path`, generated with (at least) these settings."""
+    meta_path = os.path.join(path, "meta.json")  # written last: a set without it is incomplete
+    if not os.path.exists(meta_path):
+        return False
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return all(meta.get(k) == v for k, v in settings.items())
+
+
 def ensure_tinyworld(**settings):
     """Path of the tinyworld set, generating it when missing.
 
@@ -60,31 +70,32 @@ def ensure_tinyworld(**settings):
     """
     from data import tinyworld
     path = data_dir("tinyworld")
-    meta_path = os.path.join(path, "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if all(meta.get(k) == v for k, v in settings.items()):
-            return path
-    if "pretrain_mb" not in settings and os.environ.get(TINYWORLD_MB_ENV):
-        settings["pretrain_mb"] = float(os.environ[TINYWORLD_MB_ENV])
+    if made_with(path, settings):
+        return path
     unknown = set(settings) - set(common.config_keys(vars(tinyworld)))
     if unknown:
         raise ValueError(f"unknown tinyworld settings: {sorted(unknown)}")
+    if "pretrain_mb" not in settings and os.environ.get(TINYWORLD_MB_ENV):
+        try:
+            settings["pretrain_mb"] = float(os.environ[TINYWORLD_MB_ENV])
+        except ValueError:
+            raise ValueError(f"${TINYWORLD_MB_ENV} must be a number of megabytes, "
+                             f"got {os.environ[TINYWORLD_MB_ENV]!r}") from None
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tinyworld.")
     try:
         common.print0(f"generating tinyworld into {path} ...")
         tinyworld.generate(os.path.join(tmp, "set"), **settings)
-        old = os.path.join(tmp, "old")
-        if os.path.exists(path):
-            os.rename(path, old)  # a set made with other settings (or left incomplete) goes away whole
-        try:
-            os.rename(os.path.join(tmp, "set"), path)
-        except OSError:
-            # another process (e.g. another rank) finished first: use its set when it is complete
-            if not os.path.exists(meta_path):
-                raise
+        # several processes (e.g. DDP ranks) may generate at once: the first set in place wins, a later one with
+        # the same settings is dropped, so a set another process is reading never moves
+        if not made_with(path, settings):
+            if os.path.exists(path):
+                os.rename(path, os.path.join(tmp, "old"))  # made with other settings, or incomplete
+            try:
+                os.rename(os.path.join(tmp, "set"), path)
+            except OSError:
+                if not made_with(path, settings):
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -73,8 +73,8 @@ def fetch_part(url, part, size):
     headers = {"Range": f"bytes={have}-"} if have else {}
     with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
         if r.status_code == 416:  # nothing left to send: the part is whole (checked below) or wrong (removed)
-            total = int(r.headers.get("Content-Range", "*/-1").rsplit("/", 1)[1].replace("*", "-1"))
-            if total == have:
+            total = r.headers.get("Content-Range", "").rpartition("/")[2]  # "bytes */12345"
+            if total == str(have):
                 return have
             os.remove(part)
             raise OSError(f"server refused range {have}- (size {total}); restarting")

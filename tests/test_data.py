@@ -252,7 +252,19 @@ def test_ensure_tinyworld_and_readers(tmp_base_dir):
         data.pretrain_files("test")
 
 
+def test_ensure_tinyworld_concurrently(tmp_base_dir):
+    """Processes that generate at once (DDP ranks) all end up with the one complete set, and nothing else."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: data.ensure_tinyworld(**SMALL), range(3)))
+    assert len(set(paths)) == 1 and os.listdir(os.path.dirname(paths[0])) == ["tinyworld"]
+    assert len(read(os.path.join(paths[0], "math_test.jsonl"))) == SMALL["num_math_test"]
+
+
 def test_ensure_tinyworld_size_from_env(tmp_base_dir, monkeypatch):
+    monkeypatch.setenv(data.TINYWORLD_MB_ENV, "lots")
+    with pytest.raises(ValueError, match="number of megabytes"):
+        data.ensure_tinyworld()
     monkeypatch.setenv(data.TINYWORLD_MB_ENV, "0.05")
     path = data.ensure_tinyworld()
     assert json.load(open(os.path.join(path, "meta.json")))["pretrain_mb"] == 0.05
@@ -408,6 +420,14 @@ def test_download_failures_leave_nothing_trusted(server, tmp_path, monkeypatch):
     assert not os.path.exists(target) and os.path.getsize(target + ".part") < len(body)
     download.download(f"{server}/f", target, size=len(body))
     assert open(target, "rb").read() == body
+    # a whole .part (killed before the rename) is finished off; a too long one is dropped and fetched again
+    os.remove(target)
+    for part in (body, body + b"junk"):
+        with open(target + ".part", "wb") as f:
+            f.write(part)
+        download.download(f"{server}/f", target)
+        assert open(target, "rb").read() == body and not os.path.exists(target + ".part")
+        os.remove(target)
     # 404 is not retried
     n = len(Handler.log)
     with pytest.raises(download.PermanentError, match="404"):
