@@ -21,6 +21,7 @@ import base64
 import collections
 import hashlib
 import heapq
+import itertools
 import json
 import multiprocessing
 import os
@@ -68,16 +69,27 @@ eval = 0  # 1: instead of training, report bytes per token of the saved tokenize
 _CUT = re.compile(r" (?<=\S )")  # the space is consumed; every piece but a document's first starts with it
 
 
-def _count_pieces(texts):
-    """(inner, edges): counts of inner pieces (without their leading space) and of first/last pieces."""
-    inner, edges = collections.Counter(), collections.Counter()
+def _count_batch(texts):
+    """Counter of SPLIT_PATTERN's chunks (str) over a list of documents, by way of their unique pieces."""
+    inner, edges = collections.Counter(), collections.Counter()  # pieces between cuts; first/last pieces
     for text in texts:
         parts = _CUT.split(text)
         edges[parts[0]] += 1
         if len(parts) > 1:
             edges[" " + parts[-1]] += 1
             inner.update(parts[1:-1])
-    return inner, edges
+    findall = regex.compile(SPLIT_PATTERN).findall
+    by_count = collections.defaultdict(list)
+    for piece, n in inner.items():
+        by_count[n].append(piece)
+    counts = collections.Counter()
+    for n, pieces in by_count.items():
+        for chunk, k in collections.Counter(findall(" " + " ".join(pieces))).items():
+            counts[chunk] += k * n
+    for piece, n in edges.items():
+        for chunk in findall(piece):
+            counts[chunk] += n
+    return counts
 
 
 def _batches(texts, batch_chars):
@@ -93,31 +105,27 @@ def _batches(texts, batch_chars):
 
 
 def count_chunks(texts, num_proc=0, batch_chars=1 << 22):
-    """{chunk bytes: count} of SPLIT_PATTERN's chunks over an iterable of documents. Worker processes cut
-    batches of ~batch_chars characters into pieces while the main process reads on; counts are sums, so the
-    result does not depend on the order in which batches finish."""
+    """{chunk bytes: count} of SPLIT_PATTERN's chunks over an iterable of documents. Worker processes count
+    batches of ~batch_chars characters while the main process reads on; at most 2 batches per worker are in
+    flight, so memory stays bounded however long the stream."""
+    num_proc = num_proc or os.cpu_count()
     batches = _batches(texts, batch_chars)
-    first = next(batches, None)
+    first = next(batches, [])
     second = next(batches, None)
     if second is None:  # one batch: not worth starting processes
-        inner, edges = _count_pieces(first or [])
+        counts = _count_batch(first)
     else:
-        inner, edges = collections.Counter(), collections.Counter()
-        with multiprocessing.get_context("fork").Pool(num_proc or os.cpu_count()) as pool:
-            for i, e in pool.imap_unordered(_count_pieces, (first, second, *batches)):
-                inner.update(i)
-                edges.update(e)
-    findall = regex.compile(SPLIT_PATTERN).findall
-    counts = collections.Counter()
-    by_count = collections.defaultdict(list)
-    for piece, n in inner.items():
-        by_count[n].append(piece)
-    for n, pieces in by_count.items():
-        for chunk, k in collections.Counter(findall(" " + " ".join(pieces))).items():
-            counts[chunk] += k * n
-    for piece, n in edges.items():
-        for chunk in findall(piece):
-            counts[chunk] += n
+        counts = collections.Counter()
+        pending = collections.deque()
+        # fork where there is one: a spawned worker would re-import this module, torch and all
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with multiprocessing.get_context(method).Pool(num_proc) as pool:
+            for batch in itertools.chain([first, second], batches):
+                pending.append(pool.apply_async(_count_batch, (batch,)))
+                if len(pending) >= 2 * num_proc:
+                    counts.update(pending.popleft().get())
+            while pending:
+                counts.update(pending.popleft().get())
     return {chunk.encode("utf-8", "surrogatepass"): n for chunk, n in counts.items()}
 
 # -----------------------------------------------------------------------------
@@ -312,7 +320,7 @@ class Tokenizer:
         return [head + ids + tail for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
 
     def decode(self, ids):
-        return self.enc.decode(list(ids))
+        return self.enc.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))  # also numpy / torch
 
     def _render(self, messages):
         """All of a conversation's tokens and the training mask (1 where the assistant writes), untruncated."""
