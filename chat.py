@@ -36,7 +36,6 @@ import uuid
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import torch
 
 import common
 from model import generate
@@ -173,7 +172,6 @@ class Engine:
             return None
         return [self.output_start, *self.tokenizer.encode(result), self.output_end]
 
-    @torch.no_grad()
     def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                  seed=None, tools=True):
         # the samples of a prompt are identical rows, and model.generate prefills identical rows once
@@ -386,7 +384,7 @@ async function submit(event) {
 document.getElementById("form").addEventListener("submit", submit);
 input.addEventListener("keydown", e => { if (e.key === "Enter" && !e.shiftKey) submit(e); });
 document.getElementById("clear").addEventListener("click", () => { messages = []; log.replaceChildren(); input.focus(); });
-// a link can ask the first question: http://host:port/?q=What%20is%206*7%3F
+// a link can ask the first question: /?q=What%20is%206*7%3F
 const question = new URLSearchParams(location.search).get("q");
 if (question) { input.value = question; submit(new Event("submit")); }
 </script>
@@ -551,7 +549,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise ApiError(411, "a Content-Length header is required", code="length_required")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise ApiError(400, "Content-Length must be a number of bytes")
         if int(length) > max_body_bytes:
             self.close_connection = True

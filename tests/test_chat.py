@@ -336,7 +336,7 @@ def server(fake, monkeypatch):
             active[0] -= 1
     monkeypatch.setattr(chat, "generate", exclusive_generate)
     srv = chat.ChatServer(fake(*REPLY), "127.0.0.1", 0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     srv.port = srv.server_address[1]
     srv.overlaps = overlaps
@@ -394,6 +394,7 @@ def test_server_bad_requests(server, monkeypatch):
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.0 411")
     assert_api_error(*post(b"{}", headers={"Content-Length": "-5"}), 400)
+    assert_api_error(*post(b"{}", headers={"Content-Length": "²"}), 400)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"garbage\r\n\r\n")  # not even HTTP: http.server answers 400 itself
         assert b"400" in s.makefile("rb").read()
@@ -484,3 +485,92 @@ def test_server_survives_failures(server, monkeypatch):
     error = json.loads(data.decode().split("\n\n")[1][len("data: "):])["error"]
     assert status == 200 and error["type"] == "server_error"
     assert call(server, "GET", "/health")[0] == 200
+
+# -----------------------------------------------------------------------------
+# The real thing: the tokenizer trained on a few KB, a tiny random GPT saved as a checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = ("The quick brown fox jumps over the lazy dog. What is 6*7? It is 42. Hello there, how are you today? "
+        "I am fine, thank you. Numbers: 12 + 30 = 42, 100 / 4 = 25. ") * 20
+
+
+@pytest.fixture
+def tiny_chat_model(tmp_base_dir):
+    """A tiny sft checkpoint in $PICOCHAT_DIR; returns the (model, tokenizer) saved."""
+    import dataclasses
+
+    import torch
+
+    import common
+    import tokenizer as tk
+    from model import GPT, config_from_depth
+    tok = tk.load_tokenizer(tk.save_tokenizer(tk.train_bpe([TEXT], 256 + 40 + len(tk.SPECIAL_TOKENS), num_proc=1)))
+    torch.manual_seed(0)
+    config = config_from_depth(2, tok.vocab_size, 64)
+    model = GPT(config)
+    model.init_weights()
+    model.eval()
+    meta = {"step": 1, "model_config": dataclasses.asdict(config), "tokenizer_hash": tok.hash}
+    common.save_checkpoint(common.checkpoint_dir("sft", "tiny"), 1, model.state_dict(), None, meta)
+    return model, tok
+
+
+def run_chat(args, stdin=""):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "chat.py", "--device=cpu", *args], input=stdin, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_real_engine(tiny_chat_model):
+    model, tok = tiny_chat_model
+    engine = chat.Engine(model, tok)
+    prompt = tok.render_for_completion([{"role": "user", "content": "What is 6*7?"}])
+    out = engine.generate_batch([prompt, [{"role": "user", "content": "hi"}]], num_samples=3, max_new_tokens=6,
+                                temperature=1.0, top_k=20, seed=1)
+    assert [len(samples) for samples in out] == [3, 3]
+    for samples in out:
+        for tokens, mask in samples:
+            assert 1 <= len(tokens) <= 6 and len(mask) == len(tokens) and set(mask) <= {0, 1}
+            assert not set(tokens[:-1]) & set(engine.stop_tokens)
+    again = engine.generate_batch([prompt, [{"role": "user", "content": "hi"}]], num_samples=3, max_new_tokens=6,
+                                  temperature=1.0, top_k=20, seed=1)
+    assert again == out  # a seed makes sampling repeatable
+    # the force hook with the real tokenizer: the calculator's answer, framed by the output tokens
+    call = [*tok.encode("so "), engine.python_start, *tok.encode("6 * 7"), engine.python_end]
+    assert engine.tool_output(0, call) == [engine.output_start, *tok.encode("42"), engine.output_end]
+    assert engine.tool_output(0, call[:-1]) is None  # not yet closed
+    assert engine.tool_output(0, [*tok.encode("6 * 7"), engine.python_end]) is None  # never opened
+
+
+def test_real_server_openai_client(tiny_chat_model):
+    openai = pytest.importorskip("openai")
+    model, tok = tiny_chat_model
+    server = chat.ChatServer(chat.Engine(model, tok), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x",
+                               max_retries=0, timeout=30)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 6*7?"}]
+        completion = client.chat.completions.create(model="picochat", messages=messages, max_tokens=5, seed=0)
+        assert isinstance(completion.choices[0].message.content, str)
+        assert 1 <= completion.usage.completion_tokens <= 5
+        chunks = list(client.chat.completions.create(model="picochat", messages=messages, max_tokens=5,
+                                                     temperature=0, stream=True))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_real_terminal_chat_subprocess(tiny_chat_model, tmp_base_dir):
+    r = run_chat(["--max_new_tokens=5"], stdin="What is 6*7?\n/clear\nhello\nand then?\n/quit\nnever read\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "loaded sft model" in r.stdout and r.stdout.count("Assistant: ") == 3
+    assert "(new conversation)" in r.stdout
+    # with an rl checkpoint present, the default source is rl; --prompt answers once and exits
+    import shutil
+    shutil.copytree(os.path.join(tmp_base_dir, "checkpoints", "sft"), os.path.join(tmp_base_dir, "checkpoints", "rl"))
+    r = run_chat(["--prompt=What is 6*7?", "--max_new_tokens=5", "--temperature=0"])
+    assert r.returncode == 0 and "loaded rl model" in r.stdout, r.stderr[-2000:]
+    r = run_chat(["--source=gpt4"])
+    assert r.returncode != 0 and "error: --source must be base, sft or rl" in r.stderr

@@ -18,7 +18,7 @@ BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "googl
 def test_chat_page_in_browser(monkeypatch, tmp_path):
     monkeypatch.setattr(chat, "generate", fake_generate)
     server = chat.ChatServer(chat.Engine(FakeModel(script(*REPLY)), FakeTokenizer()), "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/?q=What%20is%206*7%3F"
         # --virtual-time-budget lets the page's fetch and stream finish before the DOM is dumped
