@@ -22,3 +22,38 @@ def shared_data(name):
     if not os.path.exists(path):
         pytest.skip(f"{path} not present")
     return path
+
+
+def run_script(args, base_dir, timeout=300, check=True, env_extra=None):
+    """Run a repo script (or module/launcher args) as a user would, with $PICOCHAT_DIR=base_dir."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PICOCHAT_DIR=str(base_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=REPO)
+    env.update(env_extra or {})
+    cmd = args if args[0] != "python" else [sys.executable] + args[1:]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+# A tiny prepared world: small built-in data and a 400-token tokenizer, made once per session with the real
+# command lines, then copied into each test's $PICOCHAT_DIR.
+TINY_WORLD = ["--pretrain_mb=0.3", "--num_chat=400", "--num_math_train=400", "--num_math_test=40",
+              "--num_mc_train=100", "--num_mc_test=40"]
+
+
+@pytest.fixture(scope="session")
+def _prepared_world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("world")
+    run_script(["python", "data/tinyworld.py"] + TINY_WORLD, base)
+    run_script(["python", "tokenizer.py", "--vocab_size=400", "--max_chars=300000"], base)
+    return base
+
+
+@pytest.fixture
+def world(_prepared_world, tmp_base_dir):
+    import shutil
+    shutil.copytree(_prepared_world, tmp_base_dir, dirs_exist_ok=True)
+    return tmp_base_dir

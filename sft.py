@@ -1,0 +1,267 @@
+"""
+Chat fine-tuning (SFT): teach the base model to converse, on conversations rendered with the chat special tokens.
+The loss is taken only on what the assistant writes (its text, its calculator calls and <|assistant_end|>).
+
+    python sft.py                                # the latest base checkpoint, the default data mixture
+    python sft.py --data=my_chats.jsonl          # add your own conversations ({"messages": [...]} per line)
+    python sft.py --mid=1                        # mid-training: every token trained, higher LR, saves a "mid" stage
+    python sft.py --source=mid                   # then SFT on top of it
+    torchrun --nproc_per_node=8 sft.py
+
+The default mixture (data.load_conversations): the built-in chats and word problems, plus SmolTalk, GSM8K and MMLU
+when downloaded. Reads $PICOCHAT_DIR/checkpoints/<source>/, writes $PICOCHAT_DIR/checkpoints/sft/ (or mid/).
+"""
+
+import math
+import os
+import random
+import time
+
+import torch
+
+import common
+from common import print0
+
+# -----------------------------------------------------------------------------
+# Settings (override with --key=value)
+source = "base"             # the checkpoint to start from: base or mid
+model_tag = ""              # default: the source's latest
+data = ""                   # extra conversations (jsonl of {"messages": [...]}), comma-separated paths
+mid = False                 # mid-training: train on every token (no assistant mask), save as stage "mid"
+max_seq_len = 512
+device_batch_size = 8       # rows per forward/backward per process
+total_batch_size = 16384    # tokens (rows * max_seq_len) per step, over all processes and accumulation steps
+num_epochs = 1.0
+num_iterations = -1         # explicit number of steps (overrides num_epochs)
+lr_scale = 0.1              # multiplies the model's default learning rates (SFT fine-tunes gently)
+warmdown_ratio = 1.0        # the lr falls linearly to 0 over this last fraction of the run
+weight_decay = 0.0
+eval_every = 50             # validation loss and a few sampled answers every this many steps (and at the end)
+eval_rows = 64              # validation rows per evaluation
+save_every = 0              # checkpoint every this many steps (0: only at the end)
+resume = False
+device = ""
+dtype = "bfloat16"
+seed = 42
+
+# -----------------------------------------------------------------------------
+# Data: render each conversation to (ids, mask), then pack several into fixed-length rows, best-fit from a small
+# window; the rest of a row is padding, which is never trained on. A conversation longer than a row is truncated;
+# if truncation leaves it nothing to train on it is skipped and counted (nanochat once trained on all-masked
+# batches and divided by zero).
+
+
+def render_all(tokenizer, conversations, row_len, train_everything):
+    """(ids, mask) per conversation; returns them and the number skipped."""
+    examples, skipped = [], 0
+    for messages in conversations:
+        try:
+            ids, mask = tokenizer.render_conversation(messages, max_len=row_len)
+        except ValueError:  # nothing trainable left after truncation
+            skipped += 1
+            continue
+        examples.append((ids, [1] * len(ids) if train_everything else mask))
+    return examples, skipped
+
+
+def pack_rows(examples, row_len, pad_id, window=32):
+    """Pack (ids, mask) examples, in order, into rows of row_len tokens: (inputs, targets) per row, where a target
+    is -1 wherever the mask is 0 and on padding."""
+    rows, pending, stream = [], [], iter(examples)
+    while True:
+        pending.extend(ex for _, ex in zip(range(window - len(pending)), stream))
+        if not pending:
+            return rows
+        ids, mask = [], []
+        while True:
+            space = row_len - len(ids)
+            fits = [i for i, (e, _) in enumerate(pending) if len(e) <= space]
+            if not fits:
+                break
+            e_ids, e_mask = pending.pop(max(fits, key=lambda i: len(pending[i][0])))
+            ids += e_ids
+            mask += e_mask
+            pending.extend(ex for _, ex in zip(range(1), stream))
+        pad = row_len - len(ids)
+        ids, mask = ids + [pad_id] * pad, mask + [0] * pad
+        targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+        rows.append((ids[:-1], targets))
+
+
+def trainable_tokens(rows):
+    return sum(sum(t >= 0 for t in targets) for _, targets in rows)
+
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    config = common.configure(globals())
+    ddp, rank, local_rank, world_size, device = common.setup_device(device)
+    common.seed_everything(seed)
+    autocast_ctx = common.autocast(device, dtype)
+    stage = "mid" if mid else "sft"
+
+    # ---- model, tokenizer
+    if source not in ("base", "mid"):
+        raise SystemExit(f"error: --source must be base or mid, got {source!r}")
+    model, tokenizer, source_meta = common.load_model(source, device, model_tag)
+    model_config = model.config
+    if max_seq_len > model_config.sequence_len:
+        print0(f"note: max_seq_len {max_seq_len} > the model's {model_config.sequence_len}; RoPE extends to it")
+    out_tag = model_tag or common.find_model_tag(source)
+    ckpt_dir = common.checkpoint_dir(stage, out_tag)
+
+    # ---- data
+    from data import load_conversations, read_jsonl
+    train_convs, val_convs = load_conversations("train"), load_conversations("val")
+    for path in filter(None, data.split(",")):
+        if not os.path.exists(path):
+            raise SystemExit(f"error: --data file {path} not found")
+        train_convs += [row["messages"] for row in read_jsonl(path)]
+    random.Random(seed).shuffle(train_convs)
+    row_len = max_seq_len + 1
+    train_examples, skipped = render_all(tokenizer, train_convs, row_len, mid)
+    val_examples, _ = render_all(tokenizer, val_convs, row_len, mid)
+    if not train_examples:
+        raise SystemExit(f"error: none of the {len(train_convs)} conversations has a trainable token within "
+                         f"max_seq_len={max_seq_len}")
+    train_rows = pack_rows(train_examples, row_len, tokenizer.bos_id)
+    val_rows = pack_rows(val_examples, row_len, tokenizer.bos_id)[:eval_rows]
+    print0(f"data: {len(train_examples)} train conversations ({skipped} skipped: nothing trainable within "
+           f"max_seq_len) -> {len(train_rows)} rows, {trainable_tokens(train_rows):,} trainable tokens; "
+           f"{len(val_rows)} val rows")
+
+    # ---- batch geometry and horizon
+    rows_per_micro_step = device_batch_size * world_size
+    if total_batch_size % (rows_per_micro_step * max_seq_len):
+        raise SystemExit(f"error: --total_batch_size={total_batch_size} is not a multiple of device_batch_size * "
+                         f"max_seq_len * world_size = {rows_per_micro_step * max_seq_len}")
+    grad_accum_steps = total_batch_size // (rows_per_micro_step * max_seq_len)
+    rows_per_step = rows_per_micro_step * grad_accum_steps
+    num_steps = num_iterations if num_iterations > 0 else max(1, math.ceil(num_epochs * len(train_rows) / rows_per_step))
+    print0(f"{num_steps} steps of {rows_per_step} rows ({grad_accum_steps} accumulation steps)")
+
+    def epoch_order(epoch, cache={}):
+        """Row order of an epoch: packing order first, then a fresh shuffle at every wrap."""
+        if epoch not in cache:
+            order = list(range(len(train_rows)))
+            if epoch:
+                random.Random(seed + epoch).shuffle(order)
+            cache.clear()
+            cache[epoch] = order
+        return cache[epoch]
+
+    def step_rows(step):
+        """All rows of a step, identical on every rank (each rank then takes its own slice)."""
+        return [train_rows[epoch_order(i // len(train_rows))[i % len(train_rows)]]
+                for i in range(step * rows_per_step, (step + 1) * rows_per_step)]
+
+    def to_batch(rows):
+        x = torch.tensor([r[0] for r in rows], dtype=torch.long, device=device)  # (B, T)
+        y = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)  # (B, T)
+        return x, y
+
+    # ---- optimisers
+    optimizers = model.setup_optimizers(weight_decay=weight_decay)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["initial_lr"] * lr_scale
+    step, history = 0, {"loss": [], "val_loss": []}
+    if resume and common.last_step(ckpt_dir) is not None:
+        model_state, rank_state, meta = common.load_checkpoint(ckpt_dir, rank=rank, device=device)
+        if meta["world_size"] != world_size or meta["config"]["total_batch_size"] != total_batch_size:
+            raise SystemExit("error: resume needs the checkpoint's world_size and total_batch_size")
+        model.load_state_dict(model_state)
+        for opt, opt_state in zip(optimizers, rank_state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        step, history = meta["step"], meta["history"]
+        print0(f"resumed from {ckpt_dir} at step {step}")
+
+    @torch.no_grad()
+    def val_loss():
+        nats, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for i in range(rank * device_batch_size, len(val_rows), rows_per_micro_step):
+            x, y = to_batch(val_rows[i:i + device_batch_size])
+            with autocast_ctx:
+                loss = model(x, y, loss_reduction="none")  # (B, T), 0 where the target is -1
+            nats += loss.float().sum().double().cpu()
+            count += (y >= 0).sum().double().cpu()
+        if ddp:
+            both = torch.stack([nats, count]).to(device)
+            torch.distributed.all_reduce(both)
+            nats, count = both[0].cpu(), both[1].cpu()
+        return (nats / count.clamp(min=1)).item()
+
+    def samples():
+        from chat import Engine
+        engine = Engine(model, tokenizer)
+        convs = [c for c in val_convs[:3]]
+        prompts = [tokenizer.render_for_completion(c[:1] if c[0]["role"] != "system" else c[:2]) for c in convs]
+        with autocast_ctx:
+            outs = engine.generate_batch(prompts, num_samples=1, max_new_tokens=64, temperature=0.0)
+        for conv, out in zip(convs, outs):
+            question = conv[0]["content"] if isinstance(conv[0]["content"], str) else str(conv[0]["content"])
+            print0(f"  Q: {question[:100]!r}\n  A: {tokenizer.decode(out[0][0])[:200]!r}")
+
+    def save(step, metrics):
+        meta = {"step": step, "model_config": source_meta["model_config"], "config": config, "metrics": metrics,
+                "tokenizer_hash": tokenizer.hash, "world_size": world_size, "history": history,
+                "source": source}
+        rank_state = {"optimizers": [opt.state_dict() for opt in optimizers]}
+        common.save_checkpoint(ckpt_dir, step, model.state_dict(), rank_state, meta, rank)
+        print0(f"saved checkpoint step {step} to {ckpt_dir}")
+
+    # ---- the training loop
+    t_start, metrics, last_val = time.time(), {}, None
+    model.train()
+    while True:
+        last = step == num_steps
+        if eval_every > 0 and (step % eval_every == 0 or last):
+            model.eval()
+            last_val = val_loss()
+            history["val_loss"].append((step, last_val))
+            print0(f"step {step:05d} | val loss {last_val:.4f}")
+            if rank == 0 and not mid:
+                samples()
+            model.train()
+        if last:
+            break
+        t0 = time.time()
+        lrm = 1.0 if step < num_steps * (1 - warmdown_ratio) else (num_steps - step) / (num_steps * warmdown_ratio)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        rows = step_rows(step)
+        # normalise by the trainable tokens of the whole step (all ranks): every token weighs the same, and a
+        # micro-batch with none contributes zero gradient instead of 0/0 = NaN
+        n_train = trainable_tokens(rows)
+        mine = rows[rank * grad_accum_steps * device_batch_size:(rank + 1) * grad_accum_steps * device_batch_size]
+        loss_sum = 0.0
+        for a in range(grad_accum_steps):
+            x, y = to_batch(mine[a * device_batch_size:(a + 1) * device_batch_size])
+            with autocast_ctx:
+                loss = model(x, y, loss_reduction="none").sum() / max(n_train, 1)  # this rank's share of the mean
+            (loss * world_size).backward()  # the optimisers average over ranks; undo that for a sum over ranks
+            loss_sum += loss.item()
+        if ddp:
+            t = torch.tensor([loss_sum], device=device)
+            torch.distributed.all_reduce(t)
+            loss_sum = t.item()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        step += 1
+        history["loss"].append((step, loss_sum))
+        dt = time.time() - t0
+        print0(f"step {step:05d}/{num_steps:05d} | loss {loss_sum:.6f} | lr x{lrm:.3f} | "
+               f"trainable tokens {n_train} | {dt * 1000:.0f} ms")
+        metrics = {"loss": loss_sum, "val_loss": last_val}
+        if save_every > 0 and step % save_every == 0 and step < num_steps:
+            save(step, metrics)
+
+    metrics.update(val_loss=last_val, minutes=(time.time() - t_start) / 60, skipped_conversations=skipped)
+    save(step, metrics)
+    if rank == 0:
+        path = common.write_report_section(stage, {"stage": stage, "config": config, "metrics": metrics,
+                                                   "history": history, "checkpoint": ckpt_dir})
+        print0(f"report section: {path}")
+    common.teardown()
