@@ -52,20 +52,21 @@ def write_jsonl(path, rows):
 
 
 def made_with(path, settings):
-    """Whether a complete tinyworld set is at `path`, generated with (at least) these settings."""
+    """Whether a complete tinyworld set is at `path`, made by this generator with (at least) these settings."""
+    from data import tinyworld
     meta_path = os.path.join(path, "meta.json")  # written last: a set without it is incomplete
     if not os.path.exists(meta_path):
         return False
     with open(meta_path) as f:
         meta = json.load(f)
-    return all(meta.get(k) == v for k, v in settings.items())
+    return all(meta.get(k) == v for k, v in {**settings, "version": tinyworld.VERSION}.items())
 
 
 def ensure_tinyworld(**settings):
     """Path of the tinyworld set, generating it when missing.
 
-    With no arguments any complete set on disk is used as it is (whatever size it was made with); a missing set
-    is generated with the defaults of data/tinyworld.py, except pretrain_mb, taken from $PICOCHAT_TINYWORLD_MB
+    With no arguments any complete set on disk made by this generator's VERSION is used as it is (whatever size
+    it was made with); a missing or outdated set is generated with the defaults of data/tinyworld.py, except pretrain_mb, taken from $PICOCHAT_TINYWORLD_MB
     when set. With arguments (tinyworld.py's settings) a set made with other settings is replaced.
     """
     from data import tinyworld

@@ -50,6 +50,8 @@ num_math_test = 400     # spread evenly over the levels
 num_mc_train = 4000
 num_mc_test = 300
 
+VERSION = 1  # bump when the generator's output changes: sets made by another version are regenerated
+
 # -----------------------------------------------------------------------------
 # The world's vocabulary
 
@@ -486,10 +488,10 @@ IDENTITY_QUESTIONS = ["who are you?", "what is your name?", "what are you?", "wh
 def calc_parts(intro, steps, final):
     """An answer that calls the calculator for every step: text, python, python_output, text, ..."""
     parts = [{"type": "text", "text": intro}]
-    for s in steps:
-        _, a, op, b, c, _ = s
+    for before, a, op, b, c, after in steps:
+        parts[-1]["text"] += before  # "One hour is 60 minutes, so " <calculator 9*60 -> 540> "9 * 60 = 540 ..."
         parts += [{"type": "python", "text": f"{a}{op}{b}"}, {"type": "python_output", "text": str(c)},
-                  {"type": "text", "text": render_step(s) + "\n"}]
+                  {"type": "text", "text": f"{a} {op} {b} = {c}{after}\n"}]
     parts[-1]["text"] += final
     return parts
 
@@ -616,7 +618,7 @@ def generate(out_dir, seed=seed, pretrain_mb=pretrain_mb, shard_mb=shard_mb, num
         rows = mc_split(rng(f"mc_{split}"), people, places, n, split == "test")
         write_lines(os.path.join(out_dir, f"mc_{split}.jsonl"), [json.dumps(r) for r in rows])
     # meta.json last: data.ensure_tinyworld compares it with the settings asked for
-    write_lines(os.path.join(out_dir, "meta.json"), [json.dumps(settings, sort_keys=True)])
+    write_lines(os.path.join(out_dir, "meta.json"), [json.dumps({**settings, "version": VERSION}, sort_keys=True)])
 
 
 if __name__ == "__main__":

@@ -234,6 +234,12 @@ def test_ensure_tinyworld_and_readers(tmp_base_dir):
         data.ensure_tinyworld(**{**small, "pretrain_mb": -1.0})
     assert os.path.getmtime(os.path.join(path, "meta.json")) == stamp
     assert os.listdir(os.path.dirname(path)) == ["tinyworld"]
+    # a set made by another generator version is replaced, though made with the same settings
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({**meta, "version": 0}, f)
+    data.ensure_tinyworld(**small)
+    assert json.load(open(os.path.join(path, "meta.json")))["version"] == tinyworld.VERSION
     # other settings replace the set
     data.ensure_tinyworld(**{**small, "seed": 7})
     assert json.load(open(os.path.join(path, "meta.json")))["seed"] == 7
