@@ -271,6 +271,9 @@ def test_ensure_tinyworld_size_from_env(tmp_base_dir, monkeypatch):
     monkeypatch.setenv(data.TINYWORLD_MB_ENV, "lots")
     with pytest.raises(ValueError, match="number of megabytes"):
         data.ensure_tinyworld()
+    counts = {k: v for k, v in SMALL.items() if k.startswith("num_")}
+    generate = tinyworld.generate  # small counts, to keep the test fast; the size must come from the env
+    monkeypatch.setattr(tinyworld, "generate", lambda out, **kw: generate(out, **{**counts, **kw}))
     monkeypatch.setenv(data.TINYWORLD_MB_ENV, "0.05")
     path = data.ensure_tinyworld()
     assert json.load(open(os.path.join(path, "meta.json")))["pretrain_mb"] == 0.05
