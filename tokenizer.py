@@ -170,8 +170,8 @@ def merge_chunks(chunk_counts, num_merges):
         a, b = key >> shift, key & mask
         new_bytes = token_bytes[a] + token_bytes[b]
         if new_bytes in seen:
-            # two merge paths can spell the same bytes (e.g. "ab"+"c" and "a"+"bc"); tiktoken ranks need each
-            # token once, so this pair is never merged
+            # should two different pairs ever spell the same bytes, tiktoken's ranks (one per byte string) could
+            # not hold both tokens: the later pair is never merged
             stats[key] = -1
             continue
         x = 256 + len(merges)
@@ -267,7 +267,8 @@ def save_tokenizer(mergeable_ranks, directory=None):
 
 def load_tokenizer(directory=None):
     directory = directory or default_dir()
-    paths = {name: os.path.join(directory, name) for name in ("tokenizer.tiktoken", "tokenizer.json", "token_bytes.npy")}
+    names = ("tokenizer.tiktoken", "tokenizer.json", "token_bytes.npy")
+    paths = {name: os.path.join(directory, name) for name in names}
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"no tokenizer in {directory} (missing {', '.join(map(os.path.basename, missing))}); "

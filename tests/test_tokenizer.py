@@ -16,7 +16,8 @@ CORPUS = [
     "Natalia sold 48 clips in April and half as many in May: 48/2 = 24. In total 48 + 24 = 72.\n#### 72",
     "def add(a, b):\n    return a + b\n\n\nprint(add(1234567, 89))  # 1234656\n",
     "日本語のテキストと中文文本。 Ünïcödé: café, naïve, e\u0301 (combining), emoji 🙂👍🏽 and tabs\there.",
-    "We'll see; they're here, I'm sure—you've been told.   Spaces   and\r\nwindows lines\n\n\n   trailing   ",
+    "We'll see; they're here, I'm sure—you've been told.   Spaces   and\r\nwindows lines\n\n\n"
+    "   trailing   ",
 ] * 3
 
 
@@ -171,7 +172,8 @@ def test_plain_text_never_yields_special_tokens(tok):
 def test_prepend_append(tok):
     ids = tok.encode("hi", prepend="<|bos|>", append=tok.special("<|assistant_end|>"))
     assert ids == [tok.bos_id] + tok.encode("hi") + [tok.special("<|assistant_end|>")]
-    assert tok.encode(["a", "b"], prepend=tok.bos_id) == [[tok.bos_id] + tok.encode("a"), [tok.bos_id] + tok.encode("b")]
+    bos = tok.bos_id
+    assert tok.encode(["a", "b"], prepend=bos) == [[bos] + tok.encode("a"), [bos] + tok.encode("b")]
     with pytest.raises(KeyError, match="not a special token"):
         tok.encode("hi", prepend="<|nope|>")
 
@@ -240,7 +242,8 @@ def test_render_rejects_bad_conversations(tok):
 def test_render_for_completion(tok):
     s = tok.special
     convo = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
-    want = [tok.bos_id, s("<|user_start|>")] + tok.encode("2+2?") + [s("<|user_end|>"), s("<|assistant_start|>")]
+    want = [tok.bos_id, s("<|user_start|>")] + tok.encode("2+2?")
+    want += [s("<|user_end|>"), s("<|assistant_start|>")]
     assert tok.render_for_completion(convo) == want
     assert tok.render_for_completion(convo[:1]) == want
     with pytest.raises(ValueError, match="ending with a user turn"):
