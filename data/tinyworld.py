@@ -1,19 +1,21 @@
 """
-tinyworld: picochat's built-in offline data, generated from a seed (same seed, byte-identical files).
+tinyworld: picochat's built-in offline data, generated from a seed (same seed and settings, byte-identical files).
 
     python data/tinyworld.py                      # the default set (~20 MB of pretraining text)
     python data/tinyworld.py --pretrain_mb=1      # a small set, e.g. for a CPU smoke run
     python data/tinyworld.py --seed=1 --num_chat=5000
 
-It writes $PICOCHAT_DIR/data/tinyworld/ (through data.ensure_tinyworld: a temp dir renamed into place):
+The stages call data.ensure_tinyworld(), which generates the set when it is missing (at $PICOCHAT_TINYWORLD_MB
+megabytes when that is set). Either way it is written to a temp dir renamed into $PICOCHAT_DIR/data/tinyworld/:
     pretrain/shard_XXXXX.jsonl  {"text"}            the last shard is the validation shard
     chat_{train,val}.jsonl      {"messages"}
     math_{train,test}.jsonl     {"question", "answer": "...\\n#### N", "level"}
     mc_{train,test}.jsonl       {"question", "choices" (4), "answer" (index)}
-    meta.json                   the settings it was generated with
+    meta.json                   the settings it was generated with, and the generator's VERSION
 
-The world is small and closed so that a tiny model sees every fact many times: 30 people, 20 places, 30 objects.
-Each person has a home, a job, a food they like, one object (with a colour), a pet, a best friend and an age.
+The world (drawn from the seed) is small and closed so that a tiny model sees every fact many times: 30 people,
+20 places, 30 objects. Each person has a home, a job, a food they like, one object (with a color), a pet, a best
+friend and an age; each place a kind and a feature. Numbers appear both in words and in digits.
 
 Grammar, briefly:
     pretrain doc := fact sheet | place description | story | dialogue | list | arithmetic drill | worked problem
@@ -27,7 +29,7 @@ Grammar, briefly:
     mc item      := a fact question, "who lives in P" or "what is a OP b", 4 choices, the answer's index.
 Splits: a math problem's signature is (the numbers of its question, the operators of its answer) and
 crc32(signature) % 5 == 0 puts it in test, so no test problem is a train problem reworded (pretraining docs and
-chat use train problems only). MC items split the same way on their question text.
+chat use train problems only). MC items split the same way on their question text; test questions are unique.
 """
 import json
 import os
