@@ -195,13 +195,15 @@ def _parse(s):
     s = s.strip()
     if not s or len(s) > MAX_ANSWER_LEN:
         return None
-    if "_" in s:  # base subscripts 52_8: compared as strings, never as numbers
-        return ("str", re.sub(r"[\s{}]", "", s))
+    if "_" in s:  # base subscripts 52_8 (and x_1): compared as strings, never as numbers
+        m = re.fullmatch(r"([0-9A-Za-z]+)_\s*(?:\{\s*([0-9A-Za-z]+)\s*\}|([0-9A-Za-z]))", s)
+        return ("str", m.group(1) + "_" + (m.group(2) or m.group(3))) if m else None
     m = re.fullmatch(r"\(([A-Ea-e])\)|([A-Z])", s)  # a choice letter: (C), (c), C
     if m:
         return ("choice", (m.group(1) or m.group(2)).upper())
-    if re.fullmatch(r"[A-Za-z]{2,}( [A-Za-z]+)*", s) and s.lower() not in ("pi", "inf", "infinity"):
-        return ("text", s.lower())
+    words = s.lower().split()
+    if re.fullmatch(r"[A-Za-z]+( [A-Za-z]+)*", s) and any(len(w) > 1 and w not in _MATH_WORDS for w in words):
+        return ("text", " ".join(words))  # a word answer ("Evelyn", "even"), not "sin x" or "pi"
     parts = _split_top(s, r"\cup")
     if parts is None:
         return None
@@ -290,7 +292,7 @@ _FRAC_ARG = r"(?:\{\s*(\d+)\s*\}|(\d))"
 def _as_fraction(s):
     """Plain numbers (integers, decimals, 1.5e3, a/b, \\frac{a}{b}, mixed 3\\frac12) exactly, else None."""
     s = s.replace(" ", "")
-    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", s) and len(s) < 100:
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d{1,3})?", s) and len(s) < 100:
         return Fraction(s)
     m = re.fullmatch(r"([-+]?)(\d+)/(\d+)", s)
     if m and int(m.group(3)) != 0:
@@ -306,11 +308,11 @@ def _as_fraction(s):
 
 
 def _expr_equal(a, b):
-    if re.sub(r"\s", "", a) == re.sub(r"\s", "", b):
-        return True
     fa, fb = _as_fraction(a), _as_fraction(b)
     if fa is not None and fb is not None:
         return fa == fb  # the fast exact path: no sympy for plain numbers
+    if re.sub(r"\s", "", a) == re.sub(r"\s", "", b):
+        return _to_sympy(a) is not None  # the same text, provided it means something
     return _sympy_equal(a, b)
 
 
@@ -343,6 +345,7 @@ _FUNCS = {"sin": "sin", "cos": "cos", "tan": "tan", "cot": "cot", "sec": "sec", 
           "arccos": "acos", "arctan": "atan", "sinh": "sinh", "cosh": "cosh", "tanh": "tanh", "log": "log",
           "ln": "log", "exp": "exp"}
 _GREEK = set("alpha beta gamma delta epsilon theta lambda mu nu rho sigma tau phi psi omega".split())
+_MATH_WORDS = set(_FUNCS) | {"pi", "sqrt", "inf", "infinity"}
 
 
 def _latex_arg(s, i):
@@ -382,18 +385,18 @@ def _latex_to_code(s):
                 b, i = _latex_arg(s, i)
                 if a is None or b is None:
                     return None
-                out.append("((%s)/(%s))" % (a, b) if name == "frac" else "binomial(%s,%s)" % (a, b))
+                out.append("((%s)/(%s))" % (a, b) if name == "frac" else " binomial(%s,%s) " % (a, b))
             elif name == "sqrt":
-                root = None
+                root = ""
                 if i < len(s) and s[i] == "[":
                     j = s.find("]", i)
                     if j < 0:
                         return None
                     root, i = _latex_to_code(s[i + 1:j]), j + 1
                 a, i = _latex_arg(s, i)
-                if a is None:
+                if a is None or root is None:
                     return None
-                out.append("sqrt(%s)" % a if root is None else "((%s)**(1/(%s)))" % (a, root))
+                out.append("((%s)**(1/(%s)))" % (a, root) if root else " sqrt(%s) " % a)
             elif name in _FUNCS:
                 out.append(" %s " % _FUNCS[name])
             elif name in ("cdot", "times", "ast"):
@@ -401,7 +404,7 @@ def _latex_to_code(s):
             elif name == "div":
                 out.append("/")
             elif name == "pi" or name in _GREEK:
-                out.append(" %s " % name)
+                out.append(" lamda " if name == "lambda" else " %s " % name)  # lambda is a Python keyword
             elif name == "infty":
                 out.append(" oo ")
             else:
@@ -412,12 +415,21 @@ def _latex_to_code(s):
         elif ch == "^":
             out.append("**")
             i += 1
+        elif ch == ",":
+            return None  # a comma inside one expression: a tuple sympy would build, not a number
         else:
             out.append(ch)
             i += 1
-    code = "".join(out)
-    # only arithmetic reaches parse_expr (it evals): names, numbers, operators, brackets
-    return code if re.fullmatch(r"[A-Za-z0-9\s+\-*/().,!]*", code) else None
+    # 1.5e3 as 1.5*10**(3), exact and visible to the size guard (1e999999999 must not reach Rational)
+    code = re.sub(r"(\d)[eE]([-+]?\d+)", r"\1*10**(\2)", "".join(out))
+    # only arithmetic reaches parse_expr (it evals): names, numbers, operators, brackets; no attribute access
+    if not re.fullmatch(r"[A-Za-z0-9\s+\-*/().,!]*", code) or re.search(r"\.\s*[A-Za-z(]", code):
+        return None
+    # an empty "()" or a function with nothing to apply to ("9\log") would make sympy build (and warn about)
+    # products of non-expressions
+    if re.search(r"\(\s*\)|\b(?:%s)\b(?!\s*(?:[\w(]|\*\*))" % "|".join(set(_FUNCS.values())), code):
+        return None
+    return code
 
 
 _SYMPY = {}
@@ -477,7 +489,8 @@ def _to_sympy(s):
             expr = sp["parse"](code, **kwargs)
     except Exception:
         return None
-    return expr if isinstance(expr, sp["sympy"].Basic) else None
+    sympy = sp["sympy"]
+    return expr if isinstance(expr, sympy.Expr) and not expr.has(sympy.zoo, sympy.nan) else None  # 1/0 is no answer
 
 
 def _is_zero(diff, sympy):
@@ -532,6 +545,13 @@ def _sympy_proportional(a, b):
         return False
 
 
+def _interpret(answer):
+    """An answer string -> its structure, or None; overlong strings are refused before any work."""
+    if answer is None or len(answer) > 4 * MAX_ANSWER_LEN:
+        return None
+    return _parse(_normalize(answer))
+
+
 def _is_prose(text):
     """A sentence rather than a bare answer: at least two words, one of them a plain word of 3+ letters."""
     words = text.split()
@@ -546,17 +566,16 @@ def grade(prediction, reference, allow_fallback=True):
         if not isinstance(prediction, str) or not isinstance(reference, str):
             return False
         ref = extract_answer(reference, allow_fallback=False)
-        ref = _parse(_normalize(ref if ref is not None else reference))
+        ref = _interpret(ref if ref is not None else reference)
         if ref is None:
             return False
         pred = extract_answer(prediction, allow_fallback=False)
         if pred is not None:
-            return _equal(_parse(_normalize(pred)), ref)
-        if len(prediction) <= MAX_ANSWER_LEN and _equal(_parse(_normalize(prediction)), ref):
+            return _equal(_interpret(pred), ref)
+        if _equal(_interpret(prediction), ref):
             return True
         if allow_fallback and _is_prose(prediction):
-            pred = extract_answer(prediction)
-            return pred is not None and _equal(_parse(_normalize(pred)), ref)
+            return _equal(_interpret(extract_answer(prediction)), ref)
         return False
     except Exception:  # RecursionError, _Timeout escaping a guard, anything sympy throws: not a match
         return False
@@ -583,7 +602,7 @@ def majority_vote(answers):
         if not isinstance(answer, str):
             continue
         extracted = extract_answer(answer, allow_fallback=False)
-        if _parse(_normalize(extracted if extracted is not None else answer)) is None:
+        if _interpret(extracted if extracted is not None else answer) is None:
             continue  # empty or meaningless: no vote
         for group in groups:
             if grade(answer, group[0]):
