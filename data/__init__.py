@@ -225,23 +225,29 @@ def load_conversations(split):
     return convs
 
 
+MATH_SPLITS = {"tinyworld": ("train", "test"), "gsm8k": ("train", "test"), "math500": ("test",)}
+MC_SPLITS = {name: ("train", "test") for name in ("tinyworld", "arc_easy", "arc_challenge", "mmlu", "hellaswag")}
+
+
+def check_split(kind, splits, name, split):
+    if name not in splits:
+        raise ValueError(f"unknown {kind} dataset {name!r}: expected one of {', '.join(splits)}")
+    if split not in splits[name]:
+        raise ValueError(f"{name} has the splits {', '.join(splits[name])}, not {split!r}")
+
+
 def load_math(name="tinyworld", split="test"):
-    """Word problems [{"question", "answer": "...\\n#### N", "level"?}] of tinyworld, gsm8k or math500 (test only)."""
+    """Word problems [{"question", "answer": "...\\n#### N", "level"}] of tinyworld, gsm8k or math500 (test only)."""
+    check_split("math", MATH_SPLITS, name, split)
     if name == "tinyworld":
-        if split not in ("train", "test"):
-            raise ValueError(f"tinyworld math splits are train and test, got {split!r}")
         return read_jsonl(os.path.join(ensure_tinyworld(), f"math_{split}.jsonl"))
-    if name not in ("gsm8k", "math500"):
-        raise ValueError(f"unknown math dataset {name!r}: expected tinyworld, gsm8k or math500")
     return read_jsonl(downloaded(name, split))
 
 
 def load_mc(name="tinyworld", split="test"):
-    """Multiple-choice items [{"question", "choices", "answer": index}]."""
+    """Multiple-choice items [{"question", "choices", "answer": index}] of tinyworld, arc_easy, arc_challenge, mmlu
+    or hellaswag; data.mc_conversation() renders one as a chat."""
+    check_split("mc", MC_SPLITS, name, split)
     if name == "tinyworld":
-        if split not in ("train", "test"):
-            raise ValueError(f"tinyworld mc splits are train and test, got {split!r}")
         return read_jsonl(os.path.join(ensure_tinyworld(), f"mc_{split}.jsonl"))
-    if name not in ("arc_easy", "arc_challenge", "mmlu", "hellaswag"):
-        raise ValueError(f"unknown mc dataset {name!r}: expected tinyworld, arc_easy, arc_challenge, mmlu, hellaswag")
     return read_jsonl(downloaded(name, split))

@@ -256,6 +256,10 @@ def test_ensure_tinyworld_and_readers(tmp_base_dir):
         data.load_mc("arc_challenge", "test")
     with pytest.raises(ValueError):
         data.pretrain_files("test")
+    with pytest.raises(ValueError, match="math500 has the splits test"):
+        data.load_math("math500", "train")
+    with pytest.raises(ValueError, match="unknown mc dataset"):
+        data.load_mc("gsm8k")
 
 
 def test_ensure_tinyworld_concurrently(tmp_base_dir):
