@@ -23,11 +23,7 @@ import common
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 LETTERS = "ABCDEFGHIJ"  # choice letters of multiple-choice items
 TINYWORLD_MB_ENV = "PICOCHAT_TINYWORLD_MB"  # size of a tinyworld generated on demand (e.g. 1 for smoke runs)
-DOWNLOADS = {  # dataset name -> (directory under data/, the script that downloads it)
-    "fineweb": ("fineweb", "fineweb"), "smoltalk": ("smoltalk", "smoltalk"), "gsm8k": ("gsm8k", "gsm8k"),
-    "math500": ("math500", "math500"), "arc_easy": ("arc_easy", "arc"), "arc_challenge": ("arc_challenge", "arc"),
-    "mmlu": ("mmlu", "mmlu"), "hellaswag": ("hellaswag", "hellaswag"),
-}
+SCRIPT_OF = {"arc_easy": "arc", "arc_challenge": "arc"}  # otherwise data/<name>.py downloads data/<name>/
 
 
 def data_dir(name):
@@ -39,8 +35,15 @@ def data_dir(name):
 
 
 def read_jsonl(path):
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {i}: not JSON ({e})") from None
+    return rows
 
 
 def write_jsonl(path, rows):
@@ -167,10 +170,10 @@ def iter_texts(path):
 
 def downloaded(name, split):
     """Path of a downloaded dataset's split, or one clear error naming the command that fetches it."""
-    directory, script = DOWNLOADS[name]
-    path = os.path.join(data_dir(directory), f"{split}.jsonl")
+    path = os.path.join(data_dir(name), f"{split}.jsonl")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{name} ({split}) is not downloaded: run `python data/{script}.py` first")
+        raise FileNotFoundError(f"{name} ({split}) is not downloaded: run `python data/{SCRIPT_OF.get(name, name)}.py` "
+                                f"first")
     return path
 
 

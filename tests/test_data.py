@@ -305,6 +305,9 @@ def test_user_data_path_and_iter_texts(tmp_path):
         data.pretrain_files("train", str(tmp_path / "missing"))
     with pytest.raises(ValueError):
         list(data.iter_texts(str(tmp_path / "notes.md")))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(ValueError, match="line 2"):
+        data.read_jsonl(str(tmp_path / "bad.jsonl"))
 
 
 def test_conversation_mixture(tmp_base_dir):
