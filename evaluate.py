@@ -12,7 +12,10 @@ matrices, equations, text) and expression by expression with sympy. Decisions wo
 - percent: "50\\%" is 50 (MATH's convention), so 0.5 is not 50\\%; units, "\\$" and degrees are dropped likewise.
 - "\\pm": "a \\pm b" is the set {a+b, a-b}, so "\\pm 2" equals "2, -2" (a comma list is an unordered set of
   solutions), while "(1,2)" is ordered and "[2,5)" differs from "(2,5]".
-- exactness: decimals are rationals, 0.5 = 1/2 but 0.33 != 1/3; no numeric tolerance between a decimal and a fraction.
+- exactness: decimals are rationals, 0.5 = 1/2 but 0.33 != 1/3, with no numeric tolerance; only constants sympy
+  cannot simplify (nested radicals) are settled by agreeing to 50 digits.
+- text answers ("\\text{Evelyn}") compare case-insensitively; base subscripts (52_8) as strings; choice letters
+  "(C)", "\\textbf{(C)}" and "C" are one; "x = 5" equals "5" and "y = 2x+3" equals "2x+3".
 - time: sympy can hang (10^{10^{10}} is evaluated eagerly), so every expression is first parsed unevaluated and
   rejected when its value would be too large; then each sympy comparison runs under a SIGALRM timer when grade is
   called from the main thread (signal timers exist only there), and under the structural guard alone elsewhere.
@@ -32,7 +35,7 @@ from functools import lru_cache
 
 MAX_ANSWER_LEN = 400  # longer "answers" are garbage for our tasks, and sympy time grows with length
 MAX_DIGITS = 2000  # largest number (in decimal digits) an expression may evaluate to before sympy sees it
-SYMPY_TIMEOUT = 2.0  # seconds per sympy comparison (main thread only)
+SYMPY_TIMEOUT = 5.0  # wall seconds per sympy step (main thread only): a hang guard, generous for busy machines
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
@@ -594,9 +597,9 @@ def pass_at_k(n, c, k):
 
 
 def majority_vote(answers):
-    """The most common answer, grouping answers that grade equal (1/2 and 0.5 vote together). A tie goes to the
-    group seen first; None and empty answers never vote. Returns the first-seen member of the winning group,
-    or None when no answer is usable."""
+    """The most common of some answers (extract_answer's outputs, or solutions with a \\boxed{} / "####"),
+    grouping answers that grade equal: 1/2 and 0.5 vote together. A tie goes to the group seen first; None,
+    empty and meaningless answers never vote. Returns the first-seen member of the winning group, or None."""
     groups = []  # [representative, count]
     for answer in answers:
         if not isinstance(answer, str):
