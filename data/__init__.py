@@ -69,8 +69,9 @@ def ensure_tinyworld(**settings):
     """Path of the tinyworld set, generating it when missing.
 
     With no arguments any complete set on disk made by this generator's VERSION is used as it is (whatever size
-    it was made with); a missing or outdated set is generated with the defaults of data/tinyworld.py, except pretrain_mb, taken from $PICOCHAT_TINYWORLD_MB
-    when set. With arguments (tinyworld.py's settings) a set made with other settings is replaced.
+    it was made with); a missing or outdated set is generated with the defaults of data/tinyworld.py, except
+    pretrain_mb, taken from $PICOCHAT_TINYWORLD_MB when set. With arguments (tinyworld.py's settings) a set made
+    with other settings is replaced.
     """
     from data import tinyworld
     path = data_dir("tinyworld")

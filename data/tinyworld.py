@@ -212,7 +212,8 @@ def level2(rng, A, B, item):
     elif kind == 2:
         a, b = rng.randint(2, 12), rng.randint(2, 7)
         k = rng.randint(2, a * b - 2)
-        q = f"{A} picks {a} {item} every day for {b} days. Then {A} gives {k} {item} to {B}. How many {item} does {A} keep?"
+        q = (f"{A} picks {a} {item} every day for {b} days. Then {A} gives {k} {item} to {B}. "
+             f"How many {item} does {A} keep?")
         s1, d = step(f"{A} picks ", a, "*", b, f" {item}.")
         s2, c = step(f"{A} keeps ", d, "-", k, f" {item}.")
     else:

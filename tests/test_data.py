@@ -59,8 +59,9 @@ def test_generator_is_deterministic(world, tmp_path):
             assert a.read() == b.read(), f
     other = str(tmp_path / "other")
     tinyworld.generate(other, **{**SMALL, "seed": 4})
-    with open(os.path.join(world, "chat_train.jsonl"), "rb") as a, open(os.path.join(other, "chat_train.jsonl"), "rb") as b:
-        assert a.read() != b.read()
+    with open(os.path.join(world, "chat_train.jsonl"), "rb") as a:
+        with open(os.path.join(other, "chat_train.jsonl"), "rb") as b:
+            assert a.read() != b.read()
 
 
 def test_pretrain_shards(world):
@@ -480,7 +481,8 @@ def test_hf_dataset_script_end_to_end(server, tmp_base_dir, tmp_path, monkeypatc
              "filename": "0000.parquet", "size": len(Handler.files[f"/files/{split}.parquet"])})
     monkeypatch.setattr(sys, "argv", ["gsm8k.py"])
     runpy.run_path(os.path.join(REPO, "data", "gsm8k.py"), run_name="__main__")
-    assert data.load_math("gsm8k", "train") == [{"question": "1+1?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2", "level": 1}]
+    assert data.load_math("gsm8k", "train") == [
+        {"question": "1+1?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2", "level": 1}]
     assert data.load_math("gsm8k", "test") == [{"question": "Big?", "answer": "It is 1000.\n#### 1000", "level": 1}]
 
 
@@ -510,7 +512,8 @@ def test_math500_normaliser_on_real_data():
 def test_mc_and_chat_normalisers():
     assert arc.normalise({"question": "Q", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]},
                           "answerKey": "2"}) == {"question": "Q", "choices": ["a", "b", "c"], "answer": 1}
-    assert mmlu.normalise({"question": "Q", "choices": ["a", "b", "c", "d"], "answer": 3, "subject": "x"})["answer"] == 3
+    row = {"question": "Q", "choices": ["a", "b", "c", "d"], "answer": 3, "subject": "x"}
+    assert mmlu.normalise(row)["answer"] == 3
     assert mmlu.normalise({"train": {"question": "Q", "choices": ["a", "b"], "answer": 0}})["question"] == "Q"
     row = {"ctx": "A man", "endings": ["w", "x", "y", "z"], "label": "2", "activity_label": "a"}
     assert hellaswag.normalise(row) == {"question": "A man", "choices": ["w", "x", "y", "z"], "answer": 2}
