@@ -383,7 +383,11 @@ async function submit(event) {
 
 document.getElementById("form").addEventListener("submit", submit);
 input.addEventListener("keydown", e => { if (e.key === "Enter" && !e.shiftKey) submit(e); });
-document.getElementById("clear").addEventListener("click", () => { messages = []; log.replaceChildren(); input.focus(); });
+document.getElementById("clear").addEventListener("click", () => {
+  messages = [];
+  log.replaceChildren();
+  input.focus();
+});
 // a link can ask the first question: /?q=What%20is%206*7%3F
 const question = new URLSearchParams(location.search).get("q");
 if (question) { input.value = question; submit(new Event("submit")); }

@@ -243,7 +243,8 @@ def request(**fields):
 
 def test_read_chat_request_good():
     conversation, options = chat.read_chat_request(request(
-        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
+        messages=[{"role": "system", "content": "be brief"},
+                  {"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
                   {"role": "assistant", "content": "<<2+2=4>>4"}, {"role": "user", "content": "and 3+3?"}],
         temperature=0, top_p=0.5, max_tokens=10, stop="\n", n=1, stream=True, seed=3, model="anything"))
     assert conversation[1] == {"role": "user", "content": "2+2?"}
@@ -255,7 +256,8 @@ def test_read_chat_request_good():
 @pytest.mark.parametrize("body, param", [
     (b"{not json", None), (b"\xff\xfe", None), (b"[]", None), (b'"hi"', None),
     (json.dumps({}).encode(), "messages"), (request(messages=[]), "messages"), (request(messages="hi"), "messages"),
-    (request(messages=[{"role": "user"}]), "messages[0]"), (request(messages=[{"role": "bot", "content": "x"}]), "messages[0]"),
+    (request(messages=[{"role": "user"}]), "messages[0]"),
+    (request(messages=[{"role": "bot", "content": "x"}]), "messages[0]"),
     (request(messages=[{"role": "user", "content": 5}]), "messages[0]"), (request(messages=["hi"]), "messages[0]"),
     (request(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages[0]"),
     (request(messages=[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]), "messages[1]"),
@@ -285,7 +287,8 @@ def test_terminal_chat(fake, monkeypatch, capsys):
     engine = fake(*REPLY)
     seen = []
     render = engine.tokenizer.render_for_completion
-    monkeypatch.setattr(engine.tokenizer, "render_for_completion", lambda m: seen.append(list(m)) or render(m), raising=False)
+    monkeypatch.setattr(engine.tokenizer, "render_for_completion", lambda m: seen.append(list(m)) or render(m),
+                        raising=False)
     lines = iter(["What is 6*7?", "", "thanks", "/clear", "again", "/quit", "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     chat.terminal_chat(engine, "cpu")
@@ -421,7 +424,8 @@ def test_server_openai_client(server):
     assert completion.object == "chat.completion" and completion.id.startswith("chatcmpl-")
     assert choice.message.role == "assistant" and choice.message.content == REPLY_TEXT
     assert choice.finish_reason == "stop"
-    assert completion.usage.completion_tokens == len(script(*REPLY)) + 4  # + the forced <|output_start|>42<|output_end|>
+    # the forced <|output_start|>42<|output_end|> count too
+    assert completion.usage.completion_tokens == len(script(*REPLY)) + 4
     assert completion.usage.prompt_tokens == len(FakeTokenizer().render_for_completion(messages))
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
 
@@ -512,7 +516,10 @@ def tiny_chat_model(tmp_base_dir):
     model.eval()
     meta = {"step": 1, "model_config": dataclasses.asdict(config), "tokenizer_hash": tok.hash}
     common.save_checkpoint(common.checkpoint_dir("sft", "tiny"), 1, model.state_dict(), None, meta)
-    return model, tok
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model only loses time to threads on a busy machine
+    yield model, tok
+    torch.set_num_threads(threads)
 
 
 def run_chat(args, stdin=""):
@@ -542,6 +549,35 @@ def test_real_engine(tiny_chat_model):
     assert engine.tool_output(0, [*tok.encode("6 * 7"), engine.python_end]) is None  # never opened
 
 
+class Steered:
+    """The tiny GPT steered to write `script`: its own logits plus a large bonus on the scripted token of each
+    step (the first call is the prefill; forced steps call the model too, and their bonus is ignored)."""
+
+    def __init__(self, gpt, script):
+        self.gpt, self.config, self.lm_head, self.script, self.calls = gpt, gpt.config, gpt.lm_head, script, 0
+
+    def __call__(self, idx, kv_cache=None):
+        logits = self.gpt(idx, kv_cache=kv_cache)  # (B, T, V)
+        logits[:, -1, self.script[min(self.calls, len(self.script) - 1)]] += 1e4
+        self.calls += 1
+        return logits
+
+
+def test_real_generate_forces_calculator(tiny_chat_model):
+    model, tok = tiny_chat_model
+    s = tok.special
+    forced = [s("<|output_start|>"), *tok.encode("42"), s("<|output_end|>")]
+    written = [*tok.encode("So "), s("<|python_start|>"), *tok.encode("6*7"), s("<|python_end|>")]
+    after = [*tok.encode(" done"), s("<|assistant_end|>")]
+    engine = chat.Engine(Steered(model, written + [0] * len(forced) + after), tok)
+    [[(tokens, mask)]] = engine.generate_batch([[tok.bos_id]], max_new_tokens=40, temperature=1.0, seed=0)
+    assert tokens == written + forced + after
+    assert mask == [1] * len(written) + [0] * len(forced) + [1] * len(after)
+    engine.model.calls = 0
+    reply = chat.Reply(engine, [tok.bos_id], max_new_tokens=40, temperature=0.0, top_k=0)
+    assert "".join(reply) == "So <<6*7=42>> done" and reply.finish_reason == "stop"
+
+
 def test_real_server_openai_client(tiny_chat_model):
     openai = pytest.importorskip("openai")
     model, tok = tiny_chat_model
@@ -567,10 +603,23 @@ def test_real_terminal_chat_subprocess(tiny_chat_model, tmp_base_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "loaded sft model" in r.stdout and r.stdout.count("Assistant: ") == 3
     assert "(new conversation)" in r.stdout
+
+
+def run_main(monkeypatch, *args):
+    """`python chat.py args` in this process (a subprocess costs seconds of imports)."""
+    import runpy
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # setup_device leaves the thread count alone
+    monkeypatch.setattr(sys, "argv", ["chat.py", "--device=cpu", *args])
+    runpy.run_path(os.path.join(REPO, "chat.py"), run_name="__main__")
+
+
+def test_real_one_shot_prompt_and_source(tiny_chat_model, tmp_base_dir, monkeypatch, capsys):
     # with an rl checkpoint present, the default source is rl; --prompt answers once and exits
     import shutil
     shutil.copytree(os.path.join(tmp_base_dir, "checkpoints", "sft"), os.path.join(tmp_base_dir, "checkpoints", "rl"))
-    r = run_chat(["--prompt=What is 6*7?", "--max_new_tokens=5", "--temperature=0"])
-    assert r.returncode == 0 and "loaded rl model" in r.stdout, r.stderr[-2000:]
-    r = run_chat(["--source=gpt4"])
-    assert r.returncode != 0 and "error: --source must be base, sft or rl" in r.stderr
+    run_main(monkeypatch, "--prompt=What is 6*7?", "--max_new_tokens=5", "--temperature=0")
+    assert "loaded rl model" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: --source must be base, sft or rl"):
+        run_main(monkeypatch, "--source=gpt4")
+    with pytest.raises(SystemExit, match="no base checkpoint"):
+        run_main(monkeypatch, "--source=base")
