@@ -1,0 +1,576 @@
+"""
+The picochat GPT: the architecture, KV-cache inference and sampling, and the optimisers (AdamW + Muon).
+
+    from model import GPT, config_from_depth, generate
+    model = GPT(config_from_depth(depth=6, vocab_size=4096, sequence_len=512))
+    model.init_weights()
+    loss = model(idx, targets)                      # idx, targets: (B, T) int64; targets -1 are ignored
+    adamw, muon = model.setup_optimizers()
+    for step_tokens in generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16, seed=0): ...
+
+Architecture (as nanochat's gpt.py): token embedding, parameter-free RMSNorm, rotary embeddings (RoPE), QK-norm,
+grouped-query attention, ReLU^2 MLP, untied head, tanh logit softcap, no biases, zero-initialised output
+projections. `mlp="swiglu"` and `norm_weight=True` give the Qwen3-style variant (gated MLP, learnable norm gains).
+"""
+
+import functools
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024     # training context; RoPE is precomputed for 10x this (longer inference)
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6              # query heads
+    n_kv_head: int = 6           # key/value heads (GQA when < n_head)
+    n_embd: int = 768
+    head_dim: int = 128
+    mlp: str = "relu2"           # "relu2": relu(x W1)^2 W2 | "swiglu": (silu(x Wg) * x Wu) W2
+    mlp_hidden: int = 0          # 0 -> 4 * n_embd
+    norm_weight: bool = False    # learnable RMSNorm gains (Qwen3 style); nanochat's norms are parameter-free
+    rope_theta: float = 10000.0
+    softcap: float = 15.0        # logits = softcap * tanh(logits / softcap); 0 disables
+    use_kernels: bool = False    # attention / optimiser steps through kernels/ (Triton, CUDA) when importable
+
+    def __post_init__(self):
+        checks = [
+            (self.n_layer >= 1, f"n_layer (depth) must be >= 1, got {self.n_layer}"),
+            (self.vocab_size >= 1 and self.sequence_len >= 1, "vocab_size and sequence_len must be >= 1"),
+            (self.n_head >= 1 and self.n_kv_head >= 1, f"n_head={self.n_head}, n_kv_head={self.n_kv_head} must be >= 1"),
+            (self.n_head % self.n_kv_head == 0,
+             f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head} (grouped-query attention)"),
+            (self.head_dim >= 2 and self.head_dim % 2 == 0, f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}"),
+            (self.n_embd >= 1, f"n_embd must be >= 1, got {self.n_embd}"),
+            (self.mlp in ("relu2", "swiglu"), f"mlp must be 'relu2' or 'swiglu', got {self.mlp!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def config_from_depth(depth, vocab_size, sequence_len, aspect_ratio=64, head_dim=128, n_kv_head=0, **kwargs):
+    """nanochat's sizing: model dim = aspect_ratio * depth rounded up to a multiple of head_dim,
+    n_head = dim // head_dim; n_kv_head 0 -> n_head (plain multi-head attention). kwargs: other GPTConfig fields."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if aspect_ratio < 1 or head_dim < 1:
+        raise ValueError(f"aspect_ratio and head_dim must be >= 1, got {aspect_ratio}, {head_dim}")
+    n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
+    n_head = n_embd // head_dim
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_kv_head or n_head, n_embd=n_embd, head_dim=head_dim, **kwargs)
+
+
+@functools.cache
+def _kernels():
+    """The kernels package when importable and it provides what we call, else None (pure-PyTorch paths)."""
+    try:
+        import kernels
+    except ImportError:
+        return None
+    return kernels if hasattr(kernels, "attention") else None
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """F.rms_norm over the last dim; parameter-free unless `weight` (a learnable gain, Qwen3 style)."""
+
+    def __init__(self, dim, weight):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight)
+
+
+def apply_rotary(x, cos, sin):
+    """RoPE on (B, T, H, D) with cos/sin (B or 1, T, 1, D/2): rotates the pairs (x[i], x[i + D/2]) by
+    position * theta_i, the "rotate_half" layout of Llama/Qwen, so their weights load unchanged."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, T, H, D)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.use_kernels = config.use_kernels
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_weight)
+        self.k_norm = RMSNorm(self.head_dim, config.norm_weight)
+
+    def forward(self, x, cos, sin, kv_cache, attn_mask):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        # QK-norm bounds the attention logits (stabler training at high lr); norm then rotate as Qwen3 does
+        # (for parameter-free norms the order does not matter: a rotation keeps the RMS)
+        q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, Tk, D): the cache up to the newest token
+        gqa = self.n_head != self.n_kv_head
+        if attn_mask is not None:  # cached decoding: per-row lengths, so an explicit (B, 1, T, Tk) mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        elif self.use_kernels and _kernels() is not None:
+            y = _kernels().attention(q, k, v, causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
+        return self.c_proj(y)  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = config.mlp_hidden or 4 * config.n_embd
+        self.swiglu = config.mlp == "swiglu"
+        # swiglu: one matmul computes [gate | up] (a Qwen3 loader concatenates gate_proj and up_proj)
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        h = self.c_fc(x)  # (B, T, hidden or 2*hidden)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up  # (B, T, hidden)
+        else:
+            h = F.relu(h).square()  # ReLU^2 (So et al. 2021, "Primer"): sparse, and better than GELU per FLOP
+        return self.c_proj(h)  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, config.norm_weight)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.norm_2 = RMSNorm(config.n_embd, config.norm_weight)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache, attn_mask):
+        x = x + self.attn(self.norm_1(x), cos, sin, kv_cache, attn_mask)
+        return x + self.mlp(self.norm_2(x))
+
+# -----------------------------------------------------------------------------
+# The GPT
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            norm_in=RMSNorm(config.n_embd, config.norm_weight),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            norm_f=RMSNorm(config.n_embd, config.norm_weight),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte
+        # RoPE for 10x the training context, so inference may run longer (as nanochat); beyond it: an error
+        cos, sin = self._rotary(10 * config.sequence_len)
+        self.register_buffer("cos", cos, persistent=False)  # (10*T, D/2)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary(self, length, device=None):
+        c = self.config
+        inv_freq = c.rope_theta ** -(torch.arange(0, c.head_dim, 2, dtype=torch.float32, device=device) / c.head_dim)
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
+        return angles.cos(), angles.sin()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """nanochat's init: embedding N(0, 1); head N(0, 0.001) (near-uniform first predictions); input
+        projections U(-a, a) with a = sqrt(3 / n_embd) (std 1/sqrt(fan_in)); output projections zero, so
+        every block starts as the identity and the residual stream is just the embedding."""
+        c = self.config
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        a = (3.0 / c.n_embd) ** 0.5
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -a, a)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        for module in self.modules():
+            if isinstance(module, RMSNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+        cos, sin = self._rotary(self.cos.size(0), self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self):
+        """Training FLOPs per token (nanochat): 6 per weight of every matmul (2 forward, 4 backward; the embedding
+        is a lookup, not a matmul) plus attention's QK^T and AV, 2 * 2 * H * D * T forward, x3 with backward,
+        counted over the full context T (as nanochat; causal masking halves the real work)."""
+        c = self.config
+        n_matmul = sum(p.numel() for p in self.parameters() if p.dim() == 2) - self.transformer.wte.weight.numel()
+        return 6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx: (B, T) token ids. Returns float32 logits (B, T, V) when targets is None, else the cross-entropy
+        loss (targets -1 ignored): a scalar for loss_reduction "mean"/"sum", (B, T) for "none".
+        With a kv_cache, idx continues each row from the cache's per-row length."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+        B, T = idx.shape
+        attn_mask = None
+        if kv_cache is None:
+            if T > self.cos.size(0):
+                raise ValueError(f"sequence of {T} tokens is longer than the rotary cache of {self.cos.size(0)} "
+                                 f"(10 x sequence_len={self.config.sequence_len})")
+            cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]  # (1, T, 1, D/2)
+        else:
+            if kv_cache.length + T > min(self.cos.size(0), kv_cache.max_len):
+                raise ValueError(f"KV cache of {kv_cache.max_len} positions (rotary cache {self.cos.size(0)}) "
+                                 f"cannot take {T} more tokens after {kv_cache.length}")
+            pos = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T) per-row positions
+            cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (B, T, 1, D/2)
+            attn_mask = kv_cache.attn_mask(T)  # (B, 1, T, Tk) or None when plain causal is exact
+        x = self.transformer.norm_in(self.transformer.wte(idx))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache, attn_mask)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.transformer.norm_f(x)
+        logits = self.lm_head(x).float()  # (B, T, V): softcap and cross-entropy in fp32
+        if self.config.softcap:
+            # tanh softcap (Gemma 2): bounded logits keep early training from overconfident spikes
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    # ---- optimisers
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                         adam_betas=(0.8, 0.95)):
+        """[AdamW, Muon] as nanochat: Muon for the 2-D matrices of the blocks; AdamW for the embedding, the head
+        and the norm gains (at unembedding_lr). AdamW lrs scale with width as (n_embd / 768) ** -0.5 (tuned at
+        768); Muon's update is already width-independent (orthogonal, aspect-scaled). Each param group stores
+        `initial_lr`, which learning-rate schedules multiply. Both optimisers average gradients over ranks
+        themselves when torch.distributed is initialised (see AdamW, Muon)."""
+        scale = (self.config.n_embd / 768) ** -0.5
+        matrices = [p for p in self.transformer.h.parameters() if p.dim() == 2]
+        gains = [p for p in self.parameters() if p.dim() == 1]
+        adam_groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * scale),
+                       dict(params=[self.transformer.wte.weight], lr=embedding_lr * scale)]
+        if gains:
+            adam_groups.append(dict(params=gains, lr=unembedding_lr * scale))
+        adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay,
+                      use_kernels=self.config.use_kernels)
+        muon = Muon(matrices, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
+                    use_kernels=self.config.use_kernels)
+        for opt in (adamw, muon):
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return [adamw, muon]
+
+# -----------------------------------------------------------------------------
+# Optimisers
+
+
+def _average_gradients(params):
+    """All-reduce (mean) the gradients of params over ranks, in one flat bucket (fewer, larger messages)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW (fused kernel where available), made DDP-aware: when torch.distributed is initialised, step()
+    first averages the gradients over ranks (all-reduce), so pretrain.py needs no DDP wrapper and every rank
+    applies the identical update. With use_kernels and kernels.adamw_step present, the update runs there."""
+
+    def __init__(self, param_groups, use_kernels=False, **kwargs):
+        device = next(iter(param_groups[0]["params"])).device
+        fused = device.type in ("cpu", "cuda") and not use_kernels
+        super().__init__(param_groups, fused=fused, **kwargs)
+        self.use_kernels = use_kernels
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        _average_gradients([p for group in self.param_groups for p in group["params"]])
+        k = _kernels() if self.use_kernels else None
+        if k is None or not hasattr(k, "adamw_step"):
+            return super().step(closure)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if not self.state[p]:
+                    self.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                         exp_avg_sq=torch.zeros_like(p))
+                self.state[p]["step"] += 1
+            if params:
+                beta1, beta2 = group["betas"]
+                k.adamw_step(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+                             [self.state[p]["exp_avg_sq"] for p in params], int(self.state[params[0]]["step"]),
+                             group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+
+
+# Polar Express (Amsel, Persson, Musco & Gower 2025, arXiv:2505.16932): per-iteration optimal quintic
+# coefficients for the matrix sign / polar factor, as used by modded-nanogpt and nanochat. Same cost as Keller
+# Jordan's fixed quintic (3.4445, -4.7750, 2.0315), tighter result: measured after 5 steps (fp32), singular values
+# >= 3e-3 x the largest land in [0.86, 1.14] (the fixed quintic: [0.57, 1.20]); tests/test_model.py checks it.
+POLAR_EXPRESS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def _fast_bf16(device):
+    """bf16 matmuls pay off on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16); on plain AVX2 oneDNN
+    emulates them at ~4 GFLOP/s against ~60+ in fp32 (measured on a 2-core EPYC), so there we stay in fp32."""
+    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def orthogonalize(G, steps=5):
+    """Approximate polar factor U V^T of G = U S V^T (batched over leading dims) with Polar Express quintic
+    iterations X <- a X + (b A + c A^2) X, A = X X^T; in bf16 where that is fast. Singular values land near 1."""
+    X = G.bfloat16() if _fast_bf16(G.device) else G.float()
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:  # iterate on the short side: A = X X^T is then the smaller Gram matrix
+        X = X.mT
+    # spectral norm <= Frobenius norm, so singular values start in (0, 1]; the 1.01 margin (as modded-nanogpt)
+    # keeps rounding from pushing the largest just past 1, outside the region the coefficients were fit for
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)
+    for a, b, c in POLAR_EXPRESS[:steps]:
+        A = X @ X.mT  # (.., m, m)
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X  # (.., m, n)
+    return (X.mT if transposed else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan 2024): SGD with Nesterov momentum whose update is orthogonalised (Polar Express), scaled
+    by max(1, rows/cols) ** 0.5 so that every matrix gets a similar per-element RMS update. For the 2-D hidden
+    matrices only. Decoupled weight decay p <- p (1 - lr wd).
+
+    DDP: when torch.distributed is initialised, step() all-reduces (averages) the gradients, then each rank
+    orthogonalises and applies the updates of its own disjoint share of the parameters (same-shape matrices
+    are stacked into one batched orthogonalisation) and broadcasts the updated parameters from their owner, so
+    the ranks split the work and stay bit-identical. Momentum buffers live only on the owning rank."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, steps=5, use_kernels=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      steps=steps))
+        self.use_kernels = use_kernels
+
+    def _orthogonalize(self, G, steps):
+        k = _kernels() if self.use_kernels else None
+        if k is not None and hasattr(k, "orthogonalize"):
+            return k.orthogonalize(G, steps=steps)
+        return orthogonalize(G, steps)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:
+            if p.grad is None:
+                raise RuntimeError("Muon: every parameter needs a gradient (all ranks must update the same set)")
+        _average_gradients(params)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        owner = {}
+        for group in self.param_groups:
+            # same-shape matrices are orthogonalised together, each rank taking every world-th of them
+            by_shape = {}
+            for p in group["params"]:
+                by_shape.setdefault(p.shape, []).append(p)
+            for i, (_, same) in enumerate(sorted(by_shape.items(), key=lambda kv: tuple(kv[0]))):
+                for j, p in enumerate(same):
+                    owner[p] = (i + j) % world
+                mine = [p for p in same if owner[p] == rank]
+                if mine:
+                    self._update(group, mine)
+        if distributed:
+            handles = [dist.broadcast(p, src=owner[p], async_op=True) for p in params]
+            for h in handles:
+                h.wait()
+
+    def _update(self, group, params):
+        momentum = group["momentum"]
+        grads = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * g
+            grads.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+        G = torch.stack(grads)  # (N, rows, cols)
+        U = self._orthogonalize(G, group["steps"])
+        rows, cols = params[0].shape
+        lr = group["lr"] * max(1.0, rows / cols) ** 0.5
+        for p, u in zip(params, U):
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(u, alpha=-lr)
+
+# -----------------------------------------------------------------------------
+# Inference: KV cache, sampling, generation
+
+
+class KVCache:
+    """Keys and values of every layer for B rows of up to max_len positions, each row with its own length
+    (prompts of different lengths decode together: per-row RoPE positions and an attention mask over the cache)."""
+
+    def __init__(self, batch_size, max_len, config, device, dtype=None):
+        self.batch_size, self.max_len = batch_size, max_len
+        self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.device, self.dtype = torch.device(device), dtype
+        self.k = self.v = None  # allocated on the first insert, in the dtype the model computes in (autocast)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) tokens cached per row
+        self.length = 0  # max over rows of pos
+
+    def attn_mask(self, T):
+        """(B, 1, T, Tk) bool mask for T new tokens per row, Tk = longest row after them; None for a prefill
+        of an empty cache (plain causal attention is then exact)."""
+        if self.length == 0:
+            return None
+        Tk = self.length + T
+        query_pos = self.pos[:, None] + torch.arange(T, device=self.device)  # (B, T)
+        key_pos = torch.arange(Tk, device=self.device)  # (Tk,)
+        return (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]  # (B, 1, T, Tk)
+
+    def insert(self, layer, k, v):
+        """Write k, v (B, Hkv, T, D) at each row's position; return this layer's keys/values up to the
+        longest row, (B, Hkv, Tk, D)."""
+        if self.k is None:
+            self.k = torch.zeros(self.shape, dtype=self.dtype or k.dtype, device=self.device)
+            self.v = torch.zeros(self.shape, dtype=self.dtype or k.dtype, device=self.device)
+        T = k.size(2)
+        if bool((self.pos == self.length).all()):
+            self.k[layer, :, :, self.length:self.length + T] = k
+            self.v[layer, :, :, self.length:self.length + T] = v
+        else:
+            rows = torch.arange(self.batch_size, device=self.device)[:, None]  # (B, 1)
+            cols = self.pos[:, None] + torch.arange(T, device=self.device)  # (B, T)
+            self.k[layer].transpose(1, 2)[rows, cols] = k.transpose(1, 2).to(self.k.dtype)  # via (B, T, Hkv, D)
+            self.v[layer].transpose(1, 2)[rows, cols] = v.transpose(1, 2).to(self.v.dtype)
+        Tk = self.length + T
+        return self.k[layer, :, :, :Tk], self.v[layer, :, :, :Tk]
+
+    def advance(self, T):
+        self.pos += T
+        self.length += T
+
+    def copy_rows(self, rows, other):
+        """Copy a 1-row cache's contents into `rows` of this one (N samples of a prompt share one prefill)."""
+        n = int(other.pos[0])
+        if self.k is None:
+            self.k = torch.zeros(self.shape, dtype=other.k.dtype, device=self.device)
+            self.v = torch.zeros(self.shape, dtype=other.v.dtype, device=self.device)
+        idx = torch.tensor(rows, device=self.device)
+        self.k[:, idx, :, :n] = other.k[:, :1, :, :n]
+        self.v[:, idx, :, :n] = other.v[:, :1, :, :n]
+        self.pos[idx] = n
+        self.length = int(self.pos.max())
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token id per row from logits (B, V): greedy at temperature 0, else softmax(logits / temperature)
+    restricted to the top_k tokens (0: all) and to the smallest set whose probability reaches top_p."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the top token always stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_tokens=(), seed=None,
+             force=None):
+    """Decode a batch of prompts (lists of token ids, any lengths) together. Yields once per step a list with one
+    entry per row: (token_id, forced) or None once the row has finished (right after a stop token or
+    max_new_tokens tokens). force(row, generated_so_far) -> list | None is called after each emitted token of a
+    row; returned tokens are fed in on the following steps instead of sampling (yielded with forced=True).
+    Each distinct prompt is prefilled once (batch 1) and its cache copied into all rows that share it."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if top_k < 0 or not 0.0 < top_p <= 1.0 or temperature < 0:
+        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    config, device = model.config, model.lm_head.weight.device
+    B = len(prompts)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed) if seed is not None else generator.seed()
+    cache = KVCache(B, max(len(p) for p in prompts) + max_new_tokens, config, device)
+    logits = torch.empty(B, config.vocab_size, device=device)  # (B, V) next-token logits of each row
+    rows_of = {}
+    for b, prompt in enumerate(prompts):
+        rows_of.setdefault(tuple(prompt), []).append(b)
+    for prompt, rows in rows_of.items():
+        single = KVCache(1, len(prompt), config, device)
+        prompt_logits = model(torch.tensor([prompt], dtype=torch.long, device=device), kv_cache=single)
+        cache.copy_rows(rows, single)
+        logits[rows] = prompt_logits[0, -1]
+    stop_tokens = set(stop_tokens)
+    generated = [[] for _ in range(B)]
+    queued = [deque() for _ in range(B)]
+    done = [max_new_tokens == 0] * B
+    for _ in range(max_new_tokens):
+        sampled = sample_next(logits, temperature, top_k, top_p, generator).tolist()
+        step, next_ids = [], []
+        for b in range(B):
+            if done[b]:
+                step.append(None)
+                next_ids.append(generated[b][-1] if generated[b] else prompts[b][-1])  # fed, never used
+                continue
+            forced = bool(queued[b])
+            token = queued[b].popleft() if forced else sampled[b]
+            generated[b].append(token)
+            step.append((token, forced))
+            next_ids.append(token)
+            if token in stop_tokens or len(generated[b]) == max_new_tokens:
+                done[b] = True
+            elif force is not None:
+                queued[b].extend(force(b, generated[b]) or ())
+        yield step
+        if all(done):
+            return
+        logits = model(torch.tensor(next_ids, dtype=torch.long, device=device)[:, None], kv_cache=cache)[:, -1]

@@ -1,0 +1,247 @@
+"""model.py: shapes, KV-cache decoding == full forward, generation (forcing, sampling filters), the optimisers
+(loss falls, orthogonalisation, DDP split over 2 gloo ranks), variants, FLOP count and bad input."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from model import (GPT, GPTConfig, KVCache, Muon, config_from_depth, generate, orthogonalize, sample_next)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: OpenMP threads only add sync overhead (20x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**kwargs):
+    args = dict(depth=2, vocab_size=64, sequence_len=32, aspect_ratio=16, head_dim=8)
+    args.update(kwargs)
+    torch.manual_seed(0)
+    model = GPT(config_from_depth(**args))
+    model.init_weights()
+    # zero-initialised output projections would make every block the identity: randomise for meaningful checks
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def test_config_from_depth_sizes_and_shapes():
+    c = config_from_depth(6, 4096, 512, head_dim=64)
+    assert (c.n_embd, c.n_head, c.n_kv_head, c.head_dim) == (384, 6, 6, 64)
+    c = config_from_depth(3, 100, 16, aspect_ratio=10, head_dim=16, n_kv_head=1)  # 30 rounds up to 32
+    assert (c.n_embd, c.n_head, c.n_kv_head) == (32, 2, 1)
+    model = tiny(n_kv_head=1)
+    idx = torch.randint(0, 64, (3, 20))
+    logits = model(idx)
+    assert logits.shape == (3, 20, 64) and logits.dtype == torch.float32
+    assert logits.abs().max() <= 15.0  # softcap
+    targets = idx.clone()
+    targets[0, :5] = -1
+    loss = model(idx, targets)
+    per_token = model(idx, targets, loss_reduction="none")
+    assert loss.dim() == 0 and per_token.shape == (3, 20) and (per_token[0, :5] == 0).all()
+    assert torch.allclose(per_token.sum() / (targets != -1).sum(), loss, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(mlp="swiglu"), dict(norm_weight=True), dict(mlp="swiglu", norm_weight=True,
+                                                                                        mlp_hidden=24)])
+def test_variants_forward_and_train(variant):
+    model = tiny(**variant)
+    idx = torch.randint(0, 64, (2, 12))
+    assert model(idx).shape == (2, 12, 64)
+    model(idx, idx).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    if variant.get("norm_weight"):
+        assert sum(p.dim() == 1 for p in model.parameters()) == 2 * 4 + 2  # 4 norms per block, in and final
+    adamw, muon = model.setup_optimizers()
+    for opt in (adamw, muon):
+        opt.step()
+
+
+def test_cached_decoding_equals_full_forward_with_different_lengths():
+    model = tiny(n_kv_head=1)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    steps = list(generate(model, prompts, max_new_tokens=6, temperature=0.0))
+    assert len(steps) == 6
+    for b, prompt in enumerate(prompts):
+        tokens = prompt + [s[b][0] for s in steps]
+        full = model(torch.tensor([tokens]))[0]  # (T, V)
+        # greedy decoding from the cache picked the argmax of the full forward's logits at every step
+        assert [s[b][0] for s in steps] == full[len(prompt) - 1:-1].argmax(-1).tolist()
+    # and the cached logits themselves match: prefill two rows at different lengths, then decode 3 tokens
+    cache = KVCache(2, 16, model.config, "cpu")
+    single = [KVCache(1, len(p), model.config, "cpu") for p in prompts[:2]]
+    for b, p in enumerate(prompts[:2]):
+        model(torch.tensor([p]), kv_cache=single[b])
+        cache.copy_rows([b], single[b])
+    seqs = [list(p) for p in prompts[:2]]
+    for t in range(3):
+        new = [[20 + t], [30 + t]]
+        step_logits = model(torch.tensor(new), kv_cache=cache)[:, -1]  # (2, V)
+        for b in range(2):
+            seqs[b] += new[b]
+            full = model(torch.tensor([seqs[b]]))[0, -1]
+            assert torch.allclose(step_logits[b], full, atol=1e-4), (t, b)
+    # a multi-token chunk appended to a non-empty cache, rows at different lengths
+    chunk = model(torch.tensor([[40, 41], [42, 43]]), kv_cache=cache)  # (2, 2, V)
+    for b, new in enumerate([[40, 41], [42, 43]]):
+        full = model(torch.tensor([seqs[b] + new]))[0, -2:]
+        assert torch.allclose(chunk[b], full, atol=1e-4)
+
+
+def test_samples_share_one_prefill_and_seed_reproduces(monkeypatch):
+    model = tiny()
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda idx, **kw: calls.append(tuple(idx.shape)) or forward(idx, **kw))
+    prompts = [[1, 2, 3]] * 4 + [[5, 6]] * 4
+    run = lambda: [[e[0] for e in s] for s in generate(model, prompts, 5, temperature=1.0, seed=3)]  # noqa: E731
+    first = run()
+    assert calls[:2] == [(1, 3), (1, 2)] and all(shape == (8, 1) for shape in calls[2:])  # 2 prefills, batch decode
+    assert run() == first
+    assert len({tuple(s[i] for s in first) for i in range(4)}) > 1  # the samples differ
+
+
+def test_generate_with_forced_tokens_and_stop():
+    model = tiny()
+    stop = 63
+
+    def force(row, generated):  # after the first token of row 0, force [7, 8, stop]
+        return [7, 8, stop] if row == 0 and len(generated) == 1 else None
+
+    steps = list(generate(model, [[1, 2], [3, 4, 5]], max_new_tokens=8, temperature=0.0, stop_tokens=[stop],
+                          force=force))
+    row0 = [s[0] for s in steps]
+    assert [e[1] for e in row0[:4]] == [False, True, True, True]
+    assert [e[0] for e in row0[1:4]] == [7, 8, stop]
+    assert all(e is None for e in row0[4:])  # finished right after the stop token
+    row1 = [s[1] for s in steps]
+    assert len(steps) == 8 and all(e is not None and not e[1] for e in row1)
+    # the forced tokens were really fed in: row 0's next logits follow from the prompt plus them
+    greedy = list(generate(model, [[1, 2, row0[0][0], 7, 8]], 1, temperature=0.0))
+    assert greedy[0][0][0] == model(torch.tensor([[1, 2, row0[0][0], 7, 8]]))[0, -1].argmax().item()
+
+
+def test_sampling_filters():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
+    top2 = sample_next(logits, 1.0, top_k=2, generator=gen)
+    assert set(top2.tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)  # 0.64, 0.23, 0.09, ...: top_p 0.8 keeps {0, 1}, 0.9 keeps {0, 1, 2}
+    assert set(sample_next(logits, 1.0, top_p=0.8, generator=gen).tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, top_p=0.9, generator=gen).tolist()) == {0, 1, 2}
+    assert probs[:2].sum() < 0.9 < probs[:3].sum()
+    assert (sample_next(logits, 0.0) == 0).all()
+
+
+def test_orthogonalize_singular_values_near_one():
+    torch.manual_seed(0)
+    for shape in [(64, 64), (96, 32), (32, 96)]:
+        # a spectrum spanning 1 .. 3e-3 (relative), the range Polar Express is documented to map into [0.86, 1.14]
+        n = min(shape)
+        U, _ = torch.linalg.qr(torch.randn(shape[0], n))
+        V, _ = torch.linalg.qr(torch.randn(shape[1], n))
+        G = 5.0 * U @ torch.diag(torch.logspace(0, -2.5, n)) @ V.T
+        O = orthogonalize(G[None].repeat(2, 1, 1))  # batched, as Muon stacks same-shape matrices
+        s = torch.linalg.svdvals(O[1])
+        assert O.shape == (2, *shape) and s.min() > 0.85 and s.max() < 1.15, (shape, s.min(), s.max())
+        # and it is the polar factor U V^T, up to that band
+        assert torch.allclose(O[0], U @ V.T, atol=0.15)
+
+
+def test_loss_falls_overfitting_a_tiny_batch():
+    torch.manual_seed(0)
+    model = GPT(config_from_depth(2, 64, 32, aspect_ratio=32, head_dim=16))
+    model.init_weights()
+    adamw, muon = model.setup_optimizers()
+    assert all("initial_lr" in g for opt in (adamw, muon) for g in opt.param_groups)
+    assert isinstance(muon, Muon) and {id(p) for g in muon.param_groups for p in g["params"]} == {
+        id(p) for b in model.transformer.h for p in b.parameters() if p.dim() == 2}
+    idx = torch.randint(0, 64, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    losses = []
+    for _ in range(30):
+        loss = model(x, y)
+        loss.backward()
+        adamw.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_estimate_flops_hand_count():
+    model = GPT(GPTConfig(sequence_len=8, vocab_size=10, n_layer=1, n_head=2, n_kv_head=1, n_embd=4, head_dim=2))
+    # matmul weights: q 4x4, k 4x2, v 4x2, proj 4x4, fc 4x16, mlp proj 16x4, head 4x10
+    n = 16 + 8 + 8 + 16 + 64 + 64 + 40
+    assert model.estimate_flops() == 6 * n + 12 * 1 * 2 * 2 * 8
+    assert model.num_params() == n + 10 * 4  # + embedding
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="depth"):
+        config_from_depth(0, 64, 32)
+    with pytest.raises(ValueError, match="divisible by n_kv_head"):
+        config_from_depth(2, 64, 32, aspect_ratio=48, head_dim=32, n_kv_head=2)  # 3 heads, 2 kv heads
+    with pytest.raises(ValueError, match="mlp"):
+        GPTConfig(mlp="gelu")
+    model = GPT(config_from_depth(1, 16, 4, aspect_ratio=16, head_dim=8))
+    model.init_weights()
+    model(torch.zeros(1, 40, dtype=torch.long))  # 10x sequence_len is allowed
+    with pytest.raises(ValueError, match="rotary cache"):
+        model(torch.zeros(1, 41, dtype=torch.long))
+    with pytest.raises(ValueError, match="prompt"):
+        next(generate(model, [[1], []], 3))
+
+# -----------------------------------------------------------------------------
+# DDP: two gloo ranks on 127.0.0.1 with different data end bit-identical, and equal to one process on the mean grad
+
+
+def _ddp_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = _ddp_model()
+    adamw, muon = model.setup_optimizers()
+    for step in range(2):
+        idx = torch.randint(0, 64, (2, 2, 17), generator=torch.Generator().manual_seed(step))[rank]
+        model(idx[:, :-1], idx[:, 1:]).backward()
+        adamw.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+    torch.save(model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _ddp_model():
+    torch.manual_seed(0)
+    model = GPT(config_from_depth(2, 64, 16, aspect_ratio=16, head_dim=8))
+    model.init_weights()
+    return model
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    model = _ddp_model()
+    adamw, muon = model.setup_optimizers()
+    for step in range(2):
+        idx = torch.randint(0, 64, (2, 2, 17), generator=torch.Generator().manual_seed(step))
+        (sum(model(idx[r][:, :-1], idx[r][:, 1:]) for r in range(2)) / 2).backward()
+        adamw.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, r0[k], atol=1e-5), k
