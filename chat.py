@@ -7,7 +7,9 @@ expression is evaluated in a sandbox and the result is forced in as <|output_sta
     python chat.py --source=sft --prompt="What is 12*7?"   # answer once and exit
     python chat.py --serve=1 --port=8000            # chat page at http://127.0.0.1:8000/, API at /v1
 
-The API works with the official clients:
+In the terminal, /clear starts a new conversation and /quit (or Ctrl-D) exits; Ctrl-C stops an answer. The server
+answers POST /v1/chat/completions (streaming or not), GET /v1/models and GET /health, and works with the official
+clients:
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
@@ -21,7 +23,8 @@ The same Engine generates for rl.py and evaluate.py:
 
     engine = Engine(model, tokenizer)
     engine.generate_batch([tokenizer.render_for_completion(messages)], num_samples=8, max_new_tokens=256)
-    # -> per prompt, per sample: (tokens, mask), mask 0 on the forced calculator outputs
+    # -> per prompt, per sample: (tokens, mask), mask 0 on the forced calculator outputs; a reply that ended
+    #    its turn ends with <|assistant_end|> (or <|bos|>)
 """
 
 import ast
