@@ -8,13 +8,13 @@ Optional hand-written Triton kernels, each with a pure-PyTorch fallback chosen a
     O = kernels.orthogonalize(G, steps=5)                  # Muon's Newton-Schulz with a symmetric X X^T kernel
 
 Every entry point takes impl="auto" | "triton" | "torch". "auto" uses the Triton kernel only when the kernels are
-enabled, CUDA and triton are available and the tensors are on the GPU; otherwise the PyTorch fallback.
-"triton" forces the kernel: on CPU tensors that needs TRITON_INTERPRET=1 set before triton and this package are
-imported (that is how tests/test_kernels.py checks the kernels without a GPU).
+enabled, triton is importable and the tensors are on a CUDA device; otherwise the PyTorch fallback.
+"triton" forces the kernel. With TRITON_INTERPRET=1 set before triton and this package are imported, the kernels
+run on CPU tensors through Triton's interpreter (both for "triton" and, once enabled, for "auto"): that is how
+tests/test_kernels.py checks them without a GPU.
 This package imports fine without triton; the kernel modules are imported on first use.
 """
 
-import math
 import os
 
 import torch
@@ -24,6 +24,8 @@ try:
     HAS_TRITON = True
 except ImportError:
     HAS_TRITON = False
+# triton reads TRITON_INTERPRET when a kernel is defined, so it counts only if set before this import
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _enabled = False
 
@@ -32,8 +34,8 @@ _enabled = False
 
 
 def available():
-    """True when the kernels can run natively: a CUDA device and an importable triton."""
-    return HAS_TRITON and torch.cuda.is_available()
+    """True when the Triton kernels can run here: triton importable, and a CUDA device (or the interpreter)."""
+    return HAS_TRITON and (torch.cuda.is_available() or INTERPRET)
 
 
 def enable(flag=True):
@@ -53,14 +55,14 @@ def _use_triton(impl, tensor, supported=True):
     if impl == "triton":
         if not HAS_TRITON:
             raise RuntimeError("impl='triton' needs the triton package")
-        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not tensor.is_cuda and not INTERPRET:
             raise RuntimeError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before importing triton")
         if not supported:
             raise ValueError("these inputs are not supported by the Triton kernel; use impl='torch'")
         return True
     if impl != "auto":
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
-    return _enabled and available() and tensor.is_cuda and supported
+    return _enabled and available() and (tensor.is_cuda or INTERPRET) and supported
 
 # -----------------------------------------------------------------------------
 # Attention
@@ -90,3 +92,53 @@ def attention(q, k, v, causal=True, impl="auto"):
         from kernels.flash_attention import attention_triton
         return attention_triton(q, k, v, causal)
     return attention_torch(q, k, v, causal)
+
+# -----------------------------------------------------------------------------
+# AdamW
+
+
+@torch.no_grad()
+def adamw_step_torch(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay):
+    """torch.optim.AdamW's single-tensor update, op for op, in fp32 (low-precision params are upcast and rounded
+    back once); exp_avgs/exp_avg_sqs are fp32."""
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        p32, g32 = p.float(), g.float()  # no copy when already fp32
+        p32.mul_(1 - lr * weight_decay)
+        m.lerp_(g32, 1 - beta1)
+        v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        p32.addcdiv_(m, denom, value=-lr / bias_correction1)
+        if p32 is not p:
+            p.copy_(p32)
+
+
+@torch.no_grad()
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, impl="auto"):
+    """One AdamW step, in place, over lists of tensors. step counts from 1 (after the increment), like
+    torch.optim.AdamW. Params and grads fp32/bf16/fp16; the moments exp_avgs, exp_avg_sqs fp32."""
+    if not params:
+        return
+    supported = all(x.is_contiguous() for x in (*params, *grads, *exp_avgs, *exp_avg_sqs))
+    if _use_triton(impl, params[0], supported):
+        from kernels.fused_adamw import adamw_step_triton
+        adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
+    else:
+        adamw_step_torch(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
+
+# -----------------------------------------------------------------------------
+# Muon's orthogonalisation
+
+
+def orthogonalize(G, steps=5, impl="auto"):
+    """Approximate polar factor U V^T of G = U S V^T, G: (..., rows, cols) -> same shape and dtype.
+    Exactly model.py's `orthogonalize` (Polar Express quintic iterations, bf16 where fast); the Triton path
+    computes the two symmetric Gram products per iteration with a kernel that does only the upper triangle."""
+    import model  # the iteration lives in model.py (one piece of code per idea); imported late: model imports us
+    if _use_triton(impl, G):
+        from kernels.newton_schulz import orthogonalize_triton
+        # model.py's dtype choice is bf16 on CUDA; the interpreter (CPU) cannot do bf16, so it runs fp32
+        dtype = torch.bfloat16 if G.is_cuda else torch.float32
+        return orthogonalize_triton(G, steps, model.POLAR_EXPRESS, dtype)
+    return model.orthogonalize(G, steps)
