@@ -501,6 +501,11 @@ class ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._handle({"/v1/chat/completions": self._chat_completions})
 
+    def do_other(self):
+        self._handle({})  # a JSON 405 on the known paths, 404 elsewhere (http.server would answer 501 in HTML)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_other
+
     def _handle(self, routes):
         self.streaming = False
         try:

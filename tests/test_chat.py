@@ -378,6 +378,8 @@ def test_server_get_routes(server):
     assert_api_error(*call(server, "POST", "/v1/nope", body=b"{}"), 404)
     assert_api_error(*call(server, "GET", "/v1/chat/completions"), 405)
     assert_api_error(*call(server, "POST", "/health", body=b"{}"), 405)
+    assert_api_error(*call(server, "DELETE", "/v1/chat/completions"), 405)
+    assert_api_error(*call(server, "PUT", "/elsewhere", body=b"{}"), 404)
 
 
 def test_server_bad_requests(server, monkeypatch):
