@@ -441,7 +441,7 @@ if __name__ == "__main__":
         print0(f"saved checkpoint step {step} to {ckpt_dir}")
 
     # ---- the training loop
-    t_start, metrics, last_eval = time.time(), {}, {}
+    t_start, train_time, metrics, last_eval = time.time(), 0.0, {}, {}
     while True:
         last = step == num_steps
         if eval_every > 0 and (step % eval_every == 0 or last) and test_items:
@@ -478,6 +478,7 @@ if __name__ == "__main__":
             loss_v, acc_v = (v / world_size for v in all_sum([loss.item(), acc.item()], device))
             log_point("loss", loss_v)
             log_point("reward_accuracy", acc_v)
+            train_time += time.time() - t0
             print0(f"step {step:05d}/{num_steps:05d} | dpo loss {loss_v:.4f} | reward accuracy {acc_v:.3f} | "
                    f"lr x{lrm:.3f} | {time.time() - t0:.1f}s")
             metrics = {"loss": loss_v, "reward_accuracy": acc_v}
@@ -557,6 +558,7 @@ if __name__ == "__main__":
                 train_metrics["clipped"] = clipped
             for k, v in train_metrics.items():
                 log_point(k, v)
+            train_time += time.time() - t0
             print0(f"step {step:05d}/{num_steps:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in train_metrics.items())
                    + f" | lr x{lrm:.3f} | sample {t_sample:.1f}s, train {time.time() - t0 - t_sample:.1f}s")
             metrics = train_metrics
@@ -564,7 +566,7 @@ if __name__ == "__main__":
             save(step, {**metrics, **last_eval})
 
     # ---- the end: final checkpoint and report section
-    metrics = {**metrics, **last_eval, "minutes": (time.time() - t_start) / 60}
+    metrics = {**metrics, **last_eval, "train_minutes": train_time / 60, "wall_minutes": (time.time() - t_start) / 60}
     first = {k: v[0][1] for k, v in history.items() if k in last_eval and v and v[0][0] == 0}
     metrics.update({f"{k}_start": v for k, v in first.items()})
     save(step, metrics)

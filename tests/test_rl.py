@@ -151,3 +151,173 @@ def test_step_indices_cover_the_data_then_reshuffle():
     assert first == epoch0[:8] and sorted(epoch0) == list(range(10))
     assert rl.step_indices(1, 10, 10, seed=1) != epoch0  # the next pass is another order
     assert rl.step_indices(3, 4, 10, seed=1) == rl.step_indices(3, 4, 10, seed=1)  # a pure function of the step
+
+
+# -----------------------------------------------------------------------------
+# With the real tokenizer (trained here on a few sentences) and the real Engine
+
+
+@pytest.fixture
+def tokenizer(tmp_base_dir):
+    from tokenizer import load_tokenizer, save_tokenizer, train_bpe
+    texts = ["Mia has 3 apples. Tom gives Mia 2 more apples. How many apples does Mia have now?",
+             "Mia has 3 + 2 = 5 apples.\n#### 5", "Let me use the calculator."] * 20
+    save_tokenizer(train_bpe(texts, vocab_size=300, num_proc=1))
+    return load_tokenizer()
+
+
+def scripted_generate(script):
+    """A stand-in for model.generate that writes `script` in every row, feeding in what force() returns as
+    forced tokens (model.generate's protocol: per step one (token, forced) or None per row)."""
+    def generate(model, rows, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_tokens=(), seed=None,
+                 force=None):
+        out = [[] for _ in rows]
+        for r in range(len(rows)):
+            queue = [(t, False) for t in script]
+            while queue and len(out[r]) < max_new_tokens:
+                token, forced = queue.pop(0)
+                out[r].append((token, forced))
+                extra = force(r, [t for t, _ in out[r]]) if force and not forced else None
+                queue[:0] = [(t, True) for t in extra or []]
+        for i in range(max(map(len, out))):
+            yield [o[i] if i < len(o) else None for o in out]
+    return generate
+
+
+def test_rows_from_the_engine_exclude_prompt_and_calculator_output(tokenizer, monkeypatch):
+    import chat
+    from evaluate import grade
+    s = tokenizer.special
+    script = (tokenizer.encode("Let me use the calculator.") + [s("<|python_start|>")] + tokenizer.encode("3+2") +
+              [s("<|python_end|>")] + tokenizer.encode("\n#### 5") + [s("<|assistant_end|>")])
+    monkeypatch.setattr(chat, "generate", scripted_generate(script))
+    engine = chat.Engine(None, tokenizer)
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "Mia has 3 apples. How many now?"}])
+    [[(tokens, mask, reward, correct), _]] = rl.sample_groups(engine, [prompt], ["Mia has 5.\n#### 5"], 2, 64, 1.0,
+                                                              0, 0, grade, 0.25)
+    forced = [s("<|output_start|>")] + tokenizer.encode("5") + [s("<|output_end|>")]
+    cut = script.index(s("<|python_end|>")) + 1
+    assert tokens == script[:cut] + forced + script[cut:]
+    assert (reward, correct) == (1.25, True)  # right, and ended its turn on "#### 5"
+    x, y, m = rl.make_row(prompt, tokens, mask)
+    assert [t for t, k in zip(y, m) if k] == script  # exactly what the policy wrote, end token included
+    assert not any(m[:len(prompt) - 1]) and x[:len(prompt)] == prompt
+
+
+def test_pairs_from_json_render_like_sft(tokenizer):
+    row = {"prompt": "Mia has 3 apples. How many now?", "chosen": "Mia has 3 + 2 = 5 apples.\n#### 5",
+           "rejected": [{"type": "python", "text": "3+2"}, {"type": "python_output", "text": "5"},
+                        {"type": "text", "text": "#### 6"}]}
+    prompt, (chosen, chosen_mask), (rejected, rejected_mask) = rl.pair_from_json(row, tokenizer)
+    s = tokenizer.special
+    assert prompt == tokenizer.render_for_completion([{"role": "user", "content": row["prompt"]}])
+    assert chosen == tokenizer.encode(row["chosen"]) + [s("<|assistant_end|>")] and all(chosen_mask)
+    out = [s("<|output_start|>")] + tokenizer.encode("5") + [s("<|output_end|>")]
+    assert rejected == ([s("<|python_start|>")] + tokenizer.encode("3+2") + [s("<|python_end|>")] + out +
+                        tokenizer.encode("#### 6") + [s("<|assistant_end|>")])
+    assert [t for t, k in zip(rejected, rejected_mask) if not k] == out
+    with pytest.raises(ValueError, match="prompt, chosen and rejected"):
+        rl.pair_from_json({"prompt": "hi", "chosen": "a"}, tokenizer)
+
+
+# -----------------------------------------------------------------------------
+# End to end: `rl.py` on a tiny random GPT saved as the sft model, with the small prepared world's problems.
+# A random model never answers right, so the grader is replaced by one that rewards answers of even length in
+# characters: groups then have both rewards, and the updates are real.
+
+
+@pytest.fixture
+def sft_model(world):
+    import dataclasses
+
+    import common
+    from model import GPT, config_from_depth
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    config = config_from_depth(1, tok.vocab_size, 256, aspect_ratio=64, head_dim=32)
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights()
+    meta = {"step": 1, "model_config": dataclasses.asdict(config), "tokenizer_hash": tok.hash}
+    common.save_checkpoint(common.checkpoint_dir("sft", "tiny"), 1, model.state_dict(), None, meta)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def run_rl(monkeypatch, *args):
+    """python rl.py ARGS, in this process (so the grader can be replaced); returns the report section."""
+    import common
+    import evaluate
+    monkeypatch.setattr(evaluate, "grade", lambda text, reference: len(text) % 2 == 0)
+    monkeypatch.setattr(sys, "argv", ["rl.py", "--device=cpu", "--max_new_tokens=12", "--prompts_per_step=2",
+                                      "--num_samples=4", "--eval_problems=2", "--eval_samples=2", *args])
+    # one thread: a tiny model's matmuls only lose to thread hand-offs (and the test machine is shared)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runpy.run_path(os.path.join(REPO, "rl.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    with open(os.path.join(common.get_base_dir(), "report", "rl.json")) as f:
+        return json.load(f)
+
+
+def rl_weights(step):
+    import common
+    state, _, meta = common.load_checkpoint(common.checkpoint_dir("rl", "tiny"), step, load_rank_state=False)
+    assert meta["step"] == step and meta["tokenizer_hash"] and meta["model_config"]["n_layer"] == 1
+    return state
+
+
+def test_grpo_steps_change_the_weights_and_resume_continues(sft_model, monkeypatch):
+    report = run_rl(monkeypatch, "--num_steps=2", "--eval_every=2", "--loss_norm=sequence", "--std_norm=1",
+                    "--ppo_epochs=2", "--kl_coef=0.1")
+    history = report["history"]
+    assert [s for s, _ in history["pass1"]] == [0, 2] and [s for s, _ in history["reward"]] == [1, 2]
+    assert {"pass2", "greedy_pass1", "response_len", "zero_std", "kl", "clipped"} <= set(history)
+    assert report["metrics"]["train_minutes"] > 0
+    state = rl_weights(2)
+    assert any(not torch.equal(state[k], sft_model[k]) for k in sft_model)
+    # --resume=1 goes on from step 2 with the saved history
+    report = run_rl(monkeypatch, "--num_steps=3", "--eval_every=0", "--resume=1")
+    assert [s for s, _ in report["history"]["reward"]] == [1, 2, 3]
+    assert any(not torch.equal(rl_weights(3)[k], state[k]) for k in state)
+
+
+def test_a_zero_variance_group_gives_exactly_zero_gradient(sft_model):
+    import common
+    from model import GPT, GPTConfig
+    _, _, meta = common.load_checkpoint(common.checkpoint_dir("sft", "tiny"), load_rank_state=False)
+    model = GPT(GPTConfig(**meta["model_config"]))
+    model.load_state_dict(sft_model)
+    rows = [rl.make_row([1, 2, 3], [4, 5, 6, 7], [1, 1, 0, 1]), rl.make_row([1, 2], [9, 8], [1, 1])]
+    x, y, m = rl.collate(rows, "cpu")
+    logp = rl.token_logprobs(model, x, y)
+    weights = rl.token_weights(m, "token", 2, m.sum().item(), 4)
+    advantages = rl.group_advantages(torch.tensor([[1.0, 1.0]]))[0]  # all rewards equal -> (0, 0)
+    loss, _ = rl.policy_loss(logp, logp.detach(), advantages, weights, 0.2, 0.28)
+    loss.backward()
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
+def test_dpo_from_a_pairs_file_and_from_sampled_pairs(sft_model, monkeypatch, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"What is {a} + {a}?", "chosen": f"{a} + {a} = {2 * a}.\n#### {2 * a}",
+             "rejected": f"#### {2 * a + 1}"} for a in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = run_rl(monkeypatch, "--algo=dpo", f"--pairs={path}", "--num_steps=2", "--eval_every=0")
+    assert [s for s, _ in report["history"]["loss"]] == [1, 2]
+    assert report["history"]["loss"][0][1] == pytest.approx(math.log(2), abs=1e-4)  # the policy is the reference
+    assert any(not torch.equal(rl_weights(2)[k], sft_model[k]) for k in sft_model)
+    report = run_rl(monkeypatch, "--algo=dpo", "--dpo_problems=4", "--num_steps=1", "--eval_every=0")
+    assert report["history"]["loss"][0][1] == pytest.approx(math.log(2), abs=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--loss_norm=tokens"], "loss_norm must be"), (["--num_samples=1"], "at least 2"),
+    (["--pairs=x.jsonl"], "for --algo=dpo"), (["--algo=dpo", "--pairs=missing.jsonl"], "not found"),
+    (["--dataset=nope"], "unknown math dataset"), (["--max_new_tokens=300"], "leaves no room"),
+])
+def test_bad_settings_are_one_clear_error(sft_model, monkeypatch, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        run_rl(monkeypatch, *extra)
