@@ -298,7 +298,10 @@ def load_model(stage, device="cpu", model_tag="", step=-1):
     from tokenizer import load_tokenizer
     ckpt_dir = checkpoint_dir(stage, find_model_tag(stage, model_tag))
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device=device, load_rank_state=False)
-    tokenizer = load_tokenizer()
+    try:
+        tokenizer = load_tokenizer()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
         raise SystemExit(f"error: {ckpt_dir} was trained with another tokenizer than the one in "
                          f"{os.path.join(get_base_dir(), 'tokenizer')}")

@@ -223,15 +223,21 @@ if __name__ == "__main__":
     # ---- tokenizer and data
     from data import pretrain_files
     from tokenizer import load_tokenizer
-    tokenizer = load_tokenizer()
-    train_files, val_files = pretrain_files("train", data), pretrain_files("val", data)
+    try:
+        tokenizer = load_tokenizer()
+        train_files, val_files = pretrain_files("train", data), pretrain_files("val", data)
+    except (FileNotFoundError, ValueError) as e:  # no tokenizer yet, a wrong --data path: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     print0(f"data: {len(train_files)} train and {len(val_files)} val files, from {os.path.dirname(train_files[0])}")
     token_bytes = torch.tensor(tokenizer.token_bytes, dtype=torch.long, device=device)
 
     # ---- model
     from model import GPT, config_from_depth
-    model_config = config_from_depth(depth, tokenizer.vocab_size, max_seq_len, aspect_ratio=aspect_ratio,
-                                     head_dim=head_dim, n_kv_head=n_kv_head)
+    try:
+        model_config = config_from_depth(depth, tokenizer.vocab_size, max_seq_len, aspect_ratio=aspect_ratio,
+                                         head_dim=head_dim, n_kv_head=n_kv_head)
+    except ValueError as e:  # a bad depth/head setting: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     model_config.use_kernels = kernels
     model = GPT(model_config).to(device)
     model.init_weights()

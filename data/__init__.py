@@ -124,7 +124,7 @@ def pretrain_files(split, data_path=""):
         elif os.path.isdir(data_path):
             files = sorted(os.path.join(data_path, f) for f in os.listdir(data_path) if f.endswith(TEXT_EXTENSIONS))
         else:
-            raise FileNotFoundError(f"--data_path {data_path!r} does not exist")
+            raise FileNotFoundError(f"data path {data_path!r} does not exist")
         if not files:
             raise FileNotFoundError(f"no .txt/.jsonl/.parquet files in {data_path}")
     else:
