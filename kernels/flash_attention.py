@@ -253,8 +253,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 
 def _config(q, kind):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel. A fixed table rather than autotuning: the
-    interpreter cannot choose among configs. The GPU entries were picked by compiling for sm_90 and keeping the
-    largest tiles without register spills (D=128 dK/dV spills a little in every tiling; this one the least)."""
+    interpreter cannot choose among configs. The GPU entries come from compiling every kernel for sm_90 (ptxas
+    resource usage, no GPU needed) and keeping large tiles without register spills; only D=128 dK/dV spills a
+    little (64 bytes) in every tiling tried, this one the least. Not yet timed on a GPU: see tests/bench_kernels.py."""
     D = q.size(-1)
     if not q.is_cuda:  # interpreter: small blocks so short test sequences still cross block and diagonal edges
         return 32, 16, 1, 1
@@ -264,7 +265,7 @@ def _config(q, kind):
         return 128, 64, 8, 3
     if kind == "dkdv":  # tall key blocks, short query blocks: the dK, dV accumulators stay in registers
         return (32, 128, 8, 3) if D <= 64 else (32, 64, 8, 2)
-    return (128, 32, 8, 3) if D <= 64 else (64, 32, 8, 3)  # dq: the mirror image
+    return (128, 64, 8, 3) if D <= 64 else (128, 32, 8, 3)  # dq: the mirror image
 
 
 def _precision(q):

@@ -26,30 +26,31 @@ def _syrk_kernel(X, C, OUT, M, K, alpha, beta,
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
-    if pid_m <= pid_n:  # upper triangle only: tile (n, m) is the transpose of tile (m, n)
-        X += batch * sxb
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            kmask = (k + offs_k) < K
-            a = tl.load(X + offs_m[:, None] * sxm + (k + offs_k)[None, :] * sxk,
-                        mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-            bT = tl.load(X + offs_n[None, :] * sxm + (k + offs_k)[:, None] * sxk,
-                         mask=(offs_n[None, :] < M) & kmask[:, None], other=0.0)  # (BLOCK_K, BLOCK_M)
-            acc = tl.dot(a, bT, acc, input_precision=PREC)
-        acc = acc * alpha
-        tile_mask = (offs_m[:, None] < M) & (offs_n[None, :] < M)
-        if HAS_C:
-            c = tl.load(C + batch * scb + offs_m[:, None] * scm + offs_n[None, :] * scn, mask=tile_mask, other=0.0)
-            acc += beta * c.to(tl.float32)
-        out = acc.to(OUT.dtype.element_ty)
-        OUT += batch * sob
-        tl.store(OUT + offs_m[:, None] * som + offs_n[None, :] * son, out, mask=tile_mask)
-        if pid_m != pid_n:  # mirror; the diagonal tile is already complete (and must not be written twice)
-            tl.store(OUT + offs_n[:, None] * som + offs_m[None, :] * son, tl.trans(out),
-                     mask=(offs_n[:, None] < M) & (offs_m[None, :] < M))
+    if pid_m > pid_n:  # upper triangle only: tile (n, m) is the transpose of tile (m, n)
+        return
+    X += batch * sxb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        kmask = (k + offs_k) < K
+        a = tl.load(X + offs_m[:, None] * sxm + (k + offs_k)[None, :] * sxk,
+                    mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        bT = tl.load(X + offs_n[None, :] * sxm + (k + offs_k)[:, None] * sxk,
+                     mask=(offs_n[None, :] < M) & kmask[:, None], other=0.0)  # (BLOCK_K, BLOCK_M)
+        acc = tl.dot(a, bT, acc, input_precision=PREC)
+    acc = acc * alpha
+    tile_mask = (offs_m[:, None] < M) & (offs_n[None, :] < M)
+    if HAS_C:
+        c = tl.load(C + batch * scb + offs_m[:, None] * scm + offs_n[None, :] * scn, mask=tile_mask, other=0.0)
+        acc += beta * c.to(tl.float32)
+    out = acc.to(OUT.dtype.element_ty)
+    OUT += batch * sob
+    tl.store(OUT + offs_m[:, None] * som + offs_n[None, :] * son, out, mask=tile_mask)
+    if pid_m != pid_n:  # mirror; the diagonal tile is already complete (and must not be written twice)
+        tl.store(OUT + offs_n[:, None] * som + offs_m[None, :] * son, tl.trans(out),
+                 mask=(offs_n[:, None] < M) & (offs_m[None, :] < M))
 
 # -----------------------------------------------------------------------------
 # Launcher and the iteration
