@@ -86,6 +86,10 @@ def attention(q, k, v, causal=True, impl="auto"):
     assert k.shape == v.shape and k.size(0) == B and k.size(3) == D, "k, v must be (B, Hkv, Tk, D)"
     assert H % k.size(1) == 0, "the number of query heads must be a multiple of the number of kv heads"
     assert not causal or Tq <= k.size(2), "causal attention needs Tq <= Tk"
+    if torch.is_autocast_enabled(q.device.type):
+        # as SDPA does under autocast: compute in the autocast dtype, whatever mix of dtypes q, k, v arrive in
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     supported = (D in (16, 32, 64, 128, 256) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
                  and q.dtype == k.dtype == v.dtype)
     if _use_triton(impl, q, supported):

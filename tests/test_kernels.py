@@ -78,6 +78,10 @@ def test_attention_dispatch(monkeypatch):
     assert kernels.enabled() and kernels.available()  # the interpreter counts as available
     torch.testing.assert_close(kernels.attention(q, k, v), kernels.attention(q, k, v, impl="torch"))
     assert calls == [1]
+    with torch.autocast("cpu", dtype=torch.float16):  # mixed-dtype inputs are cast, as SDPA does
+        y = kernels.attention(q, k.half(), v, impl="triton")
+        assert y.dtype == torch.float16
+        torch.testing.assert_close(y, kernels.attention(q, k, v, impl="torch"), rtol=0, atol=2e-3)
     with pytest.raises(ValueError):
         kernels.attention(q, k, v, impl="cuda")
     with pytest.raises(ValueError):  # head_dim 24 is not a kernel tile size
