@@ -6,6 +6,7 @@ Optional hand-written Triton kernels, each with a pure-PyTorch fallback chosen a
     y = kernels.attention(q, k, v, causal=True)            # flash attention fwd+bwd, GQA
     kernels.adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
     O = kernels.orthogonalize(G, steps=5)                  # Muon's Newton-Schulz with a symmetric X X^T kernel
+    loss = kernels.linear_cross_entropy(x, lm_head.weight, targets, softcap=15.0)   # no (N, V) logits
 
 Every entry point takes impl="auto" | "triton" | "torch". "auto" uses the Triton kernel only when the kernels are
 enabled, triton is importable and the tensors are on a CUDA device; otherwise the PyTorch fallback.
@@ -146,3 +147,30 @@ def orthogonalize(G, steps=5, impl="auto"):
         dtype = torch.bfloat16 if G.is_cuda else torch.float32
         return orthogonalize_triton(G, steps, model.POLAR_EXPRESS, dtype)
     return model.orthogonalize(G, steps)
+
+# -----------------------------------------------------------------------------
+# LM head + cross-entropy
+
+
+def linear_cross_entropy_torch(x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
+    """model.py's loss: fp32 logits x W^T, tanh softcap, cross-entropy (targets == ignore_index ignored)."""
+    logits = torch.nn.functional.linear(x, weight).float()  # (N, V)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+def linear_cross_entropy(x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean", impl="auto",
+                         chunk_size=None):
+    """Cross-entropy of the softcapped logits x W^T without materialising them: x (N, C), weight (V, C),
+    targets (N,) int64 -> scalar loss ("mean" over non-ignored rows, or "sum"). Differentiable in x and weight.
+    The Triton path works through chunk_size rows at a time (default: ~256 MiB of logits) and takes reductions
+    "mean" and "sum"; "none" always runs the PyTorch path. With every target ignored, "mean" is 0 (not nan)."""
+    supported = reduction in ("mean", "sum") and x.dim() == 2 and x.dtype in (torch.float16, torch.bfloat16,
+                                                                              torch.float32)
+    if _use_triton(impl, x, supported):
+        from kernels.fused_cross_entropy import LinearCrossEntropy
+        need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        return LinearCrossEntropy.apply(x, weight, targets.contiguous(), softcap, ignore_index, reduction,
+                                        chunk_size, need_grad)
+    return linear_cross_entropy_torch(x, weight, targets, softcap, ignore_index, reduction)
