@@ -84,9 +84,11 @@ def attention(q, k, v, causal=True, impl="auto"):
     q: (B, H, Tq, D), k/v: (B, Hkv, Tk, D) with H % Hkv == 0 (GQA) -> (B, H, Tq, D). Differentiable.
     The Triton kernel takes D in {16, 32, 64, 128, 256} and fp16/bf16/fp32."""
     B, H, Tq, D = q.shape
-    assert k.shape == v.shape and k.size(0) == B and k.size(3) == D, "k, v must be (B, Hkv, Tk, D)"
-    assert H % k.size(1) == 0, "the number of query heads must be a multiple of the number of kv heads"
-    assert not causal or Tq <= k.size(2), "causal attention needs Tq <= Tk"
+    if k.shape != v.shape or k.dim() != 4 or k.size(0) != B or k.size(3) != D or H % k.size(1):
+        raise ValueError(f"q {tuple(q.shape)} needs k, v of shape (B, Hkv, Tk, D) with H % Hkv == 0, got k "
+                         f"{tuple(k.shape)}, v {tuple(v.shape)}")
+    if causal and Tq > k.size(2):
+        raise ValueError(f"causal attention needs Tq <= Tk, got Tq={Tq}, Tk={k.size(2)}")
     if torch.is_autocast_enabled(q.device.type):
         # as SDPA does under autocast: compute in the autocast dtype, whatever mix of dtypes q, k, v arrive in
         dtype = torch.get_autocast_dtype(q.device.type)

@@ -8,6 +8,7 @@ Benchmark the Triton kernels of kernels/ against PyTorch on a GPU.
 - AdamW: GB/s of kernels.adamw_step over a model-like list of tensors vs torch.optim.AdamW(fused=True), against a
   measured device-to-device copy bandwidth; target >= 80% of copy.
 - orthogonalize: ms per Muon step for a stack of matrices, symmetric-kernel path vs model.py's plain matmuls.
+- linear_cross_entropy: ms and peak memory of the fused head + loss vs logits -> softcap -> F.cross_entropy.
 On a machine without CUDA (or without triton) it says so and exits 0. The last line is one JSON object.
 """
 import json
@@ -109,6 +110,28 @@ def main():
         name = "orthogonalize_" + "x".join(map(str, shape))
         print(f"{name}: triton {ours:.2f} ms, torch {theirs:.2f} ms, speedup {theirs / ours:.2f}x")
         results[name] = {"triton_ms": round(ours, 3), "torch_ms": round(theirs, 3), "speedup": round(theirs / ours, 3)}
+
+    # -------------------------------------------------------------------------
+    # LM head + cross-entropy, fwd+bwd under bf16 autocast as in training: time and peak memory
+    N, C, V = 32768, 1536, 65536
+    x = torch.randn(N, C, device="cuda", requires_grad=True)
+    w = (0.02 * torch.randn(V, C, device="cuda")).requires_grad_()
+    targets = torch.randint(0, V, (N,), device="cuda")
+    for impl in ("triton", "torch"):
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = kernels.linear_cross_entropy(x, w, targets, softcap=15.0, impl=impl)
+            torch.autograd.grad(loss, (x, w))
+
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+        ms = do_bench(step, warmup=5, rep=30)
+        print(f"linear_cross_entropy {impl}: {ms:.1f} ms, peak {peak_gib:.2f} GiB above inputs")
+        results[f"linear_ce_{impl}"] = {"ms": round(ms, 2), "peak_gib": round(peak_gib, 3)}
     print(json.dumps(results))
 
 

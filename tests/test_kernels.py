@@ -84,6 +84,8 @@ def test_attention_dispatch(monkeypatch):
         torch.testing.assert_close(y, kernels.attention(q, k, v, impl="torch"), rtol=0, atol=2e-3)
     with pytest.raises(ValueError):
         kernels.attention(q, k, v, impl="cuda")
+    with pytest.raises(ValueError):  # 2 query heads cannot share 3 kv heads
+        kernels.attention(q, torch.randn(1, 3, 9, 16), torch.randn(1, 3, 9, 16))
     with pytest.raises(ValueError):  # head_dim 24 is not a kernel tile size
         kernels.attention(torch.randn(1, 2, 9, 24), torch.randn(1, 1, 9, 24), torch.randn(1, 1, 9, 24), impl="triton")
 
