@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from model import (GPT, GPTConfig, KVCache, Muon, config_from_depth, generate, orthogonalize, sample_next)
+from model import (GPT, GPTConfig, KVCache, Muon, RMSNorm, config_from_depth, generate, orthogonalize,
+                   sample_next)
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +65,13 @@ def test_variants_forward_and_train(variant):
     adamw, muon = model.setup_optimizers()
     for opt in (adamw, muon):
         opt.step()
+
+
+def test_rms_norm_matches_torch_and_its_backward_is_exact():
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    norm = RMSNorm(16, weight=False)
+    assert torch.allclose(norm(x), torch.nn.functional.rms_norm(x, (16,)))
+    assert torch.autograd.gradcheck(norm, (x,))
 
 
 def test_cached_decoding_equals_full_forward_with_different_lengths():
@@ -176,6 +184,16 @@ def test_loss_falls_overfitting_a_tiny_batch():
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_kernels_hook_matches_the_pytorch_path():
+    pytest.importorskip("kernels")
+    model = tiny()
+    hooked = GPT(GPTConfig(**{**model.config.__dict__, "use_kernels": True}))
+    hooked.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 64, (2, 12))
+    assert torch.allclose(hooked(idx, idx), model(idx, idx), atol=1e-5)  # the fused head + cross-entropy
+    assert torch.allclose(hooked(idx), model(idx), atol=1e-5)  # kernels.attention
 
 
 def test_estimate_flops_hand_count():

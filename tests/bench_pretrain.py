@@ -1,0 +1,129 @@
+"""
+Training-step throughput of model.py against the machine's matmul peak (fp32 and bf16).
+
+    python tests/bench_pretrain.py                      # depth 6, head_dim 64, T 512, batch 8, vocab 4096
+    python tests/bench_pretrain.py --steps=10 --threads=2 --compile=1
+
+One step = forward + backward over total_batch_size / (device_batch_size * max_seq_len) micro-batches, then AdamW +
+Muon, as pretrain.py runs it (its default total_batch_size 8192 = 2 micro-batches of 8 x 512; pass
+--total_batch_size=4096 for the worst case of an optimiser step per micro-batch).
+The last line is one JSON object: tok_s_bf16, tok_s_fp32, peak_gflops_*, mfu_* (flops/token x tok/s / peak).
+Timings on a shared machine are noisy: every figure is the best of `repeats` timed windows; the median is printed.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPT, config_from_depth  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Settings
+
+depth, head_dim, max_seq_len, device_batch_size, vocab_size = 6, 64, 512, 8, 4096
+total_batch_size = 8192
+steps = 1           # timed optimisation steps per window (after 1 warm-up step)
+repeats = 3         # timed windows; best and median reported
+threads = 2
+compile = 0         # torch.compile the model (inductor, CPU C++ codegen)
+dtypes = "auto"      # "auto": float32, plus bfloat16 where the CPU has native bf16 (AMX / AVX512-BF16)
+for arg in sys.argv[1:]:
+    key, value = arg.removeprefix("--").split("=")
+    if key not in globals() or key.startswith("_"):
+        raise SystemExit(f"error: unknown setting --{key}")
+    globals()[key] = type(globals()[key])(value)
+
+# -----------------------------------------------------------------------------
+# Matmul peak: large square matmuls, the best a GEMM gets out of these cores
+
+
+def matmul_peak(dtype, n=2048, reps=3):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        n = 512  # emulated bf16 (no AMX / AVX512-BF16) runs at a few GFLOP/s: a smaller size measures the same
+        a, b = a[:n, :n].contiguous(), b[:n, :n].contiguous()
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+# -----------------------------------------------------------------------------
+# Training step
+
+
+def train_throughput(dtype):
+    torch.manual_seed(0)
+    model = GPT(config_from_depth(depth, vocab_size, max_seq_len, head_dim=head_dim))
+    model.init_weights()
+    adamw, muon = model.setup_optimizers()
+    train_model = torch.compile(model, dynamic=False) if compile else model
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    if total_batch_size % (device_batch_size * max_seq_len):
+        raise SystemExit("error: total_batch_size must be a multiple of device_batch_size * max_seq_len")
+    grad_accum = total_batch_size // (device_batch_size * max_seq_len)
+    data = torch.randint(0, vocab_size, (grad_accum, device_batch_size, max_seq_len + 1))
+
+    def step():
+        for micro in data:
+            with ctx:
+                loss = train_model(micro[:, :-1], micro[:, 1:]) / grad_accum
+            loss.backward()
+        adamw.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0  # includes compilation when compile=1
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rates.append(steps * total_batch_size / (time.perf_counter() - t0))
+    return max(rates), statistics.median(rates), first, model.estimate_flops()
+
+# -----------------------------------------------------------------------------
+# Run
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(threads)
+    print(f"torch {torch.__version__} | {threads} threads | cpu capability {torch.backends.cpu.get_cpu_capability()} "
+          f"| native bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()} | compile {compile}")
+    result = {}
+    peaks = {}
+    for name in ("float32", "bfloat16"):
+        peaks[name] = matmul_peak(getattr(torch, name))
+        print(f"matmul peak {name}: {peaks[name]:.1f} GFLOP/s")
+    tok_s = {}
+    if dtypes == "auto":
+        # without native bf16, oneDNN emulates bf16 GEMMs (~1-4 GFLOP/s on a 2-core AVX2 EPYC): one bf16 step
+        # would take many minutes, so it is skipped (null in the JSON) unless asked for with --dtypes
+        dtypes = "float32,bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+        print(f"dtypes: {dtypes}")
+    for name in ("float32", "bfloat16"):
+        if name not in dtypes.split(","):
+            tok_s[name] = None
+            continue
+        best, median, first, flops = train_throughput(getattr(torch, name))
+        tok_s[name] = best
+        print(f"train step {name}: best {best:.0f} tok/s, median {median:.0f} tok/s, first step {first:.1f} s, "
+              f"{flops / 1e6:.1f} MFLOP/token -> {flops * best / 1e9:.1f} GFLOP/s")
+    flops = GPT(config_from_depth(depth, vocab_size, max_seq_len, head_dim=head_dim)).estimate_flops()
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    for name in ("bfloat16", "float32"):
+        result[f"tok_s_{short[name]}"] = None if tok_s[name] is None else round(tok_s[name], 1)
+    for name in ("bfloat16", "float32"):
+        result[f"peak_gflops_{short[name]}"] = round(peaks[name], 1)
+    for name in ("bfloat16", "float32"):
+        result[f"mfu_{short[name]}"] = None if tok_s[name] is None else round(flops * tok_s[name] / (peaks[name] * 1e9), 4)
+    print(json.dumps(result))
