@@ -7,6 +7,7 @@ Optional hand-written Triton kernels, each with a pure-PyTorch fallback chosen a
     kernels.adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
     O = kernels.orthogonalize(G, steps=5)                  # Muon's Newton-Schulz with a symmetric X X^T kernel
     loss = kernels.linear_cross_entropy(x, lm_head.weight, targets, softcap=15.0)   # no (N, V) logits
+    q = kernels.rmsnorm_rope(q, cos, sin, weight=None)     # apply_rotary(rms_norm(q)) in one pass
 
 Every entry point takes impl="auto" | "triton" | "torch". "auto" uses the Triton kernel only when the kernels are
 enabled, triton is importable and the tensors are on a CUDA device; otherwise the PyTorch fallback.
@@ -176,3 +177,29 @@ def linear_cross_entropy(x, weight, targets, softcap=15.0, ignore_index=-1, redu
         return LinearCrossEntropy.apply(x, weight, targets.contiguous(), softcap, ignore_index, reduction,
                                         chunk_size, need_grad)
     return linear_cross_entropy_torch(x, weight, targets, softcap, ignore_index, reduction)
+
+# -----------------------------------------------------------------------------
+# RMSNorm + RoPE
+
+
+def rmsnorm_rope_torch(x, cos, sin, weight=None, eps=None):
+    """model.py's apply_rotary(rms_norm(x, weight), cos, sin), "rotate_half" layout."""
+    x = torch.nn.functional.rms_norm(x, (x.size(-1),), weight, eps)
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, T, H, D)
+
+
+def rmsnorm_rope(x, cos, sin, weight=None, eps=None, impl="auto"):
+    """Fused RMSNorm (optional gain `weight` (D,)) + rotary embedding of x (B, T, H, D) with cos/sin
+    (B or 1, T, 1, D/2) -> (B, T, H, D). eps None is rms_norm's default, torch.finfo(x.dtype).eps.
+    Differentiable in x and weight. The Triton kernel takes D in {16, 32, 64, 128, 256}."""
+    B, T, H, D = x.shape
+    if cos.shape != sin.shape or cos.dim() != 4 or cos.size(0) not in (1, B) or cos.shape[1:] != (T, 1, D // 2):
+        raise ValueError(f"x {tuple(x.shape)} needs cos, sin of shape (B or 1, T, 1, D/2), got {tuple(cos.shape)}")
+    supported = D in (16, 32, 64, 128, 256) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if _use_triton(impl, x, supported):
+        from kernels.fused_norm_rope import NormRope
+        return NormRope.apply(x, cos, sin, weight, torch.finfo(x.dtype).eps if eps is None else eps)
+    return rmsnorm_rope_torch(x, cos, sin, weight, eps)

@@ -83,7 +83,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits = xc[start:end] @ wc.T  # (n, V), overwritten by its gradient below
                 _ce_grad_kernel[(end - start,)](logits, targets[start:end], losses[start:end], logits.stride(0), V,
                                                 float(softcap), grad_scale, ignore_index,
-                                                SOFTCAP=bool(softcap), BLOCK_V=1024 if x.is_cuda else 64,
+                                                SOFTCAP=bool(softcap), BLOCK_V=1024 if x.is_cuda else 128,
                                                 num_warps=8)
                 if need_grad:  # (evaluation skips these two matmuls)
                     dx[start:end] = logits @ wc  # (n, C)
