@@ -308,7 +308,7 @@ if __name__ == "__main__":
         errors.append(f"--prompts_per_step={prompts_per_step} must be a multiple of the {world_size} processes")
     if min(prompts_per_step, num_steps, max_new_tokens, ppo_epochs, device_batch_size, eval_samples) < 1:
         errors.append("prompts_per_step, num_steps, max_new_tokens, ppo_epochs, device_batch_size and "
-                         "eval_samples must be at least 1")
+                      "eval_samples must be at least 1")
     if not (0 <= clip_low < 1 and clip_high >= 0):
         errors.append(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
     if errors:
@@ -334,10 +334,10 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {e}") from None
     room = model.config.sequence_len - max_new_tokens
 
-    def encode(errorslist):
+    def encode(problem_list):
         """(prompt ids, reference answer) of each problem that leaves max_new_tokens of room in the context."""
         out = [(tokenizer.render_for_completion([{"role": "user", "content": p["question"]}]), p["answer"])
-               for p in errorslist]
+               for p in problem_list]
         return [(ids, answer) for ids, answer in out if len(ids) <= room]
 
     train_items = encode(train_set)
@@ -380,9 +380,8 @@ if __name__ == "__main__":
         rows_c = [make_row(p, *c) for p, c, _ in pair_list]
         rows_r = [make_row(p, *r) for p, _, r in pair_list]
         model.eval()
-        with autocast_ctx:
-            ref_c = sequence_logprobs(model, rows_c, device, autocast_ctx, device_batch_size)  # (N,)
-            ref_r = sequence_logprobs(model, rows_r, device, autocast_ctx, device_batch_size)  # (N,)
+        ref_c = sequence_logprobs(model, rows_c, device, autocast_ctx, device_batch_size)  # (N,)
+        ref_r = sequence_logprobs(model, rows_r, device, autocast_ctx, device_batch_size)  # (N,)
 
     # ---- optimisers
     optimizers = model.setup_optimizers(weight_decay=weight_decay)
@@ -444,7 +443,8 @@ if __name__ == "__main__":
     t_start, train_time, metrics, last_eval = time.time(), 0.0, {}, {}
     while True:
         last = step == num_steps
-        if eval_every > 0 and (step % eval_every == 0 or last) and test_items:
+        evaluated = history.get("pass1", [[None]])[-1][0] == step  # a resumed run's last step was evaluated
+        if eval_every > 0 and (step % eval_every == 0 or last) and test_items and not evaluated:
             model.eval()
             t0 = time.time()
             last_eval = evaluate_heldout()
@@ -464,11 +464,8 @@ if __name__ == "__main__":
             # ---- one DPO step: this rank's share of the step's pairs, the loss averaged over them
             idx = step_indices(step, prompts_per_step, len(pair_list), seed)[rank * my_share:(rank + 1) * my_share]
             model.train()
-            with autocast_ctx:
-                pol_c = sequence_logprobs(model, [rows_c[i] for i in idx], device, autocast_ctx, device_batch_size,
-                                          grad=True)
-                pol_r = sequence_logprobs(model, [rows_r[i] for i in idx], device, autocast_ctx, device_batch_size,
-                                          grad=True)
+            pol_c = sequence_logprobs(model, [rows_c[i] for i in idx], device, autocast_ctx, device_batch_size, True)
+            pol_r = sequence_logprobs(model, [rows_r[i] for i in idx], device, autocast_ctx, device_batch_size, True)
             loss, acc = dpo_loss(pol_c, pol_r, ref_c[idx], ref_r[idx], beta)
             loss.backward()  # the optimisers average over ranks: each rank's share is the same size
             for opt in optimizers:
@@ -496,17 +493,21 @@ if __name__ == "__main__":
             advantages = group_advantages(rewards, std_norm)  # (P, G)
             zero_std = (rewards.max(dim=1).values == rewards.min(dim=1).values)  # (P,)
 
-            # ---- 2. the training rows: every answer of the groups kept, with its advantage
-            rows, row_adv = [], []
+            # ---- 2. the training rows: the answers of the groups kept, with their advantages
+            rows, row_adv, counted = [], [], [0, 0]  # counted: the answers and tokens the loss averages over
             for (prompt, _), group, adv, flat in zip(chunk, groups, advantages, zero_std):
                 if filter_zero_std and flat:
-                    continue  # all answers equal: zero advantage, zero gradient; dropping them changes the mean
+                    continue  # all answers equal: DAPO leaves them out of the average too
                 for (tokens, mask, _, _), a in zip(group, adv.tolist()):
-                    rows.append(make_row(prompt, tokens, mask))
-                    row_adv.append(a)
-            n_seqs, n_tokens, n_correct, n_len, n_flat = all_sum(
-                [len(rows), sum(sum(r[2]) for r in rows), sum(s[3] for g in groups for s in g),
-                 sum(len(s[0]) for g in groups for s in g), float(zero_std.sum())], device)
+                    row = make_row(prompt, tokens, mask)
+                    counted[0] += 1
+                    counted[1] += sum(row[2])
+                    if a != 0 or kl_coef > 0:  # a zero advantage has exactly zero policy gradient: skip its pass
+                        rows.append(row)
+                        row_adv.append(a)
+            n_seqs, n_tokens, n_rows, n_correct, n_len, n_flat = all_sum(
+                [*counted, len(rows), sum(s[3] for g in groups for s in g), sum(len(s[0]) for g in groups for s in g),
+                 float(zero_std.sum())], device)
             batches = [(collate(rows[i:i + device_batch_size], device),
                         torch.tensor(row_adv[i:i + device_batch_size], device=device))
                        for i in range(0, len(rows), device_batch_size)]
@@ -520,7 +521,7 @@ if __name__ == "__main__":
             # ---- 4. ppo_epochs optimiser steps on these samples
             model.train()
             old_logps, loss_v, kl_v, clipped = [], 0.0, 0.0, 0.0
-            for epoch in range(ppo_epochs if n_seqs > 0 else 0):
+            for epoch in range(ppo_epochs if n_rows > 0 else 0):
                 loss_sum, kl_sum, clip_sum = 0.0, 0.0, 0.0
                 for b, ((x, y, m), adv) in enumerate(batches):
                     weights = token_weights(m, loss_norm, n_seqs, n_tokens, max_new_tokens)  # (B, T)
