@@ -19,10 +19,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _ce_grad_kernel(LOGITS, TARGETS, LOSS, stride_row, V, softcap, grad_scale, ignore_index,
+def _ce_grad_kernel(LOGITS, TARGETS, LOSS, GRAD_SCALE, stride_row, V, softcap, ignore_index,
                     SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     """One row: loss = logsumexp(z) - z[t]; LOGITS row overwritten with dloss/dlogits * grad_scale."""
     row = tl.program_id(0).to(tl.int64)
+    grad_scale = tl.load(GRAD_SCALE)  # read on the device: no host sync to count the non-ignored targets
     LOGITS += row * stride_row
     target = tl.load(TARGETS + row)
     # pass 1: online max and sum of exp over the softcapped row (no (V,) buffer: rows can be 100k+ wide)
@@ -70,8 +71,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         # under autocast the head matmuls run in the autocast dtype, as model.py's nn.Linear would
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xc, wc = x.to(dtype), weight.to(dtype)
-        n_valid = int((targets != ignore_index).sum()) if reduction == "mean" else 1
-        grad_scale = 1.0 / max(n_valid, 1)
+        if reduction == "mean":  # (1,) fp32 on the device: 1 / number of non-ignored targets
+            grad_scale = 1.0 / (targets != ignore_index).sum(dtype=torch.float32).clamp(min=1).reshape(1)
+        else:
+            grad_scale = torch.ones(1, device=x.device, dtype=torch.float32)
         if chunk_size is None:  # ~256 MiB of logits per chunk, whatever V
             chunk_size = max(1, (2 ** 28 // (V * xc.element_size())))
         losses = torch.empty(N, device=x.device, dtype=torch.float32)
@@ -81,8 +84,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, N, chunk_size):
                 end = min(start + chunk_size, N)
                 logits = xc[start:end] @ wc.T  # (n, V), overwritten by its gradient below
-                _ce_grad_kernel[(end - start,)](logits, targets[start:end], losses[start:end], logits.stride(0), V,
-                                                float(softcap), grad_scale, ignore_index,
+                _ce_grad_kernel[(end - start,)](logits, targets[start:end], losses[start:end], grad_scale,
+                                                logits.stride(0), V, float(softcap), ignore_index,
                                                 SOFTCAP=bool(softcap), BLOCK_V=1024 if x.is_cuda else 128,
                                                 num_warps=8)
                 if need_grad:  # (evaluation skips these two matmuls)
@@ -91,7 +94,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         if need_grad:
             ctx.save_for_backward(dx, dw)
         ctx.dtypes = (x.dtype, weight.dtype)
-        return losses.sum() * grad_scale
+        return losses.sum() * grad_scale[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
