@@ -184,11 +184,8 @@ def linear_cross_entropy(x, weight, targets, softcap=15.0, ignore_index=-1, redu
 
 def rmsnorm_rope_torch(x, cos, sin, weight=None, eps=None):
     """model.py's apply_rotary(rms_norm(x, weight), cos, sin), "rotate_half" layout."""
-    x = torch.nn.functional.rms_norm(x, (x.size(-1),), weight, eps)
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, T, H, D)
+    import model  # RoPE's layout is defined once, in model.py
+    return model.apply_rotary(torch.nn.functional.rms_norm(x, (x.size(-1),), weight, eps), cos, sin)
 
 
 def rmsnorm_rope(x, cos, sin, weight=None, eps=None, impl="auto"):

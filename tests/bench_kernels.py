@@ -9,6 +9,7 @@ Benchmark the Triton kernels of kernels/ against PyTorch on a GPU.
   measured device-to-device copy bandwidth; target >= 80% of copy.
 - orthogonalize: ms per Muon step for a stack of matrices, symmetric-kernel path vs model.py's plain matmuls.
 - linear_cross_entropy: ms and peak memory of the fused head + loss vs logits -> softcap -> F.cross_entropy.
+- rmsnorm_rope: ms of the fused q/k RMSNorm + RoPE, fwd+bwd, vs model.py's PyTorch ops.
 On a machine without CUDA (or without triton) it says so and exits 0. The last line is one JSON object.
 """
 import json
@@ -132,6 +133,22 @@ def main():
         ms = do_bench(step, warmup=5, rep=30)
         print(f"linear_cross_entropy {impl}: {ms:.1f} ms, peak {peak_gib:.2f} GiB above inputs")
         results[f"linear_ce_{impl}"] = {"ms": round(ms, 2), "peak_gib": round(peak_gib, 3)}
+
+    # -------------------------------------------------------------------------
+    # RMSNorm + RoPE of the queries, fwd+bwd, bf16 (memory bound: fused = one read and one write each way)
+    B, T, H, D = 8, 2048, 16, 128
+    x = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    angles = torch.randn(1, T, 1, D // 2, device="cuda")
+    cos, sin = angles.cos(), angles.sin()
+    dy = torch.randn_like(x)
+    for impl in ("triton", "torch"):
+        def step():
+            y = kernels.rmsnorm_rope(x, cos, sin, impl=impl)
+            torch.autograd.grad(y, x, dy)
+
+        ms = do_bench(step, warmup=10, rep=50)
+        print(f"rmsnorm_rope {impl}: {ms:.3f} ms")
+        results[f"rmsnorm_rope_{impl}_ms"] = round(ms, 3)
     print(json.dumps(results))
 
 
