@@ -3,11 +3,13 @@ The Triton kernels of kernels/ checked on CPU through Triton's interpreter, agai
 
     python -m pytest tests/test_kernels.py -q
 
-TRITON_INTERPRET=1 must be set before triton (and kernels) are imported, hence at the very top. Small odd shapes:
-the interpreter runs every program in Python. fp32 and fp16 only: the interpreter's bf16 is broken.
+TRITON_INTERPRET=1 must be set before triton (and kernels) are imported, hence at the very top; outside this
+module's tests it is unset again, so that other tests (and their subprocesses) do not inherit it. Small odd
+shapes: the interpreter runs every program in Python. fp32 and fp16 only: the interpreter's bf16 is broken.
 """
 import os
 
+_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib  # noqa: E402
@@ -21,6 +23,15 @@ pytest.importorskip("triton")
 import kernels  # noqa: E402
 import model  # noqa: E402
 from kernels import flash_attention, fused_adamw, fused_cross_entropy, fused_norm_rope, newton_schulz  # noqa: E402,E501
+
+if _INTERPRET_BEFORE is None:  # triton decides interpreter vs compiler when a kernel is defined: all done above
+    del os.environ["TRITON_INTERPRET"]
+
+
+@pytest.fixture(autouse=True)
+def triton_interpret(monkeypatch):
+    """Set again while each test here runs: triton's launcher still reads it (lazily imported modules)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 # -----------------------------------------------------------------------------
 # Flash attention
