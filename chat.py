@@ -49,7 +49,7 @@ source = ""  # base|sft|rl; "" = rl when an rl checkpoint exists, else sft
 model_tag = ""  # "" = the most recently saved model of that stage
 step = -1  # -1 = its latest step
 device = ""  # cuda|mps|cpu; "" = the best available
-dtype = ""  # bfloat16|float32; "" = bfloat16 on cuda, float32 elsewhere
+dtype = ""  # bfloat16|float32; "" = bfloat16 on CUDA and AMX CPUs, float32 elsewhere
 temperature = 0.6
 top_k = 50
 max_new_tokens = 512
@@ -200,7 +200,7 @@ class Engine:
 
 def generation_context(device_type):
     # autocast is per thread, so each server thread enters its own
-    return common.autocast(device_type, dtype or ("bfloat16" if device_type == "cuda" else "float32"))
+    return common.autocast(device_type, dtype)
 
 
 TOOL_CALL = re.compile(r"<<([^<>=]*)(?:=([^<>]*))?>>")

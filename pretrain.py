@@ -56,7 +56,7 @@ resume = False              # continue from the latest checkpoint of this model_
 model_tag = ""              # checkpoint folder name; default d<depth>
 # system
 device = ""                 # cuda|mps|cpu, default: the best available
-dtype = "bfloat16"          # bfloat16 (autocast) or float32
+dtype = ""                  # bfloat16 (autocast) | float32 | "": bfloat16 on CUDA and AMX CPUs, else float32
 compile = False             # torch.compile the model
 kernels = False             # use the Triton kernels of kernels/ (CUDA only; a no-op elsewhere)
 peak_flops = 0.0            # for MFU; 0: look it up (GPU) or measure it (CPU)
@@ -182,14 +182,13 @@ def measure_peak_flops(device, dtype_name):
             if key in name:
                 return flops if dtype_name == "bfloat16" else flops / 2
     dt = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
-    a, b = torch.randn(1024, 1024, dtype=dt, device=device), torch.randn(1024, 1024, dtype=dt, device=device)
+    a, b = torch.randn(512, 512, dtype=dt, device=device), torch.randn(512, 512, dtype=dt, device=device)
     best = float("inf")
-    for _ in range(6):
+    for _ in range(3):
         t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * 1024 ** 3 / best
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 512 ** 3 / best
 
 
 @torch.no_grad()
@@ -216,7 +215,9 @@ if __name__ == "__main__":
     config = common.configure(globals())
     ddp, rank, local_rank, world_size, device = common.setup_device(device)
     common.seed_everything(seed)  # the same init on every rank; data differs by rank, not by seed
+    dtype = common.resolve_dtype(device, dtype)
     autocast_ctx = common.autocast(device, dtype)
+    print0(f"compute dtype: {dtype}")
     model_tag = model_tag or f"d{depth}"
     ckpt_dir = common.checkpoint_dir("base", model_tag)
 

@@ -41,7 +41,7 @@ eval_rows = 64              # validation rows per evaluation
 save_every = 0              # checkpoint every this many steps (0: only at the end)
 resume = False
 device = ""
-dtype = "bfloat16"
+dtype = ""                  # bfloat16 | float32 | "": bfloat16 on CUDA and AMX CPUs, else float32
 seed = 42
 
 # -----------------------------------------------------------------------------
@@ -97,6 +97,7 @@ if __name__ == "__main__":
     config = common.configure(globals())
     ddp, rank, local_rank, world_size, device = common.setup_device(device)
     common.seed_everything(seed)
+    dtype = common.resolve_dtype(device, dtype)
     autocast_ctx = common.autocast(device, dtype)
     stage = "mid" if mid else "sft"
 
