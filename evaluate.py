@@ -1,5 +1,34 @@
 """
-Evaluation of picochat models, and the math answer verifier that rl.py uses as its reward.
+Evaluate picochat models, assemble the report card, and verify math answers (the verifier is rl.py's reward).
+
+    python evaluate.py                                   # the sft model: bits per byte, multiple choice, math
+    python evaluate.py --source=all                      # base, sft and rl: each stage that has a checkpoint
+    python evaluate.py --source=base --task=bpb,mc       # tasks: bpb, mc, math (comma-separated)
+    python evaluate.py --task=mc --dataset=arc_easy      # a downloaded set (python data/arc.py first)
+    python evaluate.py --task=math --dataset=gsm8k --max_problems=200
+    python evaluate.py --task=math --num_samples=8       # pass@1 and pass@8, sampled (temperature 1 unless given)
+    python evaluate.py --task=math --num_samples=8 --vote=1   # and maj@8: the samples' majority answer, graded
+    python evaluate.py --report=1                        # $PICOCHAT_DIR/report/report.md from the stages' sections
+
+The tasks:
+- bpb: bits per byte on held-out pretraining text (the last shard, as pretrain.py measures it), next to the
+  unigram baseline: the bits per byte of a model that knows only how often each token occurs in that text.
+- mc: multiple-choice accuracy and the centred score (acc - chance) / (1 - chance), on the built-in items plus
+  every downloaded set (arc_easy, arc_challenge, mmlu, hellaswag), or on the sets --dataset names. A base model
+  picks the choice it finds likeliest as a continuation of the question (lowest mean loss per token, as
+  nanochat's CORE); a chat model picks a letter: of the letters of the item's choices, the one it finds likeliest
+  as the first token of its reply.
+- math: word problems (built in; gsm8k and math500 with --dataset), answers generated with the KV-cache engine
+  (calculator included) and graded by grade(). Greedy by default; with --num_samples=K, pass@1 and pass@K (at
+  temperature 1.0 when --temperature is left at 0, which cannot give K different samples); with --vote=1 also
+  maj@K (self-consistency). A chat model gets the question as a user turn; a base model a few-shot prompt of
+  solved problems in the pretraining documents' "Question: ...\nAnswer: ..." format.
+Each run prints a markdown table and writes report/eval_<source>.json: the checkpoint (stage, tag, step), the
+settings and every metric; results of earlier runs on the same checkpoint are kept unless measured again.
+
+The report card (--report=1) reads report/*.json (tokenizer, tokenizer_eval, base, sft, rl, eval_*) and the
+<stage>.seconds files of speedrun.sh; whatever is missing is left out. Its last line of output is one JSON object:
+{"total_min", "tokenizer_min", "pretrain_min", "sft_min", "rl_min", "eval_min", "bpb", "pass1_sft", "pass1_rl"}.
 
 The verifier on its own:
 
@@ -22,13 +51,37 @@ matrices, equations, text) and expression by expression with sympy. Decisions wo
   Garbage, empty or enormous input returns False quickly and never raises.
 """
 
+import glob
+import json
 import math
+import os
 import re
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from fractions import Fraction
 from functools import lru_cache
+
+# -----------------------------------------------------------------------------
+# Settings (override with --key=value)
+source = "sft"              # base|sft|rl, or all: each of them that has a checkpoint
+task = "bpb,mc,math"        # comma-separated: bpb, mc, math
+dataset = ""                # comma-separated sets (each to the task it belongs to); "": the tasks' defaults
+model_tag = ""              # "": the stage's most recently saved model
+step = -1                   # -1: its latest step
+max_problems = 0            # mc items / math problems per set, the first ones (0: all)
+eval_tokens = 65536         # bpb: tokens of held-out text (pretrain.py's default, so the numbers compare; 0: all)
+num_samples = 1             # math: answers per problem
+vote = False                # math: also grade the majority answer of the num_samples answers (maj@k)
+temperature = 0.0           # math: 0 is greedy
+top_k = 0                   # math: sample from the k likeliest tokens (0: all)
+max_new_tokens = 256        # math: longest answer
+batch_size = 16             # problems per generation batch; rows per forward for bpb and mc
+dtype = "float32"           # float32|bfloat16
+device = ""                 # cuda|mps|cpu; "": the best available
+report = False              # assemble the report card instead of evaluating
+seed = 0
 
 # -----------------------------------------------------------------------------
 # answer extraction and grading
@@ -616,3 +669,511 @@ def majority_vote(answers):
     if not groups:
         return None
     return max(groups, key=lambda g: g[1])[0]  # max keeps the first of equal counts
+
+# -----------------------------------------------------------------------------
+# Task: bits per byte
+
+
+def eval_bpb(model, tokenizer, device, autocast_ctx, max_tokens=65536, rows_per_batch=16):
+    """Bits per byte on the held-out pretraining text (pretrain.py's measure, on the same stream of rows), and the
+    unigram baseline on the same tokens. The baseline is fitted to the very tokens it is scored on, so it is a
+    slightly optimistic bar; how far below it a model gets is what it learned from context."""
+    import torch
+    from data import pretrain_files
+    from pretrain import TokenRows, evaluate_bpb
+    seq_len = model.config.sequence_len
+    rows = TokenRows(tokenizer, pretrain_files("val"), rows_per_batch, seq_len, slots=[0], num_slots=1, loop=False)
+    num_batches = max(1, max_tokens // (rows_per_batch * seq_len)) if max_tokens > 0 else math.inf
+    counts = torch.zeros(tokenizer.vocab_size, dtype=torch.float64)  # how often each token is a target
+
+    def batches():
+        n = 0
+        while n < num_batches:
+            batch = rows.next_batch(0, device)
+            if batch is None:
+                return
+            counts.add_(torch.bincount(batch[1].flatten().cpu(), minlength=tokenizer.vocab_size).double())
+            n += 1
+            yield batch
+
+    token_bytes = torch.tensor(tokenizer.token_bytes, dtype=torch.long, device=device)
+    bpb = evaluate_bpb(model, batches(), token_bytes, autocast_ctx)
+    nbytes = torch.tensor(tokenizer.token_bytes, dtype=torch.float64)
+    counts *= nbytes > 0  # special tokens stand for no text: left out, as evaluate_bpb does
+    total = counts.sum()
+    if total == 0:
+        raise SystemExit(f"error: the held-out text is shorter than one batch of {rows_per_batch} rows of "
+                         f"{seq_len} tokens; lower --batch_size")
+    p = counts[counts > 0] / total
+    bits_per_token = -(p * p.log2()).sum()  # the entropy of the unigram distribution
+    unigram = bits_per_token * total / (counts * nbytes).sum()
+    return {"bpb": bpb, "unigram_bpb": unigram.item(), "tokens": int(total)}
+
+# -----------------------------------------------------------------------------
+# Task: multiple choice
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def mc_loglik_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, max_len=0):
+    """Base models: each choice as a continuation of its question, tokens of `question + " " + choice` after
+    those of the question alone; the choice with the lowest mean loss per token wins (nanochat's CORE; the mean,
+    not the sum, so long choices are not penalised for their length). max_len > 0 crops each row from the left.
+    Returns the chosen index of each item."""
+    import torch
+    rows, owners = [], []  # (ids, index of the first continuation token), and the item of each row
+    for i, item in enumerate(items):
+        context = tokenizer.encode(item["question"], prepend=tokenizer.bos_id)
+        for choice in item["choices"]:
+            ids = tokenizer.encode(item["question"] + " " + choice, prepend=tokenizer.bos_id)
+            # compare tokens, not text: where the question's last token merges with the choice, it counts as
+            # part of the continuation
+            start = next((j for j, (a, b) in enumerate(zip(context, ids)) if a != b), len(context))
+            start = min(start, len(ids) - 1)  # an empty choice is still scored on its last token
+            if max_len and len(ids) > max_len + 1:
+                cut = len(ids) - max_len - 1
+                ids, start = ids[cut:], max(1, start - cut)
+            rows.append((ids, start))
+            owners.append(i)
+    device = model_device(model)
+    losses = []
+    for b in range(0, len(rows), rows_per_batch):
+        chunk = rows[b:b + rows_per_batch]
+        T = max(len(ids) for ids, _ in chunk) - 1
+        x = torch.zeros(len(chunk), T, dtype=torch.long)  # padding is never a target: any token does
+        y = torch.full((len(chunk), T), -1, dtype=torch.long)  # -1: not scored
+        for r, (ids, start) in enumerate(chunk):
+            x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+            y[r, start - 1:len(ids) - 1] = torch.tensor(ids[start:])
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad(), autocast_ctx:
+            loss = model(x, y, loss_reduction="none").float()  # (B, T)
+        scored = y >= 0
+        losses += ((loss * scored).sum(dim=1) / scored.sum(dim=1)).tolist()
+    per_item = [[] for _ in items]
+    for i, loss in zip(owners, losses):
+        per_item[i].append(loss)
+    return [min(range(len(ls)), key=ls.__getitem__) for ls in per_item]  # a tie goes to the earlier choice
+
+
+def mc_letter_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, max_len=0):
+    """Chat models: the item as a user turn with lettered choices (data.mc_conversation, the SFT format); the
+    model's answer is the letter, among the item's own, that it finds likeliest as the first token of its reply
+    (nanochat's way: one forward pass, and a reply in some other format still gets read). max_len > 0 crops each
+    prompt from the left. Returns the chosen index of each item."""
+    import torch
+    from data import LETTERS, mc_conversation
+    letter_ids = []
+    for letter in LETTERS:
+        ids = tokenizer.encode(letter)
+        assert len(ids) == 1, f"the choice letter {letter!r} is not one token"  # every byte is a token
+        letter_ids.append(ids[0])
+    prompts = []
+    for item in items:
+        if not 2 <= len(item["choices"]) <= len(LETTERS):
+            raise ValueError(f"a multiple-choice item needs 2 to {len(LETTERS)} choices: {item['question'][:60]!r}")
+        ids = tokenizer.render_for_completion(mc_conversation(item)[:1])
+        prompts.append(ids[len(ids) - max_len:] if max_len and len(ids) > max_len else ids)
+    device = model_device(model)
+    chosen = []
+    for b in range(0, len(prompts), rows_per_batch):
+        chunk, chunk_items = prompts[b:b + rows_per_batch], items[b:b + rows_per_batch]
+        x = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)  # padded on the right: causal
+        for r, ids in enumerate(chunk):
+            x[r, :len(ids)] = torch.tensor(ids)
+        with torch.no_grad(), autocast_ctx:
+            logits = model(x.to(device))  # (B, T, V)
+        last = logits[torch.arange(len(chunk)), torch.tensor([len(ids) - 1 for ids in chunk])].float()  # (B, V)
+        for r, item in enumerate(chunk_items):
+            candidates = last[r, letter_ids[:len(item["choices"])]]  # (C,)
+            chosen.append(int(candidates.argmax()))  # argmax: a tie goes to the earlier letter
+    return chosen
+
+
+def mc_metrics(items, chosen):
+    """Accuracy, and the centred score: 0 at chance (the mean of 1/choices), 1 when all are right."""
+    acc = sum(c == item["answer"] for c, item in zip(chosen, items)) / len(items)
+    chance = sum(1 / len(item["choices"]) for item in items) / len(items)
+    return {"acc": acc, "centered": (acc - chance) / (1 - chance), "n": len(items)}
+
+# -----------------------------------------------------------------------------
+# Task: math word problems
+
+BASE_SHOTS = 3  # solved problems in a base model's prompt (fewer when they do not fit its context)
+
+
+def fewshot_prompt(tokenizer, question, shots, limit):
+    """A base model's prompt: solved problems as separate documents in the pretraining format (data/tinyworld.py's
+    doc_problem: "Question: ...\\nAnswer: ...\\n#### N"), then the question. Each document begins with <|bos|>,
+    as in pretraining, so a model that learned the format ends its answer with <|bos|> (a stop token). As many
+    shots as keep the prompt within `limit` tokens."""
+    for k in range(len(shots), -1, -1):
+        ids = []
+        for shot in shots[:k]:
+            ids += tokenizer.encode(f"Question: {shot['question']}\nAnswer: {shot['answer']}", prepend=tokenizer.bos_id)
+        ids += tokenizer.encode(f"Question: {question}\nAnswer:", prepend=tokenizer.bos_id)
+        if len(ids) <= limit or k == 0:
+            return ids
+
+
+def completion_text(tokens, tokenizer, chat=True):
+    """One generated answer as the text to grade: without the stop token that ended it. A base model may go on
+    past its answer (to the next "Question:"), so its text ends at the first "#### N" line."""
+    stops = (tokenizer.special("<|assistant_end|>"), tokenizer.bos_id)
+    text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
+    if not chat:
+        text = text.split("\nQuestion:")[0]
+        m = re.search(r"####[^\n]*", text)
+        text = text[:m.end()] if m else text
+    return text
+
+
+def eval_math(engine, problems, prompts, chat=True, num_samples=1, vote=False, temperature=0.0, top_k=0,
+              max_new_tokens=256, batch_size=16, seed=0, label="math"):
+    """Generate num_samples answers to each prompt (batch_size problems per batch; the samples of one prompt share
+    its prefill) and grade them against the problems' answers. Returns pass@1, pass@k (k = num_samples; the
+    unbiased estimate, averaged over problems) and with vote maj@k: the most common extracted answer (equal
+    answers grouped, ties to the first seen), graded."""
+    k = num_samples
+    keys = ["pass@1"] + ([f"pass@{k}"] if k > 1 else []) + ([f"maj@{k}"] if vote else [])
+    sums = dict.fromkeys(keys, 0.0)
+    t0 = time.time()
+    for b in range(0, len(problems), batch_size):
+        outs = engine.generate_batch(prompts[b:b + batch_size], num_samples=k, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_k=top_k, seed=seed + b)
+        for problem, samples in zip(problems[b:b + batch_size], outs):
+            texts = [completion_text(tokens, engine.tokenizer, chat) for tokens, _ in samples]
+            correct = sum(grade(text, problem["answer"]) for text in texts)
+            sums["pass@1"] += pass_at_k(k, correct, 1)
+            if k > 1:
+                sums[f"pass@{k}"] += pass_at_k(k, correct, k)
+            if vote:
+                voted = majority_vote([extract_answer(text) for text in texts])
+                sums[f"maj@{k}"] += voted is not None and grade(voted, problem["answer"])
+        done = min(b + batch_size, len(problems))
+        print(f"{label}: {done}/{len(problems)} problems, pass@1 {sums['pass@1'] / done:.4f} "
+              f"({time.time() - t0:.0f}s)", flush=True)
+    return {**{key: total / len(problems) for key, total in sums.items()}, "n": len(problems)}
+
+# -----------------------------------------------------------------------------
+# Running the tasks on one checkpoint
+
+TASKS = ("bpb", "mc", "math")
+
+
+def datasets_of(tasks, names):
+    """The sets each task runs on. Each name given goes to the task it belongs to (tinyworld to both); a task
+    with none named runs its default: mc the built-in items and every downloaded set, math the built-in problems
+    (generation is the slow task: a downloaded set is run when asked for)."""
+    from data import MATH_SPLITS, MC_SPLITS, data_dir
+    for name in names:
+        kinds = [t for t, sets in (("mc", MC_SPLITS), ("math", MATH_SPLITS)) if name in sets]
+        if not kinds:
+            raise SystemExit(f"error: unknown --dataset {name!r}: expected one of "
+                             f"{', '.join(dict.fromkeys([*MC_SPLITS, *MATH_SPLITS]))}")
+        if not set(kinds) & set(tasks):
+            raise SystemExit(f"error: --dataset={name} is a {' and '.join(kinds)} set, but --task has no "
+                             f"{' or '.join(kinds)}")
+    mc = [n for n in names if n in MC_SPLITS] or ["tinyworld"] + [
+        n for n in MC_SPLITS if n != "tinyworld" and os.path.exists(os.path.join(data_dir(n), "test.jsonl"))]
+    math_sets = [n for n in names if n in MATH_SPLITS] or ["tinyworld"]
+    return {"mc": mc if "mc" in tasks else [], "math": math_sets if "math" in tasks else []}
+
+
+def load_set(kind, name, limit):
+    import data
+    try:
+        rows = (data.load_mc if kind == "mc" else data.load_math)(name, "test")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    rows = rows[:limit] if limit > 0 else rows
+    if not rows:
+        raise SystemExit(f"error: the {name} {kind} test set is empty")
+    return rows
+
+
+def run_tasks(model, tokenizer, stage, tasks, sets, device, autocast_ctx):
+    """Every requested task on one model. Returns {result name: {metric: value, ..., "settings": {...}}}."""
+    from chat import Engine
+    chat = stage != "base"
+    context = model.cos.size(0)  # the longest sequence the model can take (its rotary cache)
+    results = {}
+    if "bpb" in tasks:
+        r = eval_bpb(model, tokenizer, device, autocast_ctx, eval_tokens, batch_size)
+        results["bpb"] = {**r, "settings": {"eval_tokens": eval_tokens}}
+        print(f"bpb: {r['bpb']:.4f} (unigram baseline {r['unigram_bpb']:.4f}) on {r['tokens']:,} tokens", flush=True)
+    for name in sets["mc"]:
+        items = load_set("mc", name, max_problems)
+        scorer = mc_letter_choices if chat else mc_loglik_choices
+        r = mc_metrics(items, scorer(model, tokenizer, items, autocast_ctx, batch_size, context))
+        results[f"mc/{name}"] = {**r, "settings": {"max_problems": max_problems,
+                                                   "scoring": "letter" if chat else "loglik"}}
+        print(f"mc/{name}: acc {r['acc']:.4f}, centred {r['centered']:.4f} ({r['n']} items)", flush=True)
+    for name in sets["math"]:
+        problems = load_set("math", name, max_problems)
+        if chat:
+            prompts = [tokenizer.render_for_completion([{"role": "user", "content": p["question"]}]) for p in problems]
+        else:
+            import data
+            shots = data.load_math(name, "train")[:BASE_SHOTS] if "train" in data.MATH_SPLITS[name] else []
+            limit = model.config.sequence_len - max_new_tokens  # shots only as far as the trained context allows
+            prompts = [fewshot_prompt(tokenizer, p["question"], shots, limit) for p in problems]
+        longest = max(map(len, prompts))
+        if longest + max_new_tokens > context:
+            raise SystemExit(f"error: a {name} prompt of {longest} tokens + --max_new_tokens={max_new_tokens} is "
+                             f"more than the model can take ({context} tokens); lower --max_new_tokens")
+        with autocast_ctx:
+            r = eval_math(Engine(model, tokenizer), problems, prompts, chat, num_samples, vote, temperature, top_k,
+                          max_new_tokens, batch_size, seed, label=f"math/{name}")
+        settings = {k: globals()[k] for k in ("max_problems", "num_samples", "vote", "temperature", "top_k",
+                                              "max_new_tokens", "seed")}
+        results[f"math/{name}"] = {**r, "settings": {**settings, "prompt": "chat" if chat else f"{BASE_SHOTS}-shot"}}
+    return results
+
+
+def flat_metrics(results):
+    """{"bpb": .., "mc/tinyworld/acc": .., "math/tinyworld/pass@1": ..}: every number of the results."""
+    out = {}
+    for name, r in results.items():
+        for key, value in r.items():
+            if key not in ("settings", "n", "tokens"):
+                out[key if name == "bpb" else f"{name}/{key}"] = value
+    return out
+
+
+def markdown_table(corner, columns, rows, cells):
+    """A markdown table: corner names the column of row names; cells(row, column) -> str."""
+    lines = [f"| {corner} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + row + " | " + " | ".join(cells(row, c) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def metric_order(keys):
+    """bpb first, then multiple choice, then math; within each, the order first seen."""
+    rank = lambda k: 0 if k in ("bpb", "unigram_bpb") else 1 if k.startswith("mc/") else 2
+    return sorted(dict.fromkeys(keys), key=rank)
+
+
+def format_value(value):
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+# -----------------------------------------------------------------------------
+# The report card: report.md from the sections the stages left in report/
+
+STAGES = ("base", "sft", "rl")
+TIMES = (("tokenizer", "tokenizer"), ("pretrain", "base"), ("sft", "sft"), ("rl", "rl"), ("eval", "eval"))
+
+
+def read_report_dir(report_dir):
+    """The JSON sections ({name: dict}) and the stages' wall seconds ({name: float}) in report_dir."""
+    sections, seconds = {}, {}
+    for path in sorted(glob.glob(os.path.join(report_dir, "*.json"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                sections[os.path.basename(path)[:-5]] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read the report section {path} ({e}); rerun its stage or delete it")
+    for path in sorted(glob.glob(os.path.join(report_dir, "*.seconds"))):
+        try:
+            with open(path) as f:
+                seconds[os.path.basename(path)[:-8]] = float(f.read())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read {path} ({e}): it should hold a number of seconds")
+    return sections, seconds
+
+
+def environment():
+    """Hardware and software versions of this machine, as markdown lines; anything unknown is left out."""
+    import platform
+    import subprocess
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    lines = [f"- CPU: {cpu}, {os.cpu_count()} cores"]
+    try:
+        lines[0] += f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    except (ValueError, OSError, AttributeError):  # sysconf names differ by platform
+        pass
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        lines.append(f"- GPU: {len(names)} x {names[0]}")
+    else:
+        lines.append("- GPU: none")
+    commit = "unknown"
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                           capture_output=True, text=True, timeout=10)
+        commit = r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else commit
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+        pass
+    lines.append(f"- Python {platform.python_version()}, torch {torch.__version__}, picochat commit {commit}")
+    return lines
+
+
+def config_line(config):
+    return "`" + " ".join(f"{k}={v!r}" for k, v in sorted(config.items())) + "`"
+
+
+def chart(history, names, title):
+    """An SVG chart of some of a history's series ({name: [[step, value], ...]}), or "" when it has none."""
+    import common
+    series = {label: history[key] for key, label in names if history.get(key)}
+    return common.svg_chart(series, title) if series else ""
+
+
+def build_report(sections, seconds, environment_lines):
+    """report.md's text and the summary dict of the last line."""
+    minutes = {f"{key}_min": seconds[name] / 60 if name in seconds else None for key, name in TIMES}
+    evals = {stage: sections[f"eval_{stage}"] for stage in STAGES if f"eval_{stage}" in sections}
+    metric = lambda stage, key: evals.get(stage, {}).get("metrics", {}).get(key)
+    base_bpb = metric("base", "bpb")
+    if base_bpb is None:
+        base_bpb = sections.get("base", {}).get("metrics", {}).get("val_bpb")
+    summary = {"total_min": sum(seconds.values()) / 60 if seconds else None, **minutes, "bpb": base_bpb,
+               "pass1_sft": metric("sft", "math/tinyworld/pass@1"), "pass1_rl": metric("rl", "math/tinyworld/pass@1")}
+
+    out = ["# picochat report card", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", "",
+           "## Environment", "", *environment_lines, ""]
+    if evals:
+        keys = metric_order(k for e in evals.values() for k in e.get("metrics", {}))
+        table = markdown_table("metric", list(STAGES), keys, lambda k, s: format_value(metric(s, k)))
+        out += ["## Metrics", "", table, ""]
+    if seconds:
+        order = ["data"] + [name for _, name in TIMES]  # pipeline order, then any other timed stage
+        stages = sorted(seconds, key=lambda n: order.index(n) if n in order else len(order))
+        total = summary["total_min"]
+        table = markdown_table("stage", ["minutes"], [*stages, "total"],
+                               lambda r, c: f"{total if r == 'total' else seconds[r] / 60:.1f}")
+        out += ["## Time", "", table, ""]
+
+    if "tokenizer" in sections or "tokenizer_eval" in sections:
+        tok, tok_eval = sections.get("tokenizer", {}), sections.get("tokenizer_eval", {})
+        out += ["## Tokenizer", ""]
+        if "vocab_size" in tok:
+            out.append(f"- vocabulary: {tok['vocab_size']:,} tokens, trained in {tok.get('train_seconds', 0):.1f}s")
+        if "bytes_per_token" in tok_eval:
+            out.append(f"- held-out text: {tok_eval['bytes_per_token']:.3f} bytes per token")
+        if "config" in tok:
+            out.append(f"- config: {config_line(tok['config'])}")
+        out.append("")
+    charts = {"base": [(("loss", "train loss"),), (("val_bpb", "val bpb"),)],
+              "sft": [(("loss", "train loss"), ("val_loss", "val loss"))],
+              "rl": [(("reward", "reward"), ("pass1", "pass@1"), ("greedy_pass1", "greedy pass@1"))]}
+    titles = {"base": ["Pretraining: training loss", "Pretraining: validation bits per byte"],
+              "sft": ["SFT: loss"], "rl": ["RL: reward and held-out pass@1"]}
+    headings = {"base": "Pretraining (base)", "sft": "Chat fine-tuning (sft)", "rl": "Reinforcement learning (rl)"}
+    for stage in STAGES:
+        if stage not in sections:
+            continue
+        sec = sections[stage]
+        out += [f"## {headings[stage]}", ""]
+        if sec.get("checkpoint"):
+            out.append(f"- checkpoint: `{sec['checkpoint']}`")
+        metrics = {k: v for k, v in sec.get("metrics", {}).items() if isinstance(v, (int, float))}
+        if metrics:
+            out.append("- metrics: " + ", ".join(f"{k} {format_value(v)}" for k, v in metrics.items()))
+        if "config" in sec:
+            out.append(f"- config: {config_line(sec['config'])}")
+        out.append("")
+        for names, title in zip(charts[stage], titles[stage]):
+            svg = chart(sec.get("history", {}), names, title)
+            if svg:
+                out += [svg, ""]
+    for stage, sec in evals.items():
+        ckpt = sec.get("checkpoint", {})
+        out += [f"## Evaluation of {stage}", "", f"- checkpoint: {ckpt.get('stage', stage)}, "
+                f"tag {ckpt.get('model_tag', '?')}, step {ckpt.get('step', '?')}"]
+        for name, r in sec.get("results", {}).items():
+            settings = r.get("settings", {})
+            out.append(f"- {name}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        out.append("")
+    return "\n".join(out), summary
+
+
+def write_report():
+    """Regenerate report.md; print its path, then the summary JSON as the last line."""
+    import common
+    report_dir = os.path.join(common.get_base_dir(), "report")
+    sections, seconds = read_report_dir(report_dir)
+    text, summary = build_report(sections, seconds, environment())
+    path = os.path.join(report_dir, "report.md")
+    common.atomic_write_text(path, text)
+    print(f"report card: {path} ({len(sections)} sections)")
+    print(json.dumps(summary))
+    return summary
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    import common
+    config = common.configure(globals())
+    if report:
+        write_report()
+        raise SystemExit(0)
+
+    # ---- settings that cannot work, refused before any time is spent
+    tasks = [t.strip() for t in task.split(",") if t.strip()]
+    errors = []
+    if not tasks or set(tasks) - set(TASKS):
+        errors.append(f"--task must name some of {', '.join(TASKS)} (comma-separated), got {task!r}")
+    if source not in (*STAGES, "all"):
+        errors.append(f"--source must be base, sft, rl or all, got {source!r}")
+    for name, value, low in (("num_samples", num_samples, 1), ("max_new_tokens", max_new_tokens, 1),
+                             ("batch_size", batch_size, 1), ("max_problems", max_problems, 0),
+                             ("eval_tokens", eval_tokens, 0), ("top_k", top_k, 0)):
+        if value < low:
+            errors.append(f"--{name} must be >= {low}, got {value}")
+    if temperature < 0:
+        errors.append(f"--temperature must be >= 0, got {temperature}")
+    if vote and num_samples < 2:
+        errors.append("--vote=1 takes the majority of several answers: give --num_samples=K with K > 1")
+    if errors:
+        raise SystemExit("error: " + "; ".join(errors))
+    if num_samples > 1 and temperature == 0:
+        # greedy decoding would give K copies of one answer, making pass@K = pass@1
+        temperature = config["temperature"] = 1.0
+        print(f"--num_samples={num_samples} needs sampling: temperature set to 1.0")
+    sets = datasets_of(tasks, [d.strip() for d in dataset.split(",") if d.strip()])
+
+    # ---- which checkpoints
+    if source == "all":
+        ckpts = os.path.join(common.get_base_dir(), "checkpoints")
+        sources = [s for s in STAGES if glob.glob(os.path.join(ckpts, s, model_tag or "*", "meta_*.json"))]
+        if not sources:
+            raise SystemExit(f"error: no base, sft or rl checkpoint under {ckpts}")
+    else:
+        sources = [source]
+    _, _, _, _, device = common.setup_device(device)
+    autocast_ctx = common.autocast(device, dtype)
+
+    # ---- evaluate each, and leave its report section
+    all_metrics = {}
+    for stage in sources:
+        common.seed_everything(seed)
+        tag = common.find_model_tag(stage, model_tag)
+        model, tokenizer, meta = common.load_model(stage, device, tag, step)
+        checkpoint = {"stage": stage, "model_tag": tag, "step": meta["step"]}
+        print(f"== {stage} (tag {tag}, step {meta['step']}): {', '.join(tasks)}", flush=True)
+        t0 = time.time()
+        results = run_tasks(model, tokenizer, stage, tasks, sets, device, autocast_ctx)
+        path = os.path.join(common.get_base_dir(), "report", f"eval_{stage}.json")
+        if os.path.exists(path):  # earlier results on this same checkpoint stay, unless measured again now
+            with open(path, encoding="utf-8") as f:
+                previous = json.load(f)
+            if previous.get("checkpoint") == checkpoint:
+                results = {**previous.get("results", {}), **results}
+        all_metrics[stage] = flat_metrics(results)
+        section = {"stage": "eval", "checkpoint": checkpoint, "config": config, "results": results,
+                   "metrics": all_metrics[stage], "minutes": (time.time() - t0) / 60}
+        print(f"report section: {common.write_report_section(f'eval_{stage}', section)}")
+        del model
+
+    # ---- the summary table
+    keys = metric_order(k for m in all_metrics.values() for k in m)
+    print()
+    print(markdown_table("metric", sources, keys, lambda k, s: format_value(all_metrics[s].get(k))))
