@@ -99,8 +99,7 @@ if __name__ == "__main__":
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__} | {threads} threads | cpu capability {torch.backends.cpu.get_cpu_capability()} "
           f"| native bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()} | compile {compile}")
-    result = {}
-    peaks = {}
+    result, peaks = {}, {}
     for name in ("float32", "bfloat16"):
         peaks[name] = matmul_peak(getattr(torch, name))
         print(f"matmul peak {name}: {peaks[name]:.1f} GFLOP/s")
@@ -119,11 +118,11 @@ if __name__ == "__main__":
         print(f"train step {name}: best {best:.0f} tok/s, median {median:.0f} tok/s, first step {first:.1f} s, "
               f"{flops / 1e6:.1f} MFLOP/token -> {flops * best / 1e9:.1f} GFLOP/s")
     flops = GPT(config_from_depth(depth, vocab_size, max_seq_len, head_dim=head_dim)).estimate_flops()
-    short = {"float32": "fp32", "bfloat16": "bf16"}
-    for name in ("bfloat16", "float32"):
-        result[f"tok_s_{short[name]}"] = None if tok_s[name] is None else round(tok_s[name], 1)
-    for name in ("bfloat16", "float32"):
-        result[f"peak_gflops_{short[name]}"] = round(peaks[name], 1)
-    for name in ("bfloat16", "float32"):
-        result[f"mfu_{short[name]}"] = None if tok_s[name] is None else round(flops * tok_s[name] / (peaks[name] * 1e9), 4)
+    names = {"bf16": "bfloat16", "fp32": "float32"}
+    for short, name in names.items():
+        result[f"tok_s_{short}"] = None if tok_s[name] is None else round(tok_s[name], 1)
+    for short, name in names.items():
+        result[f"peak_gflops_{short}"] = round(peaks[name], 1)
+    for short, name in names.items():
+        result[f"mfu_{short}"] = None if tok_s[name] is None else round(flops * tok_s[name] / (peaks[name] * 1e9), 4)
     print(json.dumps(result))
