@@ -240,6 +240,9 @@ if __name__ == "__main__":
     except ValueError as e:  # a bad depth/head setting: one line, no traceback
         raise SystemExit(f"error: {e}") from None
     model_config.use_kernels = kernels
+    if kernels:
+        import importlib
+        importlib.import_module("kernels").enable(True)  # impl="auto" inside the model then picks Triton on CUDA
     model = GPT(model_config).to(device)
     model.init_weights()
     num_params = model.num_params()

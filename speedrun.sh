@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The whole picochat pipeline in one command: tokenizer -> pretrain -> sft -> rl -> evaluate -> a sample chat.
+#
+#   bash speedrun.sh                      # CPU: the built-in data and a tiny model, about 15 minutes on 2 cores
+#   PRESET=gpu bash speedrun.sh           # (the default when GPUs are present) real data, depth 20, all GPUs
+#   PRESET=smoke bash speedrun.sh         # tiny sizes, a couple of minutes: checks that every stage runs
+#   DEPTH=6 bash speedrun.sh              # a knob of the cpu preset: a bigger model
+#
+# Everything goes to $PICOCHAT_DIR (default ~/.cache/picochat). Interrupted and run again, it resumes: a finished
+# stage (its report section exists) is not redone, pretraining continues from its last checkpoint, and no
+# half-written file is ever trusted (every write is temp + rename). The last line printed is a JSON summary.
+set -euo pipefail
+cd "$(dirname "$0")"
+export PICOCHAT_DIR="${PICOCHAT_DIR:-$HOME/.cache/picochat}"
+export PYTHONUNBUFFERED=1
+mkdir -p "$PICOCHAT_DIR/report"
+echo "picochat: artifacts in $PICOCHAT_DIR"
+
+# ---- environment: install only what is missing
+python3 -c "import torch, numpy, tiktoken, regex, requests, sympy" 2>/dev/null || python3 -m pip install -q -r requirements.txt
+
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+PRESET="${PRESET:-$([ "$NGPU" -gt 0 ] && echo gpu || echo cpu)}"
+echo "preset: $PRESET ($NGPU GPUs)"
+
+# ---- presets: the knobs of each stage
+case "$PRESET" in
+  cpu)
+    DEPTH="${DEPTH:-4}"
+    DATA=(python3 data/tinyworld.py)
+    TOK=(--vocab_size=4096 --max_chars=20000000)
+    PRE=(--depth="$DEPTH" --head_dim=64 --max_seq_len=256 --device_batch_size=16 --total_batch_size=8192
+         --num_iterations=600 --eval_every=100 --save_every=50)
+    SFT=(--max_seq_len=256 --device_batch_size=16 --total_batch_size=8192 --num_epochs=1 --eval_every=50)
+    RL=(--num_steps=40 --eval_every=10)
+    EVAL=(--task=bpb,mc,math)
+    LAUNCH=(python3)
+    ;;
+  smoke)
+    DEPTH=1
+    DATA=(python3 data/tinyworld.py --pretrain_mb=0.3 --num_chat=400 --num_math_train=400 --num_math_test=40
+          --num_mc_train=100 --num_mc_test=40)
+    TOK=(--vocab_size=400 --max_chars=300000)
+    PRE=(--depth=1 --aspect_ratio=32 --head_dim=16 --max_seq_len=128 --device_batch_size=2 --total_batch_size=256
+         --num_iterations=20 --eval_every=10 --eval_tokens=512 --save_every=10 --dtype=float32)
+    SFT=(--max_seq_len=128 --device_batch_size=2 --total_batch_size=256 --num_iterations=10 --eval_every=5
+         --eval_rows=8 --dtype=float32)
+    RL=(--num_steps=2 --eval_every=1 --prompts_per_step=2 --num_samples=4 --max_new_tokens=24 --eval_problems=8
+        --dtype=float32)
+    EVAL=(--task=bpb,mc,math --max_problems=8 --max_new_tokens=32 --eval_tokens=2048 --dtype=float32)
+    LAUNCH=(python3)
+    ;;
+  gpu)
+    DEPTH="${DEPTH:-20}"
+    DATA=(python3 data/fineweb.py -n 240)
+    TOK=(--vocab_size=65536 --max_chars=2000000000)
+    PRE=(--depth="$DEPTH" --max_seq_len=2048 --device_batch_size=32 --total_batch_size=524288 --eval_every=250
+         --eval_tokens=10485760 --save_every=1000)
+    SFT=(--max_seq_len=2048 --device_batch_size=16 --total_batch_size=524288 --eval_every=100)
+    RL=(--num_steps=300 --eval_every=50 --dataset=gsm8k)
+    EVAL=(--task=bpb,mc,math)
+    LAUNCH=(torchrun --standalone --nproc_per_node="$NGPU")
+    # the evaluation and chat data of the real recipe
+    for name in smoltalk gsm8k math500 arc mmlu hellaswag; do python3 "data/$name.py"; done
+    ;;
+  *) echo "unknown PRESET=$PRESET (cpu, gpu or smoke)"; exit 1 ;;
+esac
+
+# ---- run a stage unless its report section says it is done; record its wall time
+stage() {
+  local name="$1"; shift
+  if [ -f "$PICOCHAT_DIR/report/$name.json" ]; then
+    echo "== $name: done before, skipping (delete $PICOCHAT_DIR/report/$name.json to redo it)"
+    return
+  fi
+  echo "== $name"
+  local t0=$SECONDS
+  "$@"
+  echo "$((SECONDS - t0))" > "$PICOCHAT_DIR/report/.$name.seconds.tmp"
+  mv "$PICOCHAT_DIR/report/.$name.seconds.tmp" "$PICOCHAT_DIR/report/$name.seconds"
+}
+
+"${DATA[@]}"  # idempotent: keeps a complete data set made with the same settings
+stage tokenizer python3 tokenizer.py "${TOK[@]}"
+stage base "${LAUNCH[@]}" pretrain.py "${PRE[@]}" --resume=1
+stage sft "${LAUNCH[@]}" sft.py "${SFT[@]}"
+stage rl "${LAUNCH[@]}" rl.py "${RL[@]}"
+stage eval python3 evaluate.py --source=all "${EVAL[@]}"
+python3 chat.py --prompt="Hello! Who are you?" --max_new_tokens=48
+python3 evaluate.py --report=1
