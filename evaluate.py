@@ -895,7 +895,9 @@ def load_set(kind, name, limit):
 
 
 def run_tasks(model, tokenizer, stage, tasks, sets, device, autocast_ctx):
-    """Every requested task on one model. Returns {result name: {metric: value, ..., "settings": {...}}}."""
+    """Every requested task on one model; sets: {"mc": {name: items}, "math": {name: problems}}.
+    Returns {result name: {metric: value, ..., "settings": {...}}}."""
+    import data
     from chat import Engine
     chat = stage != "base"
     context = model.cos.size(0)  # the longest sequence the model can take (its rotary cache)
@@ -904,22 +906,24 @@ def run_tasks(model, tokenizer, stage, tasks, sets, device, autocast_ctx):
         r = eval_bpb(model, tokenizer, device, autocast_ctx, eval_tokens, batch_size)
         results["bpb"] = {**r, "settings": {"eval_tokens": eval_tokens}}
         print(f"bpb: {r['bpb']:.4f} (unigram baseline {r['unigram_bpb']:.4f}) on {r['tokens']:,} tokens", flush=True)
-    for name in sets["mc"]:
-        items = load_set("mc", name, max_problems)
+    for name, items in sets["mc"].items():
         scorer = mc_letter_choices if chat else mc_loglik_choices
         r = mc_metrics(items, scorer(model, tokenizer, items, autocast_ctx, batch_size, context))
         results[f"mc/{name}"] = {**r, "settings": {"max_problems": max_problems,
                                                    "scoring": "letter" if chat else "loglik"}}
         print(f"mc/{name}: acc {r['acc']:.4f}, centred {r['centered']:.4f} ({r['n']} items)", flush=True)
-    for name in sets["math"]:
-        problems = load_set("math", name, max_problems)
+    for name, problems in sets["math"].items():
         if chat:
             prompts = [tokenizer.render_for_completion([{"role": "user", "content": p["question"]}]) for p in problems]
         else:
-            import data
-            shots = data.load_math(name, "train")[:BASE_SHOTS] if "train" in data.MATH_SPLITS[name] else []
+            try:  # solved problems of the same set, when it has a train split on disk
+                shots = data.load_math(name, "train")[:BASE_SHOTS]
+            except (FileNotFoundError, ValueError):
+                shots = []
             limit = model.config.sequence_len - max_new_tokens  # shots only as far as the trained context allows
             prompts = [fewshot_prompt(tokenizer, p["question"], shots, limit) for p in problems]
+            used = sorted({ids.count(tokenizer.bos_id) - 1 for ids in prompts})  # one <|bos|> per document
+            style = f"{used[0]}-shot" if len(used) == 1 else f"{used[0]}- to {used[-1]}-shot"
         longest = max(map(len, prompts))
         if longest + max_new_tokens > context:
             raise SystemExit(f"error: a {name} prompt of {longest} tokens + --max_new_tokens={max_new_tokens} is "
@@ -927,9 +931,9 @@ def run_tasks(model, tokenizer, stage, tasks, sets, device, autocast_ctx):
         with autocast_ctx:
             r = eval_math(Engine(model, tokenizer), problems, prompts, chat, num_samples, vote, temperature, top_k,
                           max_new_tokens, batch_size, seed, label=f"math/{name}")
-        settings = {k: globals()[k] for k in ("max_problems", "num_samples", "vote", "temperature", "top_k",
-                                              "max_new_tokens", "seed")}
-        results[f"math/{name}"] = {**r, "settings": {**settings, "prompt": "chat" if chat else f"{BASE_SHOTS}-shot"}}
+        settings = {"max_problems": max_problems, "num_samples": num_samples, "vote": vote, "temperature": temperature,
+                    "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "prompt": "chat" if chat else style}
+        results[f"math/{name}"] = {**r, "settings": settings}
     return results
 
 
@@ -1138,7 +1142,8 @@ if __name__ == "__main__":
         # greedy decoding would give K copies of one answer, making pass@K = pass@1
         temperature = config["temperature"] = 1.0
         print(f"--num_samples={num_samples} needs sampling: temperature set to 1.0")
-    sets = datasets_of(tasks, [d.strip() for d in dataset.split(",") if d.strip()])
+    names = datasets_of(tasks, [d.strip() for d in dataset.split(",") if d.strip()])
+    sets = {kind: {name: load_set(kind, name, max_problems) for name in names[kind]} for kind in ("mc", "math")}
 
     # ---- which checkpoints
     if source == "all":
@@ -1161,15 +1166,15 @@ if __name__ == "__main__":
         print(f"== {stage} (tag {tag}, step {meta['step']}): {', '.join(tasks)}", flush=True)
         t0 = time.time()
         results = run_tasks(model, tokenizer, stage, tasks, sets, device, autocast_ctx)
+        all_metrics[stage] = flat_metrics(results)
         path = os.path.join(common.get_base_dir(), "report", f"eval_{stage}.json")
         if os.path.exists(path):  # earlier results on this same checkpoint stay, unless measured again now
             with open(path, encoding="utf-8") as f:
                 previous = json.load(f)
             if previous.get("checkpoint") == checkpoint:
                 results = {**previous.get("results", {}), **results}
-        all_metrics[stage] = flat_metrics(results)
         section = {"stage": "eval", "checkpoint": checkpoint, "config": config, "results": results,
-                   "metrics": all_metrics[stage], "minutes": (time.time() - t0) / 60}
+                   "metrics": flat_metrics(results), "minutes": (time.time() - t0) / 60}
         print(f"report section: {common.write_report_section(f'eval_{stage}', section)}")
         del model
 
