@@ -1143,9 +1143,8 @@ if __name__ == "__main__":
         temperature = config["temperature"] = 1.0
         print(f"--num_samples={num_samples} needs sampling: temperature set to 1.0")
     names = datasets_of(tasks, [d.strip() for d in dataset.split(",") if d.strip()])
-    sets = {kind: {name: load_set(kind, name, max_problems) for name in names[kind]} for kind in ("mc", "math")}
 
-    # ---- which checkpoints
+    # ---- which checkpoints, then the data: what is missing is found before any work
     if source == "all":
         ckpts = os.path.join(common.get_base_dir(), "checkpoints")
         sources = [s for s in STAGES if glob.glob(os.path.join(ckpts, s, model_tag or "*", "meta_*.json"))]
@@ -1153,6 +1152,8 @@ if __name__ == "__main__":
             raise SystemExit(f"error: no base, sft or rl checkpoint under {ckpts}")
     else:
         sources = [source]
+    tags = {stage: common.find_model_tag(stage, model_tag) for stage in sources}
+    sets = {kind: {name: load_set(kind, name, max_problems) for name in names[kind]} for kind in ("mc", "math")}
     _, _, _, _, device = common.setup_device(device)
     autocast_ctx = common.autocast(device, dtype)
 
@@ -1160,7 +1161,7 @@ if __name__ == "__main__":
     all_metrics = {}
     for stage in sources:
         common.seed_everything(seed)
-        tag = common.find_model_tag(stage, model_tag)
+        tag = tags[stage]
         model, tokenizer, meta = common.load_model(stage, device, tag, step)
         checkpoint = {"stage": stage, "model_tag": tag, "step": meta["step"]}
         print(f"== {stage} (tag {tag}, step {meta['step']}): {', '.join(tasks)}", flush=True)
