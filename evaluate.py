@@ -24,7 +24,8 @@ The tasks:
   maj@K (self-consistency). A chat model gets the question as a user turn; a base model a few-shot prompt of
   solved problems in the pretraining documents' "Question: ...\nAnswer: ..." format.
 Each run prints a markdown table and writes report/eval_<source>.json: the checkpoint (stage, tag, step), the
-settings and every metric; results of earlier runs on the same checkpoint are kept unless measured again.
+settings and every metric; results of earlier runs on the same checkpoint are kept unless measured again. It runs
+as one process (not under torchrun).
 
 The report card (--report=1) reads report/*.json (tokenizer, tokenizer_eval, base, sft, rl, eval_*) and the
 <stage>.seconds files of speedrun.sh; whatever is missing is left out. Its last line of output is one JSON object:
