@@ -5,6 +5,7 @@ prefill).
 
     python tests/bench_evaluate.py                   # the sft model in $PICOCHAT_DIR, else a random depth-4 GPT
     PICOCHAT_DIR=/tmp/pc python tests/bench_evaluate.py
+    OMP_NUM_THREADS=1 python tests/bench_evaluate.py # a busy CPU: threads waiting on each other can cost 10x
 
 A random model (almost) never writes its stop token, so every answer is max_new_tokens long and numbers from
 random models compare; a trained model stops early and is faster. Without an sft checkpoint the model is a
