@@ -7,7 +7,7 @@
 #   DEPTH=6 bash speedrun.sh              # a knob of the cpu preset: a bigger model
 #
 # Everything goes to $PICOCHAT_DIR (default ~/.cache/picochat). Interrupted and run again, it resumes: a finished
-# stage (its report section exists) is not redone, pretraining continues from its last checkpoint, and no
+# stage (its report/<stage>.seconds exists) is not redone, pretraining continues from its last checkpoint, and no
 # half-written file is ever trusted (every write is temp + rename). The last line printed is a JSON summary.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,9 +29,10 @@ case "$PRESET" in
     DEPTH="${DEPTH:-4}"
     DATA=(python3 data/tinyworld.py)
     TOK=(--vocab_size=4096 --max_chars=20000000)
-    PRE=(--depth="$DEPTH" --head_dim=64 --max_seq_len=256 --device_batch_size=16 --total_batch_size=8192
-         --num_iterations=600 --eval_every=100 --save_every=50)
-    SFT=(--max_seq_len=256 --device_batch_size=16 --total_batch_size=8192 --num_epochs=1 --eval_every=50)
+    PRE=(--depth="$DEPTH" --head_dim=64 --max_seq_len=256 --device_batch_size=16 --total_batch_size=4096
+         --num_iterations=100 --eval_every=50 --eval_tokens=16384 --save_every=25 --compile=1)
+    SFT=(--max_seq_len=256 --device_batch_size=16 --total_batch_size=4096 --num_iterations=40 --eval_every=20
+         --eval_rows=32)
     RL=(--num_steps=40 --eval_every=10)
     EVAL=(--task=bpb,mc,math)
     LAUNCH=(python3)
@@ -66,11 +67,12 @@ case "$PRESET" in
   *) echo "unknown PRESET=$PRESET (cpu, gpu or smoke)"; exit 1 ;;
 esac
 
-# ---- run a stage unless its report section says it is done; record its wall time
+# ---- run a stage unless it finished before; a stage has finished once its wall time is recorded, which happens
+# only after it exits successfully
 stage() {
   local name="$1"; shift
-  if [ -f "$PICOCHAT_DIR/report/$name.json" ]; then
-    echo "== $name: done before, skipping (delete $PICOCHAT_DIR/report/$name.json to redo it)"
+  if [ -f "$PICOCHAT_DIR/report/$name.seconds" ]; then
+    echo "== $name: done before, skipping (delete $PICOCHAT_DIR/report/$name.seconds to redo it)"
     return
   fi
   echo "== $name"

@@ -26,8 +26,8 @@ def speedrun(base_dir, stop_at=None):
 def test_smoke_pipeline_runs_every_stage_and_resumes_after_an_interrupt(tmp_base_dir):
     code, out = speedrun(tmp_base_dir, stop_at="== sft")
     assert code != 0, out[-2000:]
-    assert os.path.exists(os.path.join(tmp_base_dir, "report", "base.json"))  # pretraining had finished
-    assert not os.path.exists(os.path.join(tmp_base_dir, "report", "sft.json"))
+    assert os.path.exists(os.path.join(tmp_base_dir, "report", "base.seconds"))  # pretraining had finished
+    assert not os.path.exists(os.path.join(tmp_base_dir, "report", "sft.seconds"))
 
     code, out = speedrun(tmp_base_dir)
     assert code == 0, out[-3000:]
