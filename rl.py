@@ -16,6 +16,12 @@ The policy samples a group of answers per problem with the KV-cache engine (calc
 Defaults are nanochat's simple on-policy variant of GRPO: no reference model or KL, one gradient step per batch
 (so no ratio clipping), advantage = reward - group mean without std division, DAPO's token-level normalisation.
 Reads $PICOCHAT_DIR/checkpoints/<source>/, writes $PICOCHAT_DIR/checkpoints/rl/<model tag>/ and report/rl.json.
+
+What it learns on the built-in problems (tests/bench_rl.py, a 4-layer 128-wide model, 2 CPU cores): in 60 steps
+(~5 minutes) held-out pass@1 at temperature 1 goes from 0.45 to 0.74 and greedy from 0.49 to 0.82, mostly because
+the policy learns to call the calculator (39% -> 92% of answers): its own arithmetic is what fails, and answers
+that use the tool are the ones rewarded. RL needs an sft model that already solves some problems: one with 1%
+pass@1 gave all-zero groups and nothing to learn from.
 """
 
 import copy
@@ -43,7 +49,7 @@ dataset = "tinyworld"       # math problems: tinyworld (built in) or gsm8k (pyth
 # sampling
 prompts_per_step = 16       # problems per step, over all ranks (each rank samples its share)
 num_samples = 8             # answers sampled per problem: the group its baseline comes from
-max_new_tokens = 128        # an answer longer than this is cut (and scores what it says so far)
+max_new_tokens = 96         # an answer longer than this is cut (and scores what it says so far)
 temperature = 1.0           # sampling temperature, for training and for the pass@k evaluation
 top_k = 50                  # sample from the k most likely tokens (0: all)
 # rewards and advantages
@@ -63,7 +69,7 @@ pairs = ""                  # jsonl of {"prompt", "chosen", "rejected"}; "": der
 dpo_problems = 256          # train problems sampled (num_samples answers each) to derive pairs when pairs is ""
 # optimisation
 num_steps = 60              # optimisation steps (ppo_epochs each)
-lr_scale = 0.05             # multiplies the model's default learning rates (nanochat's init_lr_frac)
+lr_scale = 0.1              # multiplies the model's default learning rates (nanochat's init_lr_frac: 0.05)
 weight_decay = 0.0
 device_batch_size = 32      # sequences per forward/backward (memory only: gradients accumulate over a step)
 # evaluation, checkpoints
