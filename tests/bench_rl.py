@@ -8,8 +8,8 @@ minutes? pass@1 is measured on the same held-out problems, at the same sampling 
     python tests/bench_rl.py --loss_norm=sequence --std_norm=1   # extra --key=value go to rl.py (compare recipes)
 
 Without an sft checkpoint in $PICOCHAT_DIR it builds the small CPU pipeline through the stage scripts (printed as
-they run; ~35 minutes on 2 busy shared cores, mostly pretraining): python data/tinyworld.py, python tokenizer.py, python pretrain.py,
-python sft.py. The last line is one JSON object: {"pass1_sft", "pass1_rl", "minutes", ...}.
+they run; ~35 minutes on 2 busy shared cores, mostly pretraining): python data/tinyworld.py, python tokenizer.py,
+python pretrain.py, python sft.py. The last line is one JSON object: {"pass1_sft", "pass1_rl", "minutes", ...}.
 """
 
 import json
