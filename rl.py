@@ -146,7 +146,7 @@ def token_weights(mask, loss_norm, num_seqs, num_tokens, max_new_tokens):
     so the average is the same however the batch is split."""
     if loss_norm == "token":  # DAPO: every token weighs the same, so long answers are not diluted
         return mask / num_tokens
-    if loss_norm == "sequence":  # GRPO: each answer's mean, then the mean over answers (short answers' tokens weigh more)
+    if loss_norm == "sequence":  # GRPO: each answer's mean, then their mean (a short answer's tokens weigh more)
         return mask / (mask.sum(dim=1, keepdim=True).clamp(min=1) * num_seqs)
     if loss_norm == "constant":  # Dr.GRPO: one constant divisor, so the length of an answer biases nothing
         return mask / (num_seqs * max_new_tokens)
