@@ -298,6 +298,23 @@ def load_checkpoint(ckpt_dir, step=-1, rank=0, device="cpu", load_rank_state=Tru
     return model_state, rank_state, meta
 
 
+def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
+    """Restore the latest checkpoint of ckpt_dir into model and optimizers, after checking that the settings a
+    resume depends on agree. must_match: {name: this run's value}, compared with the meta's `name` (or its
+    config's). Returns (meta, rank_state); the caller restores what else it saved (data position, history)."""
+    model_state, rank_state, meta = load_checkpoint(ckpt_dir, rank=rank, device=device)
+    for name, ours in must_match.items():
+        saved = meta[name] if name in meta else meta["config"].get(name)
+        if saved != ours:
+            raise SystemExit(f"error: the checkpoint in {ckpt_dir} is of another {name.replace('_', ' ')} "
+                             f"({saved!r}, this run {ours!r}); resume with the same settings or another --model_tag")
+    model.load_state_dict(model_state)
+    for opt, opt_state in zip(optimizers, rank_state["optimizers"]):
+        opt.load_state_dict(opt_state)
+    print0(f"resumed from {ckpt_dir} at step {meta['step']}")
+    return meta, rank_state
+
+
 def find_model_tag(stage, model_tag=""):
     """The given tag, or the tag of the stage's most recently saved checkpoint."""
     stage_dir = os.path.join(get_base_dir(), "checkpoints", stage)

@@ -277,19 +277,11 @@ if __name__ == "__main__":
     step = 0
     history = {"loss": [], "val_bpb": []}  # (step, value) pairs for the report's charts
     if resume and common.last_step(ckpt_dir) is not None:
-        model_state, rank_state, meta = common.load_checkpoint(ckpt_dir, rank=rank, device=device)
-        if meta["model_config"] != json.loads(json.dumps(asdict(model_config))):
-            raise SystemExit(f"error: the checkpoint in {ckpt_dir} is of another model config "
-                             f"({meta['model_config']}); use another --model_tag or the same settings")
-        if meta["world_size"] != world_size or meta["total_batch_size"] != total_batch_size:
-            raise SystemExit(f"error: resume needs the checkpoint's world_size={meta['world_size']} and "
-                             f"total_batch_size={meta['total_batch_size']}")
-        model.load_state_dict(model_state)
-        for opt, opt_state in zip(optimizers, rank_state["optimizers"]):
-            opt.load_state_dict(opt_state)
+        meta, rank_state = common.resume_checkpoint(ckpt_dir, model, optimizers, rank, device, {
+            "model_config": json.loads(json.dumps(asdict(model_config))), "world_size": world_size,
+            "total_batch_size": total_batch_size})
         train_rows.load_state(rank_state["loader"])
         step, history = meta["step"], meta["history"]
-        print0(f"resumed from {ckpt_dir} at step {step}")
     elif resume:
         print0(f"nothing to resume in {ckpt_dir}: starting from scratch")
 

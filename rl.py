@@ -396,14 +396,9 @@ if __name__ == "__main__":
             group["initial_lr"] = group["initial_lr"] * lr_scale
     step, history = 0, {}
     if resume and common.last_step(ckpt_dir) is not None:
-        model_state, rank_state, meta = common.load_checkpoint(ckpt_dir, rank=rank, device=device)
-        if meta["world_size"] != world_size or meta["config"]["prompts_per_step"] != prompts_per_step:
-            raise SystemExit("error: resume needs the checkpoint's world_size and prompts_per_step")
-        model.load_state_dict(model_state)
-        for opt, opt_state in zip(optimizers, rank_state["optimizers"]):
-            opt.load_state_dict(opt_state)
+        meta, _ = common.resume_checkpoint(ckpt_dir, model, optimizers, rank, device,
+                                           {"world_size": world_size, "prompts_per_step": prompts_per_step})
         step, history = meta["step"], meta["history"]
-        print0(f"resumed from {ckpt_dir} at step {step}")
     elif resume:
         print0(f"nothing to resume in {ckpt_dir}: starting from the {source} model")
 

@@ -168,14 +168,9 @@ if __name__ == "__main__":
             group["initial_lr"] = group["initial_lr"] * lr_scale
     step, history = 0, {"loss": [], "val_loss": []}
     if resume and common.last_step(ckpt_dir) is not None:
-        model_state, rank_state, meta = common.load_checkpoint(ckpt_dir, rank=rank, device=device)
-        if meta["world_size"] != world_size or meta["config"]["total_batch_size"] != total_batch_size:
-            raise SystemExit("error: resume needs the checkpoint's world_size and total_batch_size")
-        model.load_state_dict(model_state)
-        for opt, opt_state in zip(optimizers, rank_state["optimizers"]):
-            opt.load_state_dict(opt_state)
+        meta, _ = common.resume_checkpoint(ckpt_dir, model, optimizers, rank, device,
+                                           {"world_size": world_size, "total_batch_size": total_batch_size})
         step, history = meta["step"], meta["history"]
-        print0(f"resumed from {ckpt_dir} at step {step}")
 
     @torch.no_grad()
     def val_loss():
