@@ -43,7 +43,7 @@ case "$PRESET" in
   smoke)
     DEPTH=1
     DATA=(python3 data/tinyworld.py --pretrain_mb=0.3 --num_chat=400 --num_math_train=400 --num_math_test=40
-          --num_mc_train=100 --num_mc_test=40)
+          --num_mc_train=100 --num_mc_test=40 --num_probe_train=50 --num_probe_test=30)
     TOK=(--vocab_size=400 --max_chars=300000)
     PRE=(--depth=1 --aspect_ratio=32 --head_dim=16 --max_seq_len=128 --device_batch_size=2 --total_batch_size=256
          --num_iterations=20 --eval_every=10 --eval_tokens=512 --save_every=10 --dtype=float32)

@@ -6,6 +6,7 @@ The reading side of picochat's data: every stage gets its text, conversations an
     for text in data.iter_texts(files[0]): ...
     convs = data.load_conversations("train")         # list of message lists
     problems = data.load_math("gsm8k", "test")      # [{"question", "answer": "...\\n#### N", "level"}]
+    probes = data.load_chat_probes("test")          # [{"prompt", "kind", "expect"}], graded by chat_reply_ok
     items = data.load_mc("arc_easy", "test")        # [{"question", "choices", "answer": index}]
 
 Everything lives under $PICOCHAT_DIR/data/ (see DEVELOPERS.md). The built-in set (tinyworld) is generated on
@@ -241,11 +242,31 @@ def check_split(kind, splits, name, split):
 
 
 def load_math(name="tinyworld", split="test"):
-    """Word problems [{"question", "answer": "...\\n#### N", "level"}] of tinyworld, gsm8k or math500 (test only)."""
+    """Word problems [{"question", "answer": "...\\n#### N", "level"}] of tinyworld, gsm8k or math500 (test only).
+    tinyworld's test rows also carry "slice": id, phrasing, composition, length or arith (data/tinyworld.py)."""
     check_split("math", MATH_SPLITS, name, split)
     if name == "tinyworld":
         return read_jsonl(os.path.join(ensure_tinyworld(), f"math_{split}.jsonl"))
     return read_jsonl(downloaded(name, split))
+
+
+def load_chat_probes(split="test"):
+    """tinyworld's non-math chat prompts [{"prompt", "kind": "identity"|"smalltalk"|"fact", "expect": [words] or
+    None}]: "test" in phrasings no training file has (chat retention), "train" in training phrasings (e.g. for an
+    RL batch). Graded by chat_reply_ok."""
+    if split not in ("train", "test"):
+        raise ValueError(f"chat probes have the splits train, test, not {split!r}")
+    return read_jsonl(os.path.join(ensure_tinyworld(), f"chat_probe_{split}.jsonl"))
+
+
+def chat_reply_ok(reply, probe):
+    """Whether a reply handles a non-math prompt: no "#### N" answer line, no calculator call (as tokens or as the
+    <<expr=value>> marks people are shown) and, when the probe expects a fact, one of its words (whole words,
+    any case)."""
+    if "####" in reply or "<|python_start|>" in reply or "<<" in reply:
+        return False
+    return not probe["expect"] or any(re.search(rf"\b{re.escape(w)}\b", reply, re.IGNORECASE)
+                                      for w in probe["expect"])
 
 
 def load_mc(name="tinyworld", split="test"):

@@ -7,30 +7,57 @@ tinyworld: picochat's built-in offline data, generated from a seed (same seed an
 
 The stages call data.ensure_tinyworld(), which generates the set when it is missing (at $PICOCHAT_TINYWORLD_MB
 megabytes when that is set). Either way it is written to a temp dir renamed into $PICOCHAT_DIR/data/tinyworld/:
-    pretrain/shard_XXXXX.jsonl  {"text"}            the last shard is the validation shard
-    chat_{train,val}.jsonl      {"messages"}
-    math_{train,test}.jsonl     {"question", "answer": "...\\n#### N", "level"}
+    pretrain/shard_XXXXX.jsonl  {"text"}            the last shard is the validation shard (no train document in it)
+    chat_{train,val}.jsonl      {"messages"}        no val conversation is a train conversation
+    math_train.jsonl            {"question", "answer": "...\\n#### N", "level"}
+    math_test.jsonl             {"question", "answer", "level", "slice"}
     mc_{train,test}.jsonl       {"question", "choices" (4), "answer" (index)}
+    chat_probe_{train,test}.jsonl  {"prompt", "kind", "expect"}   non-math prompts, graded by data.chat_reply_ok
     meta.json                   the settings it was generated with, and the generator's VERSION
 
-The world (drawn from the seed) is small and closed so that a tiny model sees every fact many times: 30 people,
-20 places, 30 objects. Each person has a home, a job, a food they like, one object (with a color), a pet, a best
-friend and an age; each place a kind and a feature. Numbers appear both in words and in digits.
+The world (world(seed)) is small and closed so that a tiny model sees every fact many times: 30 people, 20 places,
+30 objects. Each person has a home, a job, a food they like, one object (with a color), a pet, a best friend and
+an age; each place a kind and a feature.
 
-Grammar, briefly:
-    pretrain doc := fact sheet | place description | story | dialogue | list | arithmetic drill | worked problem
-    step         := "<words> a OP b = c<words>"         (OP in + - * /, always spaced, integers only)
-    math problem := template(level) filled with a person, an item and numbers; its answer is one step per line
-                    and a last line "#### N". Level 1 = one step with small numbers, level k ~ k steps (4 = 4-5).
-    chat         := 1-3 exchanges of greeting | identity | fact question | arithmetic | calculator | word problem;
-                    every numeric answer ends with "\\n#### N" (the one final-answer convention, as in math_*).
-                    A calculator call is the parts text, {"type":"python","text":"12*7"}, {"type":"python_output",
-                    "text":"84"}, text.
-    mc item      := a fact question, "who lives in P" or "what is a OP b", 4 choices, the answer's index.
-Splits: a math problem's signature is (the numbers of its question, the operators of its answer) and
-crc32(signature) % 5 == 0 puts it in test, so no test problem is a train problem reworded (pretraining docs and
-chat use train problems only). MC items split the same way on their question text; test questions are unique.
+Math word problems are stories made of events on people's counts of one item ("Mia has 5 apples", "she gives 3
+to Tom", "Tom has twice as many as Mia"); each event is one clause, and its clause is one surface pattern: a frame
+of its kind (FRAMES) with one of the kind's verbs. The question asks for any person's count, two people's total or
+difference, a share, a number of groups, or, in stories that start from an unknown count, the count at first. The
+value asked for is a computation graph over the story's numbers (1 to 6 steps of + - * /, chains and trees, whole
+non-negative results); its shape is that graph with the numbers left out, e.g. "((n*n)+n)". Stories also carry
+numbers to ignore (other people, other items, ages), numbers in words, pronouns and varied sentence order. The
+answer works the graph one step per line, in story order, each line restating its clause and calling the calculator
+in GSM8K's marks (data.math_conversation turns them into calculator calls for chat):
+    Mia has 3 groups of 4: <<3*4=12>>12
+    Mia gives 5 to Tom: <<12-5=7>>7
+    #### 7
+
+Splits test generalisation, and nothing held out is in any training file (pretraining shards, chat_train,
+math_train, mc_train):
+    math_test "slice"  id           a math_train story re-told with new numbers and names (same patterns, shape)
+                       phrasing     one clause or the question in a held-out surface pattern (HELD frames, and
+                                    the (frame, verb) pairs of heldout_pair), the shape a training one
+                       composition  a held-out shape (heldout_shape), every pattern a training one
+                       length       6 steps; training problems have 1 to 5
+                       arith        bare arithmetic asked in a held-out phrasing (ARITH_ASK, ARITH_WORDS)
+    level = the number of steps (arith: of operations).
+    chat_probe_test    identity, small talk and fact questions in held-out phrasings (probes_split); each row
+                       {"prompt", "kind": "identity"|"smalltalk"|"fact", "expect": [words, one of which the reply
+                       must contain] or null}. A reply is right when it has no "####", no calculator call and
+                       (expect) one of the words: data.chat_reply_ok.
+    chat_probe_train   the same kinds of prompts in training phrasings: non-math prompts for an RL batch.
+    mc                 fact items split by fact (person, kind): an mc_test fact is never an mc item nor a quiz line
+                       in training (it is still stated in pretraining text and chats); arithmetic items by question.
+Pretraining text (all shards) is also what SFT can mix in to keep the text model: data.pretrain_files("train").
+
+Pretraining documents: fact sheets, places, stories, dialogues, lists, arithmetic drills, quizzes (a fact question
+and its bare answer, the form multiple choice is scored in), worked problems and arithmetic asked in words
+("Question: ...\\nAnswer: ...", the base model's few-shot format). Chats: greetings and small talk, identity, fact
+questions in many phrasings, arithmetic in many phrasings (one calculator call on the translated expression), word
+problems.
 """
+import collections
+import functools
 import json
 import os
 import random
@@ -41,25 +68,31 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data import math_conversation  # noqa: E402
+
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
 seed = 0
 pretrain_mb = 20.0      # megabytes of pretraining text (the stages use the default set)
 shard_mb = 2.0          # target size of a pretraining shard; there are always at least 2 (train + val)
 num_chat = 20000        # train conversations (val gets 1/20 of this)
-num_math_train = 8000   # spread evenly over the levels
-num_math_test = 400     # spread evenly over the levels
+num_math_train = 8000
+num_math_test = 500     # split evenly over the slices
 num_mc_train = 4000
 num_mc_test = 300
+num_probe_train = 2000  # non-math chat prompts in training phrasings (for RL)
+num_probe_test = 300    # chat-retention probes in held-out phrasings
 
-VERSION = 1  # bump when the generator's output changes: sets made by another version are regenerated
+VERSION = 2  # bump when the generator's output changes: sets made by another version are regenerated
 
 # -----------------------------------------------------------------------------
-# The world's vocabulary
+# The world's vocabulary (other code reads these lists: add words, never remove or rename one)
 
 NAMES = ["Mia", "Tom", "Sam", "Lily", "Ben", "Zoe", "Max", "Ella", "Leo", "Ava", "Finn", "Ruby", "Jack", "Nora",
          "Owen", "Ivy", "Hugo", "Rosa", "Theo", "Lucy", "Omar", "Maya", "Eli", "Anna", "Noah", "Kira", "Ivan",
          "Lena", "Paul", "Tara"]
+SHE = {"Mia", "Lily", "Zoe", "Ella", "Ava", "Ruby", "Nora", "Ivy", "Rosa", "Lucy", "Maya", "Anna", "Kira", "Lena",
+       "Tara"}  # the others are "he"
 PLACES = ["Oakvale", "Riverton", "Pine Hill", "Stonebridge", "Maple Creek", "Sunport", "Fogmoor", "Willowby",
           "Redcliff", "Lakeside", "Ashford", "Brightwater", "Cedar Falls", "Dunmore", "Elmstead", "Greenholt",
           "Hollow Bay", "Ironwood", "Juniper", "Kestrel Point"]
@@ -77,6 +110,10 @@ FOODS = ["apples", "pears", "plums", "carrots", "cookies", "cakes", "berries", "
 PETS = ["cat", "dog", "goat", "parrot", "rabbit", "horse", "duck", "owl", "turtle", "hamster"]
 ITEMS = ["apples", "pears", "eggs", "coins", "marbles", "books", "shells", "stamps", "cookies", "flowers",
          "pencils", "stickers", "plums", "carrots"]
+EDIBLE = {"apples", "pears", "eggs", "cookies", "plums", "carrots"}
+PICKABLE = {"apples", "pears", "plums", "carrots", "flowers", "shells"}
+CONTAINERS = [("box", "boxes"), ("bag", "bags"), ("basket", "baskets"), ("jar", "jars"), ("crate", "crates"),
+              ("tin", "tins"), ("pack", "packs")]
 TIMES = ["morning", "day", "evening", "afternoon", "spring day", "rainy day", "summer morning"]
 IDENTITY = ("I am picochat, a small language model trained with picochat. I know about a little world of people "
             "and places, and I can do arithmetic.")
@@ -95,6 +132,11 @@ def words(n):
     if n < 1000:
         return SMALL[n // 100] + " hundred" + ("" if n % 100 == 0 else " and " + words(n % 100))
     return str(n)
+
+
+def number(n, in_words):
+    """How a story writes a number: in words below 100 when asked to, else digits."""
+    return words(n) if in_words and n < 100 else str(n)
 
 
 def an(word):
@@ -122,249 +164,1023 @@ def build_world(rng):
     return people, places
 
 
+def world(seed=0):
+    """(people, places) of the world generated with `seed`: people[name] = {"home", "job", "food", "object",
+    "color", "pet", "friend", "age"}, places[place] = {"kind", "feature", "people"}."""
+    return build_world(random.Random(f"{seed}/world"))
+
+
+def hashed(key, mod):
+    """A stable bucket 0..mod-1 of a key (crc32 of its repr): how every held-out choice is made."""
+    return zlib.crc32(repr(key).encode()) % mod
+
+
 # -----------------------------------------------------------------------------
-# Facts in several wordings; the same wordings serve pretraining, chat answers and MC questions
+# Math stories: the surface patterns.
+# A frame is one construction of an event kind. Its slots: {P} the person the event is about (a name, or a pronoun
+# when the sentence before was about the same person and nobody else in the story shares the gender), {p} their
+# possessive, {Q} the other person (always a name), {q} theirs; {n} {a} {b} {k} numbers (a groups of b each, k a
+# factor); {item} {other} {box} {boxes}; {v} the kind's verb; a word of TENSE (e.g. {has}) follows the story's
+# tense. Frame.k fixes the factor the frame says in words ("twice"); held=True keeps the whole frame out of every
+# training file. Of frames with {v}, the (frame, verb) pairs of heldout_pair are held out too.
+
+Frame = collections.namedtuple("Frame", "text k held", defaults=(None, False))
+Verb = collections.namedtuple("Verb", "now past items", defaults=(None,))
+TENSE = {"has": ("has", "had"), "are": ("are", "were"), "is": ("is", "was"), "does": ("does", "did"),
+         "holds": ("holds", "held"), "starts": ("starts", "started"), "ends": ("ends", "ended"),
+         "gets": ("gets", "got"), "fills": ("fills", "filled"), "picks": ("picks", "picked"),
+         "sells": ("sells", "sold"), "uses": ("uses", "used"), "doubles": ("doubles", "doubled"),
+         "triple": ("triple", "tripled"), "belong": ("belong", "belonged"), "puts": ("puts", "put")}
+
+HAVE_VERBS = [Verb("has", "had"), Verb("owns", "owned"), Verb("keeps", "kept"), Verb("collects", "collected")]
+GAIN_VERBS = [Verb("finds", "found"), Verb("buys", "bought"), Verb("gets", "got"), Verb("picks", "picked", PICKABLE),
+              Verb("collects", "collected"), Verb("wins", "won"), Verb("receives", "received")]
+LOSE_VERBS = [Verb("eats", "ate", EDIBLE), Verb("sells", "sold"), Verb("loses", "lost"), Verb("uses", "used"),
+              Verb("drops", "dropped"), Verb("gives away", "gave away")]
+GIVE_VERBS = [Verb("gives", "gave"), Verb("hands", "handed"), Verb("passes", "passed"), Verb("sends", "sent")]
+RATE_VERBS = [Verb("picks", "picked", PICKABLE), Verb("collects", "collected"), Verb("finds", "found"),
+              Verb("gets", "got"), Verb("makes", "made", {"cookies", "stickers"})]
+
+# kind: (verbs, frames)
+FRAMES = {
+    # a person's first count
+    "has": (HAVE_VERBS, [Frame("{P} {v} {n} {item}."), Frame("{P} {v} {n} {item} at home."),
+                         Frame("At first, {P} {v} {n} {item}."), Frame("There {are} {n} {item} in {p} {box}."),
+                         Frame("{p} {box} {holds} {n} {item}."), Frame("{P} {starts} with {n} {item}."),
+                         Frame("{n} {item} {belong} to {P}.", held=True)]),
+    "groups": ([Verb("has", "had"), Verb("buys", "bought"), Verb("gets", "got"), Verb("brings", "brought")],
+               [Frame("{P} {v} {a} {boxes} of {b} {item}."), Frame("{P} {v} {a} {boxes} with {b} {item} in each."),
+                Frame("{P} {v} {a} {boxes}, and each {box} {holds} {b} {item}."),
+                Frame("There {are} {b} {item} in each of {p} {a} {boxes}."),
+                Frame("{P} {fills} {a} {boxes} with {b} {item} each."),
+                Frame("{P} {v} {a} full {boxes}, {b} {item} in every {box}.", held=True)]),
+    "rate": (RATE_VERBS, [Frame("{P} {v} {b} {item} every day for {a} days."),
+                          Frame("For {a} days, {P} {v} {b} {item} each day."),
+                          Frame("{P} {v} {b} {item} a day for {a} days."),
+                          Frame("Each day for {a} days, {P} {v} {b} {item}.", held=True)]),
+    # changes of a person's count
+    "gain": (GAIN_VERBS, [Frame("{P} {v} {n} more {item}."), Frame("{P} {v} another {n} {item}."),
+                          Frame("{P} {v} {n} {item} more."), Frame("{P} {v} {n} new {item}."),
+                          Frame("{n} more {item} {are} added to {p} {box}."),
+                          Frame("{P} {v} {n} extra {item}.", held=True)]),
+    "gain_groups": ([Verb("buys", "bought"), Verb("gets", "got"), Verb("finds", "found"), Verb("wins", "won")],
+                    [Frame("{P} {v} {a} {boxes} of {b} {item}."), Frame("{P} also {v} {a} {boxes} with {b} {item} in each."),
+                     Frame("{P} {v} {a} more {boxes}, each with {b} {item}."),
+                     Frame("For {a} more days, {P} {picks} {b} {item} each day."),
+                     Frame("{P} {v} {b} {item} in each of {a} new {boxes}.", held=True)]),
+    "lose": (LOSE_VERBS, [Frame("{P} {v} {n} {item}."), Frame("{P} {v} {n} of them."),
+                          Frame("{P} {v} {n} of {p} {item}."), Frame("{P} {v} {n} of the {item}."),
+                          Frame("{n} of {p} {item} {are} lost."),
+                          Frame("{P} {v} {n} {item} that day.", held=True)]),
+    "lose_groups": (GIVE_VERBS, [Frame("{P} {v} {b} {item} to each of {a} friends."),
+                                 Frame("{P} {v} {a} friends {b} {item} each."),
+                                 Frame("{P} {sells} {a} {boxes} of {b} {item}."),
+                                 Frame("{P} {uses} {b} {item} a day for {a} days."),
+                                 Frame("{P} {v} each of {a} friends {b} {item}.", held=True)]),
+    "give": (GIVE_VERBS, [Frame("{P} {v} {n} {item} to {Q}."), Frame("{P} {v} {Q} {n} {item}."),
+                          Frame("{P} {v} {n} of {p} {item} to {Q}."), Frame("{P} {v} {Q} {n} of them."),
+                          Frame("{Q} {gets} {n} {item} from {P}."),
+                          Frame("{n} {item} {are} given to {Q} by {P}.", held=True)]),
+    "give_all": (GIVE_VERBS[:2], [Frame("{P} {v} all {p} {item} to {Q}."), Frame("{P} {v} {Q} all of {p} {item}."),
+                                  Frame("{Q} {gets} all of {p} {item}.", held=True)]),
+    "scale": ([], [Frame("The number of {p} {item} {doubles}.", k=2), Frame("{p} {item} {triple}.", k=3),
+                   Frame("{P} {ends} up with {k} times as many {item} as before."),
+                   Frame("{P} {doubles} {p} {item}.", k=2),
+                   Frame("After that, {P} {has} {k} times as many {item} as before.", held=True)]),
+    # a new person's count, from another's
+    "times": ([], [Frame("{P} {has} {k} times as many {item} as {Q}."), Frame("{P} {has} twice as many {item} as {Q}.", k=2),
+                   Frame("{P} {has} {k} times the number of {item} that {Q} {has}."),
+                   Frame("The number of {item} {P} {has} is {k} times the number {Q} {has}."),
+                   Frame("{p} {item} {are} {k} times as many as {q}.", held=True)]),
+    "part": ([], [Frame("{P} {has} half as many {item} as {Q}.", k=2), Frame("{P} {has} a third as many {item} as {Q}.", k=3),
+                  Frame("{P} {has} half of what {Q} {has}.", k=2), Frame("{P} {has} a quarter as many {item} as {Q}.", k=4),
+                  Frame("The number of {item} {P} {has} is half of {q}.", k=2, held=True)]),
+    "more": ([], [Frame("{P} {has} {n} more {item} than {Q}."), Frame("{P} {has} {n} {item} more than {Q}."),
+                  Frame("{Q} {has} {n} fewer {item} than {P}."),
+                  Frame("{P} {has} {n} more {item} than {Q} {does}.", held=True)]),
+    "fewer": ([], [Frame("{P} {has} {n} fewer {item} than {Q}."), Frame("{P} {has} {n} {item} fewer than {Q}."),
+                   Frame("{Q} {has} {n} more {item} than {P}."),
+                   Frame("{P} {has} {n} fewer {item} than {Q} {does}.", held=True)]),
+    # stories that start from an unknown count
+    "some": ([], [Frame("{P} {has} some {item}."), Frame("{P} {has} a few {item}."),
+                  Frame("At first, {P} {has} some {item} in {p} {box}."),
+                  Frame("{P} {starts} with some {item}.", held=True)]),
+    "now": ([], [Frame("Now {P} has {n} {item}."), Frame("In the end, {P} {has} {n} {item}."),
+                 Frame("After all that, {P} {has} {n} {item} left."), Frame("{P} {ends} up with {n} {item}.", held=True)]),
+    # numbers and facts to ignore
+    "noise": ([], [Frame("{P} is {n} years old."), Frame("{P} also {has} {n} {other}."), Frame("{P} {has} {n} {other} too."),
+                   Frame("It takes {P} {n} minutes to walk home."), Frame("{P} lives in {home}."),
+                   Frame("{P} works as {a_job}."), Frame("{P} {has} {n} {other} in a {box}.", held=True)]),
+}
+QUESTIONS = {
+    "count": [Frame("How many {item} does {P} have now?"), Frame("How many {item} does {P} have?"),
+              Frame("How many {item} does {P} have in the end?"), Frame("How many {item} does {P} end up with?"),
+              Frame("What is the number of {item} {P} has now?"), Frame("How many {item} are in {p} {box} now?"),
+              Frame("How many {item} does {P} have after all that?", held=True),
+              Frame("Find how many {item} {P} has.", held=True)],
+    "together": [Frame("How many {item} do {P} and {Q} have together?"), Frame("How many {item} do {P} and {Q} have in all?"),
+                 Frame("Altogether, how many {item} do {P} and {Q} have?"),
+                 Frame("What is the total number of {item} that {P} and {Q} have?"),
+                 Frame("If {P} and {Q} put their {item} together, how many {item} do they have?", held=True)],
+    "diff": [Frame("How many more {item} does {P} have than {Q}?"), Frame("How many fewer {item} does {Q} have than {P}?"),
+             Frame("How many {item} does {P} have more than {Q}?"),
+             Frame("What is the difference between the {item} of {P} and the {item} of {Q}?", held=True)],
+    "share": [Frame("{P} shares the {item} equally among {k} friends. How many {item} does each friend get?"),
+              Frame("If {P} splits the {item} evenly into {k} piles, how many {item} are in each pile?"),
+              Frame("{P} puts the {item} into {k} {boxes} with the same number in each. How many {item} go in each {box}?"),
+              Frame("{P} gives all the {item} to {k} friends in equal shares. How many {item} does each friend get?",
+                    held=True)],
+    "pack": [Frame("{P} packs the {item} into {boxes} of {k}. How many {boxes} does {P} fill?"),
+             Frame("How many groups of {k} {item} can {P} make?"),
+             Frame("{P} puts {k} {item} in each {box}. How many {boxes} does {P} need?"),
+             Frame("If {P} makes piles of {k} {item}, how many piles are there?", held=True)],
+    "first": [Frame("How many {item} did {P} have at first?"), Frame("How many {item} did {P} start with?"),
+              Frame("How many {item} did {P} have at the start?"),
+              Frame("How many {item} did {P} have before all that?", held=True)],
+}
+CONNECTORS = ["", "", "Then ", "Later, ", "After that, ", "Next, "]  # before a change of a count (not a pattern)
+FRACTION = {2: "half", 3: "a third", 4: "a quarter"}
+# the answer's restatement of each step: a canonical phrase per event (digits, names), then the calculator call
+SAY = {"groups": "{P} has {a} groups of {b}", "rate": "{P} has {a} groups of {b}", "gain": "{P} gets {n} more",
+       "lose": "{P} loses {n}", "give": "{P} gives {n} to {Q}", "got": "{Q} gets {n} from {P}",
+       "give_all": "{Q} gets all of {P}'s", "scale": "{P} has {k} times as many", "times": "{P} has {k} times {Q}'s",
+       "part": "{P} has {Q}'s split in {k}", "more": "{P} has {n} more than {Q}", "fewer": "{P} has {n} fewer than {Q}",
+       "gain_groups": "{P} gets {a} groups of {b}", "lose_groups": "{P} loses {a} groups of {b}",
+       "gain_x": "{P} gets {x} more", "lose_x": "{P} loses {x}", "together": "{P} and {Q} together",
+       "diff": "{P} has more than {Q} by", "share": "each of {k} gets", "pack": "groups of {k}",
+       "undo_gain": "{P} before getting {n} more", "undo_lose": "{P} before losing {n}",
+       "undo_give": "{P} before giving {n}", "undo_got": "{P} before getting {n}",
+       "undo_scale": "{P} before {k} times as many", "undo_gain_x": "{P} before getting {x} more",
+       "undo_lose_x": "{P} before losing {x}"}
+MAX_STEPS = 5    # training problems have 1..MAX_STEPS steps; the length slice has LENGTH_STEPS
+LENGTH_STEPS = 6
+MAX_VALUE = 999  # every number of a story and of its solution
+
+
+def heldout_pair(frame_index, verb_index):
+    """Of a frame with {v}, the verbs it is never used with in training: a diagonal of the frame x verb grid, so
+    that every frame keeps training verbs and every verb training frames."""
+    return (frame_index + verb_index) % 5 == 4
+
+
+def verb_options(kind, item):
+    """[(pattern, frame, verb)] of a kind for an item; pattern = (kind, frame index, verb index or -1)."""
+    verbs, frames = FRAMES[kind] if kind in FRAMES else ([], QUESTIONS[kind])
+    out = []
+    for fi, frame in enumerate(frames):
+        if "{v}" not in frame.text:
+            out.append(((kind, fi, -1), frame, None))
+            continue
+        for vi, verb in enumerate(verbs):
+            if verb.items is None or item in verb.items:
+                out.append(((kind, fi, vi), frame, verb))
+    return out
+
+
+def is_heldout_pattern(pattern):
+    kind, fi, vi = pattern
+    frames = FRAMES[kind][1] if kind in FRAMES else QUESTIONS[kind]
+    return frames[fi].held or (vi >= 0 and heldout_pair(fi, vi))
+
+
+def heldout_patterns():
+    """Every held-out pattern as (pattern, frame text, verb or None)."""
+    out = []
+    for kind in list(FRAMES) + list(QUESTIONS):
+        for pattern, frame, verb in verb_options(kind, item=None):
+            if is_heldout_pattern(pattern):
+                out.append((pattern, frame.text, verb))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Math stories: the computation graph, its shape and its worked solution
+
+Node = collections.namedtuple("Node", "value op a b say at")  # a leaf has op None; at orders the solution lines
+Problem = collections.namedtuple("Problem", "question answer steps shape patterns recipe")
+
+
+def leaf(n):
+    return Node(n, None, None, None, None, None)
+
+
+def shape(node):
+    """The graph without its numbers, e.g. "((n*n)+n)"; + and * sort their operands: a*b and b*a are one shape."""
+    if node.op is None:
+        return "n"
+    a, b = shape(node.a), shape(node.b)
+    if node.op in "+*" and b < a:
+        a, b = b, a
+    return f"({a}{node.op}{b})"
+
+
+def steps_of(node):
+    """The distinct operation nodes of a graph (a count used twice is worked out once)."""
+    seen, out = set(), []
+
+    def visit(n):
+        if n.op is None or id(n) in seen:
+            return
+        seen.add(id(n))
+        visit(n.a)
+        visit(n.b)
+        out.append(n)
+    visit(node)
+    return out
+
+
+def heldout_shape(s):
+    """A held-out composition: about one shape in five of those with 2+ steps (1-step shapes are all trained)."""
+    return s.count("(") >= 2 and hashed(("shape", s), 5) == 0
+
+
+def solution(target, position):
+    """The answer text: one line per step, in story order (position(at) -> sort key) but never before a step it
+    uses, then "#### N"."""
+    todo = sorted(steps_of(target), key=lambda n: position(n.at))
+    lines, done = [], set()
+    while todo:
+        node = next(n for n in todo if all(c.op is None or id(c) in done for c in (n.a, n.b)))
+        todo.remove(node)
+        done.add(id(node))
+        lines.append(f"{node.say}: <<{node.a.value}{node.op}{node.b.value}={node.value}>>{node.value}")
+    return "\n".join(lines + [f"#### {target.value}"])
+
+
+# -----------------------------------------------------------------------------
+# Math stories: drawing a recipe (everything but the numbers and the names) and telling it.
+# A recipe: {"tense", "item", "other", "box", "she": [gender per role], "events": [event], "order": [event index in
+# sentence order], "question": event, "qfirst"}; an event: {"kind", "roles", "pattern", "conn", "words": [number
+# slots written in words], "pron"}. Roles 0..n-1 are people; the story's events are in the order they happen.
+
+MUTATIONS = {"gain": 4, "gain_groups": 2, "lose": 4, "lose_groups": 1, "give": 3, "give_all": 1, "scale": 1}
+RELATIONS = {"times": 2, "part": 1, "more": 2, "fewer": 2}
+INTROS = {"has": 5, "groups": 2, "rate": 1}
+QUESTION_KINDS = {"count": 6, "together": 2, "diff": 1, "share": 1, "pack": 1}
+FIRST_MUTATIONS = {"gain": 3, "lose": 3, "give": 2, "got": 1, "gain_groups": 1, "lose_groups": 1, "scale": 1}
+NUMBER_SLOTS = ("n", "a", "b", "k")
+
+
+def pick(rng, weights):
+    keys = list(weights)
+    return rng.choices(keys, [weights[k] for k in keys])[0]
+
+
+@functools.lru_cache(maxsize=None)
+def pattern_choices(kind, item, heldout):
+    """The (pattern, frame) pairs an event of a kind about an item can be told in, training or held-out."""
+    return [(p, f) for p, f, _ in verb_options(kind, item) if is_heldout_pattern(p) == heldout]
+
+
+def new_event(rng, kind, roles, item, heldout=False):
+    """An event with a random pattern: a training one, or with heldout=True a held-out one (None if none fits)."""
+    options = pattern_choices("give" if kind == "got" else kind, item, heldout)
+    if not options:
+        return None
+    pattern, frame = rng.choice(options)
+    return {"kind": kind, "roles": list(roles), "pattern": list(pattern), "conn": rng.choice(CONNECTORS),
+            "words": [s for s in NUMBER_SLOTS if f"{{{s}}}" in frame.text and rng.random() < 0.2],
+            "pron": rng.random() < 0.6}
+
+
+def draw_events(rng, item, n_people, n_events, inverse):
+    """The events of a story and its question, at random (validity of the numbers is checked when told)."""
+    if inverse:  # person 0 starts with an unknown count and only changes; the question asks for it
+        events, holders = [new_event(rng, "some", [0], item)], [0]
+        others = list(range(1, n_people))
+        for _ in range(n_events):
+            if others and rng.random() < 0.3:  # a distractor: another person's count appears
+                r = others.pop(0)
+                events.append(new_event(rng, pick(rng, INTROS), [r], item))
+                holders.append(r)
+                continue
+            kind = pick(rng, FIRST_MUTATIONS)
+            if kind == "got" and len(holders) < 2:
+                kind = "gain"
+            if kind == "got":
+                events.append(new_event(rng, "got", [rng.choice(holders[1:]), 0], item))
+            elif kind == "give":
+                events.append(new_event(rng, "give", [0, rng.choice(holders[1:] + [n_people])], item))
+            else:
+                events.append(new_event(rng, kind, [0], item))
+        events.append(new_event(rng, "now", [0], item))
+        return events, new_event(rng, "first", [0], item)
+    events, holders, gone = [], [], set()
+    for i in range(n_events):
+        live = [r for r in holders if r not in gone]
+        weights = {}
+        if len(holders) < n_people:
+            weights.update(INTROS if not live else {**INTROS, **RELATIONS})
+        if live:
+            weights.update(MUTATIONS if len(live) > 1 else {k: w for k, w in MUTATIONS.items() if k != "give_all"})
+        kind = pick(rng, weights)
+        if kind in INTROS:
+            roles = [len(holders)]
+        elif kind in RELATIONS:
+            roles = [len(holders), rng.choice(live)]
+        elif kind == "give_all":
+            roles = rng.sample(live, 2)
+        elif kind == "give":  # to another person of the story, or to someone outside it
+            p = rng.choice(live)
+            roles = [p, rng.choice([r for r in live if r != p] + [n_people])]
+        else:
+            roles = [rng.choice(live)]
+        if kind in INTROS or kind in RELATIONS:
+            holders.append(roles[0])
+        if kind == "give_all":
+            gone.add(roles[0])
+        events.append(new_event(rng, kind, roles, item))
+    live = [r for r in holders if r not in gone]
+    weights = dict(QUESTION_KINDS) if len(live) > 1 else {k: w for k, w in QUESTION_KINDS.items()
+                                                          if k not in ("together", "diff")}
+    kind = pick(rng, weights)
+    roles = rng.sample(live, 2) if kind in ("together", "diff") else [rng.choice(live)]
+    return events, new_event(rng, kind, roles, item)
+
+
+def touches(event):
+    """The people whose count an event reads or changes (sentence order keeps their events in story order)."""
+    if event["kind"] == "noise":
+        return set()
+    return set(event["roles"])
+
+
+def sentence_order(rng, events, n_people):
+    """A random order of the sentences that keeps, for each person, their events in story order; a relation to a
+    person who never changes may come before that person's count is given ("Tom has twice as many as Mia. Mia
+    has 4.")."""
+    after = {i: set() for i in range(len(events))}  # i -> events that must come before i
+    for i, e in enumerate(events):
+        for j in range(i):
+            if touches(e) & touches(events[j]) & set(range(n_people)):
+                after[i].add(j)
+    for i, e in enumerate(events):
+        if e["kind"] in RELATIONS and rng.random() < 0.25:
+            ref = e["roles"][1]
+            about_ref = [j for j, f in enumerate(events) if ref in touches(f)]
+            intro = about_ref[0]
+            if events[intro]["kind"] in INTROS and about_ref[1] == i and all(
+                    events[j]["kind"] in RELATIONS and events[j]["roles"][1] == ref for j in about_ref[1:]):
+                after[i].discard(intro)
+                after[intro].add(i)
+    order, left = [], list(range(len(events)))
+    while left:
+        ready = [i for i in left if after[i] <= set(order)]
+        i = ready[0] if rng.random() < 0.6 else rng.choice(ready)
+        order.append(i)
+        left.remove(i)
+    return order
+
+
+def draw_recipe(rng, steps_hint):
+    """A random recipe; steps_hint (1..6) sizes the story, the exact step count is known once it is told."""
+    item = rng.choice(ITEMS)
+    inverse = rng.random() < 0.15
+    n_people = rng.choice([1, 2, 2, 3]) if steps_hint > 1 else rng.choice([1, 2])
+    n_events = max(1, steps_hint - rng.randint(0, 2)) if inverse else rng.randint(max(1, steps_hint - 2),
+                                                                                    steps_hint + 2)
+    events, question = draw_events(rng, item, n_people, n_events, inverse)
+    for _ in range(rng.choice([0, 0, 1, 1, 2])):  # numbers and facts to ignore, about anyone
+        events.insert(rng.randint(0, len(events)), new_event(rng, "noise", [rng.randint(0, n_people + 1)], item))
+    return {"tense": rng.randint(0, 1), "item": item, "other": rng.choice([i for i in ITEMS if i != item]),
+            "box": rng.randrange(len(CONTAINERS)), "she": [rng.random() < 0.5 for _ in range(n_people + 2)],
+            "events": events, "order": sentence_order(rng, events, n_people), "question": question,
+            "qfirst": question["kind"] in ("count", "together", "diff", "first") and rng.random() < 0.1}
+
+
+class Redraw(Exception):
+    """The numbers drawn break a rule (a count below 1 or above MAX_VALUE, an uneven share): draw them again."""
+
+
+class Unfit(Exception):
+    """The recipe cannot give a problem (the question asks for a count nobody worked out): draw another one."""
+
+
+def frame_of(event):
+    kind, fi, vi = event["pattern"]
+    verbs, frames = FRAMES[kind] if kind in FRAMES else ([], QUESTIONS[kind])
+    return frames[fi], (verbs[vi] if vi >= 0 else None)
+
+
+def draw(rng, lo, hi, used=None):
+    """A number in lo..hi; with `used`, one not in it (and then added): a story states each number once and works
+    out values it does not state, so which number feeds which step is never ambiguous."""
+    for _ in range(20 if used is not None else 1):
+        if lo > hi:
+            raise Redraw
+        value = rng.randint(lo, hi)
+        if used is None:
+            return value
+        if value not in used:
+            used.add(value)
+            return value
+    raise Redraw
+
+
+def calc(a, op, b, say, at):
+    value = {"+": lambda: a.value + b.value, "-": lambda: a.value - b.value, "*": lambda: a.value * b.value,
+             "/": lambda: a.value // b.value if a.value % b.value == 0 else -1}[op]()
+    if not 1 <= value <= MAX_VALUE:
+        raise Redraw
+    return Node(value, op, a, b, say, at)
+
+
+def divisor(rng, value, most, used):
+    """A new factor k in 2..most that shares `value` into whole parts of at least 2."""
+    ks = [k for k in range(2, most + 1) if value % k == 0 and value // k >= 2 and k not in used]
+    if not ks:
+        raise Redraw
+    used.add(k := rng.choice(ks))
+    return k
+
+
+def work(recipe, names, people, rng):
+    """Draw the numbers of a recipe's events and work out the question's graph.
+    Returns (graph, {event index: {slot: number}}); raises Redraw or Unfit."""
+    events, question = recipe["events"], recipe["question"]
+    counts, numbers, changes, start = {}, {}, [], None  # changes: person 0's changes in an unknown-start story
+    N = len(events)
+    used = {frame_of(e)[0].k for e in events + [question]} - {None}  # numbers the story states ("twice": 2)
+
+    def say(key, roles, **nums):
+        return SAY[key].format(P=names[roles[0]], Q=names[roles[-1]], **nums)
+
+    for i, e in enumerate(events + [question]):
+        kind, roles = e["kind"], e["roles"]
+        frame, _ = frame_of(e)
+        P, at = roles[0], (i, 0)
+        got = {}
+        if kind == "has":
+            got["n"] = draw(rng, 2, 25, used)
+            counts[P] = leaf(got["n"])
+        elif kind in ("groups", "rate"):
+            got["a"], got["b"] = draw(rng, 2, 9, used), draw(rng, 2, 12, used)
+            counts[P] = calc(leaf(got["a"]), "*", leaf(got["b"]), say(kind, roles, **got), at)
+        elif kind == "noise":
+            if "years old" in frame.text:  # the person's age, a fact of the world, stated like any number
+                got["n"] = people[names[P]]["age"]
+                if got["n"] in used:
+                    raise Redraw
+                used.add(got["n"])
+            else:
+                got["n"] = draw(rng, 2, 60, used)
+        elif kind == "some":
+            start = draw(rng, 4, 40)
+            counts[P] = leaf(start)  # worked forward only to check the numbers; the solution works backwards
+        elif kind == "now":
+            got["n"] = counts[P].value
+            if got["n"] in used:
+                raise Redraw
+            used.add(got["n"])
+        elif kind in ("gain", "gain_groups", "lose", "lose_groups", "scale", "give", "got"):
+            if kind == "got":  # another person gives to person 0 (unknown-start stories)
+                P, at = roles[1], (i, 1)
+                giver = counts[roles[0]]
+                got["n"] = draw(rng, 2, giver.value - 2, used)
+                counts[roles[0]] = calc(giver, "-", leaf(got["n"]), None, (i, 0))
+            cur = counts[P]
+            if kind in ("gain", "got"):
+                got.setdefault("n", draw(rng, 2, 20, used))
+                counts[P] = calc(cur, "+", leaf(got["n"]), say("gain", [P], **got), at)
+            elif kind in ("lose", "give"):
+                got["n"] = draw(rng, 2, cur.value - 2, used)
+                counts[P] = calc(cur, "-", leaf(got["n"]), say(kind, roles, **got), at)
+                Q = roles[-1]
+                if kind == "give" and Q in counts and start is None:
+                    counts[Q] = calc(counts[Q], "+", leaf(got["n"]), say("got", roles, **got), (i, 1))
+            elif kind == "gain_groups":
+                got["a"], got["b"] = draw(rng, 2, 6, used), draw(rng, 2, 10, used)
+                x = calc(leaf(got["a"]), "*", leaf(got["b"]), say(kind, roles, **got), at)
+                counts[P] = calc(cur, "+", x, say("gain_x", roles, x=x.value), (i, 1))
+            elif kind == "lose_groups":
+                got["a"] = draw(rng, 2, 5, used)
+                got["b"] = draw(rng, 2, min(10, (cur.value - 2) // got["a"]), used)
+                x = calc(leaf(got["a"]), "*", leaf(got["b"]), say(kind, roles, **got), at)
+                counts[P] = calc(cur, "-", x, say("lose_x", roles, x=x.value), (i, 1))
+            else:
+                got["k"] = frame.k or draw(rng, 2, 4, used)
+                counts[P] = calc(cur, "*", leaf(got["k"]), say(kind, roles, **got), at)
+            if start is not None and P == 0:
+                changes.append((kind, got))
+        elif kind == "give_all":
+            Q = roles[1]
+            counts[Q] = calc(counts[Q], "+", counts.pop(P), say(kind, roles), at)
+        elif kind in ("times", "part", "more", "fewer"):
+            ref = counts[roles[1]]
+            if kind == "times":
+                got["k"] = frame.k or draw(rng, 2, 5, used)
+                counts[P] = calc(ref, "*", leaf(got["k"]), say(kind, roles, **got), at)
+            elif kind == "part":
+                got["k"] = frame.k
+                counts[P] = calc(ref, "/", leaf(got["k"]), say(kind, roles, k=FRACTION[frame.k]), at)
+            elif kind == "more":
+                got["n"] = draw(rng, 2, 20, used)
+                counts[P] = calc(ref, "+", leaf(got["n"]), say(kind, roles, **got), at)
+            else:
+                got["n"] = draw(rng, 2, ref.value - 2, used)
+                counts[P] = calc(ref, "-", leaf(got["n"]), say(kind, roles, **got), at)
+        # ---- the question
+        elif kind == "count":
+            target = counts[P]
+        elif kind in ("together", "diff"):
+            target = calc(counts[P], "+" if kind == "together" else "-", counts[roles[1]], say(kind, roles), at)
+        elif kind in ("share", "pack"):
+            got["k"] = divisor(rng, counts[P].value, 9 if kind == "share" else 12, used)
+            target = calc(counts[P], "/", leaf(got["k"]), say(kind, roles, **got), at)
+        elif kind == "first":  # undo person 0's changes, last first, from the count stated at the end
+            target = leaf(counts[P].value)
+            for j, (change, nums) in enumerate(reversed(changes)):
+                at = (N, j)
+                if change in ("gain", "got"):
+                    target = calc(target, "-", leaf(nums["n"]), say(f"undo_{change}", [P], **nums), at)
+                elif change in ("lose", "give"):
+                    target = calc(target, "+", leaf(nums["n"]), say(f"undo_{change}", [P], **nums), at)
+                elif change == "scale":
+                    target = calc(target, "/", leaf(nums["k"]), say("undo_scale", [P], **nums), at)
+                else:
+                    x = calc(leaf(nums["a"]), "*", leaf(nums["b"]), say(change, [P], **nums), at)
+                    undo = "-" if change == "gain_groups" else "+"
+                    target = calc(target, undo, x, say(f"undo_{change[:4]}_x", [P], x=x.value), (N, j, 1))
+            if target.value != start:
+                raise AssertionError("undoing the changes must give the start")  # a bug, never a draw
+        numbers[i] = got
+    if target.op is None:
+        raise Unfit
+    results = [n.value for n in steps_of(target)]
+    if len(set(results)) < len(results) or set(results) & used:
+        raise Redraw
+    return target, numbers
+
+
+def sentence(event, nums, names, recipe, people, pronoun):
+    """One event (or the question) in words."""
+    frame, verb = frame_of(event)
+    tense = recipe["tense"]
+    roles = event["roles"]
+    P, Q = roles[0], roles[-1]
+    if event["kind"] == "got":
+        P, Q = roles[0], roles[1]  # the giver is the frame's {P}
+    she = recipe["she"][P]
+    box, boxes = CONTAINERS[recipe["box"]]
+    person = people[names[P]]
+    fields = {w: forms[tense] for w, forms in TENSE.items()}
+    fields.update(item=recipe["item"], other=recipe["other"], box=box, boxes=boxes, home=person["home"],
+                  a_job=an(person["job"]), P=("she" if she else "he") if pronoun else names[P],
+                  p=("her" if she else "his") if pronoun or 0 <= frame.text.find("{P}") < frame.text.find("{p}")
+                  else names[P] + "'s", Q=names[Q], q=names[Q] + "'s",
+                  v=(verb.now, verb.past)[tense] if verb else "")
+    for slot, value in nums.items():
+        fields[slot] = number(value, slot in event["words"])
+    text = frame.text.format(**fields)
+    if event["conn"] and frame.text.startswith("{") and event["kind"] in MUTATIONS:
+        text = event["conn"] + text
+    return text[0].upper() + text[1:]
+
+
+def subject_slot(event):
+    """Which person a sentence starts with (its first person slot), and whether a pronoun may stand there."""
+    text = frame_of(event)[0].text
+    hits = [(text.find(s), s) for s in ("{P}", "{p}", "{Q}", "{q}") if s in text]
+    if not hits:
+        return None, False
+    slot = min(hits)[1]
+    roles = event["roles"]
+    role = roles[0] if slot in ("{P}", "{p}") else roles[-1]
+    return role, slot in ("{P}", "{p}")
+
+
+def tell(recipe, names, people, rng, fits=None):
+    """The problem a recipe tells with these names (one per role) and freshly drawn numbers (Redraw, Unfit; Unfit
+    too when fits(graph) says no: a graph's shape and steps do not depend on the numbers)."""
+    target, numbers = work(recipe, names, people, rng)
+    if fits and not fits(target):
+        raise Unfit
+    events, question = recipe["events"], recipe["question"]
+    position = {i: k for k, i in enumerate(recipe["order"])}
+    used = {r for e in events + [question] for r in e["roles"]}
+    she = recipe["she"]
+    texts, last = [], None
+    for i in ([] if not recipe["qfirst"] else [len(events)]) + recipe["order"] + (
+            [] if recipe["qfirst"] else [len(events)]):
+        e = question if i == len(events) else events[i]
+        role, may = subject_slot(e)
+        alone = sum(she[r] == she[role] for r in used) == 1 if role is not None else False
+        texts.append(sentence(e, numbers[i], names, recipe, people, may and e["pron"] and alone and role == last))
+        last = role
+    answer = solution(target, lambda at: (position.get(at[0], len(events)),) + at[1:])
+    patterns = {tuple(e["pattern"]) for e in events + [question]}
+    return Problem(" ".join(texts), answer, len(steps_of(target)), shape(target), patterns, recipe)
+
+
+def draw_names(rng, she):
+    """Distinct names, one per role, of the roles' genders."""
+    girls = rng.sample(sorted(SHE), sum(she))
+    boys = rng.sample([n for n in NAMES if n not in SHE], len(she) - sum(she))
+    return [girls.pop() if s else boys.pop() for s in she]
+
+
+def retell(recipe, people, rng, tries=50, fits=None):
+    """A recipe told with new names and numbers, or None if no draw of numbers fits."""
+    for _ in range(tries):
+        try:
+            return tell(recipe, draw_names(rng, recipe["she"]), people, rng, fits)
+        except Redraw:
+            continue
+    return None
+
+
+def with_heldout_pattern(rng, recipe):
+    """The recipe with one event (or the question) told in a held-out pattern; None if none has one."""
+    slots = list(range(len(recipe["events"]) + 1))
+    rng.shuffle(slots)
+    for i in slots:
+        old = recipe["question"] if i == len(recipe["events"]) else recipe["events"][i]
+        new = new_event(rng, old["kind"], old["roles"], recipe["item"], heldout=True)
+        if new is not None:
+            events = [new if j == i else e for j, e in enumerate(recipe["events"])]
+            return {**recipe, "events": events, "question": new if i == len(events) else recipe["question"]}
+    return None
+
+
+def math_problem(rng, people, slice_, steps=0):
+    """A problem of a slice: "train" (what training sees), "phrasing", "composition" or "length", with `steps`
+    steps (0: any number of steps a training problem may have, at the rate stories come with them)."""
+    def fits(target):
+        n = len(steps_of(target))
+        return (n == steps if steps else n <= MAX_STEPS) and heldout_shape(shape(target)) == (slice_ == "composition")
+    while True:
+        recipe = draw_recipe(rng, steps or rng.randint(1, MAX_STEPS))
+        if slice_ == "phrasing":
+            recipe = with_heldout_pattern(rng, recipe)
+            if recipe is None:
+                continue
+        try:
+            p = retell(recipe, people, rng, tries=10, fits=fits)
+        except Unfit:
+            continue
+        if p is not None:
+            return p
+
+
+# -----------------------------------------------------------------------------
+# Arithmetic asked in words: a random expression (1-3 operations), said with symbols or words, answered with one
+# calculator call on the translated expression.
+
+ARITH_ASK = [Frame("What is {E}?"), Frame("Compute {E}."), Frame("Calculate {E}."), Frame("How much is {E}?"),
+             Frame("Please compute {E}."), Frame("Can you calculate {E}?"), Frame("What do you get for {E}?"),
+             Frame("Tell me {E}."), Frame("{E} = ?"), Frame("Solve {E}."), Frame("Work out {E}.", held=True),
+             Frame("Find the value of {E}.", held=True), Frame("What number is {E}?", held=True)]
+# one operation in words: (op, form, k) with {A} {B} the operands; k: the form fixes the second operand
+ARITH_WORDS = [("+", Frame("{A} plus {B}")), ("+", Frame("the sum of {A} and {B}")),
+               ("+", Frame("{A} added to {B}")), ("+", Frame("{A} and {B} added together", held=True)),
+               ("-", Frame("{A} minus {B}")), ("-", Frame("the difference between {A} and {B}")),
+               ("-", Frame("{B} less than {A}")), ("-", Frame("{A} take away {B}", held=True)),
+               ("*", Frame("{A} times {B}")), ("*", Frame("the product of {A} and {B}")),
+               ("*", Frame("{A} multiplied by {B}")), ("*", Frame("twice {A}", k=2)), ("*", Frame("double {A}", k=2)),
+               ("*", Frame("{A} and {B} multiplied together", held=True)),
+               ("/", Frame("{A} divided by {B}")), ("/", Frame("half of {A}", k=2)),
+               ("/", Frame("{A} split into {B} equal parts")), ("/", Frame("a third of {A}", k=3, held=True))]
+ARITH_DO = [("+", Frame("Add {A} and {B}.")), ("+", Frame("Add {A} to {B}.")), ("-", Frame("Subtract {B} from {A}.")),
+            ("*", Frame("Multiply {A} by {B}.")), ("/", Frame("Divide {A} by {B}.")),
+            ("-", Frame("Take {B} away from {A}.", held=True)), ("*", Frame("Multiply {A} and {B}.", held=True))]
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def draw_expr(rng, ops, small=False):
+    """A random expression (a graph of Nodes) with `ops` operations and whole, positive values (Redraw
+    otherwise); multiplied and divided by small numbers."""
+    if ops == 0:
+        return leaf(draw(rng, 2, 12 if small else 99 if rng.random() < 0.5 else 20))
+    op = rng.choice("+-*/")
+    left = rng.randint(0, ops - 1)
+    a, b = draw_expr(rng, left), draw_expr(rng, ops - 1 - left, small=op in "*/")
+    value = {"+": a.value + b.value, "-": a.value - b.value, "*": a.value * b.value,
+             "/": a.value // b.value if a.value % b.value == 0 else -1}[op]
+    if not 1 <= value <= 9999:
+        raise Redraw
+    return Node(value, op, a, b, None, None)
+
+
+def expr_text(e, spaced=True, parent=None, right=False):
+    """The expression in symbols, with only the brackets precedence needs: "17 * 10 + 29" (spaced) or "17*10+29"."""
+    if e.op is None:
+        return str(e.value)
+    s = (" {} " if spaced else "{}").format(e.op).join(
+        [expr_text(e.a, spaced, e.op), expr_text(e.b, spaced, e.op, right=True)])
+    if parent and (PRECEDENCE[e.op] < PRECEDENCE[parent] or (right and PRECEDENCE[e.op] == PRECEDENCE[parent]
+                                                              and parent in "-/")):
+        return f"({s})"
+    return s
+
+
+NOUN_FORMS = ("the ", "half ", "twice ", "double ", "a third ")  # word forms that read as one thing
+
+
+def say_expr(rng, e, noun=False):
+    """The expression in words, or None when no form fits: one form per operation; an operand that is itself an
+    operation is said as a noun phrase of numbers ("the sum of 3 and 4"), last, or first and before a comma
+    ("the sum of 3 and 4, times 5"). Returns (text, patterns)."""
+    if e.op is None:
+        return number(e.value, rng.random() < 0.2), set()
+    forms = [(i, f) for i, (op, f) in enumerate(ARITH_WORDS) if op == e.op and (f.k is None or f.k == e.b.value)
+             and (not noun or f.text.startswith(NOUN_FORMS))
+             and (e.a.op is None or f.text.startswith("{A}") and "{B}" in f.text and not noun)
+             and (e.b.op is None or f.text.endswith("{B}") and not noun)]
+    if not forms:
+        return None
+    i, form = rng.choice(forms)
+    a, b = say_expr(rng, e.a, noun=True), say_expr(rng, e.b, noun=True)
+    if a is None or b is None:
+        return None
+    text = form.text.replace("{A}", a[0] + ("," if e.a.op else "")).replace("{B}", b[0])
+    return text, {("arith_words", i)} | a[1] | b[1]
+
+
+def arith_question(rng, heldout):
+    """(question, answer, ops, patterns) of an arithmetic request; heldout: at least one held-out pattern."""
+    while True:
+        try:
+            e = draw_expr(rng, rng.choice([1, 1, 2, 2, 3]))
+        except Redraw:
+            continue
+        if heldout_shape(shape(e)):
+            continue
+        ops = len(steps_of(e))
+        kind = rng.random()
+        if kind < 0.4:  # symbols
+            ask = rng.randrange(len(ARITH_ASK))
+            text, patterns = ARITH_ASK[ask].text.format(E=expr_text(e)), {("arith_ask", ask)}
+        elif kind < 0.8 or ops > 1:  # words (None for most 3-operation expressions)
+            said = say_expr(rng, e)
+            if said is None:
+                continue
+            ask = rng.randrange(len(ARITH_ASK))
+            text, patterns = ARITH_ASK[ask].text.format(E=said[0]), {("arith_ask", ask)} | said[1]
+        else:  # an order: "Subtract 4 from 9."
+            dos = [i for i, (op, _) in enumerate(ARITH_DO) if op == e.op]
+            i = rng.choice(dos)
+            a, b = (number(x.value, rng.random() < 0.2) for x in (e.a, e.b))
+            text, patterns = ARITH_DO[i][1].text.replace("{A}", a).replace("{B}", b), {("arith_do", i)}
+        held = any(arith_heldout(p) for p in patterns)
+        if held != heldout:
+            continue
+        text = text[0].upper() + text[1:]
+        answer = f"<<{expr_text(e, spaced=False)}={e.value}>>{e.value}\n#### {e.value}"
+        return text, answer, ops, patterns
+
+
+def arith_heldout(pattern):
+    table = {"arith_ask": ARITH_ASK, "arith_words": [f for _, f in ARITH_WORDS], "arith_do": [f for _, f in ARITH_DO]}
+    return table[pattern[0]][pattern[1]].held
+
+
+# -----------------------------------------------------------------------------
+# Facts, small talk and identity in many phrasings. Questions marked held=True are only ever probes.
 
 FACT_TEMPLATES = {
     "home": ["{n} lives in {home}.", "{n}'s home is in {home}.", "{n} has a house in {home}.",
-             "In {home} lives {n}."],
-    "job": ["{n} is {a_job}.", "{n} works as {a_job}.", "By trade, {n} is {a_job}."],
-    "food": ["{n} likes {food}.", "{n}'s favorite food is {food}.", "{n} loves to eat {food}."],
+             "In {home} lives {n}.", "{n} is from {home}.", "The home of {n} is {home}."],
+    "job": ["{n} is {a_job}.", "{n} works as {a_job}.", "By trade, {n} is {a_job}.",
+            "{n} earns a living as {a_job}."],
+    "food": ["{n} likes {food}.", "{n}'s favorite food is {food}.", "{n} loves to eat {food}.",
+             "The food {n} likes best is {food}."],
     "object": ["{n} owns {a_color} {object}.", "{n} has {a_color} {object}.", "The {color} {object} belongs to {n}."],
+    "color": ["{n}'s {object} is {color}.", "The {object} of {n} is {color}.", "{n} has {a_color} {object}."],
     "pet": ["{n} has a pet {pet}.", "{n} keeps {a_pet} at home.", "{n}'s pet is {a_pet}."],
     "friend": ["{n}'s best friend is {friend}.", "{n} and {friend} are best friends.",
-               "{friend} is the best friend of {n}."],
+               "{friend} is the best friend of {n}.", "{n} is best friends with {friend}."],
     "age": ["{n} is {age} years old.", "{n} is {age_words} years old.", "The age of {n} is {age}."],
 }
 FACT_QUESTIONS = {
-    "home": ["Where does {n} live?", "In which place does {n} live?", "Where is {n}'s home?"],
-    "job": ["What is {n}'s job?", "What does {n} do for work?", "What does {n} work as?"],
-    "food": ["What food does {n} like?", "What is {n}'s favorite food?", "Which food does {n} love to eat?"],
-    "object": ["What does {n} own?", "Which thing belongs to {n}?", "What is the thing that {n} has?"],
-    "pet": ["What pet does {n} have?", "Which animal does {n} keep at home?", "What kind of pet does {n} have?"],
-    "friend": ["Who is {n}'s best friend?", "Who is the best friend of {n}?", "Who is {n} best friends with?"],
-    "age": ["How old is {n}?"],
+    "home": [Frame("Where does {n} live?"), Frame("In which place does {n} live?"), Frame("Where is {n}'s home?"),
+             Frame("What town does {n} live in?"), Frame("Where is {n} from?"), Frame("Do you know where {n} lives?"),
+             Frame("Tell me where {n} lives."), Frame("Where can I find {n}'s house?", held=True),
+             Frame("In what place is {n}'s home?", held=True)],
+    "job": [Frame("What is {n}'s job?"), Frame("What does {n} do for work?"), Frame("What does {n} work as?"),
+            Frame("What is the job of {n}?"), Frame("Do you know what {n} does for a living?"),
+            Frame("Tell me {n}'s job."), Frame("Which job does {n} have?", held=True),
+            Frame("How does {n} earn a living?", held=True)],
+    "food": [Frame("What food does {n} like?"), Frame("What is {n}'s favorite food?"),
+             Frame("Which food does {n} love to eat?"), Frame("What does {n} like to eat?"),
+             Frame("Tell me the favorite food of {n}."), Frame("What food does {n} enjoy most?", held=True),
+             Frame("Which food is {n}'s favorite?", held=True)],
+    "object": [Frame("What does {n} own?"), Frame("Which thing belongs to {n}?"),
+               Frame("What is the thing that {n} has?"), Frame("What object does {n} have?"),
+               Frame("Which object is {n}'s?", held=True), Frame("Tell me what {n} owns.", held=True)],
+    "color": [Frame("What color is {n}'s {object}?"), Frame("Which color is the {object} of {n}?"),
+              Frame("What is the color of {n}'s {object}?", held=True)],
+    "pet": [Frame("What pet does {n} have?"), Frame("Which animal does {n} keep at home?"),
+            Frame("What kind of pet does {n} have?"), Frame("What is {n}'s pet?"),
+            Frame("Which pet lives with {n}?", held=True), Frame("What animal does {n} have as a pet?", held=True)],
+    "friend": [Frame("Who is {n}'s best friend?"), Frame("Who is the best friend of {n}?"),
+               Frame("Who is {n} best friends with?"), Frame("Tell me who {n}'s best friend is."),
+               Frame("Which person is {n}'s best friend?", held=True),
+               Frame("Who does {n} call a best friend?", held=True)],
+    "age": [Frame("How old is {n}?"), Frame("What is {n}'s age?"), Frame("Tell me how old {n} is."),
+            Frame("What age is {n}?", held=True), Frame("How many years old is {n}?", held=True)],
 }
+ASIDES = ["", "", "", "Hey, ", "Quick question: ", "Please tell me: ", "I wonder, "]  # before a user's question
+IDENTITY_ANSWERS = [IDENTITY, "My name is picochat. I am a small language model trained with picochat, and I know "
+                    "about a little world of people and places.",
+                    "I am picochat, a small language model. I can answer questions about a little world of people "
+                    "and places, and I can do arithmetic with a calculator."]
+IDENTITY_QUESTIONS = [Frame("who are you?"), Frame("what is your name?"), Frame("what are you?"),
+                      Frame("who made you?"), Frame("are you a person?"), Frame("tell me about yourself"),
+                      Frame("introduce yourself"), Frame("please introduce yourself."), Frame("what should I call you?"),
+                      Frame("what can you do?"), Frame("are you a robot?"), Frame("what kind of program are you?"),
+                      Frame("do you have a name?"), Frame("who am I talking to?"), Frame("what's your name?"),
+                      Frame("can you tell me who you are?"), Frame("who built you?", held=True),
+                      Frame("say something about yourself", held=True), Frame("what do you know about?", held=True),
+                      Frame("are you a human or a machine?", held=True), Frame("which model are you?", held=True),
+                      Frame("describe yourself", held=True)]
+SMALLTALK = {  # intent: (user phrasings, answers)
+    "greet": ([Frame("hi"), Frame("hello"), Frame("hey"), Frame("hello there"), Frame("hi there"),
+               Frame("good morning"), Frame("good afternoon"), Frame("good evening"), Frame("hey there"),
+               Frame("greetings", held=True), Frame("hiya", held=True), Frame("good day", held=True)],
+              ["Hello! How can I help you today?", "Hi there! What would you like to know?",
+               "Hey! What can I do for you?", "Hello! Ask me about the people and places I know, or give me a sum."]),
+    "how": ([Frame("how are you?"), Frame("how are you doing?"), Frame("how is it going?"),
+             Frame("how do you feel today?"), Frame("are you doing well?", held=True),
+             Frame("how have you been?", held=True)],
+            ["I am doing well, thank you! How can I help you?", "I am fine, thanks for asking. What would you like "
+             "to know?"]),
+    "thanks": ([Frame("thank you!"), Frame("thanks"), Frame("thanks a lot"), Frame("thank you so much"),
+                Frame("many thanks", held=True), Frame("thanks, that helps", held=True)],
+               ["You are welcome!", "Glad I could help!", "Any time!"]),
+    "bye": ([Frame("bye"), Frame("goodbye"), Frame("see you later"), Frame("good night"),
+             Frame("see you soon", held=True), Frame("bye for now", held=True)],
+            ["Goodbye! Have a nice day.", "See you later!", "Bye! Come back any time."]),
+    "nice": ([Frame("nice to meet you"), Frame("pleased to meet you"), Frame("it is nice to talk to you", held=True)],
+             ["Nice to meet you too!", "The pleasure is mine. How can I help?"]),
+}
+GREETING_OPENERS = ["", "", "Hi! ", "Hello. ", "Hey, "]  # before an identity question
 
 
 def fact_fields(name, p):
-    return {"n": name, "home": p["home"], "a_job": an(p["job"]), "food": p["food"], "a_color": an(p["color"]),
-            "color": p["color"], "object": p["object"], "pet": p["pet"], "a_pet": an(p["pet"]),
-            "friend": p["friend"], "age": p["age"], "age_words": words(p["age"])}
+    return {"n": name, "home": p["home"], "a_job": an(p["job"]), "job": p["job"], "food": p["food"],
+            "a_color": an(p["color"]), "color": p["color"], "object": p["object"], "pet": p["pet"],
+            "a_pet": an(p["pet"]), "friend": p["friend"], "age": p["age"], "age_words": words(p["age"])}
 
 
 def fact(rng, name, p, kind):
     return rng.choice(FACT_TEMPLATES[kind]).format(**fact_fields(name, p))
 
 
-# -----------------------------------------------------------------------------
-# Math word problems: templates by level. Each returns (question, steps, answer); a step is
-# (before, a, op, b, c, after) and renders as "before a op b = c after".
-
-def step(before, a, op, b, after=""):
-    c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
-    assert c >= 0 and (op != "/" or a % b == 0), "templates must draw numbers with whole, non-negative results"
-    return (before, a, op, b, c, after), c
+def fact_value(p, kind):
+    """What a fact question asks for: the words one of which a right answer contains."""
+    if kind == "age":
+        return [str(p["age"]), words(p["age"])]
+    return [p["color"] if kind == "color" else p[kind]]
 
 
-def level1(rng, A, B, item):
-    kind = rng.randrange(4)
-    if kind == 0:
-        a, b = rng.randint(2, 20), rng.randint(2, 20)
-        q = rng.choice([f"{A} has {a} {item}. {B} gives {A} {b} more {item}. How many {item} does {A} have now?",
-                        f"{A} found {a} {item} in the morning and {b} {item} in the afternoon. "
-                        f"How many {item} did {A} find in all?"])
-        s, c = step(f"{A} has ", a, "+", b, f" {item}.")
-    elif kind == 1:
-        a = rng.randint(5, 30)
-        b = rng.randint(2, a - 2)
-        q = rng.choice([f"{A} has {a} {item}. {A} gives {b} {item} to {B}. How many {item} does {A} have left?",
-                        f"There were {a} {item} in a basket. {A} took {b} of them. How many {item} are left?"])
-        s, c = step("There are ", a, "-", b, f" {item} left.")
-    elif kind == 2:
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        q = rng.choice([f"{A} has {a} boxes. Each box holds {b} {item}. How many {item} does {A} have?",
-                        f"{A} makes {a} bags with {b} {item} in each bag. How many {item} is that?"])
-        s, c = step("That is ", a, "*", b, f" {item}.")
-    else:
-        b, k = rng.randint(2, 9), rng.randint(2, 9)
-        q = rng.choice([f"{A} shares {b * k} {item} equally among {b} friends. How many {item} does each get?",
-                        f"{b * k} {item} are put into {b} equal groups. How many {item} are in each group?"])
-        s, c = step("Each gets ", b * k, "/", b, f" {item}.")
-    return q, [s], c
+def casual(rng, text):
+    """A user's casual writing of a phrase: capitalised or not, with or without its end mark."""
+    if rng.random() < 0.5:
+        text = text[0].upper() + text[1:]
+    if rng.random() < 0.3 and text[-1] in "?.!":
+        text = text[:-1]
+    elif text[-1] not in "?.!" and rng.random() < 0.5:
+        text += rng.choice("!.")
+    return text
 
 
-def level2(rng, A, B, item):
-    kind = rng.randrange(4)
-    if kind == 0:
-        a, b, k = rng.randint(2, 30), rng.randint(2, 9), rng.randint(2, 9)
-        q = f"{A} has {a} {item}. {A} buys {b} bags with {k} {item} in each bag. How many {item} does {A} have now?"
-        s1, d = step(f"{A} buys ", b, "*", k, f" {item}.")
-        s2, c = step("Now there are ", a, "+", d, f" {item}.")
-    elif kind == 1:
-        a = rng.randint(20, 99)
-        b = rng.randint(2, a // 2)
-        k = rng.randint(2, a - b - 2)
-        f1, f2 = rng.sample(FOODS, 2)
-        q = f"{A} has {a} coins. {A} spends {b} coins on {f1} and {k} coins on {f2}. How many coins are left?"
-        s1, d = step("After the first buy, ", a, "-", b, " coins are left.")
-        s2, c = step("After the second buy, ", d, "-", k, " coins are left.")
-    elif kind == 2:
-        a, b = rng.randint(2, 12), rng.randint(2, 7)
-        k = rng.randint(2, a * b - 2)
-        q = (f"{A} picks {a} {item} every day for {b} days. Then {A} gives {k} {item} to {B}. "
-             f"How many {item} does {A} keep?")
-        s1, d = step(f"{A} picks ", a, "*", b, f" {item}.")
-        s2, c = step(f"{A} keeps ", d, "-", k, f" {item}.")
-    else:
-        a, b = rng.randint(2, 9), rng.randint(2, 59)
-        q = f"{A} reads for {a} hours and {b} minutes. How many minutes does {A} read in all?"
-        s1, d = step("One hour is 60 minutes, so ", a, "*", 60, " minutes.")
-        s2, c = step("In all, ", d, "+", b, " minutes.")
-    return q, [s1, s2], c
+def fact_question(rng, people, heldout, name=None, kind=None):
+    """(question, answer, kind, expected words) about a person's fact, in a training or held-out phrasing."""
+    name = name or rng.choice(NAMES)
+    kind = kind or rng.choice(list(FACT_QUESTIONS))
+    frame = rng.choice([f for f in FACT_QUESTIONS[kind] if f.held == heldout])
+    f = fact_fields(name, people[name])
+    aside = rng.choice(ASIDES)
+    q = frame.text.format(**f)
+    q = aside + (q[0].lower() + q[1:] if aside and not q.startswith(name) else q)
+    return q, fact(rng, name, people[name], kind), kind, fact_value(people[name], kind)
 
 
-def level3(rng, A, B, item):
-    kind = rng.randrange(4)
-    if kind == 0:
-        a, b, k, d = rng.randint(2, 9), rng.randint(2, 6), rng.randint(2, 9), rng.randint(2, 6)
-        q = (f"{A} walks {a} km each hour for {b} hours, then {k} km each hour for {d} hours. "
-             f"How many km does {A} walk in all?")
-        s1, x = step("First ", a, "*", b, " km.")
-        s2, y = step("Then ", k, "*", d, " km.")
-        s3, c = step("In all, ", x, "+", y, " km.")
-    elif kind == 1:
-        a, b = rng.randint(2, 9), rng.randint(4, 12)
-        k = rng.randint(2, a * b // 2)
-        d = rng.randint(2, a * b - k - 2)
-        C = rng.choice([n for n in NAMES if n not in (A, B)])
-        q = (f"{A} buys {a} packs of {b} {item}. {A} gives {k} {item} to {B} and {d} {item} to {C}. "
-             f"How many {item} does {A} have left?")
-        s1, x = step(f"{A} buys ", a, "*", b, f" {item}.")
-        s2, y = step(f"After giving some to {B}, ", x, "-", k, " are left.")
-        s3, c = step(f"After giving some to {C}, ", y, "-", d, " are left.")
-    elif kind == 2:
-        a, b, d = rng.randint(2, 8), rng.randint(2, 9), rng.randint(2, 6)
-        k = (d - a * b % d) % d + d * rng.randint(0, 3) or d
-        q = (f"{A} has {a} boxes with {b} {item} in each. {A} adds {k} more {item} and shares them equally "
-             f"among {d} friends. How many {item} does each friend get?")
-        s1, x = step("The boxes hold ", a, "*", b, f" {item}.")
-        s2, y = step("With the extra ones, ", x, "+", k, f" {item}.")
-        s3, c = step("Each friend gets ", y, "/", d, f" {item}.")
-    else:
-        a, b, k, d = rng.randint(2, 15), rng.randint(2, 8), rng.randint(2, 20), rng.randint(2, 30)
-        k = min(k, a * b - 2)
-        q = (f"{A} earns {a} coins an hour for {b} hours. {A} spends {k} coins, then earns {d} more coins. "
-             f"How many coins does {A} have now?")
-        s1, x = step(f"{A} earns ", a, "*", b, " coins.")
-        s2, y = step("After spending, ", x, "-", k, " coins.")
-        s3, c = step("Now ", y, "+", d, " coins.")
-    return q, [s1, s2, s3], c
+def identity_question(rng, heldout):
+    frame = rng.choice([f for f in IDENTITY_QUESTIONS if f.held == heldout])
+    return rng.choice(GREETING_OPENERS) + casual(rng, frame.text), rng.choice(IDENTITY_ANSWERS)
 
 
-def level4(rng, A, B, item):
-    kind = rng.randrange(3)
-    if kind == 0:
-        a, b, k, d = rng.randint(2, 9), rng.randint(3, 12), rng.randint(2, 9), rng.randint(3, 12)
-        f = rng.randint(2, 6)
-        t = a * b + k * d
-        e = t % f + f * rng.randint(1, min(3, t // f - 1))  # leaves at least f fruits, a multiple of f
-        q = (f"{A} buys {a} bags of {b} apples and {k} bags of {d} pears. {A} eats {e} of the fruits and shares "
-             f"the rest equally among {f} friends. How many fruits does each friend get?")
-        s1, x = step("Apples: ", a, "*", b, ".")
-        s2, y = step("Pears: ", k, "*", d, ".")
-        s3, z = step("All the fruits: ", x, "+", y, ".")
-        s4, w = step("After eating, ", z, "-", e, " are left.")
-        s5, c = step("Each friend gets ", w, "/", f, " fruits.")
-        return q, [s1, s2, s3, s4, s5], c
-    if kind == 1:
-        a, b, k, d = rng.randint(2, 9), rng.randint(2, 4), rng.randint(2, 6), rng.randint(2, 9)
-        b = min(b, a * 12 // k)
-        q = (f"{A} has {a} dozen eggs. {A} uses {b} eggs each day for {k} days. Then {A} buys {d} boxes of 6 eggs. "
-             f"How many eggs does {A} have now?")
-        s1, x = step("A dozen is 12, so ", a, "*", 12, " eggs.")
-        s2, y = step(f"{A} uses ", b, "*", k, " eggs.")
-        s3, z = step("That leaves ", x, "-", y, " eggs.")
-        s4, w = step(f"{A} buys ", d, "*", 6, " eggs.")
-        s5, c = step("Now ", z, "+", w, " eggs.")
-        return q, [s1, s2, s3, s4, s5], c
-    a, b, k = rng.randint(2, 8), rng.randint(2, 6), rng.randint(3, 15)
-    d = rng.randint(2, a * b * k - 2)
-    d += (a * b * k - d) % 2  # an even rest, to share in two
-    q = (f"{A} works {a} hours each day for {b} days and earns {k} coins an hour. {A} spends {d} coins and "
-         f"shares the rest equally with {B}. How many coins does each of them get?")
-    s1, x = step(f"{A} works ", a, "*", b, " hours.")
-    s2, y = step(f"{A} earns ", x, "*", k, " coins.")
-    s3, z = step("After spending, ", y, "-", d, " coins are left.")
-    s4, c = step("Each gets ", z, "/", 2, " coins.")
-    return q, [s1, s2, s3, s4], c
+def smalltalk(rng, heldout):
+    phrasings, answers = SMALLTALK[rng.choice(list(SMALLTALK))]
+    frame = rng.choice([f for f in phrasings if f.held == heldout])
+    answer = rng.choice(answers)
+    if frame.text.startswith("good ") and frame.text != "good night":
+        answer = frame.text.capitalize() + "! How can I help?"  # "good evening" -> "Good evening! ..."
+    return casual(rng, frame.text), answer
 
 
-LEVELS = [level1, level2, level3, level4]
-NUMBER = re.compile(r"\d+")
-STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+def place_question(rng, places):
+    p = rng.choice(PLACES)
+    info = places[p]
+    if rng.random() < 0.5:
+        return (rng.choice([f"What kind of place is {p}?", f"Tell me about {p}.", f"What is {p} like?"]),
+                f"{p} is {an(info['kind'])} {info['feature']}.")
+    who = info["people"]
+    answer = (f"{', '.join(who[:-1])} and {who[-1]} live in {p}." if len(who) > 1 else
+              f"{who[0]} lives in {p}." if who else f"Nobody I know lives in {p}.")
+    return rng.choice([f"Who lives in {p}?", f"Which people live in {p}?"]), answer
 
 
-def render_step(s):
-    before, a, op, b, c, after = s
-    return f"{before}{a} {op} {b} = {c}{after}"
+def probe_row(rng, people, heldout):
+    """A non-math chat prompt and how its reply is graded: {"prompt", "kind", "expect"}."""
+    kind = rng.choices(["identity", "smalltalk", "fact"], [1, 1, 3])[0]
+    if kind == "identity":
+        return {"prompt": identity_question(rng, heldout)[0], "kind": kind, "expect": ["picochat"]}
+    if kind == "smalltalk":
+        return {"prompt": smalltalk(rng, heldout)[0], "kind": kind, "expect": None}
+    q, _, _, expect = fact_question(rng, people, heldout)
+    return {"prompt": q, "kind": kind, "expect": expect}
 
 
-def signature(question, answer):
-    """What a problem *is*, whatever its wording: the numbers in its question and the operators of its answer."""
-    return (tuple(NUMBER.findall(question)), tuple(m[1] for m in STEP.findall(answer)))
-
-
-def is_test(key):
-    return zlib.crc32(repr(key).encode()) % 5 == 0
-
-
-def make_problem(rng, level):
-    """A random problem of `level` (1-4) as {question, answer, level, steps}; steps are kept for the chat's
-    calculator rendering and dropped before writing."""
-    A, B = rng.sample(NAMES, 2)
-    q, steps, c = LEVELS[level - 1](rng, A, B, rng.choice(ITEMS))
-    answer = "\n".join(render_step(s) for s in steps) + f"\n#### {c}"
-    return {"question": q, "answer": answer, "level": level, "steps": steps}
-
-
-def train_problem(rng, level=0):
-    """A problem whose signature is on the train side (for pretraining docs, chat and math_train)."""
-    while True:
-        p = make_problem(rng, level or rng.randint(1, 4))
-        if not is_test(signature(p["question"], p["answer"])):
-            return p
-
-
-def math_split(rng, n, test):
-    """n problems spread evenly over the levels; test problems are also unique by signature."""
-    rows, seen = [], set()
-    for i in range(n):
-        level = 1 + i * len(LEVELS) // n
-        for _ in range(10000):
-            p = make_problem(rng, level)
-            sig = signature(p["question"], p["answer"])
-            key = sig if test else p["question"]
-            if is_test(sig) == test and key not in seen:
-                break
-        else:
-            raise RuntimeError(f"could not draw {n} distinct level-{level} problems; ask for fewer")
-        seen.add(key)
-        rows.append({"question": p["question"], "answer": p["answer"], "level": level})
+def probes_split(rng, people, n, heldout, exclude):
+    """n distinct probe rows (fewer when the phrasings run out), none of whose prompts is in `exclude`."""
+    rows, seen = [], set(exclude)
+    for _ in range(n * 20):
+        if len(rows) == n:
+            break
+        row = probe_row(rng, people, heldout)
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
     return rows
+
+
+# -----------------------------------------------------------------------------
+# Multiple choice: facts, residents and small sums. A fact (person, kind) is either an mc_test fact or one that
+# training may quiz: mc_test asks about facts the model has only read as statements, in the MC format it learned
+# on other facts.
+
+MC_KINDS = {"home": PLACES, "job": JOBS, "food": FOODS, "object": OBJECTS, "pet": PETS, "friend": NAMES}
+
+
+def mc_test_fact(name, kind):
+    return hashed(("mc", name, kind), 5) == 0
+
+
+def mc_item(rng, people, places, test):
+    """(question, choices, answer index) on one side of the split."""
+    while True:
+        kind = rng.choices(["arith", "resident", "fact"], [1, 1, 6])[0]
+        if kind == "arith":
+            a, b = rng.randint(2, 12), rng.randint(2, 12)
+            op = rng.choice("+-*")
+            a, b = max(a, b), min(a, b)
+            right = {"+": a + b, "-": a - b, "*": a * b}[op]
+            question = f"What is {a} {op} {b}?"
+            if (hashed(("mc", question), 5) == 0) != test:
+                continue
+            wrong = set()
+            while len(wrong) < 3:
+                w = right + rng.choice([-10, -2, -1, 1, 2, 10, b, -b])
+                if w >= 0 and w != right:
+                    wrong.add(w)
+            options = [str(right)] + [str(w) for w in sorted(wrong)]
+        elif kind == "resident":
+            p = rng.choice([p for p in PLACES if places[p]["people"]])
+            name = rng.choice(places[p]["people"])
+            if mc_test_fact(name, "home") != test:
+                continue
+            options = [name] + rng.sample([n for n in NAMES if people[n]["home"] != p], 3)
+            question = f"Who lives in {p}?"
+        else:
+            name = rng.choice(NAMES)
+            k = rng.choice(list(MC_KINDS))
+            if mc_test_fact(name, k) != test:
+                continue
+            right = people[name][k]
+            options = [right] + rng.sample([x for x in MC_KINDS[k] if x != right and x != name], 3)
+            question = rng.choice([f for f in FACT_QUESTIONS[k] if not f.held]).text.format(
+                **fact_fields(name, people[name]))
+        order = list(range(4))
+        rng.shuffle(order)
+        return question, [options[i] for i in order], order.index(0)
+
+
+def mc_split(rng, people, places, n, test):
+    """n distinct items (question and choices) of one side of the split."""
+    rows, seen = [], set()
+    for _ in range(n * 50):
+        if len(rows) == n:
+            return rows
+        q, choices, answer = mc_item(rng, people, places, test)
+        if (q, tuple(choices)) not in seen:
+            seen.add((q, tuple(choices)))
+            rows.append({"question": q, "choices": choices, "answer": answer})
+    raise RuntimeError(f"could not draw {n} distinct multiple-choice items; ask for fewer")
 
 
 # -----------------------------------------------------------------------------
 # Pretraining documents
 
-def doc_facts(rng, people, places):
+def doc_facts(rng, people, places, seen):
     name = rng.choice(NAMES)
     kinds = list(FACT_TEMPLATES)
     rng.shuffle(kinds)
     return " ".join(fact(rng, name, people[name], k) for k in kinds)
 
 
-def doc_place(rng, people, places):
+def doc_place(rng, people, places, seen):
     p = rng.choice(PLACES)
     info = places[p]
     lines = [f"{p} is {an(info['kind'])} {info['feature']}."]
@@ -373,32 +1189,29 @@ def doc_place(rng, people, places):
         lines.append(f"{len(who)} of our people live in {p}: {', '.join(who)}." if len(who) > 1
                      else f"Only {who[0]} lives in {p}.")
         for name in who:
-            lines.append(fact(rng, name, people[name], rng.choice(["job", "pet", "object", "food"])))
+            lines.append(fact(rng, name, people[name], rng.choice(["job", "pet", "object", "food", "age"])))
     else:
         lines.append(f"Nobody we know lives in {p}, but people visit it.")
     return " ".join(lines)
 
 
-def doc_story(rng, people, places):
+def doc_story(rng, people, places, seen):
     A = rng.choice(NAMES)
     pa = people[A]
     B = pa["friend"] if rng.random() < 0.5 else rng.choice([n for n in NAMES if n != A])
     pb = people[B]
-    food = pa["food"]
-    a, b = rng.randint(2, 12), rng.randint(2, 12)  # 2+: no "one apples"
     lines = [f"One {rng.choice(TIMES)}, {A} the {pa['job']} left home in {pa['home']} to visit {B} in {pb['home']}.",
              f"{A} took the {pa['color']} {pa['object']} and the pet {pa['pet']} along.",
              f"{B} lives in {pb['home']} and works as {an(pb['job'])}."]
     if B == pa["friend"]:
         lines.append(f"{B} is {A}'s best friend, so they were very happy.")
-    lines.append(f"{A} had {words(a)} {food}. {B} gave {A} {words(b)} more, so {A} had {a} + {b} = {a + b} {food}.")
-    k = rng.randint(1, a + b - 2)
-    lines.append(f"They ate {k} of them together. {a + b} - {k} = {a + b - k}, so {a + b - k} {food} were left.")
+    lines.append(f"They ate {pa['food']} and {pb['food']} together, and {B} showed {A} the {pb['color']} "
+                 f"{pb['object']}.")
     lines.append(f"In the {rng.choice(['evening', 'night'])}, {A} went back home to {pa['home']}.")
     return " ".join(lines)
 
 
-def doc_dialogue(rng, people, places):
+def doc_dialogue(rng, people, places, seen):
     A, B = rng.sample(NAMES, 2)
     pa, pb = people[A], people[B]
     lines = [f"{A}: Hello, {B}! How are you?", f"{B}: Hello, {A}! I am well, thank you."]
@@ -423,25 +1236,18 @@ def doc_dialogue(rng, people, places):
     return "\n".join(lines)
 
 
-def doc_list(rng, people, places):
-    kind = rng.randrange(3)
+def doc_list(rng, people, places, seen):
+    kind = rng.randrange(2)
     if kind == 0:
         p = rng.choice([p for p in PLACES if places[p]["people"]])
         return f"People who live in {p}:\n" + "\n".join(f"- {n}" for n in places[p]["people"])
-    if kind == 1:
-        names = rng.sample(NAMES, 6)
-        field = rng.choice(["job", "pet", "food", "home"])
-        return f"Who is what ({field}):\n" + "\n".join(f"- {n}: {people[n][field]}" for n in names)
-    A = rng.choice(NAMES)
-    counts = [(rng.randint(2, 9), item) for item in rng.sample(ITEMS, 3)]
-    lines = [f"Things in {A}'s bag:", f"- the {people[A]['color']} {people[A]['object']}"]
-    lines += [f"- {words(k)} {item} ({k})" for k, item in counts]
-    total = " + ".join(str(k) for k, _ in counts)
-    lines.append(f"That is {total} = {sum(k for k, _ in counts)} small things and one {people[A]['object']}.")
-    return "\n".join(lines)
+    names = rng.sample(NAMES, 6)
+    field = rng.choice(["job", "pet", "food", "home", "age"])
+    return f"Who is what ({field}):\n" + "\n".join(f"- {n}: {people[n][field]}" for n in names)
 
 
-def doc_drill(rng, people, places):
+def doc_drill(rng, people, places, seen):
+    """Small sums in words and digits: what number words mean, and facts a model can know by heart."""
     lines = []
     for _ in range(rng.randint(4, 8)):
         op = rng.choice("+-*/")
@@ -450,29 +1256,54 @@ def doc_drill(rng, people, places):
             a, b = max(a, b), min(a, b)
         if op == "/":
             a = a * b
-        s, c = step("", a, op, b)
-        lines.append(f"{words(a).capitalize()} {OP_WORDS[op]} {words(b)} is {words(c)}. {render_step(s)}.")
+        c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+        lines.append(f"{words(a).capitalize()} {OP_WORDS[op]} {words(b)} is {words(c)}. {a} {op} {b} = {c}.")
     return "\n".join(lines)
 
 
-def doc_problem(rng, people, places):
-    p = train_problem(rng)
-    return f"Question: {p['question']}\nAnswer: {p['answer']}"
+def doc_quiz(rng, people, places, seen):
+    """Fact questions each followed by its bare answer (the form a base model's multiple choice is scored in);
+    only facts that mc_test does not ask about."""
+    lines = []
+    while len(lines) < rng.randint(4, 8):
+        name = rng.choice(NAMES)
+        kind = rng.choice(list(MC_KINDS))
+        if not mc_test_fact(name, kind):
+            frame = rng.choice([f for f in FACT_QUESTIONS[kind] if not f.held])
+            lines.append(f"{frame.text.format(**fact_fields(name, people[name]))} {people[name][kind]}.")
+    return "\n".join(lines)
 
 
-DOCS = [(doc_facts, 4), (doc_place, 2), (doc_story, 4), (doc_dialogue, 3), (doc_list, 1), (doc_drill, 2),
-        (doc_problem, 3)]
+def doc_problem(rng, people, places, seen):
+    p = math_problem(rng, people, "train")
+    seen.add(p.question)
+    return f"Question: {p.question}\nAnswer: {p.answer}"
 
 
-def pretrain_shards(rng, people, places, total_bytes, shard_bytes):
-    """Yield lists of jsonl lines, one list per shard, about `shard_bytes` each, at least 2 shards."""
+def doc_arith(rng, people, places, seen):
+    q, a, _, _ = arith_question(rng, heldout=False)
+    return f"Question: {q}\nAnswer: {a}"
+
+
+DOCS = [(doc_facts, 3), (doc_place, 1), (doc_story, 2), (doc_dialogue, 2), (doc_list, 1), (doc_drill, 1),
+        (doc_quiz, 2), (doc_problem, 6), (doc_arith, 2)]
+
+
+def pretrain_shards(rng, people, places, total_bytes, shard_bytes, seen):
+    """Yield lists of jsonl lines, one list per shard, about `shard_bytes` each, at least 2 shards. The last one
+    (validation) holds no document of the others; `seen` collects the questions of the problems."""
     n_shards = max(2, round(total_bytes / shard_bytes))
     per_shard = total_bytes / n_shards
     makers, weights = zip(*DOCS)
-    for _ in range(n_shards):
+    train_docs = set()
+    for i in range(n_shards):
         lines, size = [], 0
         while size < per_shard:
-            text = rng.choices(makers, weights)[0](rng, people, places)
+            text = rng.choices(makers, weights)[0](rng, people, places, seen)
+            if i < n_shards - 1:
+                train_docs.add(text)
+            elif text in train_docs:
+                continue
             lines.append(json.dumps({"text": text}))
             size += len(text) + 1
         yield lines
@@ -481,145 +1312,117 @@ def pretrain_shards(rng, people, places, total_bytes, shard_bytes):
 # -----------------------------------------------------------------------------
 # Chat conversations
 
-GREETINGS = [("hi", "Hello! How can I help you today?"), ("hello!", "Hi there! What would you like to know?"),
-             ("good morning", "Good morning! How can I help?"), ("hey", "Hey! What can I do for you?"),
-             ("thank you!", "You are welcome!"), ("thanks, bye", "Goodbye! Have a nice day.")]
-IDENTITY_QUESTIONS = ["who are you?", "what is your name?", "what are you?", "who made you?", "are you a person?",
-                      "tell me about yourself"]
-
-
-def calc_parts(intro, steps, final):
-    """An answer that calls the calculator for every step: text, python, python_output, text, ..."""
-    parts = [{"type": "text", "text": intro}]
-    for before, a, op, b, c, after in steps:
-        parts[-1]["text"] += before  # "One hour is 60 minutes, so " <calculator 9*60 -> 540> "9 * 60 = 540 ..."
-        parts += [{"type": "python", "text": f"{a}{op}{b}"}, {"type": "python_output", "text": str(c)},
-                  {"type": "text", "text": f"{a} {op} {b} = {c}{after}\n"}]
-    parts[-1]["text"] += final
-    return parts
-
-
-def exchange(rng, people):
-    """One (user, assistant) pair."""
-    kind = rng.choices(["greet", "identity", "fact", "arith", "calc", "problem"], [1, 1, 4, 2, 1, 4])[0]
-    if kind == "greet":
-        return rng.choice(GREETINGS)
+def exchange(rng, people, places, seen):
+    """One (user, assistant) pair; an assistant's content is a string or calculator parts."""
+    kind = rng.choices(["smalltalk", "identity", "fact", "place", "arith", "problem"], [1.5, 1.5, 3, 0.5, 2, 4])[0]
+    if kind == "smalltalk":
+        return smalltalk(rng, heldout=False)
     if kind == "identity":
-        return rng.choice(IDENTITY_QUESTIONS), IDENTITY
+        return identity_question(rng, heldout=False)
     if kind == "fact":
-        name = rng.choice(NAMES)
-        k = rng.choice(list(FACT_QUESTIONS))
-        f = fact_fields(name, people[name])
-        return rng.choice(FACT_QUESTIONS[k]).format(**f), rng.choice(FACT_TEMPLATES[k]).format(**f)
+        return fact_question(rng, people, heldout=False)[:2]
+    if kind == "place":
+        return place_question(rng, places)
     if kind == "arith":
-        a, b, d = rng.randint(2, 20), rng.randint(2, 20), rng.randint(1, 30)
-        s1, x = step("First, ", a, "*", b, ".")
-        s2, c = step("Then ", x, "+", d, ".")
-        if rng.random() < 0.5:
-            return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.\n#### {a + b}"
-        return f"What is {a} * {b} + {d}?", f"{render_step(s1)}\n{render_step(s2)}\n#### {c}"
-    if kind == "calc":
-        a, b = rng.randint(100, 999), rng.randint(11, 99)
-        s, c = step("", a, rng.choice("+-*"), b, ".")
-        return f"Use the calculator: what is {a} {s[2]} {b}?", calc_parts("Let me use the calculator.\n", [s],
-                                                                         f"#### {c}")
-    p = train_problem(rng)
-    if rng.random() < 0.3:
-        c = p["answer"].rsplit("#### ", 1)[1]
-        return p["question"], calc_parts("Let me work it out with the calculator.\n", p["steps"], f"#### {c}")
-    return p["question"], p["answer"]
+        q, a, _, _ = arith_question(rng, heldout=False)
+    else:
+        p = math_problem(rng, people, "train")
+        q, a = p.question, p.answer
+        seen.add(q)
+    return q, math_conversation({"question": q, "answer": a})[1]["content"]
 
 
-def conversation(rng, people):
+def conversation(rng, people, places, seen):
     messages = []
     for _ in range(rng.choices([1, 2, 3], [6, 3, 1])[0]):
-        user, assistant = exchange(rng, people)
+        user, assistant = exchange(rng, people, places, seen)
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     return {"messages": messages}
 
 
 # -----------------------------------------------------------------------------
-# Multiple choice
+# Writing the set
 
-def mc_item(rng, people, places):
-    """(question, choices, answer index): a fact with 3 wrong choices of the same kind, or a + - * b."""
-    kind = rng.choices(["arith", "resident", "fact"], [2, 1, 7])[0]
-    if kind == "arith":
-        a, b = rng.randint(12, 99), rng.randint(2, 12)  # a >= b: no negative differences
-        s, right = step("", a, rng.choice("+-*"), b)
-        wrong = set()
-        while len(wrong) < 3:
-            w = right + rng.choice([-10, -2, -1, 1, 2, 10, b, -b])
-            if w >= 0 and w != right:
-                wrong.add(w)
-        options = [str(right)] + [str(w) for w in sorted(wrong)]
-        question = f"What is {a} {s[2]} {b}?"
-    elif kind == "resident":
-        p = rng.choice([p for p in PLACES if places[p]["people"]])
-        options = [rng.choice(places[p]["people"])] + rng.sample([n for n in NAMES if people[n]["home"] != p], 3)
-        question = f"Who lives in {p}?"
-    else:
-        name = rng.choice(NAMES)
-        k = rng.choice(["home", "job", "food", "object", "pet", "friend"])
-        pool = {"home": PLACES, "job": JOBS, "food": FOODS, "object": OBJECTS, "pet": PETS, "friend": NAMES}[k]
-        right = people[name][k]
-        options = [right] + rng.sample([x for x in pool if x != right and x != name], 3)
-        question = rng.choice(FACT_QUESTIONS[k]).format(n=name)
-    order = list(range(4))
-    rng.shuffle(order)
-    return question, [options[i] for i in order], order.index(0)
+SLICES = ("id", "phrasing", "composition", "length", "arith")
 
 
-def mc_split(rng, people, places, n, test):
-    """n items on one side of the split; test questions are unique."""
-    rows, seen = [], set()
-    for _ in range(n):
-        for _ in range(10000):
-            q, choices, answer = mc_item(rng, people, places)
-            if is_test(q) == test and not (test and q in seen):
-                break
-        else:
-            raise RuntimeError(f"could not draw {n} distinct test questions; ask for fewer")
-        seen.add(q)
-        rows.append({"question": q, "choices": choices, "answer": answer})
+def math_test(rng, people, train, n, seen):
+    """n problems split evenly over SLICES (steps spread evenly within each); none is a training question."""
+    rows = []
+    for s, slice_ in enumerate(SLICES):
+        count = n // len(SLICES) + (s < n % len(SLICES))
+        for i in range(count):
+            while True:
+                if slice_ == "arith":
+                    q, a, level, _ = arith_question(rng, heldout=True)
+                elif slice_ == "id":
+                    p = retell(rng.choice(train).recipe, people, rng)
+                    if p is None:
+                        continue
+                    q, a, level = p.question, p.answer, p.steps
+                else:
+                    level = {"phrasing": 1 + i % MAX_STEPS, "composition": 2 + i % (MAX_STEPS - 1),
+                             "length": LENGTH_STEPS}[slice_]
+                    p = math_problem(rng, people, slice_, level)
+                    q, a = p.question, p.answer
+                if q not in seen:
+                    break
+            seen.add(q)
+            rows.append({"question": q, "answer": a, "level": level, "slice": slice_})
     return rows
 
-
-# -----------------------------------------------------------------------------
-# Writing the set
 
 def write_lines(path, lines):
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
 
+def write_rows(path, rows):
+    write_lines(path, [json.dumps(r) for r in rows])
+
+
 def generate(out_dir, seed=seed, pretrain_mb=pretrain_mb, shard_mb=shard_mb, num_chat=num_chat,
              num_math_train=num_math_train, num_math_test=num_math_test, num_mc_train=num_mc_train,
-             num_mc_test=num_mc_test):
+             num_mc_test=num_mc_test, num_probe_train=num_probe_train, num_probe_test=num_probe_test):
     """Write the whole set into `out_dir` (a fresh directory; data.ensure_tinyworld renames it into place)."""
-    if pretrain_mb <= 0 or shard_mb <= 0 or min(num_chat, num_math_train, num_math_test, num_mc_test) < 1:
+    if pretrain_mb <= 0 or shard_mb <= 0 or min(num_chat, num_math_train, num_math_test, num_mc_test,
+                                                 num_probe_test) < 1:
         raise ValueError("tinyworld sizes must be positive")
     settings = dict(seed=seed, pretrain_mb=pretrain_mb, shard_mb=shard_mb, num_chat=num_chat,
                     num_math_train=num_math_train, num_math_test=num_math_test, num_mc_train=num_mc_train,
-                    num_mc_test=num_mc_test)
-    # one generator per part, so that changing the size of one part leaves the others byte-identical
+                    num_mc_test=num_mc_test, num_probe_train=num_probe_train, num_probe_test=num_probe_test)
+
+    # one generator per part, so that changing the size of one part leaves the others byte-identical (a test
+    # set only changes when a draw collides with a training question)
     def rng(part):
         return random.Random(f"{seed}/{part}")
-    people, places = build_world(rng("world"))
+    people, places = world(seed)
+    seen = set()  # every training question: no test problem may be one of them
     os.makedirs(os.path.join(out_dir, "pretrain"))
-    shards = pretrain_shards(rng("pretrain"), people, places, pretrain_mb * 1e6, shard_mb * 1e6)
+    shards = pretrain_shards(rng("pretrain"), people, places, pretrain_mb * 1e6, shard_mb * 1e6, seen)
     for i, lines in enumerate(shards):
         write_lines(os.path.join(out_dir, "pretrain", f"shard_{i:05d}.jsonl"), lines)
-    for split, n in (("train", num_chat), ("val", max(1, num_chat // 20))):
-        r = rng(f"chat_{split}")
-        write_lines(os.path.join(out_dir, f"chat_{split}.jsonl"),
-                    [json.dumps(conversation(r, people)) for _ in range(n)])
-    for split, n in (("train", num_math_train), ("test", num_math_test)):
-        rows = math_split(rng(f"math_{split}"), n, split == "test")
-        write_lines(os.path.join(out_dir, f"math_{split}.jsonl"), [json.dumps(r) for r in rows])
+    r = rng("chat_train")
+    chats = [json.dumps(conversation(r, people, places, seen)) for _ in range(num_chat)]
+    write_lines(os.path.join(out_dir, "chat_train.jsonl"), chats)
+    r, train_chats, val = rng("chat_val"), set(chats), []
+    while len(val) < max(1, num_chat // 20):
+        c = json.dumps(conversation(r, people, places, set()))
+        if c not in train_chats:
+            val.append(c)
+    write_lines(os.path.join(out_dir, "chat_val.jsonl"), val)
+    r = rng("math_train")
+    train = [math_problem(r, people, "train") for _ in range(num_math_train)]
+    seen.update(p.question for p in train)
+    write_rows(os.path.join(out_dir, "math_train.jsonl"),
+               [{"question": p.question, "answer": p.answer, "level": p.steps} for p in train])
+    write_rows(os.path.join(out_dir, "math_test.jsonl"), math_test(rng("math_test"), people, train, num_math_test, seen))
     for split, n in (("train", num_mc_train), ("test", num_mc_test)):
-        rows = mc_split(rng(f"mc_{split}"), people, places, n, split == "test")
-        write_lines(os.path.join(out_dir, f"mc_{split}.jsonl"), [json.dumps(r) for r in rows])
+        write_rows(os.path.join(out_dir, f"mc_{split}.jsonl"), mc_split(rng(f"mc_{split}"), people, places, n,
+                                                                         split == "test"))
+    for split, n in (("train", num_probe_train), ("test", num_probe_test)):
+        write_rows(os.path.join(out_dir, f"chat_probe_{split}.jsonl"),
+                   probes_split(rng(f"probe_{split}"), people, n, split == "test", ()))
     # meta.json last: data.ensure_tinyworld compares it with the settings asked for
     write_lines(os.path.join(out_dir, "meta.json"), [json.dumps({**settings, "version": VERSION}, sort_keys=True)])
 

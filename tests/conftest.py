@@ -41,7 +41,7 @@ def run_script(args, base_dir, timeout=300, check=True, env_extra=None):
 # A tiny prepared world: small built-in data and a 400-token tokenizer, made once per session with the real
 # command lines, then copied into each test's $PICOCHAT_DIR.
 TINY_WORLD = ["--pretrain_mb=0.3", "--num_chat=400", "--num_math_train=400", "--num_math_test=40",
-              "--num_mc_train=100", "--num_mc_test=40"]
+              "--num_mc_train=100", "--num_mc_test=40", "--num_probe_train=50", "--num_probe_test=30"]
 
 
 @pytest.fixture(scope="session")

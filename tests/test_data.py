@@ -1,11 +1,14 @@
 """Tests of data/: the tinyworld generator, the reading API, the downloaders (against a 127.0.0.1 server) and the
 normalisers of the real datasets."""
+import ast
 import hashlib
 import json
+import operator
 import os
 import random
 import re
 import runpy
+import string
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,10 +20,15 @@ from data import arc, download, gsm8k, hellaswag, math500, mmlu, smoltalk, tinyw
 from tests.conftest import REPO, shared_data
 
 SMALL = dict(seed=3, pretrain_mb=0.3, shard_mb=0.1, num_chat=300, num_math_train=400, num_math_test=80,
-             num_mc_train=200, num_mc_test=80)
-STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+             num_mc_train=200, num_mc_test=80, num_probe_train=60, num_probe_test=40)
+CALL = re.compile(r"<<([^<>=]+)=(\d+)>>(\d+)")  # a worked step's calculator call, then its result
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
        "/": lambda a, b: a // b if a % b == 0 else None}
+UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
+        "seventeen eighteen nineteen".split()
+DECADES = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+NUMBER = re.compile(r"\b(\d+|(?:%s)(?:-(?:%s))?|%s)\b" % ("|".join(DECADES), "|".join(UNITS[1:10]), "|".join(UNITS)),
+                    re.IGNORECASE)
 
 
 def read(path):
@@ -28,9 +36,29 @@ def read(path):
         return [json.loads(line) for line in f]
 
 
-def signature(question, answer):
-    """Re-derived from the text: the question's numbers and the answer's operators."""
-    return tuple(re.findall(r"\d+", question)), tuple(m[1] for m in STEP.findall(answer))
+def number_value(token):
+    """An integer written in digits or in words below 100 ("forty-two")."""
+    if token.isdigit():
+        return int(token)
+    tens, _, unit = token.lower().partition("-")
+    token = token.lower()
+    if tens in DECADES:
+        return 10 * (DECADES.index(tens) + 2) + (UNITS.index(unit) if unit else 0)
+    return UNITS.index(token)
+
+
+def calculate(expr):
+    """An independent evaluation of a calculator expression (digits, + - * /, brackets; whole division)."""
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        assert isinstance(node, ast.BinOp) and type(node.op) in ops, expr
+        return ops[type(node.op)](ev(node.left), ev(node.right))
+    value = ev(ast.parse(expr, mode="eval").body)
+    assert value == int(value), expr
+    return int(value)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +72,18 @@ def all_files(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
+def training_texts(root):
+    """Every text a model is trained on: the pretraining train shards, chat_train, math_train and mc_train."""
+    shards = sorted(os.listdir(os.path.join(root, "pretrain")))
+    texts = [r["text"] for s in shards[:-1] for r in read(os.path.join(root, "pretrain", s))]
+    for r in read(os.path.join(root, "chat_train.jsonl")):
+        texts += [m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])
+                  for m in r["messages"]]
+    texts += [r["question"] + "\n" + r["answer"] for r in read(os.path.join(root, "math_train.jsonl"))]
+    texts += [r["question"] + " " + " ".join(r["choices"]) for r in read(os.path.join(root, "mc_train.jsonl"))]
+    return texts
+
+
 # -----------------------------------------------------------------------------
 # tinyworld
 
@@ -53,7 +93,7 @@ def test_generator_is_deterministic(world, tmp_path):
     tinyworld.generate(again, **SMALL)
     files = all_files(world)
     assert files == all_files(again)
-    assert "pretrain/shard_00001.jsonl" in files and "meta.json" in files
+    assert "pretrain/shard_00001.jsonl" in files and "meta.json" in files and "chat_probe_test.jsonl" in files
     for f in files:
         with open(os.path.join(world, f), "rb") as a, open(os.path.join(again, f), "rb") as b:
             assert a.read() == b.read(), f
@@ -72,13 +112,17 @@ def test_pretrain_shards(world):
     assert 0.3e6 <= size < 0.33e6
     assert all(isinstance(t, str) and t for t in texts)
     joined = "\n".join(texts)
-    for needle in ("lives in", "Question:", "#### ", " + ", "years old", ": Hello"):
+    for needle in ("lives in", "Question:", "#### ", "<<", "years old", ": Hello"):
         assert needle in joined
+    # the validation shard holds no document of the train shards
+    train = {r["text"] for s in shards[:-1] for r in read(os.path.join(world, "pretrain", s))}
+    val = [r["text"] for r in read(os.path.join(world, "pretrain", shards[-1]))]
+    assert val and not train & set(val)
 
 
 def test_world_facts_are_consistent(world):
     """Every "X lives in P." anywhere in the pretraining text agrees with the world's facts."""
-    people, _ = tinyworld.build_world(random.Random(f"{SMALL['seed']}/world"))
+    people, _ = tinyworld.world(SMALL["seed"])
     homes = {}
     for shard in os.listdir(os.path.join(world, "pretrain")):
         for r in read(os.path.join(world, "pretrain", shard)):
@@ -89,103 +133,246 @@ def test_world_facts_are_consistent(world):
     assert all(places == {people[n]["home"]} for n, places in homes.items())
 
 
-def check_problem(p):
-    """Recompute a problem's answer from its text: every step is right, uses the question's numbers (or an
-    earlier result, or a unit constant), and the final answer is the last result."""
-    assert set(p) == {"question", "answer", "level"}
+def check_problem(p, steps):
+    """Recompute a problem's answer from its text: each line restates a step and calls the calculator on two
+    numbers of the question (digits or words; a factor said as "twice", "half", ...) or earlier results; the
+    results are right and the last is the final answer."""
     lines = p["answer"].split("\n")
-    final = lines[-1]
-    assert re.fullmatch(r"#### \d+", final), final
-    known = [int(x) for x in re.findall(r"\d+", p["question"])] + [2, 6, 12, 60]
-    operands, result = [], None
+    assert re.fullmatch(r"#### \d+", lines[-1]), lines[-1]
+    known = {number_value(t) for t in NUMBER.findall(p["question"])} | {2, 3, 4}
+    result = None
     for line in lines[:-1]:
-        steps = STEP.findall(line)
-        assert len(steps) == 1, line
-        a, op, b, c = steps[0]
-        a, b, c = int(a), int(b), int(c)
-        assert OPS[op](a, b) == c, line
-        assert a in known and b in known, line
-        operands += [a, b]
-        known.append(c)
+        m = re.fullmatch(r"[A-Za-z][\w ']*: <<(\d+)([-+*/])(\d+)=(\d+)>>(\d+)", line)
+        assert m, line
+        a, op, b, c, shown = int(m[1]), m[2], int(m[3]), int(m[4]), int(m[5])
+        assert OPS[op](a, b) == c == shown and c >= 1, line
+        assert a in known and b in known, (line, p["question"])
+        known.add(c)
         result = c
-    assert int(final[5:]) == result
-    assert set(int(x) for x in re.findall(r"\d+", p["question"])) <= set(operands)
-    n_steps = len(lines) - 1
-    assert n_steps == p["level"] or (p["level"] == 4 and n_steps == 5)
+    assert int(lines[-1][5:]) == result
+    assert len(lines) - 1 == p["level"] == steps
 
 
 def test_math_answers_are_correct(world):
-    for split in ("train", "test"):
-        rows = read(os.path.join(world, f"math_{split}.jsonl"))
-        assert len(rows) == SMALL[f"num_math_{split}"]
-        assert {r["level"] for r in rows} == {1, 2, 3, 4}
-        for r in rows:
-            check_problem(r)
-
-
-def test_templates_hold_on_many_draws():
-    """Rare draws too: every template yields whole, non-negative, correct steps (step() asserts it)."""
-    rng = random.Random(0)
-    for i in range(4000):
-        p = tinyworld.make_problem(rng, 1 + i % 4)
-        del p["steps"]
-        check_problem(p)
-    people, places = tinyworld.build_world(rng)
-    for _ in range(3000):
-        tinyworld.conversation(rng, people)
-        tinyworld.mc_item(rng, people, places)
-
-
-def test_math_splits_are_disjoint(world):
-    test = read(os.path.join(world, "math_test.jsonl"))
-    test_sigs = {signature(r["question"], r["answer"]) for r in test}
-    assert len(test_sigs) == len(test)  # test problems are unique
     train = read(os.path.join(world, "math_train.jsonl"))
-    assert not test_sigs & {signature(r["question"], r["answer"]) for r in train}
-    # nor do pretraining docs or chat conversations solve a test problem (bare arithmetic like "What is 4 + 17?"
-    # may share a level-1 signature: that is a skill to learn, not a problem)
-    for shard in os.listdir(os.path.join(world, "pretrain")):
-        for r in read(os.path.join(world, "pretrain", shard)):
-            if r["text"].startswith("Question: "):
-                q, a = r["text"][10:].split("\nAnswer: ")
-                assert signature(q, a) not in test_sigs
-    for r in read(os.path.join(world, "chat_train.jsonl")):
-        for user, assistant in zip(r["messages"][::2], r["messages"][1::2]):
-            if "How many" not in user["content"]:
-                continue
-            text = assistant["content"] if isinstance(assistant["content"], str) else \
-                "".join(p["text"] for p in assistant["content"] if p["type"] == "text")
-            assert signature(user["content"], text) not in test_sigs
+    assert len(train) == SMALL["num_math_train"]
+    assert all(set(r) == {"question", "answer", "level"} for r in train)
+    assert {r["level"] for r in train} == set(range(1, tinyworld.MAX_STEPS + 1))
+    for r in train:
+        check_problem(r, r["level"])
+    test = read(os.path.join(world, "math_test.jsonl"))
+    assert [r["slice"] for r in test] == [s for s in tinyworld.SLICES for _ in range(len(test) // 5)]
+    for r in test:
+        assert set(r) == {"question", "answer", "level", "slice"}
+        if r["slice"] == "arith":  # one calculator call on the whole expression
+            m = re.fullmatch(r"<<([-+*/()\d]+)=(\d+)>>(\d+)\n#### (\d+)", r["answer"])
+            assert m and calculate(m[1]) == int(m[2]) == int(m[3]) == int(m[4]) and 1 <= r["level"] <= 3
+            continue
+        check_problem(r, r["level"])
+        assert r["level"] == tinyworld.LENGTH_STEPS if r["slice"] == "length" else \
+            (2 if r["slice"] == "composition" else 1) <= r["level"] <= tinyworld.MAX_STEPS
+
+
+def test_problems_hold_on_many_draws():
+    """Rare draws too: every slice's problems are worked right, at every step count."""
+    people, _ = tinyworld.world(0)
+    rng = random.Random(0)
+    for i in range(60):
+        for slice_, steps in (("train", 1 + i % 5), ("phrasing", 1 + i % 5), ("composition", 2 + i % 4),
+                              ("length", 6)):
+            p = tinyworld.math_problem(rng, people, slice_, steps)
+            check_problem({"question": p.question, "answer": p.answer, "level": p.steps}, steps)
+    for i in range(300):
+        q, a, ops, _ = tinyworld.arith_question(rng, heldout=i % 2 == 0)
+        m = re.fullmatch(r"<<([-+*/()\d]+)=(\d+)>>\d+\n#### \d+", a)
+        assert calculate(m[1]) == int(m[2])
+
+
+def test_composition_and_length_are_held_out():
+    """No training problem has a held-out shape or as many steps as the length slice; every composition problem
+    has a held-out shape (seen from the graphs the generator worked out)."""
+    people, _ = tinyworld.world(0)
+    rng = random.Random(1)
+    train = [tinyworld.math_problem(rng, people, "train") for _ in range(1000)]
+    test = [tinyworld.math_problem(rng, people, "composition", 2 + i % 4) for i in range(80)]
+    train_shapes = {p.shape for p in train}
+    assert len(train_shapes) > 100 and max(p.steps for p in train) == tinyworld.MAX_STEPS
+    assert not train_shapes & {p.shape for p in test}
+    assert not any(tinyworld.heldout_shape(p.shape) for p in train)
+    assert len({p.shape for p in test}) > 20
+    # every training shape of two steps is one of the 2-step chains and trees, and some of those are held out
+    two = {s for s in train_shapes if s.count("(") == 2}
+    assert 8 <= len(two) and {p.shape for p in test if p.steps == 2} - two
+
+
+def heldout_regexes():
+    """A regex per held-out surface pattern (math clauses and questions, arithmetic forms, fact questions,
+    identity and small talk): what no training text may contain."""
+    num = r"(?:\d+|[a-z]+(?:-[a-z]+)?)"
+    slots = {"P": r"(?:[A-Z][a-z]+|she|he)", "p": r"(?:[A-Z][a-z]+'s|her|his)", "Q": r"[A-Z][a-z]+",
+             "q": r"[A-Z][a-z]+'s", "n": num, "a": num, "b": num, "k": num, "item": r"[a-z]+", "other": r"[a-z]+",
+             "box": r"[a-z]+", "boxes": r"[a-z]+", "home": r"[A-Z][a-z]+(?: [A-Z][a-z]+)?", "a_job": r"an? [a-z]+",
+             "object": r"[a-z]+", "E": ".+", "A": ".+", "B": ".+"}
+
+    def rx(text, verb=None, names=False):
+        out = ""
+        for literal, field, _, _ in string.Formatter().parse(text):
+            out += re.escape(literal)
+            if field == "v":
+                out += f"(?:{re.escape(verb.now)}|{re.escape(verb.past)})"
+            elif field in tinyworld.TENSE:
+                out += "(?:%s|%s)" % tinyworld.TENSE[field]
+            elif field is not None:
+                out += r"[A-Z][a-z]+" if names and field == "n" else slots[field]
+        return re.compile(f"(?i:{out[0]}){out[1:]}" if out[0].isalpha() else out)
+    out = [rx(text, verb) for _, text, verb in tinyworld.heldout_patterns()]
+    out += [rx(f.text) for f in tinyworld.ARITH_ASK if f.held]
+    out += [rx(f.text) for _, f in tinyworld.ARITH_WORDS + tinyworld.ARITH_DO if f.held]
+    out += [rx(f.text, names=True) for fs in tinyworld.FACT_QUESTIONS.values() for f in fs if f.held]
+    out += [re.compile(r"\b" + re.escape(f.text.rstrip("?.!")) + r"\b", re.IGNORECASE)
+            for f in tinyworld.IDENTITY_QUESTIONS + [f for fs, _ in tinyworld.SMALLTALK.values() for f in fs]
+            if f.held]
+    return out
+
+
+def test_heldout_phrasings_are_in_no_training_file(world):
+    regexes = heldout_regexes()
+    assert len(regexes) > 80
+    training = "\n".join(training_texts(world))
+    for r in regexes:
+        m = r.search(training)
+        assert not m, (r.pattern, training[max(0, m.start() - 80):m.end() + 20])
+    # ... while every phrasing problem, arithmetic item and chat probe has one
+    test = read(os.path.join(world, "math_test.jsonl"))
+    probes = read(os.path.join(world, "chat_probe_test.jsonl"))
+    for text in [r["question"] for r in test if r["slice"] in ("phrasing", "arith")] + [p["prompt"] for p in probes]:
+        assert any(r.search(text) for r in regexes), text
+    for r in test:
+        if r["slice"] in ("id", "composition", "length"):
+            assert not any(x.search(r["question"]) for x in regexes), r["question"]
+
+
+def template(question):
+    """A question with its numbers, names, pronouns and places masked, and its numbers in order."""
+    masked = re.sub(r"\b(?:%s|she|he|her|his|She|He|Her|His)\b" % "|".join(tinyworld.NAMES), "@", question)
+    masked = re.sub("|".join(tinyworld.PLACES + tinyworld.JOBS), "&", masked)
+    return NUMBER.sub("#", masked), [number_value(t) for t in NUMBER.findall(masked)]
+
+
+def learn_templates(problems):
+    """Template lookup: for each template of the training questions, which slot (a number of the question), earlier
+    step or constant each step's operands come from, as the refs consistent with every problem of the template."""
+    rules = {}
+    for p in problems:
+        key, slots = template(p["question"])
+        steps = [(int(a), op, int(b), int(c)) for a, op, b, c in
+                 re.findall(r"<<(\d+)([-+*/])(\d+)=(\d+)>>", p["answer"])]
+        results = [c for *_, c in steps]
+        seen = []
+        for j, (a, op, b, _) in enumerate(steps):
+            refs = [{("step", i) for i in range(j) if results[i] == x} | {("slot", i) for i, s in enumerate(slots)
+                                                                          if s == x} | {("const", x)}
+                    for x in (a, b)]
+            seen.append((op, refs[0], refs[1]))
+        old = rules.get(key)
+        if old is None:
+            rules[key] = seen
+        elif len(old) == len(seen):
+            rules[key] = [(op, ra & sa, rb & sb) for (op, ra, rb), (_, sa, sb) in zip(old, seen)]
+    return rules
+
+
+def lookup_answer(rules, question):
+    """The template's rule applied to a question's numbers; where one training problem left several refs (its
+    numbers happened to coincide), the left operand is taken to be the latest count worked out and the right one
+    a number of the question."""
+    key, slots = template(question)
+    if key not in rules:
+        return None
+    results = []
+    for op, ra, rb in rules[key]:
+        values = []
+        for refs, order in ((ra, ("step", "slot", "const")), (rb, ("slot", "step", "const"))):
+            if not refs:
+                return None
+            kind, x = sorted(refs, key=lambda r: (order.index(r[0]), -r[1] if r[0] == "step" else r[1]))[0]
+            values.append(results[x] if kind == "step" else slots[x] if kind == "slot" else x)
+        results.append(OPS[op](*values))
+        if results[-1] is None:
+            return None
+    return results[-1] if results else None
+
+
+def test_template_lookup_baseline_fails_on_the_heldout_slices(tmp_path):
+    """A model-free matcher that learns per question template which numbers feed which step solves the
+    in-distribution slice and none of the held-out ones."""
+    out = str(tmp_path / "set")
+    tinyworld.generate(out, **{**SMALL, "num_math_test": 250})
+    rules = learn_templates(read(os.path.join(out, "math_train.jsonl")))
+    scores = {}
+    for r in read(os.path.join(out, "math_test.jsonl")):
+        if r["slice"] != "arith":
+            scores.setdefault(r["slice"], []).append(lookup_answer(rules, r["question"]) == int(r["answer"][5 + r[
+                "answer"].rindex("#### "):]))
+    scores = {k: sum(v) / len(v) for k, v in scores.items()}
+    assert scores["id"] >= 0.9, scores
+    assert scores["phrasing"] == scores["composition"] == scores["length"] == 0.0, scores
+
+
+def test_splits_are_disjoint(world):
+    """No test question is a training question; chat_val holds no chat_train conversation; mc_test asks about
+    facts that no training quiz line or mc_train item asks about."""
+    training = training_texts(world)
+    questions = set()
+    for text in training:
+        questions.add(text.split("\n")[0])
+        if text.startswith("Question: "):
+            questions.add(text[10:].split("\nAnswer: ")[0])
+    test = read(os.path.join(world, "math_test.jsonl"))
+    assert len({r["question"] for r in test}) == len(test)
+    assert not {r["question"] for r in test} & questions
+    chats = {json.dumps(r) for r in read(os.path.join(world, "chat_train.jsonl"))}
+    assert not chats & {json.dumps(r) for r in read(os.path.join(world, "chat_val.jsonl"))}
+    mc_train, mc_test = (read(os.path.join(world, f"mc_{s}.jsonl")) for s in ("train", "test"))
+    pairs = {(r["question"], tuple(r["choices"])) for r in mc_train}
+    assert len(pairs) == len(mc_train) and not pairs & {(r["question"], tuple(r["choices"])) for r in mc_test}
+    people, _ = tinyworld.world(SMALL["seed"])
+    quizzed = {(r["question"], r["choices"][r["answer"]]) for r in mc_train} | {
+        tuple(line.rsplit("? ", 1)) for t in training for line in t.split("\n") if re.fullmatch(r"[^?]+\? [^?]+\.", line)}
+    facts = 0
+    for r in mc_test:
+        name = next((n for n in re.findall(r"[A-Z][a-z]+", r["question"]) if n in people), None)
+        if name:  # a fact about a person: asked in no training quiz line or item, in any wording
+            right = r["choices"][r["answer"]]
+            assert not any(n == name for q, a in quizzed for n in re.findall(r"[A-Z][a-z]+", q)
+                           if a.rstrip(".") == right), r
+            facts += 1
+    assert facts > len(mc_test) // 2
 
 
 def test_mc_answers_are_correct(world):
-    people, places = tinyworld.build_world(random.Random(f"{SMALL['seed']}/world"))
-    fact_of = {q.format(n="(\\w+)").replace("?", "\\?"): k for k, qs in tinyworld.FACT_QUESTIONS.items() for q in qs}
-    train = read(os.path.join(world, "mc_train.jsonl"))
-    test = read(os.path.join(world, "mc_test.jsonl"))
-    assert len({r["question"] for r in test}) == len(test)
-    assert not {r["question"] for r in test} & {r["question"] for r in train}
-    checked = 0
-    for r in train + test:
-        q, choices, right = r["question"], r["choices"], r["choices"][r["answer"]]
-        assert len(choices) == 4 and len(set(choices)) == 4 and 0 <= r["answer"] < 4
-        m = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", q)
-        if m:
-            assert int(right) == OPS[m[2]](int(m[1]), int(m[3]))
-            checked += 1
-            continue
-        m = re.fullmatch(r"Who lives in (.+)\?", q)
-        if m:
-            assert [people[c]["home"] == m[1] for c in choices].count(True) == 1 and people[right]["home"] == m[1]
-            checked += 1
-            continue
-        for pattern, kind in fact_of.items():
-            m = re.fullmatch(pattern, q)
+    people, places = tinyworld.world(SMALL["seed"])
+    asks = {}
+    for kind, frames in tinyworld.FACT_QUESTIONS.items():
+        for f in frames:
+            asks[re.escape(f.text).replace(r"\{n\}", r"(\w+)").replace(r"\{object\}", r"\w+")] = kind
+    for split in ("train", "test"):
+        rows = read(os.path.join(world, f"mc_{split}.jsonl"))
+        assert len(rows) == SMALL[f"num_mc_{split}"]
+        for r in rows:
+            q, choices, right = r["question"], r["choices"], r["choices"][r["answer"]]
+            assert len(choices) == 4 and len(set(choices)) == 4 and 0 <= r["answer"] < 4
+            m = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", q)
             if m:
-                assert right == people[m[1]][kind] and sum(c == people[m[1]][kind] for c in choices) == 1
-                checked += 1
-                break
-    assert checked == len(train) + len(test)
+                assert int(right) == OPS[m[2]](int(m[1]), int(m[3]))
+                continue
+            m = re.fullmatch(r"Who lives in (.+)\?", q)
+            if m:
+                assert [people[c]["home"] == m[1] for c in choices].count(True) == 1 and people[right]["home"] == m[1]
+                continue
+            kind = next(k for pattern, k in asks.items() if re.fullmatch(pattern, q))
+            name = re.fullmatch(next(p for p, k in asks.items() if re.fullmatch(p, q)), q)[1]
+            assert right == people[name][kind] and sum(c == people[name][kind] for c in choices) == 1
 
 
 def test_chat_format(world):
@@ -198,25 +385,49 @@ def test_chat_format(world):
             assert len(msgs) % 2 == 0 and [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
             for m in msgs:
                 if isinstance(m["content"], str):
-                    assert m["content"]
+                    assert m["content"] and "<<" not in m["content"] and "####" not in m["content"]
                     if "picochat" in m["content"]:
                         kinds.add("identity")
-                    if m["content"].startswith("#### ") or "\n#### " in m["content"]:
-                        kinds.add("answer")
                     continue
                 assert m["role"] == "assistant"
                 parts = m["content"]
                 types = [p["type"] for p in parts]
                 assert all(set(p) == {"type", "text"} and isinstance(p["text"], str) for p in parts)
-                assert types[0] == "text" and types[-1] == "text"
+                assert types[0] in ("text", "python") and types[-1] == "text"
                 for i, p in enumerate(parts):
                     if p["type"] == "python":
                         kinds.add("calculator")
                         assert parts[i + 1]["type"] == "python_output"
-                        a, op, b = re.fullmatch(r"(\d+)([-+*/])(\d+)", p["text"]).groups()
-                        assert parts[i + 1]["text"] == str(OPS[op](int(a), int(b)))
-                assert re.search(r"\n?#### -?\d+$", parts[-1]["text"])
+                        assert parts[i + 1]["text"] == str(calculate(p["text"]))
+                assert re.search(r"\n#### \d+$", parts[-1]["text"])
+                kinds.add("answer")
     assert kinds == {"identity", "answer", "calculator"}
+
+
+def test_chat_probes(world):
+    people, _ = tinyworld.world(SMALL["seed"])
+    train, test = (read(os.path.join(world, f"chat_probe_{s}.jsonl")) for s in ("train", "test"))
+    assert len(train) == SMALL["num_probe_train"] and len(test) == SMALL["num_probe_test"]
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
+    assert len({p["prompt"] for p in test}) == len(test)
+    for p in train + test:
+        assert set(p) == {"prompt", "kind", "expect"} and p["kind"] in ("identity", "smalltalk", "fact")
+        assert p["expect"] is None if p["kind"] == "smalltalk" else p["expect"]
+    assert {p["kind"] for p in test} == {"identity", "smalltalk", "fact"}
+    # a fact probe's expected word is the world's fact about the person it names
+    for p in test:
+        if p["kind"] == "fact":
+            name = next(n for n in re.findall(r"[A-Z][a-z]+", p["prompt"]) if n in people)
+            assert set(p["expect"]) & {str(v) for v in people[name].values()}, p
+    fact = {"prompt": "Where does Mia live?", "kind": "fact", "expect": ["Pine Hill"]}
+    assert data.chat_reply_ok("Mia lives in Pine Hill.", fact)
+    assert not data.chat_reply_ok("Mia lives in Oakvale.", fact)
+    assert not data.chat_reply_ok("Pine Hill. <<2+3=5>>5", fact)
+    assert not data.chat_reply_ok("Pine Hill\n#### 5", fact)
+    assert not data.chat_reply_ok("<|python_start|>2+3<|python_end|> Pine Hill", fact)
+    age = {"prompt": "How old is Mia?", "kind": "fact", "expect": ["40", "forty"]}
+    assert data.chat_reply_ok("Mia is Forty years old.", age) and not data.chat_reply_ok("Mia is 140.", age)
+    assert data.chat_reply_ok("Hello there!", {"prompt": "hi", "kind": "smalltalk", "expect": None})
 
 
 # -----------------------------------------------------------------------------
