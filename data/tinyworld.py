@@ -304,7 +304,7 @@ FRACTION = {2: "half", 3: "a third", 4: "a quarter"}
 SAY = {"groups": "{P} has {a} groups of {b}", "rate": "{P} has {a} groups of {b}", "gain": "{P} gets {n} more",
        "lose": "{P} loses {n}", "give": "{P} gives {n} to {Q}", "got": "{Q} gets {n} from {P}",
        "give_all": "{Q} gets all of {P}'s", "scale": "{P} has {k} times as many", "times": "{P} has {k} times {Q}'s",
-       "part": "{P} has {Q}'s split in {k}", "more": "{P} has {n} more than {Q}", "fewer": "{P} has {n} fewer than {Q}",
+       "part": "{P} has {k} of {Q}'s", "more": "{P} has {n} more than {Q}", "fewer": "{P} has {n} fewer than {Q}",
        "gain_groups": "{P} gets {a} groups of {b}", "lose_groups": "{P} loses {a} groups of {b}",
        "gain_x": "{P} gets {x} more", "lose_x": "{P} loses {x}", "together": "{P} and {Q} together",
        "diff": "{P} has more than {Q} by", "share": "each of {k} gets", "pack": "groups of {k}",
@@ -578,8 +578,14 @@ def draw(rng, lo, hi, used=None):
 
 
 def calc(a, op, b, say, at):
-    value = {"+": lambda: a.value + b.value, "-": lambda: a.value - b.value, "*": lambda: a.value * b.value,
-             "/": lambda: a.value // b.value if a.value % b.value == 0 else -1}[op]()
+    if op == "+":
+        value = a.value + b.value
+    elif op == "-":
+        value = a.value - b.value
+    elif op == "*":
+        value = a.value * b.value
+    else:
+        value = a.value // b.value if a.value % b.value == 0 else -1
     if not 1 <= value <= MAX_VALUE:
         raise Redraw
     return Node(value, op, a, b, say, at)
@@ -611,7 +617,7 @@ def work(recipe, names, people, rng):
         P, at = roles[0], (i, 0)
         got = {}
         if kind == "has":
-            got["n"] = draw(rng, 2, 25, used)
+            got["n"] = draw(rng, 3, 30, used)
             counts[P] = leaf(got["n"])
         elif kind in ("groups", "rate"):
             got["a"], got["b"] = draw(rng, 2, 9, used), draw(rng, 2, 12, used)
