@@ -195,8 +195,12 @@ def math_conversation(problem):
 
 
 def mc_conversation(item):
-    """A multiple-choice item as a chat: the question and its lettered choices -> the right letter, e.g. "B"."""
-    lines = [item["question"]] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(item["choices"])]
+    """A multiple-choice item as a chat: the question and its choices, each followed by its letter ("- Oakvale=B"),
+    -> the right letter, e.g. "B". The letter comes after its choice and right after "=" (nanochat's format):
+    a small model binds a letter to the choice before it far better than to the one after it (a 4-layer model
+    trained on "B. Oakvale" lines stayed at chance even on its training items), and "=B" is split into "=", "B",
+    the very token the answer is."""
+    lines = [item["question"]] + [f"- {c}={LETTERS[i]}" for i, c in enumerate(item["choices"])]
     return [{"role": "user", "content": "\n".join(lines) + "\nAnswer with the letter of the right choice."},
             {"role": "assistant", "content": LETTERS[item["answer"]]}]
 

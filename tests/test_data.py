@@ -538,7 +538,7 @@ def test_conversation_mixture(tmp_base_dir):
                                {"type": "python_output", "text": "6"}, {"type": "text", "text": "6 so\n#### 1"}]
     assert len(data.load_conversations("val")) == 15 + 10 + 2 + 1  # no smoltalk val downloaded
     assert data.mc_conversation(arc[0]) == [
-        {"role": "user", "content": "Q?\nA. w\nB. x\nC. y\nD. z\nE. v\nAnswer with the letter of the right choice."},
+        {"role": "user", "content": "Q?\n- w=A\n- x=B\n- y=C\n- z=D\n- v=E\nAnswer with the letter of the right choice."},
         {"role": "assistant", "content": "E"}]
 
 
