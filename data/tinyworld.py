@@ -324,7 +324,7 @@ def heldout_pair(frame_index, verb_index):
 
 
 def verb_options(kind, item):
-    """[(pattern, frame, verb)] of a kind for an item; pattern = (kind, frame index, verb index or -1)."""
+    """[(pattern, frame, verb)] of a kind for an item (None: any); pattern = (kind, frame index, verb index or -1)."""
     verbs, frames = FRAMES[kind] if kind in FRAMES else ([], QUESTIONS[kind])
     out = []
     for fi, frame in enumerate(frames):
@@ -332,7 +332,7 @@ def verb_options(kind, item):
             out.append(((kind, fi, -1), frame, None))
             continue
         for vi, verb in enumerate(verbs):
-            if verb.items is None or item in verb.items:
+            if verb.items is None or item is None or item in verb.items:
                 out.append(((kind, fi, vi), frame, verb))
     return out
 
@@ -836,19 +836,21 @@ ARITH_ASK = [Frame("What is {E}?"), Frame("Compute {E}."), Frame("Calculate {E}.
              Frame("Please compute {E}."), Frame("Can you calculate {E}?"), Frame("What do you get for {E}?"),
              Frame("Tell me {E}."), Frame("{E} = ?"), Frame("Solve {E}."), Frame("Work out {E}.", held=True),
              Frame("Find the value of {E}.", held=True), Frame("What number is {E}?", held=True)]
-# one operation in words: (op, form, k) with {A} {B} the operands; k: the form fixes the second operand
+# one operation in words: (op, form) with {A} {B} the operands; Frame.k: the form fixes the second operand. The
+# held-out forms are made of words training uses elsewhere ("difference", "share ... among", "added together")
 ARITH_WORDS = [("+", Frame("{A} plus {B}")), ("+", Frame("the sum of {A} and {B}")),
                ("+", Frame("{A} added to {B}")), ("+", Frame("{A} and {B} added together", held=True)),
                ("-", Frame("{A} minus {B}")), ("-", Frame("the difference between {A} and {B}")),
-               ("-", Frame("{B} less than {A}")), ("-", Frame("{A} take away {B}", held=True)),
+               ("-", Frame("{B} less than {A}")), ("-", Frame("the difference of {A} and {B}", held=True)),
                ("*", Frame("{A} times {B}")), ("*", Frame("the product of {A} and {B}")),
                ("*", Frame("{A} multiplied by {B}")), ("*", Frame("twice {A}", k=2)), ("*", Frame("double {A}", k=2)),
                ("*", Frame("{A} and {B} multiplied together", held=True)),
                ("/", Frame("{A} divided by {B}")), ("/", Frame("half of {A}", k=2)),
-               ("/", Frame("{A} split into {B} equal parts")), ("/", Frame("a third of {A}", k=3, held=True))]
+               ("/", Frame("{A} split into {B} equal parts")), ("/", Frame("a third of {A}", k=3)),
+               ("/", Frame("{A} shared among {B}", held=True))]
 ARITH_DO = [("+", Frame("Add {A} and {B}.")), ("+", Frame("Add {A} to {B}.")), ("-", Frame("Subtract {B} from {A}.")),
             ("*", Frame("Multiply {A} by {B}.")), ("/", Frame("Divide {A} by {B}.")),
-            ("-", Frame("Take {B} away from {A}.", held=True)), ("*", Frame("Multiply {A} and {B}.", held=True))]
+            ("/", Frame("Share {A} equally among {B}.", held=True)), ("*", Frame("Multiply {A} and {B}.", held=True))]
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 
