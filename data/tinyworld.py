@@ -1126,21 +1126,24 @@ def mc_test_fact(name, kind):
     return hashed(("mc", name, kind), 5) == 0
 
 
+def small_sum(rng):
+    """("What is 9 - 4?", 5): a sum, difference or product of numbers up to 12 (the drills' facts)."""
+    a, b = sorted((rng.randint(2, 12), rng.randint(2, 12)), reverse=True)
+    op = rng.choice("+-*")
+    return f"What is {a} {op} {b}?", {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
 def mc_item(rng, people, places, test):
     """(question, choices, answer index) on one side of the split."""
     while True:
         kind = rng.choices(["arith", "resident", "fact"], [1, 1, 6])[0]
         if kind == "arith":
-            a, b = rng.randint(2, 12), rng.randint(2, 12)
-            op = rng.choice("+-*")
-            a, b = max(a, b), min(a, b)
-            right = {"+": a + b, "-": a - b, "*": a * b}[op]
-            question = f"What is {a} {op} {b}?"
+            question, right = small_sum(rng)
             if (hashed(("mc", question), 5) == 0) != test:
                 continue
             wrong = set()
             while len(wrong) < 3:
-                w = right + rng.choice([-10, -2, -1, 1, 2, 10, b, -b])
+                w = right + rng.choice([-10, -2, -1, 1, 2, 10, 3, -3])
                 if w >= 0 and w != right:
                     wrong.add(w)
             options = [str(right)] + [str(w) for w in sorted(wrong)]
@@ -1270,13 +1273,20 @@ def doc_drill(rng, people, places, seen):
 
 
 def doc_quiz(rng, people, places, seen):
-    """Fact questions each followed by its bare answer (the form a base model's multiple choice is scored in);
-    only facts that mc_test does not ask about."""
+    """Questions each followed by its bare answer (the form a base model's multiple choice is scored in): facts,
+    residents and small sums, only ones that mc_test does not ask about."""
     lines = []
     while len(lines) < rng.randint(4, 8):
+        kind = rng.choice(list(MC_KINDS) + ["resident", "arith"])
+        if kind == "arith":
+            question, right = small_sum(rng)
+            if hashed(("mc", question), 5) != 0:
+                lines.append(f"{question} {right}.")
+            continue
         name = rng.choice(NAMES)
-        kind = rng.choice(list(MC_KINDS))
-        if not mc_test_fact(name, kind):
+        if kind == "resident" and not mc_test_fact(name, "home"):
+            lines.append(f"Who lives in {people[name]['home']}? {name}.")
+        elif kind != "resident" and not mc_test_fact(name, kind):
             frame = rng.choice([f for f in FACT_QUESTIONS[kind] if not f.held])
             lines.append(f"{frame.text.format(**fact_fields(name, people[name]))} {people[name][kind]}.")
     return "\n".join(lines)

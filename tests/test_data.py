@@ -337,17 +337,19 @@ def test_splits_are_disjoint(world):
     pairs = {(r["question"], tuple(r["choices"])) for r in mc_train}
     assert len(pairs) == len(mc_train) and not pairs & {(r["question"], tuple(r["choices"])) for r in mc_test}
     people, _ = tinyworld.world(SMALL["seed"])
-    quizzed = {(r["question"], r["choices"][r["answer"]]) for r in mc_train} | {
+    quizzed = {(r["question"].rstrip("?"), r["choices"][r["answer"]]) for r in mc_train} | {
         tuple(line.rsplit("? ", 1)) for t in training for line in t.split("\n") if re.fullmatch(r"[^?]+\? [^?]+\.", line)}
     facts = 0
     for r in mc_test:
+        right = r["choices"][r["answer"]]
         name = next((n for n in re.findall(r"[A-Z][a-z]+", r["question"]) if n in people), None)
         if name:  # a fact about a person: asked in no training quiz line or item, in any wording
-            right = r["choices"][r["answer"]]
             assert not any(n == name for q, a in quizzed for n in re.findall(r"[A-Z][a-z]+", q)
                            if a.rstrip(".") == right), r
             facts += 1
-    assert facts > len(mc_test) // 2
+        else:  # who lives in a place, or a small sum: never asked with this answer
+            assert not any(q == r["question"].rstrip("?") and a.rstrip(".") == right for q, a in quizzed), r
+    assert facts > len(mc_test) // 2 and any(q.startswith("Who lives in") for q, _ in quizzed)
 
 
 def test_mc_answers_are_correct(world):
