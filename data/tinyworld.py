@@ -25,8 +25,9 @@ of its kind (FRAMES) with one of the kind's verbs. The question asks for any per
 difference, a share, a number of groups, or, in stories that start from an unknown count, the count at first. The
 value asked for is a computation graph over the story's numbers (1 to 6 steps of + - * /, chains and trees, whole
 non-negative results); its shape is that graph with the numbers left out, e.g. "((n*n)+n)". Stories also carry
-numbers to ignore (other people, other items, ages), numbers in words, pronouns and varied sentence order. The
-answer works the graph one step per line, in story order, each line restating its clause and calling the calculator
+numbers to ignore (other people, other items, ages), numbers in words, pronouns and varied sentence order; a
+story states each number once, and no value worked out equals one it states (so which number feeds which step is
+never ambiguous). The answer works the graph one step per line, in story order, each line restating its clause and calling the calculator
 in GSM8K's marks (data.math_conversation turns them into calculator calls for chat):
     Mia has 3 groups of 4: <<3*4=12>>12
     Mia gives 5 to Tom: <<12-5=7>>7
@@ -35,8 +36,8 @@ in GSM8K's marks (data.math_conversation turns them into calculator calls for ch
 Splits test generalisation, and nothing held out is in any training file (pretraining shards, chat_train,
 math_train, mc_train):
     math_test "slice"  id           a math_train story re-told with new numbers and names (same patterns, shape)
-                       phrasing     one clause or the question in a held-out surface pattern (HELD frames, and
-                                    the (frame, verb) pairs of heldout_pair), the shape a training one
+                       phrasing     one clause or the question in a held-out surface pattern (frames marked
+                                    held, and the (frame, verb) pairs of heldout_pair), the shape a training one
                        composition  a held-out shape (heldout_shape), every pattern a training one
                        length       6 steps; training problems have 1 to 5
                        arith        bare arithmetic asked in a held-out phrasing (ARITH_ASK, ARITH_WORDS)
@@ -47,11 +48,11 @@ math_train, mc_train):
                        (expect) one of the words: data.chat_reply_ok.
     chat_probe_train   the same kinds of prompts in training phrasings: non-math prompts for an RL batch.
     mc                 fact items split by fact (person, kind): an mc_test fact is never an mc item nor a quiz line
-                       in training (it is still stated in pretraining text and chats); arithmetic items by question.
-Pretraining text (all shards) is also what SFT can mix in to keep the text model: data.pretrain_files("train").
+                       in training (it is still stated in pretraining text and asked in chats); sums by question.
+The pretraining train shards are also what SFT can mix in to keep the text model: data.pretrain_files("train").
 
-Pretraining documents: fact sheets, places, stories, dialogues, lists, arithmetic drills, quizzes (a fact question
-and its bare answer, the form multiple choice is scored in), worked problems and arithmetic asked in words
+Pretraining documents: fact sheets, places, stories, dialogues, lists, arithmetic drills, quizzes (a question and
+its bare answer, the form a base model's multiple choice is scored in), worked problems and arithmetic asked in words
 ("Question: ...\\nAnswer: ...", the base model's few-shot format). Chats: greetings and small talk, identity, fact
 questions in many phrasings, arithmetic in many phrasings (one calculator call on the translated expression), word
 problems.
@@ -61,7 +62,6 @@ import functools
 import json
 import os
 import random
-import re
 import sys
 import time
 import zlib
