@@ -27,8 +27,9 @@ value asked for is a computation graph over the story's numbers (1 to 6 steps of
 non-negative results); its shape is that graph with the numbers left out, e.g. "((n*n)+n)". Stories also carry
 numbers to ignore (other people, other items, ages), numbers in words, pronouns and varied sentence order; a
 story states each number once, and no value worked out equals one it states (so which number feeds which step is
-never ambiguous). The answer works the graph one step per line, in story order, each line restating its clause and calling the calculator
-in GSM8K's marks (data.math_conversation turns them into calculator calls for chat):
+never ambiguous). The answer restates the question, then works the graph one step per line, in story order, each line restating its
+clause and calling the calculator in GSM8K's marks (data.math_conversation turns them into calculator calls for chat):
+    Find Mia's apples.
     Mia has 3 groups of 4: <<3*4=12>>12
     Mia gives 5 to Tom: <<12-5=7>>7
     #### 7
@@ -312,7 +313,12 @@ SAY = {"groups": "{P} has {a} groups of {b}", "rate": "{P} has {a} groups of {b}
        "undo_give": "{P} before giving {n}", "undo_got": "{P} before getting {n}",
        "undo_scale": "{P} before {k} times as many", "undo_gain_x": "{P} before getting {x} more",
        "undo_lose_x": "{P} before losing {x}"}
+# the answer's first line restates what the question asks for: which count to follow through the story
+GOALS = {"count": "Find {P}'s {item}.", "together": "Find {P}'s and {Q}'s {item} together.",
+         "diff": "Find how many more {item} {P} has than {Q}.", "share": "Find {P}'s {item} shared by {k}.",
+         "pack": "Find how many groups of {k} {P} makes.", "first": "Find {P}'s {item} at first."}
 MAX_STEPS = 5    # training problems have 1..MAX_STEPS steps; the length slice has LENGTH_STEPS
+KEEP_STEPS = {1: 0.5, 2: 0.7, 3: 0.8, 4: 1.0, 5: 1.0}  # training problems lean long: a story is to be tracked
 LENGTH_STEPS = 6
 MAX_VALUE = 999  # every number of a story and of its solution
 
@@ -394,11 +400,11 @@ def heldout_shape(s):
     return s.count("(") >= 2 and hashed(("shape", s), 5) == 0
 
 
-def solution(target, position):
-    """The answer text: one line per step, in story order (position(at) -> sort key) but never before a step it
-    uses, then "#### N"."""
+def solution(goal, target, position):
+    """The answer text: the goal (the question restated), then one line per step, in story order (position(at) ->
+    sort key) but never before a step it uses, then "#### N"."""
     todo = sorted(steps_of(target), key=lambda n: position(n.at))
-    lines, done = [], set()
+    lines, done = [goal], set()
     while todo:
         node = next(n for n in todo if all(c.op is None or id(c) in done for c in (n.a, n.b)))
         todo.remove(node)
@@ -773,7 +779,9 @@ def tell(recipe, names, people, rng, fits=None):
         alone = sum(she[r] == she[role] for r in used) == 1 if role is not None else False
         texts.append(sentence(e, numbers[i], names, recipe, people, may and e["pron"] and alone and role == last))
         last = role
-    answer = solution(target, lambda at: (position.get(at[0], len(events)),) + at[1:])
+    goal = GOALS[question["kind"]].format(P=names[question["roles"][0]], Q=names[question["roles"][-1]],
+                                          item=recipe["item"], **numbers[len(events)])
+    answer = solution(goal, target, lambda at: (position.get(at[0], len(events)),) + at[1:])
     patterns = {tuple(e["pattern"]) for e in events + [question]}
     return Problem(" ".join(texts), answer, len(steps_of(target)), shape(target), patterns, recipe)
 
@@ -810,12 +818,13 @@ def with_heldout_pattern(rng, recipe):
 
 def math_problem(rng, people, slice_, steps=0):
     """A problem of a slice: "train" (what training sees), "phrasing", "composition" or "length", with `steps`
-    steps (0: any number of steps a training problem may have, at the rate stories come with them)."""
+    steps (0: 1..MAX_STEPS, drawn long rather than short: KEEP_STEPS)."""
     def fits(target):
         n = len(steps_of(target))
-        return (n == steps if steps else n <= MAX_STEPS) and heldout_shape(shape(target)) == (slice_ == "composition")
+        return (n == steps if steps else n <= MAX_STEPS and rng.random() < KEEP_STEPS[n]) and \
+            heldout_shape(shape(target)) == (slice_ == "composition")
     while True:
-        recipe = draw_recipe(rng, steps or rng.randint(1, MAX_STEPS))
+        recipe = draw_recipe(rng, steps or rng.choice([2, 3, 4, 5, 5]))
         if slice_ == "phrasing":
             recipe = with_heldout_pattern(rng, recipe)
             if recipe is None:

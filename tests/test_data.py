@@ -139,9 +139,10 @@ def check_problem(p, steps):
     results are right and the last is the final answer."""
     lines = p["answer"].split("\n")
     assert re.fullmatch(r"#### \d+", lines[-1]), lines[-1]
+    assert re.fullmatch(r"Find [\w ']+\.", lines[0]), lines[0]  # the question restated
     known = {number_value(t) for t in NUMBER.findall(p["question"])} | {2, 3, 4}
     result = None
-    for line in lines[:-1]:
+    for line in lines[1:-1]:
         m = re.fullmatch(r"[A-Za-z][\w ']*: <<(\d+)([-+*/])(\d+)=(\d+)>>(\d+)", line)
         assert m, line
         a, op, b, c, shown = int(m[1]), m[2], int(m[3]), int(m[4]), int(m[5])
@@ -150,7 +151,7 @@ def check_problem(p, steps):
         known.add(c)
         result = c
     assert int(lines[-1][5:]) == result
-    assert len(lines) - 1 == p["level"] == steps
+    assert len(lines) - 2 == p["level"] == steps
 
 
 def test_math_answers_are_correct(world):
