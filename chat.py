@@ -19,29 +19,21 @@ In replies, a calculator call is shown inline as <<expr=result>> (GSM8K's notati
 sandbox refused the expression. Assistant messages sent back to the server are read the same way, so a
 multi-turn conversation reaches the model exactly as it was generated.
 
-The same Engine generates for rl.py and evaluate.py:
-
-    engine = Engine(model, tokenizer)
-    engine.generate_batch([tokenizer.render_for_completion(messages)], num_samples=8, max_new_tokens=256)
-    # -> per prompt, per sample: (tokens, mask), mask 0 on the forced calculator outputs; a reply that ended
-    #    its turn ends with <|assistant_end|> (or <|bos|>)
+Generation, the calculator included, is model.py's Engine; this file only turns its tokens into text for people.
+The chat page is chat.html, next to this file.
 """
 
-import ast
 import glob
 import json
-import math
 import os
 import re
 import threading
 import time
 import uuid
-import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-
 import common
-from model import generate
+from model import Engine
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
@@ -63,137 +55,6 @@ max_messages = 100
 max_message_chars = 16_000  # all messages of a request together
 max_tokens_limit = 2048
 max_temperature = 2.0
-
-# -----------------------------------------------------------------------------
-# The calculator. Arithmetic only: the expression is parsed with `ast` and evaluated by walking the tree, never
-# by eval(), so names, attributes, calls, subscripts, strings, lambdas and comprehensions cannot run at all.
-# Every intermediate value must stay within ±10**100 and an exponent within ±100 (checked before computing the
-# power), so an expression of at most 200 characters is at most ~100 cheap operations on small numbers: its
-# time is bounded by construction. Anything refused or failing (syntax, division by zero, too large) returns
-# None, and then nothing is forced: the model goes on writing by itself.
-
-CALC_MAX_CHARS = 200
-CALC_MAX_DIGITS = 100
-CALC_MAX_VALUE = 10**CALC_MAX_DIGITS
-CALC_MAX_EXPONENT = 100
-
-
-def _power(base, exponent):
-    # compute the size of the result from logarithms first: 9**9**9 must be refused, not attempted
-    if abs(exponent) > CALC_MAX_EXPONENT:
-        raise ValueError("exponent too large")
-    if base != 0 and abs(exponent * math.log10(abs(base))) > CALC_MAX_DIGITS:
-        raise ValueError("power too large")
-    return base ** exponent
-
-
-_BINARY = {
-    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
-    ast.Pow: _power,
-}
-_UNARY = {ast.UAdd: lambda a: +a, ast.USub: lambda a: -a}
-
-
-def _evaluate(node):
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):  # bool and complex are not numbers here
-        value = node.value
-    elif isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        value = _BINARY[type(node.op)](_evaluate(node.left), _evaluate(node.right))
-    elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        value = _UNARY[type(node.op)](_evaluate(node.operand))
-    else:
-        raise ValueError(f"{type(node).__name__} is not allowed")
-    # `not <=` also catches nan and inf; a complex number (a negative base to a fractional power) fails the type
-    if type(value) not in (int, float) or not abs(value) <= CALC_MAX_VALUE:
-        raise ValueError("result out of range")
-    return value
-
-
-def format_number(x):
-    """Integers as integers; floats with 6 significant digits (all the digits of the integer part are kept) and
-    no trailing zeros; scientific notation only for very small or very large floats."""
-    if isinstance(x, int):
-        return str(x)
-    if x.is_integer() and abs(x) < 1e15:
-        return str(int(x))
-    if not 1e-4 <= abs(x) < 1e15:
-        return f"{x:.6g}"
-    decimals = max(0, 5 - math.floor(math.log10(abs(x))))
-    return f"{x:.{decimals}f}".rstrip("0").rstrip(".")
-
-
-def calculator(expr):
-    """Evaluate an arithmetic expression in the sandbox: the result as text, or None if refused or failing."""
-    if not isinstance(expr, str) or len(expr) > CALC_MAX_CHARS:
-        return None
-    try:
-        with warnings.catch_warnings():  # e.g. "invalid decimal literal" for `1if`: a refusal, not news
-            warnings.simplefilter("ignore")
-            tree = ast.parse(expr.strip(), mode="eval")
-        return format_number(_evaluate(tree.body))
-    except Exception:  # nothing is executed, so every failure (SyntaxError, ZeroDivisionError, ...) means "no result"
-        return None
-
-# -----------------------------------------------------------------------------
-# The generation engine: model.generate with the calculator forced in, shared by chat, rl.py and evaluate.py.
-
-
-class Engine:
-    """Generates assistant replies with the calculator tool.
-
-    generate() streams: it yields once per decoding step a list with one entry per row (prompt-major: the
-    num_samples rows of prompt 0, then of prompt 1, ...), each `(token, forced)` or None once the row has
-    finished. A row finishes after <|assistant_end|> or <|bos|>, which are yielded (and kept by generate_batch):
-    RL learns to end its answers only if the end token is among the tokens it trains on."""
-
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.python_start, self.python_end, self.output_start, self.output_end, self.assistant_end = (
-            tokenizer.special(name) for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
-                                                 "<|output_end|>", "<|assistant_end|>"))
-        self.stop_tokens = (self.assistant_end, tokenizer.bos_id)
-
-    def prompt_ids(self, prompt):
-        """A prompt is token ids (from render_for_completion) or a conversation: a list of messages or
-        {"messages": [...]}, rendered up to the assistant's turn."""
-        if isinstance(prompt, dict):
-            prompt = prompt["messages"]
-        if prompt and isinstance(prompt[0], dict):
-            return self.tokenizer.render_for_completion(prompt)
-        return list(prompt)
-
-    def tool_output(self, row, generated):
-        """model.generate's `force` hook: after a sampled <|python_end|>, the calculator's answer to the
-        expression since the last <|python_start|>, as tokens to force in (None: nothing to force)."""
-        if not generated or generated[-1] != self.python_end or self.python_start not in generated:
-            return None
-        start = len(generated) - 1 - generated[::-1].index(self.python_start)
-        result = calculator(self.tokenizer.decode(generated[start + 1:-1]))
-        if result is None:
-            return None
-        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
-
-    def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
-                 seed=None, tools=True):
-        # the samples of a prompt are identical rows, and model.generate prefills identical rows once
-        rows = [ids for ids in map(self.prompt_ids, prompts) for _ in range(num_samples)]
-        yield from generate(self.model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop_tokens=self.stop_tokens, seed=seed, force=self.tool_output if tools else None)
-
-    def generate_batch(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
-                       seed=None, tools=True):
-        """Per prompt, per sample: (tokens, mask) of the generated reply, ending with the stop token when one
-        was generated within max_new_tokens; mask is 0 on forced calculator outputs, 1 on sampled tokens."""
-        rows = [([], []) for _ in range(len(prompts) * num_samples)]
-        for step_tokens in self.generate(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed,
-                                         tools):
-            for (tokens, mask), entry in zip(rows, step_tokens):
-                if entry is not None:
-                    tokens.append(entry[0])
-                    mask.append(0 if entry[1] else 1)
-        return [rows[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
 
 # -----------------------------------------------------------------------------
 # One reply as text, for the terminal and the server. Tool calls are shown inline as <<expr=result>>.
@@ -302,101 +163,10 @@ class Reply:
             yield self.text[sent:]
 
 # -----------------------------------------------------------------------------
-# The web server: the chat page, the OpenAI-compatible API (/v1/chat/completions, /v1/models) and /health.
+# The web server: the chat page (chat.html), the OpenAI-compatible API (/v1/chat/completions, /v1/models) and
+# /health.
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>picochat</title><link rel="icon" href="data:,">
-<style>
-body { font-family: system-ui, sans-serif; max-width: 48rem; margin: 0 auto; padding: 1rem; height: 100vh;
-       box-sizing: border-box; display: flex; flex-direction: column; }
-#log { flex: 1; overflow-y: auto; }
-.msg { white-space: pre-wrap; padding: .5rem .75rem; margin: .5rem 0; border-radius: .5rem; }
-.user { background: #e3ecfd; margin-left: 4rem; }
-.assistant { background: #f1f1f1; margin-right: 4rem; }
-.error { color: #b00020; }
-form { display: flex; gap: .5rem; }
-textarea { flex: 1; font: inherit; padding: .5rem; resize: none; }
-</style></head>
-<body>
-<h3>picochat</h3>
-<div id="log"></div>
-<form id="form">
-  <textarea id="input" rows="2" placeholder="Message (Enter sends, Shift+Enter for a new line)" autofocus></textarea>
-  <button id="send">Send</button><button type="button" id="clear">New chat</button>
-</form>
-<script>
-const log = document.getElementById("log"), input = document.getElementById("input"),
-      send = document.getElementById("send");
-let messages = [];
-
-function show(role, text) {
-  const div = document.createElement("div");
-  div.className = "msg " + role;
-  div.textContent = text;
-  log.appendChild(div);
-  log.scrollTop = log.scrollHeight;
-  return div;
-}
-
-// read the server-sent events of a streaming completion, calling onText with each piece of the reply
-async function stream(response, onText) {
-  const reader = response.body.getReader(), decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const {value, done} = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, {stream: true});
-    const events = buffer.split("\\n\\n");
-    buffer = events.pop();
-    for (const event of events) {
-      const data = event.replace(/^data: /, "");
-      if (data === "[DONE]") return;
-      const chunk = JSON.parse(data);
-      if (chunk.error) throw new Error(chunk.error.message);
-      onText(chunk.choices[0].delta.content || "");
-    }
-  }
-}
-
-async function submit(event) {
-  event.preventDefault();
-  const text = input.value.trim();
-  if (!text || send.disabled) return;
-  send.disabled = true;
-  input.value = "";
-  messages.push({role: "user", content: text});
-  show("user", text);
-  const div = show("assistant", "");
-  let reply = "";
-  try {
-    const response = await fetch("/v1/chat/completions", {method: "POST",
-      headers: {"Content-Type": "application/json"}, body: JSON.stringify({messages, stream: true})});
-    if (!response.ok) throw new Error((await response.json()).error.message);
-    await stream(response, piece => { reply += piece; div.textContent = reply; log.scrollTop = log.scrollHeight; });
-    messages.push({role: "assistant", content: reply});
-  } catch (err) {
-    messages.pop();  // the question stays on screen but leaves the history: the next one is asked afresh
-    div.textContent = reply + " [error: " + err.message + "]";
-    div.classList.add("error");
-  }
-  send.disabled = false;
-  input.focus();
-}
-
-document.getElementById("form").addEventListener("submit", submit);
-input.addEventListener("keydown", e => { if (e.key === "Enter" && !e.shiftKey) submit(e); });
-document.getElementById("clear").addEventListener("click", () => {
-  messages = [];
-  log.replaceChildren();
-  input.focus();
-});
-// a link can ask the first question: /?q=What%20is%206*7%3F
-const question = new URLSearchParams(location.search).get("q");
-if (question) { input.value = question; submit(new Event("submit")); }
-</script>
-</body></html>
-"""
+PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 
 
 class ApiError(Exception):
@@ -487,6 +257,8 @@ class ChatServer(ThreadingHTTPServer):
         super().__init__((host, port), ChatHandler)
         self.engine, self.model_name, self.device = engine, model_name, device
         self.lock = threading.Lock()
+        with open(PAGE_PATH, encoding="utf-8") as f:
+            self.page = f.read().encode()
 
 
 class ChatHandler(BaseHTTPRequestHandler):
@@ -547,7 +319,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _page(self):
-        self._send(200, "text/html; charset=utf-8", PAGE.encode())
+        self._send(200, "text/html; charset=utf-8", self.server.page)
 
     def _health(self):
         self._json({"status": "ok"})

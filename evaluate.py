@@ -899,7 +899,7 @@ def run_tasks(model, tokenizer, stage, tasks, sets, device, autocast_ctx):
     """Every requested task on one model; sets: {"mc": {name: items}, "math": {name: problems}}.
     Returns {result name: {metric: value, ..., "settings": {...}}}."""
     import data
-    from chat import Engine
+    from model import Engine
     chat = stage != "base"
     context = model.cos.size(0)  # the longest sequence the model can take (its rotary cache)
     results = {}

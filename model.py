@@ -1,5 +1,6 @@
 """
-The picochat GPT: the architecture, KV-cache inference and sampling, and the optimisers (AdamW + Muon).
+The picochat GPT: the architecture, the optimisers (AdamW + Muon), KV-cache inference and sampling, and
+generation with the calculator tool (the Engine).
 
     from model import GPT, config_from_depth, generate
     model = GPT(config_from_depth(depth=6, vocab_size=4096, sequence_len=512))
@@ -7,14 +8,17 @@ The picochat GPT: the architecture, KV-cache inference and sampling, and the opt
     loss = model(idx, targets)                      # idx, targets: (B, T) int64; targets -1 are ignored
     adamw, muon = model.setup_optimizers()
     for step_tokens in generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16, seed=0): ...
+    Engine(model, tokenizer).generate_batch([prompt_ids], num_samples=8)  # replies, calculator calls answered
 
 Architecture (as nanochat's gpt.py): token embedding, parameter-free RMSNorm, rotary embeddings (RoPE), QK-norm,
 grouped-query attention, ReLU^2 MLP, untied head, tanh logit softcap, no biases, zero-initialised output
 projections. `mlp="swiglu"` and `norm_weight=True` give the Qwen3-style variant (gated MLP, learnable norm gains).
 """
 
+import ast
 import functools
 import math
+import warnings
 from collections import deque
 from dataclasses import dataclass
 
@@ -603,3 +607,140 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         if all(done):
             return
         logits = model(torch.tensor(next_ids, dtype=torch.long, device=device)[:, None], kv_cache=cache)[:, -1]
+
+# -----------------------------------------------------------------------------
+# The calculator. Arithmetic only: the expression is parsed with `ast` and evaluated by walking the tree, never
+# by eval(), so names, attributes, calls, subscripts, strings, lambdas and comprehensions cannot run at all.
+# Every intermediate value must stay within ±10**100 and an exponent within ±100 (checked before computing the
+# power), so an expression of at most 200 characters is at most ~100 cheap operations on small numbers: its
+# time is bounded by construction. Anything refused or failing (syntax, division by zero, too large) returns
+# None, and then nothing is forced: the model goes on writing by itself.
+
+CALC_MAX_CHARS = 200
+CALC_MAX_DIGITS = 100
+CALC_MAX_VALUE = 10**CALC_MAX_DIGITS
+CALC_MAX_EXPONENT = 100
+
+
+def _power(base, exponent):
+    # compute the size of the result from logarithms first: 9**9**9 must be refused, not attempted
+    if abs(exponent) > CALC_MAX_EXPONENT:
+        raise ValueError("exponent too large")
+    if base != 0 and abs(exponent * math.log10(abs(base))) > CALC_MAX_DIGITS:
+        raise ValueError("power too large")
+    return base ** exponent
+
+
+_BINARY = {
+    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
+    ast.Pow: _power,
+}
+_UNARY = {ast.UAdd: lambda a: +a, ast.USub: lambda a: -a}
+
+
+def _evaluate(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):  # bool and complex are not numbers here
+        value = node.value
+    elif isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        value = _BINARY[type(node.op)](_evaluate(node.left), _evaluate(node.right))
+    elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        value = _UNARY[type(node.op)](_evaluate(node.operand))
+    else:
+        raise ValueError(f"{type(node).__name__} is not allowed")
+    # `not <=` also catches nan and inf; a complex number (a negative base to a fractional power) fails the type
+    if type(value) not in (int, float) or not abs(value) <= CALC_MAX_VALUE:
+        raise ValueError("result out of range")
+    return value
+
+
+def format_number(x):
+    """Integers as integers; floats with 6 significant digits (all the digits of the integer part are kept) and
+    no trailing zeros; scientific notation only for very small or very large floats."""
+    if isinstance(x, int):
+        return str(x)
+    if x.is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    if not 1e-4 <= abs(x) < 1e15:
+        return f"{x:.6g}"
+    decimals = max(0, 5 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f}".rstrip("0").rstrip(".")
+
+
+def calculator(expr):
+    """Evaluate an arithmetic expression in the sandbox: the result as text, or None if refused or failing."""
+    if not isinstance(expr, str) or len(expr) > CALC_MAX_CHARS:
+        return None
+    try:
+        with warnings.catch_warnings():  # e.g. "invalid decimal literal" for `1if`: a refusal, not news
+            warnings.simplefilter("ignore")
+            tree = ast.parse(expr.strip(), mode="eval")
+        return format_number(_evaluate(tree.body))
+    except Exception:  # nothing is executed, so every failure (SyntaxError, ZeroDivisionError, ...) means "no result"
+        return None
+
+# -----------------------------------------------------------------------------
+# Tool-using generation: the Engine owns the calculator. generate() above only knows that a row may have tokens
+# forced in; the Engine decides when (after <|python_end|>) and what (the sandbox's result). Every stage that
+# generates replies (sft.py's samples, rl.py, dpo.py, evaluate.py, chat.py) goes through it.
+
+
+class Engine:
+    """Generates assistant replies with the calculator tool.
+
+        engine = Engine(model, tokenizer)
+        engine.generate_batch([tokenizer.render_for_completion(messages)], num_samples=8, max_new_tokens=256)
+        # -> per prompt, per sample: (tokens, mask), mask 0 on the forced calculator outputs
+
+    generate() streams: it yields once per decoding step a list with one entry per row (prompt-major: the
+    num_samples rows of prompt 0, then of prompt 1, ...), each `(token, forced)` or None once the row has
+    finished. A row finishes after <|assistant_end|> or <|bos|>, which are yielded (and kept by generate_batch):
+    RL learns to end its answers only if the end token is among the tokens it trains on."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.python_start, self.python_end, self.output_start, self.output_end, self.assistant_end = (
+            tokenizer.special(name) for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
+                                                 "<|output_end|>", "<|assistant_end|>"))
+        self.stop_tokens = (self.assistant_end, tokenizer.bos_id)
+
+    def prompt_ids(self, prompt):
+        """A prompt is token ids (from render_for_completion) or a conversation: a list of messages or
+        {"messages": [...]}, rendered up to the assistant's turn."""
+        if isinstance(prompt, dict):
+            prompt = prompt["messages"]
+        if prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.render_for_completion(prompt)
+        return list(prompt)
+
+    def tool_output(self, row, generated):
+        """model.generate's `force` hook: after a sampled <|python_end|>, the calculator's answer to the
+        expression since the last <|python_start|>, as tokens to force in (None: nothing to force)."""
+        if not generated or generated[-1] != self.python_end or self.python_start not in generated:
+            return None
+        start = len(generated) - 1 - generated[::-1].index(self.python_start)
+        result = calculator(self.tokenizer.decode(generated[start + 1:-1]))
+        if result is None:
+            return None
+        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
+
+    def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
+                 seed=None, tools=True):
+        # the samples of a prompt are identical rows, and model.generate prefills identical rows once
+        rows = [ids for ids in map(self.prompt_ids, prompts) for _ in range(num_samples)]
+        yield from generate(self.model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop_tokens=self.stop_tokens, seed=seed, force=self.tool_output if tools else None)
+
+    def generate_batch(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
+                       seed=None, tools=True):
+        """Per prompt, per sample: (tokens, mask) of the generated reply, ending with the stop token when one
+        was generated within max_new_tokens; mask is 0 on forced calculator outputs, 1 on sampled tokens."""
+        rows = [([], []) for _ in range(len(prompts) * num_samples)]
+        for step_tokens in self.generate(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed,
+                                         tools):
+            for (tokens, mask), entry in zip(rows, step_tokens):
+                if entry is not None:
+                    tokens.append(entry[0])
+                    mask.append(0 if entry[1] else 1)
+        return [rows[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]

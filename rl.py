@@ -321,7 +321,7 @@ if __name__ == "__main__":
         raise SystemExit("error: " + "; ".join(errors))
 
     # ---- model, tokenizer, the frozen reference
-    from chat import Engine
+    from model import Engine
     from evaluate import grade, pass_at_k
     model, tokenizer, source_meta = common.load_model(source, device, model_tag, source_step)
     out_tag = model_tag or common.find_model_tag(source)

@@ -188,7 +188,7 @@ if __name__ == "__main__":
         return (nats / count.clamp(min=1)).item()
 
     def samples():
-        from chat import Engine
+        from model import Engine
         engine = Engine(model, tokenizer)
         convs = [c for c in val_convs[:3]]
         prompts = [tokenizer.render_for_completion(c[:1] if c[0]["role"] != "system" else c[:2]) for c in convs]

@@ -9,15 +9,17 @@ import threading
 import pytest
 
 import chat
-from test_chat import REPLY, REPLY_TEXT, FakeModel, FakeTokenizer, fake_generate, script
+import model
+from test_chat import REPLY, REPLY_TEXT
+from test_engine import FakeModel, FakeTokenizer, fake_generate, script
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 
 @pytest.mark.skipif(BROWSER is None, reason="no Chromium installed")
 def test_chat_page_in_browser(monkeypatch, tmp_path):
-    monkeypatch.setattr(chat, "generate", fake_generate)
-    server = chat.ChatServer(chat.Engine(FakeModel(script(*REPLY)), FakeTokenizer()), "127.0.0.1", 0)
+    monkeypatch.setattr(model, "generate", fake_generate)
+    server = chat.ChatServer(model.Engine(FakeModel(script(*REPLY)), FakeTokenizer()), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/?q=What%20is%206*7%3F"

@@ -185,13 +185,13 @@ def scripted_generate(script):
 
 
 def test_rows_from_the_engine_exclude_prompt_and_calculator_output(tokenizer, monkeypatch):
-    import chat
+    import model
     from evaluate import grade
     s = tokenizer.special
     script = (tokenizer.encode("Let me use the calculator.") + [s("<|python_start|>")] + tokenizer.encode("3+2") +
               [s("<|python_end|>")] + tokenizer.encode("\n#### 5") + [s("<|assistant_end|>")])
-    monkeypatch.setattr(chat, "generate", scripted_generate(script))
-    engine = chat.Engine(None, tokenizer)
+    monkeypatch.setattr(model, "generate", scripted_generate(script))
+    engine = model.Engine(None, tokenizer)
     prompt = tokenizer.render_for_completion([{"role": "user", "content": "Mia has 3 apples. How many now?"}])
     [[(tokens, mask, reward, correct), _]] = rl.sample_groups(engine, [prompt], ["Mia has 5.\n#### 5"], 2, 64, 1.0,
                                                               0, 0, grade, 0.25)
