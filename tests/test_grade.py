@@ -1,4 +1,4 @@
-"""Tests of the math verifier in evaluate.py: python -m pytest tests/test_grade.py -x -q"""
+"""Tests of the math verifier, data/grade.py: python -m pytest tests/test_grade.py -x -q"""
 
 import json
 import re
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import shared_data
-from evaluate import extract_answer, grade, majority_vote, pass_at_k
+from data.grade import extract_answer, grade, majority_vote, pass_at_k
 
 # (prediction, reference, expected)
 TABLE = [
@@ -150,7 +150,7 @@ def test_huge_exponent_off_the_main_thread():
 
 
 def test_time_limit_and_threads():
-    from evaluate import _time_limit, _Timeout
+    from data.grade import _time_limit, _Timeout
     t0 = time.time()
     with pytest.raises(_Timeout):
         with _time_limit(0.05):
