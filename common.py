@@ -1,28 +1,36 @@
 """
 Shared plumbing for every picochat stage: the --key=value configurator, device and distributed setup,
-atomic file writes, checkpoints, and the report sections each stage leaves behind.
+atomic file writes, checkpoints, the skeleton of a training stage, and the report sections each stage leaves.
 
-Nothing here knows about a particular stage. A stage script does, in order:
+Nothing here knows about a particular stage. A training stage (pretrain.py, sft.py, rl.py, dpo.py) does, in order:
 
     config = common.configure(globals())          # module globals <- config file and --key=value
-    ddp, rank, local_rank, world_size, device = common.setup_device(device)
-    ...
-    common.save_checkpoint(common.checkpoint_dir("base", tag), step, model.state_dict(), rank_state, meta, rank)
-    common.teardown()
+    rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
+    grad_accum_steps = common.grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size)
+    ...                                           # its training loop: common.set_lr, common.all_sum
+    common.save_stage(ckpt_dir, step, model, optimizers, rank, meta)
+    common.finish_stage("base", report_section, rank)
 """
 
 import ast
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
+import random
 import re
 import sys
 import tempfile
+from dataclasses import asdict
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # The artifacts directory: everything a run produces lives under it.
@@ -167,9 +175,17 @@ def teardown():
         dist.destroy_process_group()
 
 
+def all_sum(numbers, device):
+    """Sum named numbers over ranks: {name: number} -> {name: float}; without DDP they come back as they are.
+    One all-reduce for all of them; device: where this rank's collectives run (a CUDA device under NCCL)."""
+    if not dist.is_initialized():
+        return {name: float(value) for name, value in numbers.items()}
+    t = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(numbers, t.tolist()))
+
+
 def seed_everything(seed):
-    import random
-    import numpy as np
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -329,8 +345,7 @@ def find_model_tag(stage, model_tag=""):
 
 def load_model(stage, device="cpu", model_tag="", step=-1):
     """Build the model of a saved stage (base/sft/rl) with its tokenizer. Returns (model, tokenizer, meta)."""
-    from model import GPT, GPTConfig
-    from tokenizer import load_tokenizer
+    from tokenizer import load_tokenizer  # here, not at the top: tokenizer.py imports this module
     ckpt_dir = checkpoint_dir(stage, find_model_tag(stage, model_tag))
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device=device, load_rank_state=False)
     try:
@@ -346,6 +361,77 @@ def load_model(stage, device="cpu", model_tag="", step=-1):
     model.eval()
     print0(f"loaded {stage} model from {ckpt_dir} (step {meta['step']})")
     return model, tokenizer, meta
+
+
+# -----------------------------------------------------------------------------
+# The stage skeleton: what every training stage does around its loop, in the order it does it. The loop itself
+# stays in the stage's script.
+
+
+class Stage(NamedTuple):
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: str  # the compute dtype, resolved: bfloat16 or float32
+    autocast: contextlib.AbstractContextManager  # bf16 autocast, or a no-op for float32
+
+
+def start_stage(device="", dtype="", seed=0):
+    """A stage's start: the device (joining the process group under torchrun), the seed (the same on every rank)
+    and the compute dtype with its autocast context."""
+    _, rank, _, world_size, device = setup_device(device)
+    seed_everything(seed)
+    dtype = resolve_dtype(device, dtype)
+    print0(f"compute dtype: {dtype}")
+    return Stage(rank, world_size, device, dtype, autocast(device, dtype))
+
+
+def grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size):
+    """Micro-batches per rank and step, so that a step is total_batch_size tokens whatever the number of
+    processes; a total that does not divide is a one-line error."""
+    tokens_per_micro_step = device_batch_size * max_seq_len * world_size
+    if total_batch_size % tokens_per_micro_step:
+        raise SystemExit(f"error: --total_batch_size={total_batch_size} is not a multiple of device_batch_size * "
+                         f"max_seq_len * world_size = {tokens_per_micro_step}")
+    return total_batch_size // tokens_per_micro_step
+
+
+def derive_seed(seed, purpose, step=0, rank=0):
+    """The one seed rule: the seed of one random stream (what it is for, at which step, on which rank), a hash of
+    them and the run's seed. Streams never share a seed, and each is the same after a resume."""
+    digest = hashlib.sha256(f"{seed}/{purpose}/{step}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: random.Random and torch.Generator both take it
+
+
+def scale_lr(optimizers, factor):
+    """Scale the learning rates a schedule starts from (fine-tuning stages train at lr_scale times the defaults)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["initial_lr"] * factor
+
+
+def set_lr(optimizers, multiplier):
+    """One step of a schedule: every param group's lr is its initial_lr times the multiplier."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+def save_stage(ckpt_dir, step, model, optimizers, rank, meta, rank_state=None):
+    """A stage's checkpoint at `step`: the model; each rank's optimiser states and rank_state (e.g. its data
+    position); the meta: the step, the model config and the world size (what resume checks), then `meta`."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    meta = {"step": step, "model_config": asdict(model.config), "world_size": world_size, **meta}
+    state = {"optimizers": [opt.state_dict() for opt in optimizers], **(rank_state or {})}
+    save_checkpoint(ckpt_dir, step, model.state_dict(), state, meta, rank)
+    print0(f"saved checkpoint step {step} to {ckpt_dir}")
+
+
+def finish_stage(name, section, rank):
+    """A stage's end: its report section (written by rank 0) for the report card, then the process group goes."""
+    if rank == 0:
+        print0(f"report section: {write_report_section(name, section)}")
+    teardown()
 
 
 # -----------------------------------------------------------------------------

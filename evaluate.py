@@ -36,10 +36,19 @@ import glob
 import json
 import math
 import os
+import platform
 import re
+import subprocess
 import time
 
+import torch
+
+import common
+import data
+from data import LETTERS, MATH_SPLITS, MC_SPLITS, data_dir, mc_conversation
 from data.grade import extract_answer, grade, majority_vote, pass_at_k  # noqa: F401  (re-exported for users)
+from data.loader import TokenRows, evaluate_bpb
+from model import Engine
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
@@ -69,11 +78,8 @@ def eval_bpb(model, tokenizer, device, autocast_ctx, max_tokens=65536, rows_per_
     """Bits per byte on the held-out pretraining text (pretrain.py's measure, on the same stream of rows), and the
     unigram baseline on the same tokens. The baseline is fitted to the very tokens it is scored on, so it is a
     slightly optimistic bar; how far below it a model gets is what it learned from context."""
-    import torch
-    from data import pretrain_files
-    from pretrain import TokenRows, evaluate_bpb
     seq_len = model.config.sequence_len
-    rows = TokenRows(tokenizer, pretrain_files("val"), rows_per_batch, seq_len, slots=[0], num_slots=1, loop=False)
+    rows = TokenRows(tokenizer, data.pretrain_files("val"), rows_per_batch, seq_len, slots=[0], num_slots=1, loop=False)
     num_batches = max(1, max_tokens // (rows_per_batch * seq_len)) if max_tokens > 0 else math.inf
     counts = torch.zeros(tokenizer.vocab_size, dtype=torch.float64)  # how often each token is a target
 
@@ -113,7 +119,6 @@ def mc_loglik_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, 
     those of the question alone; the choice with the lowest mean loss per token wins (nanochat's CORE; the mean,
     not the sum, so long choices are not penalised for their length). max_len > 0 crops each row from the left.
     Returns the chosen index of each item."""
-    import torch
     rows, owners = [], []  # (ids, index of the first continuation token), and the item of each row
     for i, item in enumerate(items):
         context = tokenizer.encode(item["question"], prepend=tokenizer.bos_id)
@@ -154,8 +159,6 @@ def mc_letter_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, 
     model's answer is the letter, among the item's own, that it finds likeliest as the first token of its reply
     (nanochat's way: one forward pass, and a reply in some other format still gets read). max_len > 0 crops each
     prompt from the left. Returns the chosen index of each item."""
-    import torch
-    from data import LETTERS, mc_conversation
     letter_ids = []
     for letter in LETTERS:
         ids = tokenizer.encode(letter)
@@ -258,7 +261,6 @@ def datasets_of(tasks, names):
     """The sets each task runs on. Each name given goes to the task it belongs to (tinyworld to both); a task
     with none named runs its default: mc the built-in items and every downloaded set, math the built-in problems
     (generation is the slow task: a downloaded set is run when asked for)."""
-    from data import MATH_SPLITS, MC_SPLITS, data_dir
     for name in names:
         kinds = [t for t, sets in (("mc", MC_SPLITS), ("math", MATH_SPLITS)) if name in sets]
         if not kinds:
@@ -274,7 +276,6 @@ def datasets_of(tasks, names):
 
 
 def load_set(kind, name, limit):
-    import data
     try:
         rows = (data.load_mc if kind == "mc" else data.load_math)(name, "test")
     except (FileNotFoundError, ValueError) as e:
@@ -288,8 +289,6 @@ def load_set(kind, name, limit):
 def run_tasks(model, tokenizer, stage, tasks, sets, device, autocast_ctx):
     """Every requested task on one model; sets: {"mc": {name: items}, "math": {name: problems}}.
     Returns {result name: {metric: value, ..., "settings": {...}}}."""
-    import data
-    from model import Engine
     chat = stage != "base"
     context = model.cos.size(0)  # the longest sequence the model can take (its rotary cache)
     results = {}
@@ -381,9 +380,6 @@ def read_report_dir(report_dir):
 
 def environment():
     """Hardware and software versions of this machine, as markdown lines; anything unknown is left out."""
-    import platform
-    import subprocess
-    import torch
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -417,7 +413,6 @@ def config_line(config):
 
 def chart(history, names, title):
     """An SVG chart of some of a history's series ({name: [[step, value], ...]}), or "" when it has none."""
-    import common
     series = {label: history[key] for key, label in names if history.get(key)}
     return common.svg_chart(series, title) if series else ""
 
@@ -493,7 +488,6 @@ def build_report(sections, seconds, environment_lines):
 
 def write_report():
     """Regenerate report.md; print its path, then the summary JSON as the last line."""
-    import common
     report_dir = os.path.join(common.get_base_dir(), "report")
     sections, seconds = read_report_dir(report_dir)
     text, summary = build_report(sections, seconds, environment())
@@ -505,7 +499,6 @@ def write_report():
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    import common
     config = common.configure(globals())
     if report:
         write_report()

@@ -14,7 +14,6 @@ $PICOCHAT_DIR/checkpoints/base/d<depth>/.
 """
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict
@@ -22,7 +21,12 @@ from dataclasses import asdict
 import torch
 
 import common
+import kernels as triton_kernels  # the package; the setting `kernels` below switches it on
 from common import print0
+from data import pretrain_files
+from data.loader import TokenRows, evaluate_bpb
+from model import GPT, config_from_depth, generate
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
@@ -61,96 +65,6 @@ compile = False             # torch.compile the model
 kernels = False             # use the Triton kernels of kernels/ (CUDA only; a no-op elsewhere)
 peak_flops = 0.0            # for MFU; 0: look it up (GPU) or measure it (CPU)
 seed = 42
-
-# -----------------------------------------------------------------------------
-# The token stream: documents tokenised on the fly, each starting with <|bos|>, packed into rows that each
-# begin at a document start (no row opens mid-document). Rows are filled best-fit from a small buffer of
-# documents; when nothing fits the remaining space, the oldest document is cropped to fill it.
-#
-# Sharding is by micro-batch *slot*, not by rank: a step has num_slots = total_batch_size / (B * T) micro-batches,
-# and document i feeds slot i % num_slots. Rank r owns slots r*A .. r*A+A-1 (A = accumulation steps). So the batches
-# of a step do not depend on how its micro-batches are spread over processes: 2 ranks x 2 accumulation steps train
-# on exactly what 1 process x 4 accumulation steps does, and ranks still read disjoint documents.
-
-
-class TokenRows:
-    """An endless (or, loop=False, finite), resumable source of (B, T) batches for the slots this rank owns."""
-
-    def __init__(self, tokenizer, files, batch_size, seq_len, slots, num_slots, buffer_docs=32, loop=True):
-        self.tokenizer, self.files = tokenizer, files
-        self.batch_size, self.row_len = batch_size, seq_len + 1
-        self.num_slots, self.buffer_docs, self.loop = num_slots, buffer_docs, loop
-        self.position = {"epoch": 0, "file": 0, "doc": 0}  # the next document to read
-        self.buffers = {slot: [] for slot in slots}  # per slot: its tokenised documents, in order
-        self.reader = None  # the document iterator, started at self.position on first use
-
-    def state(self):
-        return {"position": dict(self.position), "buffers": {str(s): b for s, b in self.buffers.items()}}
-
-    def load_state(self, state):
-        self.position = dict(state["position"])
-        self.buffers = {int(s): [list(d) for d in b] for s, b in state["buffers"].items()}
-        self.reader = None
-
-    def documents(self):
-        """(index, text) of every document from the saved position on, one epoch after another; the position
-        always names the next document, so a saved state resumes exactly."""
-        from data import iter_texts
-        while True:
-            p = self.position
-            while p["file"] < len(self.files):
-                for i, text in enumerate(iter_texts(self.files[p["file"]])):
-                    if i >= p["doc"]:
-                        p["doc"] = i + 1
-                        yield i, text
-                p.update(file=p["file"] + 1, doc=0)
-            if not self.loop:
-                return
-            p.update(epoch=p["epoch"] + 1, file=0, doc=0)
-
-    def refill(self, slot):
-        """Read documents until `slot` has two windows queued. Documents of our other slots read on the way are
-        queued for them: packing only ever looks at a slot's own first `buffer_docs` documents, so what a slot
-        packs never depends on when the others refilled (that keeps 1 rank == N ranks)."""
-        if self.reader is None:
-            self.reader = self.documents()
-        texts, owners = [], []
-        missing = 2 * self.buffer_docs - len(self.buffers[slot])
-        for i, text in self.reader:
-            owner = i % self.num_slots
-            if owner in self.buffers:
-                texts.append(text)
-                owners.append(owner)
-                missing -= owner == slot
-                if missing <= 0:
-                    break
-        if texts:
-            for owner, ids in zip(owners, self.tokenizer.encode(texts, prepend=self.tokenizer.bos_id)):
-                self.buffers[owner].append(ids)
-
-    def next_row(self, slot):
-        row, queue = [], self.buffers[slot]
-        while len(row) < self.row_len:
-            if len(queue) < self.buffer_docs:
-                self.refill(slot)
-            if not queue:
-                return None  # a finite stream ran out
-            space = self.row_len - len(row)
-            window = queue[:self.buffer_docs]
-            fits = [i for i, d in enumerate(window) if len(d) <= space]
-            if fits:
-                row.extend(queue.pop(max(fits, key=lambda i: len(window[i]))))  # the first longest that fits
-            else:
-                row.extend(queue.pop(0)[:space])
-        return row
-
-    def next_batch(self, slot, device):
-        rows = [self.next_row(slot) for _ in range(self.batch_size)]
-        if any(r is None for r in rows):
-            return None
-        batch = torch.tensor(rows, dtype=torch.long)  # (B, T+1)
-        return batch[:, :-1].to(device), batch[:, 1:].to(device)  # inputs, targets: (B, T)
-
 
 # -----------------------------------------------------------------------------
 # Helpers the loop uses
@@ -192,39 +106,15 @@ def measure_peak_flops(device, dtype_name):
     return 2 * n ** 3 / best
 
 
-@torch.no_grad()
-def evaluate_bpb(model, batches, token_bytes, autocast_ctx):
-    """Bits per byte: the summed loss over target tokens divided by the bytes they stand for. Unlike the loss,
-    it does not depend on the tokenizer's vocabulary. Special tokens (0 bytes) are left out."""
-    total_nats = torch.zeros((), dtype=torch.float64)
-    total_bytes = torch.zeros((), dtype=torch.float64)
-    for x, y in batches:
-        with autocast_ctx:
-            loss = model(x, y, loss_reduction="none")  # (B, T) nats per token
-        nbytes = token_bytes[y]  # (B, T)
-        total_nats += (loss.float() * (nbytes > 0)).sum().double().cpu()
-        total_bytes += nbytes.sum().double().cpu()
-    if torch.distributed.is_initialized():
-        both = torch.stack([total_nats, total_bytes]).to(token_bytes.device)
-        torch.distributed.all_reduce(both)
-        total_nats, total_bytes = both[0].cpu(), both[1].cpu()
-    return (total_nats / (math.log(2) * total_bytes.clamp(min=1))).item()
-
-
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
-    ddp, rank, local_rank, world_size, device = common.setup_device(device)
-    common.seed_everything(seed)  # the same init on every rank; data differs by rank, not by seed
-    dtype = common.resolve_dtype(device, dtype)
-    autocast_ctx = common.autocast(device, dtype)
-    print0(f"compute dtype: {dtype}")
+    # the same seed on every rank: the same initial weights; ranks differ by the data they read
+    rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
     model_tag = model_tag or f"d{depth}"
     ckpt_dir = common.checkpoint_dir("base", model_tag)
 
     # ---- tokenizer and data
-    from data import pretrain_files
-    from tokenizer import load_tokenizer
     try:
         tokenizer = load_tokenizer()
         train_files, val_files = pretrain_files("train", data), pretrain_files("val", data)
@@ -234,16 +124,12 @@ if __name__ == "__main__":
     token_bytes = torch.tensor(tokenizer.token_bytes, dtype=torch.long, device=device)
 
     # ---- model
-    from model import GPT, config_from_depth
     try:
         model_config = config_from_depth(depth, tokenizer.vocab_size, max_seq_len, aspect_ratio=aspect_ratio,
-                                         head_dim=head_dim, n_kv_head=n_kv_head)
+                                         head_dim=head_dim, n_kv_head=n_kv_head, use_kernels=kernels)
     except ValueError as e:  # a bad depth/head setting: one line, no traceback
         raise SystemExit(f"error: {e}") from None
-    model_config.use_kernels = kernels
-    if kernels:
-        import importlib
-        importlib.import_module("kernels").enable(True)  # impl="auto" inside the model then picks Triton on CUDA
+    triton_kernels.enable(kernels)  # impl="auto" inside the model then picks Triton on CUDA
     model = GPT(model_config).to(device)
     model.init_weights()
     num_params = model.num_params()
@@ -253,11 +139,7 @@ if __name__ == "__main__":
     train_model = torch.compile(model, dynamic=False) if compile else model
 
     # ---- batch geometry and horizon
-    tokens_per_micro_step = device_batch_size * max_seq_len * world_size
-    if total_batch_size % tokens_per_micro_step:
-        raise SystemExit(f"error: --total_batch_size={total_batch_size} is not a multiple of device_batch_size * "
-                         f"max_seq_len * world_size = {tokens_per_micro_step}")
-    grad_accum_steps = total_batch_size // tokens_per_micro_step
+    grad_accum_steps = common.grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size)
     if num_iterations > 0:
         num_steps = num_iterations
     else:
@@ -287,25 +169,21 @@ if __name__ == "__main__":
 
     def val_batches():
         rows = TokenRows(tokenizer, val_files, device_batch_size, max_seq_len, [rank], world_size, loop=False)
-        for _ in range(max(1, eval_tokens // tokens_per_micro_step)):
+        for _ in range(max(1, eval_tokens // (device_batch_size * max_seq_len * world_size))):
             batch = rows.next_batch(rank, device)
             if batch is None:
                 break
             yield batch
 
     def save(step, metrics):
-        meta = {"step": step, "model_config": asdict(model_config), "config": config, "metrics": metrics,
-                "tokenizer_hash": tokenizer.hash, "world_size": world_size, "total_batch_size": total_batch_size,
-                "history": history}
-        rank_state = {"optimizers": [opt.state_dict() for opt in optimizers], "loader": train_rows.state()}
-        common.save_checkpoint(ckpt_dir, step, model.state_dict(), rank_state, meta, rank)
-        print0(f"saved checkpoint step {step} to {ckpt_dir}")
+        common.save_stage(ckpt_dir, step, model, optimizers, rank, {
+            "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
+            "total_batch_size": total_batch_size}, rank_state={"loader": train_rows.state()})
 
     # ---- the training loop
-    from model import generate
     peak = peak_flops or measure_peak_flops(device, dtype)
     sample_prompts = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in ("Once upon a time", "The answer is")]
-    val_bpb, smooth_loss, t_start, train_time = None, 0.0, time.time(), 0.0
+    val_bpb, t_start, train_time = None, time.time(), 0.0
     metrics = {}
     while True:
         last = step == num_steps
@@ -314,16 +192,12 @@ if __name__ == "__main__":
             val_bpb = evaluate_bpb(model, val_batches(), token_bytes, autocast_ctx)
             history["val_bpb"].append((step, val_bpb))
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            if rank == 0:
+            if rank == 0:  # a look at what it writes: greedy continuations of the sample prompts
                 with autocast_ctx:
-                    rows = [[] for _ in sample_prompts]
-                    for tokens in generate(model, sample_prompts, 24, temperature=0.0,
-                                           stop_tokens=(tokenizer.bos_id,)):
-                        for row, t in zip(rows, tokens):
-                            if t is not None:
-                                row.append(t[0])
-                for p, row in zip(sample_prompts, rows):
-                    print0(f"  sample: {tokenizer.decode(p[1:] + row)!r}")
+                    steps = list(generate(model, sample_prompts, 24, temperature=0.0, stop_tokens=(tokenizer.bos_id,)))
+                for i, prompt in enumerate(sample_prompts):
+                    continuation = [entries[i][0] for entries in steps if entries[i] is not None]
+                    print0(f"  sample: {tokenizer.decode(prompt[1:] + continuation)!r}")
             model.train()
         if last:
             break
@@ -331,9 +205,7 @@ if __name__ == "__main__":
         # one optimisation step: gradient accumulation over micro-batches
         t0 = time.time()
         lrm = lr_multiplier(step, num_steps)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        common.set_lr(optimizers, lrm)
         for group in muon.param_groups:
             group["momentum"] = muon_momentum(step)
         loss_sum = 0.0
@@ -347,16 +219,11 @@ if __name__ == "__main__":
             opt.step()  # the optimisers average gradients over ranks themselves (see model.py)
         model.zero_grad(set_to_none=True)
         step += 1
-        loss_value = loss_sum / grad_accum_steps
-        if ddp:
-            t = torch.tensor([loss_value], device=device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.AVG)
-            loss_value = t.item()
+        loss_value = common.all_sum({"loss": loss_sum / grad_accum_steps}, device)["loss"] / world_size
         dt = time.time() - t0
         if step > 1:  # the first step pays for warm-up (and compilation)
             train_time += dt
         history["loss"].append((step, loss_value))
-        smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
         tok_s = total_batch_size / dt
         mfu = flops_per_token * tok_s / (peak * world_size)
         eta = (num_steps - step) * (train_time / max(1, step - 1) if step > 1 else dt)
@@ -370,8 +237,5 @@ if __name__ == "__main__":
     metrics.update(val_bpb=val_bpb, train_minutes=train_time / 60, wall_minutes=(time.time() - t_start) / 60,
                    num_params=num_params, tokens=num_steps * total_batch_size)
     save(step, metrics)
-    if rank == 0:
-        path = common.write_report_section("base", {"stage": "pretrain", "config": config, "metrics": metrics,
-                                                    "history": history, "checkpoint": ckpt_dir})
-        print0(f"report section: {path}")
-    common.teardown()
+    common.finish_stage("base", {"stage": "pretrain", "config": config, "metrics": metrics, "history": history,
+                                 "checkpoint": ckpt_dir}, rank)

@@ -21,6 +21,8 @@ import torch
 
 import common
 from common import print0
+from data import load_conversations, read_jsonl
+from model import Engine
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
@@ -95,10 +97,7 @@ def trainable_tokens(rows):
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
-    ddp, rank, local_rank, world_size, device = common.setup_device(device)
-    common.seed_everything(seed)
-    dtype = common.resolve_dtype(device, dtype)
-    autocast_ctx = common.autocast(device, dtype)
+    rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
     stage = "mid" if mid else "sft"
 
     # ---- model, tokenizer
@@ -112,7 +111,6 @@ if __name__ == "__main__":
     ckpt_dir = common.checkpoint_dir(stage, out_tag)
 
     # ---- data
-    from data import load_conversations, read_jsonl
     train_convs, val_convs = load_conversations("train"), load_conversations("val")
     for path in filter(None, data.split(",")):
         if not os.path.exists(path):
@@ -132,11 +130,8 @@ if __name__ == "__main__":
            f"{len(val_rows)} val rows")
 
     # ---- batch geometry and horizon
+    grad_accum_steps = common.grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size)
     rows_per_micro_step = device_batch_size * world_size
-    if total_batch_size % (rows_per_micro_step * max_seq_len):
-        raise SystemExit(f"error: --total_batch_size={total_batch_size} is not a multiple of device_batch_size * "
-                         f"max_seq_len * world_size = {rows_per_micro_step * max_seq_len}")
-    grad_accum_steps = total_batch_size // (rows_per_micro_step * max_seq_len)
     rows_per_step = rows_per_micro_step * grad_accum_steps
     num_steps = num_iterations if num_iterations > 0 else max(1, math.ceil(num_epochs * len(train_rows) / rows_per_step))
     print0(f"{num_steps} steps of {rows_per_step} rows ({grad_accum_steps} accumulation steps)")
@@ -163,9 +158,7 @@ if __name__ == "__main__":
 
     # ---- optimisers
     optimizers = model.setup_optimizers(weight_decay=weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["initial_lr"] * lr_scale
+    common.scale_lr(optimizers, lr_scale)
     step, history = 0, {"loss": [], "val_loss": []}
     if resume and common.last_step(ckpt_dir) is not None:
         meta, _ = common.resume_checkpoint(ckpt_dir, model, optimizers, rank, device,
@@ -181,14 +174,10 @@ if __name__ == "__main__":
                 loss = model(x, y, loss_reduction="none")  # (B, T), 0 where the target is -1
             nats += loss.float().sum().double().cpu()
             count += (y >= 0).sum().double().cpu()
-        if ddp:
-            both = torch.stack([nats, count]).to(device)
-            torch.distributed.all_reduce(both)
-            nats, count = both[0].cpu(), both[1].cpu()
-        return (nats / count.clamp(min=1)).item()
+        total = common.all_sum({"nats": nats.item(), "count": count.item()}, device)
+        return total["nats"] / max(total["count"], 1)
 
     def samples():
-        from model import Engine
         engine = Engine(model, tokenizer)
         convs = [c for c in val_convs[:3]]
         prompts = [tokenizer.render_for_completion(c[:1] if c[0]["role"] != "system" else c[:2]) for c in convs]
@@ -199,12 +188,9 @@ if __name__ == "__main__":
             print0(f"  Q: {question[:100]!r}\n  A: {tokenizer.decode(out[0][0])[:200]!r}")
 
     def save(step, metrics):
-        meta = {"step": step, "model_config": source_meta["model_config"], "config": config, "metrics": metrics,
-                "tokenizer_hash": tokenizer.hash, "world_size": world_size, "history": history,
-                "source": source}
-        rank_state = {"optimizers": [opt.state_dict() for opt in optimizers]}
-        common.save_checkpoint(ckpt_dir, step, model.state_dict(), rank_state, meta, rank)
-        print0(f"saved checkpoint step {step} to {ckpt_dir}")
+        common.save_stage(ckpt_dir, step, model, optimizers, rank, {
+            "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
+            "source": source})
 
     # ---- the training loop
     t_start, metrics, last_val = time.time(), {}, None
@@ -223,9 +209,7 @@ if __name__ == "__main__":
             break
         t0 = time.time()
         lrm = 1.0 if step < num_steps * (1 - warmdown_ratio) else (num_steps - step) / (num_steps * warmdown_ratio)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        common.set_lr(optimizers, lrm)
         rows = step_rows(step)
         # normalise by the trainable tokens of the whole step (all ranks): every token weighs the same, and a
         # micro-batch with none contributes zero gradient instead of 0/0 = NaN
@@ -238,10 +222,7 @@ if __name__ == "__main__":
                 loss = model(x, y, loss_reduction="none").sum() / max(n_train, 1)  # this rank's share of the mean
             (loss * world_size).backward()  # the optimisers average over ranks; undo that for a sum over ranks
             loss_sum += loss.item()
-        if ddp:
-            t = torch.tensor([loss_sum], device=device)
-            torch.distributed.all_reduce(t)
-            loss_sum = t.item()
+        loss_sum = common.all_sum({"loss": loss_sum}, device)["loss"]  # each rank's share of the mean, summed
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
@@ -256,8 +237,5 @@ if __name__ == "__main__":
 
     metrics.update(val_loss=last_val, minutes=(time.time() - t_start) / 60, skipped_conversations=skipped)
     save(step, metrics)
-    if rank == 0:
-        path = common.write_report_section(stage, {"stage": stage, "config": config, "metrics": metrics,
-                                                   "history": history, "checkpoint": ckpt_dir})
-        print0(f"report section: {path}")
-    common.teardown()
+    common.finish_stage(stage, {"stage": stage, "config": config, "metrics": metrics, "history": history,
+                                "checkpoint": ckpt_dir}, rank)

@@ -1,0 +1,123 @@
+"""
+Loaders the stages share: the pretraining token stream (pretrain.py trains on it, evaluate.py measures on it) and
+bits per byte, the loss measure that does not depend on the tokenizer.
+
+    rows = TokenRows(tokenizer, data.pretrain_files("val"), batch_size=8, seq_len=512, slots=[0], num_slots=1,
+                     loop=False)
+    bpb = evaluate_bpb(model, iter(lambda: rows.next_batch(0, device), None), token_bytes, autocast_ctx)
+"""
+
+import math
+
+import torch
+
+import common
+from data import iter_texts
+
+# -----------------------------------------------------------------------------
+# The token stream: documents tokenised on the fly, each starting with <|bos|>, packed into rows that each
+# begin at a document start (no row opens mid-document). Rows are filled best-fit from a small buffer of
+# documents; when nothing fits the remaining space, the oldest document is cropped to fill it.
+#
+# Sharding is by micro-batch *slot*, not by rank: a step has num_slots = total_batch_size / (B * T) micro-batches,
+# and document i feeds slot i % num_slots. Rank r owns slots r*A .. r*A+A-1 (A = accumulation steps). So the batches
+# of a step do not depend on how its micro-batches are spread over processes: 2 ranks x 2 accumulation steps train
+# on exactly what 1 process x 4 accumulation steps does, and ranks still read disjoint documents.
+
+
+class TokenRows:
+    """An endless (or, loop=False, finite), resumable source of (B, T) batches for the slots this rank owns."""
+
+    def __init__(self, tokenizer, files, batch_size, seq_len, slots, num_slots, buffer_docs=32, loop=True):
+        self.tokenizer, self.files = tokenizer, files
+        self.batch_size, self.row_len = batch_size, seq_len + 1
+        self.num_slots, self.buffer_docs, self.loop = num_slots, buffer_docs, loop
+        self.position = {"epoch": 0, "file": 0, "doc": 0}  # the next document to read
+        self.buffers = {slot: [] for slot in slots}  # per slot: its tokenised documents, in order
+        self.reader = None  # the document iterator, started at self.position on first use
+
+    def state(self):
+        return {"position": dict(self.position), "buffers": {str(s): b for s, b in self.buffers.items()}}
+
+    def load_state(self, state):
+        self.position = dict(state["position"])
+        self.buffers = {int(s): [list(d) for d in b] for s, b in state["buffers"].items()}
+        self.reader = None
+
+    def documents(self):
+        """(index, text) of every document from the saved position on, one epoch after another; the position
+        always names the next document, so a saved state resumes exactly."""
+        while True:
+            p = self.position
+            while p["file"] < len(self.files):
+                for i, text in enumerate(iter_texts(self.files[p["file"]])):
+                    if i >= p["doc"]:
+                        p["doc"] = i + 1
+                        yield i, text
+                p.update(file=p["file"] + 1, doc=0)
+            if not self.loop:
+                return
+            p.update(epoch=p["epoch"] + 1, file=0, doc=0)
+
+    def refill(self, slot):
+        """Read documents until `slot` has two windows queued. Documents of our other slots read on the way are
+        queued for them: packing only ever looks at a slot's own first `buffer_docs` documents, so what a slot
+        packs never depends on when the others refilled (that keeps 1 rank == N ranks)."""
+        if self.reader is None:
+            self.reader = self.documents()
+        texts, owners = [], []
+        missing = 2 * self.buffer_docs - len(self.buffers[slot])
+        for i, text in self.reader:
+            owner = i % self.num_slots
+            if owner in self.buffers:
+                texts.append(text)
+                owners.append(owner)
+                missing -= owner == slot
+                if missing <= 0:
+                    break
+        if texts:
+            for owner, ids in zip(owners, self.tokenizer.encode(texts, prepend=self.tokenizer.bos_id)):
+                self.buffers[owner].append(ids)
+
+    def next_row(self, slot):
+        row, queue = [], self.buffers[slot]
+        while len(row) < self.row_len:
+            if len(queue) < self.buffer_docs:
+                self.refill(slot)
+            if not queue:
+                return None  # a finite stream ran out
+            space = self.row_len - len(row)
+            window = queue[:self.buffer_docs]
+            fits = [i for i, d in enumerate(window) if len(d) <= space]
+            if fits:
+                row.extend(queue.pop(max(fits, key=lambda i: len(window[i]))))  # the first longest that fits
+            else:
+                row.extend(queue.pop(0)[:space])
+        return row
+
+    def next_batch(self, slot, device):
+        rows = [self.next_row(slot) for _ in range(self.batch_size)]
+        if any(r is None for r in rows):
+            return None
+        batch = torch.tensor(rows, dtype=torch.long)  # (B, T+1)
+        return batch[:, :-1].to(device), batch[:, 1:].to(device)  # inputs, targets: (B, T)
+
+
+# -----------------------------------------------------------------------------
+# Bits per byte
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, token_bytes, autocast_ctx):
+    """Bits per byte: the summed loss over target tokens divided by the bytes they stand for. Unlike the loss,
+    it does not depend on the tokenizer's vocabulary. Special tokens (0 bytes) are left out."""
+    total_nats = torch.zeros((), dtype=torch.float64)
+    total_bytes = torch.zeros((), dtype=torch.float64)
+    for x, y in batches:
+        with autocast_ctx:
+            loss = model(x, y, loss_reduction="none")  # (B, T) nats per token
+        nbytes = token_bytes[y]  # (B, T)
+        total_nats += (loss.float() * (nbytes > 0)).sum().double().cpu()
+        total_bytes += nbytes.sum().double().cpu()
+    total = common.all_sum({"nats": total_nats.item(), "bytes": total_bytes.item()}, token_bytes.device)
+    return total["nats"] / (math.log(2) * max(total["bytes"], 1))
