@@ -20,8 +20,9 @@ matrices, equations, text) and expression by expression with sympy. Decisions wo
   called from the main thread (signal timers exist only there), and under the structural guard alone elsewhere.
   Garbage, empty or enormous input returns False quickly and never raises.
 
-Also here: pass@k (the unbiased estimate) and majority_vote (self-consistency), the sampling metrics of evaluate.py
-and rl.py.
+Also here: pass@k (the unbiased estimate) and majority_vote (self-consistency), the sampling metrics of evaluate.py,
+rl.py and dpo.py; and sampled answers graded: sample_groups (a group of scored answers per prompt, GRPO's unit)
+and pass_rates (held-out pass@1 / pass@k / greedy pass@1 over ranks).
 """
 
 import math
@@ -29,11 +30,14 @@ import re
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
 import sympy
 from sympy.parsing import sympy_parser
+
+import common
 
 # -----------------------------------------------------------------------------
 # Answer extraction
@@ -606,3 +610,80 @@ def majority_vote(answers):
     if not groups:
         return None
     return max(groups, key=lambda g: g[1])[0]  # max keeps the first of equal counts
+
+# -----------------------------------------------------------------------------
+# Sampled answers, graded: what rl.py learns from, what dpo.py pairs, and the held-out pass rates both measure.
+# The engine is model.py's Engine (passed in); grader is grade, or a stand-in in tests.
+
+FINAL_LINE = re.compile(r"(?:^|\n)#### *-?\d[\d,]*(?:\.\d+)?\s*$")  # the answer convention of every math dataset
+
+
+@dataclass
+class Sample:
+    tokens: list  # the answer as generated, ending with its stop token when it ended its turn
+    mask: list  # 1 on the tokens the policy chose, 0 on forced calculator outputs
+    reward: float
+    correct: bool
+
+
+def response_text(tokens, tokenizer):
+    """The answer as text, without the stop token that ended it (the verifier reads the last line)."""
+    stops = (tokenizer.special("<|assistant_end|>"), tokenizer.bos_id)
+    return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
+
+
+def score(text, reference, finished, grader, format_bonus=0.0):
+    """(reward, correct) of one answer: 1 when the verifier says its final answer equals the reference's, plus
+    format_bonus when it ended its turn on a well-formed "#### N" line (a dense signal while correct answers are
+    rare; keep it small, or the policy learns the format and stops there)."""
+    correct = bool(grader(text, reference))
+    well_formed = finished and FINAL_LINE.search(text) is not None
+    return float(correct) + format_bonus * well_formed, correct
+
+
+def sample_groups(engine, prompts, references, *, num_samples, max_new_tokens, temperature, top_k, seed, grader,
+                  format_bonus=0.0):
+    """Sample num_samples answers to each prompt and score them: per prompt, a list of Samples."""
+    outs = engine.generate_batch(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, seed=seed)
+    end = engine.tokenizer.special("<|assistant_end|>")
+    groups = []
+    for answers, reference in zip(outs, references):
+        group = []
+        for tokens, mask in answers:
+            finished = bool(tokens) and tokens[-1] == end
+            reward, correct = score(response_text(tokens, engine.tokenizer), reference, finished, grader,
+                                    format_bonus)
+            group.append(Sample(tokens, mask, reward, correct))
+        groups.append(group)
+    return groups
+
+
+def pass_rates(engine, items, *, num_samples, greedy, chunk_size, max_new_tokens, temperature, top_k, seed, grader,
+               rank, world_size, device):
+    """Held-out pass@1 (the mean over num_samples answers), pass@k (k = num_samples) and, with greedy, greedy
+    pass@1 on (prompt ids, reference) items, each rank taking every world_size-th item, chunk_size at a time. The
+    seeds depend only on the seed, the chunk and the rank, so every evaluation draws alike and a curve of these
+    shows the model changing, not the sampling noise."""
+    mine = items[rank::world_size]
+    sums = {"pass1": 0.0, "passk": 0.0, "greedy": 0.0, "problems": 0}
+    for i in range(0, len(mine), chunk_size):
+        prompts, references = [p for p, _ in mine[i:i + chunk_size]], [a for _, a in mine[i:i + chunk_size]]
+        groups = sample_groups(engine, prompts, references, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_k=top_k, seed=common.derive_seed(seed, "eval", i, rank),
+                               grader=grader)
+        if greedy:
+            greedy_groups = sample_groups(engine, prompts, references, num_samples=1, max_new_tokens=max_new_tokens,
+                                          temperature=0.0, top_k=0, seed=None, grader=grader)
+            sums["greedy"] += sum(group[0].correct for group in greedy_groups)
+        for group in groups:
+            correct = sum(sample.correct for sample in group)
+            sums["pass1"] += pass_at_k(num_samples, correct, 1)
+            sums["passk"] += pass_at_k(num_samples, correct, num_samples)
+            sums["problems"] += 1
+    total = common.all_sum(sums, device)
+    n = total["problems"]
+    rates = {"pass1": total["pass1"] / n, f"pass{num_samples}": total["passk"] / n}
+    if greedy:
+        rates["greedy_pass1"] = total["greedy"] / n
+    return rates

@@ -1,6 +1,7 @@
 """
-Loaders the stages share: the pretraining token stream (pretrain.py trains on it, evaluate.py measures on it) and
-bits per byte, the loss measure that does not depend on the tokenizer.
+Loaders the stages share: the pretraining token stream (pretrain.py trains on it, evaluate.py measures on it),
+bits per byte (the loss measure that does not depend on the tokenizer), and the math problems of post-training
+(rl.py and dpo.py): their prompts, the order a run takes them in, and prompt + answer rows to train on.
 
     rows = TokenRows(tokenizer, data.pretrain_files("val"), batch_size=8, seq_len=512, slots=[0], num_slots=1,
                      loop=False)
@@ -8,10 +9,14 @@ bits per byte, the loss measure that does not depend on the tokenizer.
 """
 
 import math
+import random
+from typing import NamedTuple
 
 import torch
 
 import common
+import data
+from common import print0
 from data import iter_texts
 
 # -----------------------------------------------------------------------------
@@ -121,3 +126,71 @@ def evaluate_bpb(model, batches, token_bytes, autocast_ctx):
         total_bytes += nbytes.sum().double().cpu()
     total = common.all_sum({"nats": total_nats.item(), "bytes": total_bytes.item()}, token_bytes.device)
     return total["nats"] / (math.log(2) * max(total["bytes"], 1))
+
+
+# -----------------------------------------------------------------------------
+# Math problems for post-training (rl.py, dpo.py): prompts to sample answers to, the order a run takes them in,
+# and a prompt plus an answer as one training row.
+
+
+def math_items(tokenizer, dataset, max_prompt_len, eval_problems, seed):
+    """(train items, held-out items) of a math dataset, each item (prompt ids, reference answer): the question as a
+    user turn, kept only when its prompt is at most max_prompt_len tokens; eval_problems test problems drawn at
+    random (the same ones at every evaluation)."""
+    try:
+        train_set, test_set = data.load_math(dataset, "train"), data.load_math(dataset, "test")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    test_set = random.Random(common.derive_seed(seed, "heldout")).sample(test_set, min(eval_problems, len(test_set)))
+    items = [[(tokenizer.render_for_completion([{"role": "user", "content": p["question"]}]), p["answer"])
+              for p in problems] for problems in (train_set, test_set)]
+    train_items, test_items = [[(ids, answer) for ids, answer in part if len(ids) <= max_prompt_len] for part in items]
+    print0(f"data: {dataset}, {len(train_items)} train problems, {len(test_items)} held-out problems per evaluation")
+    if not train_items:
+        raise SystemExit(f"error: no {dataset} train problem fits in {max_prompt_len} prompt tokens")
+    return train_items, test_items
+
+
+def step_indices(step, count, num_items, seed):
+    """Indices of a step's items: consecutive slices of a shuffled order, reshuffled at every pass over the data.
+    The same on every rank and after a resume (it depends only on the step)."""
+    out, orders = [], {}
+    for i in range(step * count, (step + 1) * count):
+        epoch, j = divmod(i, num_items)
+        if epoch not in orders:
+            orders[epoch] = list(range(num_items))
+            random.Random(common.derive_seed(seed, "order", epoch)).shuffle(orders[epoch])
+        out.append(orders[epoch][j])
+    return out
+
+
+class Row(NamedTuple):
+    inputs: list
+    targets: list  # the next tokens
+    trained: list  # 1 where the target is a token the policy chose
+
+
+def make_row(prompt, tokens, mask):
+    """One answer to a prompt as a training row: inputs predict targets = the next tokens; trained is 1 where the
+    target is a token the policy chose, 0 on the prompt and on forced calculator outputs (the engine's mask)."""
+    full = prompt + tokens
+    return Row(full[:-1], full[1:], [0] * (len(prompt) - 1) + list(mask))
+
+
+def collate(rows, device):
+    """Right-padded (B, T) tensors of inputs, targets (-1 where not trained: the model skips them) and the mask."""
+    T = max(len(x) for x, _, _ in rows)
+    x = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T); padding is never a target, its value is moot
+    y = torch.full((len(rows), T), -1, dtype=torch.long)  # (B, T)
+    m = torch.zeros(len(rows), T)  # (B, T)
+    for i, (xi, yi, mi) in enumerate(rows):
+        mi = torch.tensor(mi, dtype=torch.float32)
+        x[i, :len(xi)] = torch.tensor(xi)
+        y[i, :len(yi)] = torch.where(mi > 0, torch.tensor(yi), -1)
+        m[i, :len(mi)] = mi
+    return x.to(device), y.to(device), m.to(device)
+
+
+def token_logprobs(model, x, y):
+    """log p(target) per position, (B, T) float32; 0 where the target is -1."""
+    return -model(x, y, loss_reduction="none").float()
