@@ -19,8 +19,10 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import re
+import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
@@ -436,13 +438,67 @@ def finish_stage(name, section, rank):
 
 # -----------------------------------------------------------------------------
 # Report sections: each stage leaves a JSON of its config, time and metrics; evaluate.py --report=1
-# assembles them into report.md.
+# assembles them into report.md, with the pieces below (the environment, tables and charts).
 
 
 def write_report_section(name, section):
     path = os.path.join(get_base_dir(), "report", f"{name}.json")
     atomic_write_text(path, json.dumps(section, indent=2, default=str))
     return path
+
+
+def read_report_sections(report_dir):
+    """The JSON sections ({name: dict}) and the stages' wall seconds ({name: float}) in report_dir."""
+    sections, seconds = {}, {}
+    for path in sorted(glob.glob(os.path.join(report_dir, "*.json"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                sections[os.path.basename(path)[:-5]] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read the report section {path} ({e}); rerun its stage or delete it")
+    for path in sorted(glob.glob(os.path.join(report_dir, "*.seconds"))):
+        try:
+            with open(path) as f:
+                seconds[os.path.basename(path)[:-8]] = float(f.read())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read {path} ({e}): it should hold a number of seconds")
+    return sections, seconds
+
+
+def environment():
+    """Hardware and software versions of this machine, as markdown lines; anything unknown is left out."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    lines = [f"- CPU: {cpu}, {os.cpu_count()} cores"]
+    try:
+        lines[0] += f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    except (ValueError, OSError, AttributeError):  # sysconf names differ by platform
+        pass
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        lines.append(f"- GPU: {len(names)} x {names[0]}")
+    else:
+        lines.append("- GPU: none")
+    commit = "unknown"
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                           capture_output=True, text=True, timeout=10)
+        commit = r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else commit
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+        pass
+    lines.append(f"- Python {platform.python_version()}, torch {torch.__version__}, picochat commit {commit}")
+    return lines
+
+
+def markdown_table(corner, columns, rows, cells):
+    """A markdown table: corner names the column of row names; cells(row, column) -> str."""
+    lines = [f"| {corner} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + row + " | " + " | ".join(cells(row, c) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def svg_chart(series, title, xlabel="step", width=480, height=260):

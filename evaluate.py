@@ -1,5 +1,5 @@
 """
-Evaluate picochat models and assemble the report card.
+Evaluate picochat models (bits per byte, multiple choice, math) and assemble the report card.
 
     python evaluate.py                                   # the sft model: bits per byte, multiple choice, math
     python evaluate.py --source=all                      # base, sft and rl: each stage that has a checkpoint
@@ -10,35 +10,27 @@ Evaluate picochat models and assemble the report card.
     python evaluate.py --task=math --num_samples=8 --vote=1   # and maj@8: the samples' majority answer, graded
     python evaluate.py --report=1                        # $PICOCHAT_DIR/report/report.md from the stages' sections
 
-The tasks:
-- bpb: bits per byte on held-out pretraining text (the last shard, as pretrain.py measures it), next to the
-  unigram baseline: the bits per byte of a model that knows only how often each token occurs in that text.
-- mc: multiple-choice accuracy and the centred score (acc - chance) / (1 - chance), on the built-in items plus
-  every downloaded set (arc_easy, arc_challenge, mmlu, hellaswag), or on the sets --dataset names. A base model
-  picks the choice it finds likeliest as a continuation of the question (lowest mean loss per token, as
-  nanochat's CORE); a chat model picks a letter: of the letters of the item's choices, the one it finds likeliest
-  as the first token of its reply.
-- math: word problems (built in; gsm8k and math500 with --dataset), answers generated with the KV-cache engine
-  (calculator included) and graded by data/grade.py's grade(). Greedy by default; with --num_samples=K, pass@1 and pass@K (at
-  temperature 1.0 when --temperature is left at 0, which cannot give K different samples); with --vote=1 also
-  maj@K (self-consistency). A chat model gets the question as a user turn; a base model a few-shot prompt of
-  solved problems in the pretraining documents' "Question: ...\nAnswer: ..." format.
-Each run prints a markdown table and writes report/eval_<source>.json: the checkpoint (stage, tag, step), the
-settings and every metric; results of earlier runs on the same checkpoint are kept unless measured again. It runs
-as one process (not under torchrun).
-
-The report card (--report=1) reads report/*.json (tokenizer, tokenizer_eval, base, sft, rl, eval_*) and the
-<stage>.seconds files of speedrun.sh; whatever is missing is left out. Its last line of output is one JSON object:
-{"total_min", "tokenizer_min", "pretrain_min", "sft_min", "rl_min", "eval_min", "bpb", "pass1_sft", "pass1_rl"}.
+The tasks (each function below says how it scores):
+- bpb: bits per byte on held-out pretraining text (pretrain.py's measure), next to a unigram baseline.
+- mc: accuracy and the centred score (acc - chance) / (1 - chance) on the built-in items and every downloaded set
+  (arc_easy, arc_challenge, mmlu, hellaswag), or the sets --dataset names. A base model picks the likeliest
+  continuation (nanochat's CORE), a chat model the letter it finds likeliest as its reply's first token.
+- math: word problems (built in; gsm8k, math500 with --dataset) answered with model.py's Engine (calculator
+  included) and graded by data/grade.py. Greedy by default; --num_samples=K gives pass@1 and pass@K (sampled at
+  temperature 1 unless given), --vote=1 also maj@K. A base model gets a few-shot prompt in the pretraining format.
+Each run (one process, not under torchrun) prints a markdown table and writes report/eval_<source>.json: the
+checkpoint (stage, tag, step), the settings and every metric; earlier results on the same checkpoint stay unless
+measured again. The report card (--report=1) reads report/*.json and speedrun.sh's <stage>.seconds, leaves out
+whatever is missing, and prints as its last line one JSON object: {"total_min", "tokenizer_min", "pretrain_min",
+"sft_min", "rl_min", "eval_min", "bpb", "pass1_sft", "pass1_rl"}. The answer checker is data/grade.py (`from
+evaluate import grade` works too).
 """
 
 import glob
 import json
 import math
 import os
-import platform
 import re
-import subprocess
 import time
 
 import torch
@@ -46,7 +38,7 @@ import torch
 import common
 import data
 from data import LETTERS, MATH_SPLITS, MC_SPLITS, data_dir, mc_conversation
-from data.grade import extract_answer, grade, majority_vote, pass_at_k  # noqa: F401  (re-exported for users)
+from data.grade import extract_answer, grade, majority_vote, pass_at_k, response_text  # noqa: F401  (users)
 from data.loader import TokenRows, evaluate_bpb
 from model import Engine
 
@@ -110,10 +102,6 @@ def eval_bpb(model, tokenizer, device, autocast_ctx, max_tokens=65536, rows_per_
 # Task: multiple choice
 
 
-def model_device(model):
-    return next(model.parameters()).device
-
-
 def mc_loglik_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, max_len=0):
     """Base models: each choice as a continuation of its question, tokens of `question + " " + choice` after
     those of the question alone; the choice with the lowest mean loss per token wins (nanochat's CORE; the mean,
@@ -133,7 +121,7 @@ def mc_loglik_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, 
                 ids, start = ids[cut:], max(1, start - cut)
             rows.append((ids, start))
             owners.append(i)
-    device = model_device(model)
+    device = next(model.parameters()).device
     losses = []
     for b in range(0, len(rows), rows_per_batch):
         chunk = rows[b:b + rows_per_batch]
@@ -170,7 +158,7 @@ def mc_letter_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, 
             raise ValueError(f"a multiple-choice item needs 2 to {len(LETTERS)} choices: {item['question'][:60]!r}")
         ids = tokenizer.render_for_completion(mc_conversation(item)[:1])
         prompts.append(ids[len(ids) - max_len:] if max_len and len(ids) > max_len else ids)
-    device = model_device(model)
+    device = next(model.parameters()).device
     chosen = []
     for b in range(0, len(prompts), rows_per_batch):
         chunk, chunk_items = prompts[b:b + rows_per_batch], items[b:b + rows_per_batch]
@@ -215,8 +203,7 @@ def fewshot_prompt(tokenizer, question, shots, limit):
 def completion_text(tokens, tokenizer, chat=True):
     """One generated answer as the text to grade: without the stop token that ended it. A base model may go on
     past its answer (to the next "Question:"), so its text ends at the first "#### N" line."""
-    stops = (tokenizer.special("<|assistant_end|>"), tokenizer.bos_id)
-    text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
+    text = response_text(tokens, tokenizer)
     if not chat:
         text = text.split("\nQuestion:")[0]
         m = re.search(r"####[^\n]*", text)
@@ -224,7 +211,7 @@ def completion_text(tokens, tokenizer, chat=True):
     return text
 
 
-def eval_math(engine, problems, prompts, chat=True, num_samples=1, vote=False, temperature=0.0, top_k=0,
+def eval_math(engine, problems, prompts, *, chat=True, num_samples=1, vote=False, temperature=0.0, top_k=0,
               max_new_tokens=256, batch_size=16, seed=0, label="math"):
     """Generate num_samples answers to each prompt (batch_size problems per batch; the samples of one prompt share
     its prefill) and grade them against the problems' answers. Returns pass@1, pass@k (k = num_samples; the
@@ -252,7 +239,7 @@ def eval_math(engine, problems, prompts, chat=True, num_samples=1, vote=False, t
     return {**{key: total / len(problems) for key, total in sums.items()}, "n": len(problems)}
 
 # -----------------------------------------------------------------------------
-# Running the tasks on one checkpoint
+# Which sets, and their results
 
 TASKS = ("bpb", "mc", "math")
 
@@ -286,45 +273,19 @@ def load_set(kind, name, limit):
     return rows
 
 
-def run_tasks(model, tokenizer, stage, tasks, sets, device, autocast_ctx):
-    """Every requested task on one model; sets: {"mc": {name: items}, "math": {name: problems}}.
-    Returns {result name: {metric: value, ..., "settings": {...}}}."""
-    chat = stage != "base"
-    context = model.cos.size(0)  # the longest sequence the model can take (its rotary cache)
-    results = {}
-    if "bpb" in tasks:
-        r = eval_bpb(model, tokenizer, device, autocast_ctx, eval_tokens, batch_size)
-        results["bpb"] = {**r, "settings": {"eval_tokens": eval_tokens}}
-        print(f"bpb: {r['bpb']:.4f} (unigram baseline {r['unigram_bpb']:.4f}) on {r['tokens']:,} tokens", flush=True)
-    for name, items in sets["mc"].items():
-        scorer = mc_letter_choices if chat else mc_loglik_choices
-        r = mc_metrics(items, scorer(model, tokenizer, items, autocast_ctx, batch_size, context))
-        results[f"mc/{name}"] = {**r, "settings": {"max_problems": max_problems,
-                                                   "scoring": "letter" if chat else "loglik"}}
-        print(f"mc/{name}: acc {r['acc']:.4f}, centred {r['centered']:.4f} ({r['n']} items)", flush=True)
-    for name, problems in sets["math"].items():
-        if chat:
-            prompts = [tokenizer.render_for_completion([{"role": "user", "content": p["question"]}]) for p in problems]
-        else:
-            try:  # solved problems of the same set, when it has a train split on disk
-                shots = data.load_math(name, "train")[:BASE_SHOTS]
-            except (FileNotFoundError, ValueError):
-                shots = []
-            limit = model.config.sequence_len - max_new_tokens  # shots only as far as the trained context allows
-            prompts = [fewshot_prompt(tokenizer, p["question"], shots, limit) for p in problems]
-            used = sorted({ids.count(tokenizer.bos_id) - 1 for ids in prompts})  # one <|bos|> per document
-            style = f"{used[0]}-shot" if len(used) == 1 else f"{used[0]}- to {used[-1]}-shot"
-        longest = max(map(len, prompts))
-        if longest + max_new_tokens > context:
-            raise SystemExit(f"error: a {name} prompt of {longest} tokens + --max_new_tokens={max_new_tokens} is "
-                             f"more than the model can take ({context} tokens); lower --max_new_tokens")
-        with autocast_ctx:
-            r = eval_math(Engine(model, tokenizer), problems, prompts, chat, num_samples, vote, temperature, top_k,
-                          max_new_tokens, batch_size, seed, label=f"math/{name}")
-        settings = {"max_problems": max_problems, "num_samples": num_samples, "vote": vote, "temperature": temperature,
-                    "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "prompt": "chat" if chat else style}
-        results[f"math/{name}"] = {**r, "settings": settings}
-    return results
+def math_prompts(tokenizer, name, problems, chat, limit):
+    """The prompts of a math set and how they were made: a chat model gets each question as a user turn; a base
+    model solved problems of the same set (its train split, when on disk) before each, as many as fit in `limit`
+    tokens."""
+    if chat:
+        return [tokenizer.render_for_completion([{"role": "user", "content": p["question"]}]) for p in problems], "chat"
+    try:
+        shots = data.load_math(name, "train")[:BASE_SHOTS]
+    except (FileNotFoundError, ValueError):
+        shots = []
+    prompts = [fewshot_prompt(tokenizer, p["question"], shots, limit) for p in problems]
+    used = sorted({ids.count(tokenizer.bos_id) - 1 for ids in prompts})  # one <|bos|> per document
+    return prompts, f"{used[0]}-shot" if len(used) == 1 else f"{used[0]}- to {used[-1]}-shot"
 
 
 def flat_metrics(results):
@@ -335,13 +296,6 @@ def flat_metrics(results):
             if key not in ("settings", "n", "tokens"):
                 out[key if name == "bpb" else f"{name}/{key}"] = value
     return out
-
-
-def markdown_table(corner, columns, rows, cells):
-    """A markdown table: corner names the column of row names; cells(row, column) -> str."""
-    lines = [f"| {corner} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += ["| " + row + " | " + " | ".join(cells(row, c) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def metric_order(keys):
@@ -360,61 +314,18 @@ STAGES = ("base", "sft", "rl")
 TIMES = (("tokenizer", "tokenizer"), ("pretrain", "base"), ("sft", "sft"), ("rl", "rl"), ("eval", "eval"))
 
 
-def read_report_dir(report_dir):
-    """The JSON sections ({name: dict}) and the stages' wall seconds ({name: float}) in report_dir."""
-    sections, seconds = {}, {}
-    for path in sorted(glob.glob(os.path.join(report_dir, "*.json"))):
-        try:
-            with open(path, encoding="utf-8") as f:
-                sections[os.path.basename(path)[:-5]] = json.load(f)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot read the report section {path} ({e}); rerun its stage or delete it")
-    for path in sorted(glob.glob(os.path.join(report_dir, "*.seconds"))):
-        try:
-            with open(path) as f:
-                seconds[os.path.basename(path)[:-8]] = float(f.read())
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot read {path} ({e}): it should hold a number of seconds")
-    return sections, seconds
-
-
-def environment():
-    """Hardware and software versions of this machine, as markdown lines; anything unknown is left out."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    lines = [f"- CPU: {cpu}, {os.cpu_count()} cores"]
-    try:
-        lines[0] += f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
-    except (ValueError, OSError, AttributeError):  # sysconf names differ by platform
-        pass
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        lines.append(f"- GPU: {len(names)} x {names[0]}")
-    else:
-        lines.append("- GPU: none")
-    commit = "unknown"
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                           capture_output=True, text=True, timeout=10)
-        commit = r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else commit
-    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
-        pass
-    lines.append(f"- Python {platform.python_version()}, torch {torch.__version__}, picochat commit {commit}")
-    return lines
-
-
 def config_line(config):
     return "`" + " ".join(f"{k}={v!r}" for k, v in sorted(config.items())) + "`"
 
 
-def chart(history, names, title):
-    """An SVG chart of some of a history's series ({name: [[step, value], ...]}), or "" when it has none."""
-    series = {label: history[key] for key, label in names if history.get(key)}
-    return common.svg_chart(series, title) if series else ""
+# per training stage: its heading in the report, and its charts: (title, [(history series, label), ...])
+STAGE_CHARTS = {
+    "base": ("Pretraining (base)", [("Pretraining: training loss", [("loss", "train loss")]),
+                                    ("Pretraining: validation bits per byte", [("val_bpb", "val bpb")])]),
+    "sft": ("Chat fine-tuning (sft)", [("SFT: loss", [("loss", "train loss"), ("val_loss", "val loss")])]),
+    "rl": ("Reinforcement learning (rl)", [("RL: reward and held-out pass@1", [
+        ("reward", "reward"), ("pass1", "pass@1"), ("greedy_pass1", "greedy pass@1")])]),
+}
 
 
 def build_report(sections, seconds, environment_lines):
@@ -432,18 +343,16 @@ def build_report(sections, seconds, environment_lines):
            "## Environment", "", *environment_lines, ""]
     if evals:
         keys = metric_order(k for e in evals.values() for k in e.get("metrics", {}))
-        table = markdown_table("metric", list(STAGES), keys, lambda k, s: format_value(metric(s, k)))
-        out += ["## Metrics", "", table, ""]
+        out += ["## Metrics", "", common.markdown_table("metric", list(STAGES), keys,
+                                                        lambda k, s: format_value(metric(s, k))), ""]
     if seconds:
         order = ["data"] + [name for _, name in TIMES]  # pipeline order, then any other timed stage
         stages = sorted(seconds, key=lambda n: order.index(n) if n in order else len(order))
         total = summary["total_min"]
-        table = markdown_table("stage", ["minutes"], [*stages, "total"],
-                               lambda r, c: f"{total if r == 'total' else seconds[r] / 60:.1f}")
-        out += ["## Time", "", table, ""]
-
-    if "tokenizer" in sections or "tokenizer_eval" in sections:
-        tok, tok_eval = sections.get("tokenizer", {}), sections.get("tokenizer_eval", {})
+        out += ["## Time", "", common.markdown_table("stage", ["minutes"], [*stages, "total"], lambda r, c: (
+            f"{total if r == 'total' else seconds[r] / 60:.1f}")), ""]
+    tok, tok_eval = sections.get("tokenizer", {}), sections.get("tokenizer_eval", {})
+    if tok or tok_eval:
         out += ["## Tokenizer", ""]
         if "vocab_size" in tok:
             out.append(f"- vocabulary: {tok['vocab_size']:,} tokens, trained in {tok.get('train_seconds', 0):.1f}s")
@@ -452,17 +361,9 @@ def build_report(sections, seconds, environment_lines):
         if "config" in tok:
             out.append(f"- config: {config_line(tok['config'])}")
         out.append("")
-    charts = {"base": [(("loss", "train loss"),), (("val_bpb", "val bpb"),)],
-              "sft": [(("loss", "train loss"), ("val_loss", "val loss"))],
-              "rl": [(("reward", "reward"), ("pass1", "pass@1"), ("greedy_pass1", "greedy pass@1"))]}
-    titles = {"base": ["Pretraining: training loss", "Pretraining: validation bits per byte"],
-              "sft": ["SFT: loss"], "rl": ["RL: reward and held-out pass@1"]}
-    headings = {"base": "Pretraining (base)", "sft": "Chat fine-tuning (sft)", "rl": "Reinforcement learning (rl)"}
-    for stage in STAGES:
-        if stage not in sections:
-            continue
-        sec = sections[stage]
-        out += [f"## {headings[stage]}", ""]
+    for stage in (s for s in STAGES if s in sections):
+        sec, (heading, charts) = sections[stage], STAGE_CHARTS[stage]
+        out += [f"## {heading}", ""]
         if sec.get("checkpoint"):
             out.append(f"- checkpoint: `{sec['checkpoint']}`")
         metrics = {k: v for k, v in sec.get("metrics", {}).items() if isinstance(v, (int, float))}
@@ -471,17 +372,17 @@ def build_report(sections, seconds, environment_lines):
         if "config" in sec:
             out.append(f"- config: {config_line(sec['config'])}")
         out.append("")
-        for names, title in zip(charts[stage], titles[stage]):
-            svg = chart(sec.get("history", {}), names, title)
-            if svg:
-                out += [svg, ""]
+        history = sec.get("history", {})
+        for title, names in charts:
+            series = {label: history[key] for key, label in names if history.get(key)}
+            if series:
+                out += [common.svg_chart(series, title), ""]
     for stage, sec in evals.items():
         ckpt = sec.get("checkpoint", {})
         out += [f"## Evaluation of {stage}", "", f"- checkpoint: {ckpt.get('stage', stage)}, "
                 f"tag {ckpt.get('model_tag', '?')}, step {ckpt.get('step', '?')}"]
-        for name, r in sec.get("results", {}).items():
-            settings = r.get("settings", {})
-            out.append(f"- {name}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        out += [f"- {name}: " + ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items())
+                for name, r in sec.get("results", {}).items()]
         out.append("")
     return "\n".join(out), summary
 
@@ -489,8 +390,8 @@ def build_report(sections, seconds, environment_lines):
 def write_report():
     """Regenerate report.md; print its path, then the summary JSON as the last line."""
     report_dir = os.path.join(common.get_base_dir(), "report")
-    sections, seconds = read_report_dir(report_dir)
-    text, summary = build_report(sections, seconds, environment())
+    sections, seconds = common.read_report_sections(report_dir)
+    text, summary = build_report(sections, seconds, common.environment())
     path = os.path.join(report_dir, "report.md")
     common.atomic_write_text(path, text)
     print(f"report card: {path} ({len(sections)} sections)")
@@ -545,12 +446,36 @@ if __name__ == "__main__":
     all_metrics = {}
     for stage in sources:
         common.seed_everything(seed)
-        tag = tags[stage]
-        model, tokenizer, meta = common.load_model(stage, device, tag, step)
-        checkpoint = {"stage": stage, "model_tag": tag, "step": meta["step"]}
-        print(f"== {stage} (tag {tag}, step {meta['step']}): {', '.join(tasks)}", flush=True)
-        t0 = time.time()
-        results = run_tasks(model, tokenizer, stage, tasks, sets, device, autocast_ctx)
+        model, tokenizer, meta = common.load_model(stage, device, tags[stage], step)
+        checkpoint = {"stage": stage, "model_tag": tags[stage], "step": meta["step"]}
+        print(f"== {stage} (tag {tags[stage]}, step {meta['step']}): {', '.join(tasks)}", flush=True)
+        t0, results, chat = time.time(), {}, stage != "base"
+        context = model.cos.size(0)  # the longest sequence the model can take (its rotary cache)
+        if "bpb" in tasks:
+            r = eval_bpb(model, tokenizer, device, autocast_ctx, eval_tokens, batch_size)
+            results["bpb"] = {**r, "settings": {"eval_tokens": eval_tokens}}
+            print(f"bpb: {r['bpb']:.4f} (unigram baseline {r['unigram_bpb']:.4f}) on {r['tokens']:,} tokens",
+                  flush=True)
+        for name, items in sets["mc"].items():
+            scorer = mc_letter_choices if chat else mc_loglik_choices
+            r = mc_metrics(items, scorer(model, tokenizer, items, autocast_ctx, batch_size, context))
+            results[f"mc/{name}"] = {**r, "settings": {"max_problems": max_problems,
+                                                       "scoring": "letter" if chat else "loglik"}}
+            print(f"mc/{name}: acc {r['acc']:.4f}, centred {r['centered']:.4f} ({r['n']} items)", flush=True)
+        for name, problems in sets["math"].items():
+            # a base model's shots only as far as its trained context allows
+            prompts, style = math_prompts(tokenizer, name, problems, chat, model.config.sequence_len - max_new_tokens)
+            longest = max(map(len, prompts))
+            if longest + max_new_tokens > context:
+                raise SystemExit(f"error: a {name} prompt of {longest} tokens + --max_new_tokens={max_new_tokens} "
+                                 f"is more than the model can take ({context} tokens); lower --max_new_tokens")
+            with autocast_ctx:
+                r = eval_math(Engine(model, tokenizer), problems, prompts, chat=chat, num_samples=num_samples,
+                              vote=vote, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, seed=seed, label=f"math/{name}")
+            results[f"math/{name}"] = {**r, "settings": {
+                "max_problems": max_problems, "num_samples": num_samples, "vote": vote, "temperature": temperature,
+                "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "prompt": style}}
         all_metrics[stage] = flat_metrics(results)
         path = os.path.join(common.get_base_dir(), "report", f"eval_{stage}.json")
         if os.path.exists(path):  # earlier results on this same checkpoint stay, unless measured again now
@@ -566,4 +491,4 @@ if __name__ == "__main__":
     # ---- the summary table
     keys = metric_order(k for m in all_metrics.values() for k in m)
     print()
-    print(markdown_table("metric", sources, keys, lambda k, s: format_value(all_metrics[s].get(k))))
+    print(common.markdown_table("metric", sources, keys, lambda k, s: format_value(all_metrics[s].get(k))))
