@@ -333,6 +333,17 @@ def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
     return meta, rank_state
 
 
+def resume_stage(resume, ckpt_dir, model, optimizers, rank, device, must_match, history):
+    """Where a stage's loop starts: (step, history, rank_state). With resume and a checkpoint in ckpt_dir, those of
+    the latest one, restored into model and optimizers by resume_checkpoint; else step 0 and the given history."""
+    if resume and last_step(ckpt_dir) is not None:
+        meta, rank_state = resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match)
+        return meta["step"], meta["history"], rank_state
+    if resume:
+        print0(f"nothing to resume in {ckpt_dir}: starting from step 0")
+    return 0, history, None
+
+
 def find_model_tag(stage, model_tag=""):
     """The given tag, or the tag of the stage's most recently saved checkpoint."""
     stage_dir = os.path.join(get_base_dir(), "checkpoints", stage)

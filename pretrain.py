@@ -155,17 +155,12 @@ if __name__ == "__main__":
     train_rows = TokenRows(tokenizer, train_files, device_batch_size, max_seq_len, my_slots,
                            grad_accum_steps * world_size)
 
-    # ---- resume
-    step = 0
-    history = {"loss": [], "val_bpb": []}  # (step, value) pairs for the report's charts
-    if resume and common.last_step(ckpt_dir) is not None:
-        meta, rank_state = common.resume_checkpoint(ckpt_dir, model, optimizers, rank, device, {
-            "model_config": json.loads(json.dumps(asdict(model_config))), "world_size": world_size,
-            "total_batch_size": total_batch_size})
+    # ---- resume; history: (step, value) pairs for the report's charts
+    step, history, rank_state = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
+        "model_config": json.loads(json.dumps(asdict(model_config))), "world_size": world_size,
+        "total_batch_size": total_batch_size}, history={"loss": [], "val_bpb": []})
+    if rank_state is not None:
         train_rows.load_state(rank_state["loader"])
-        step, history = meta["step"], meta["history"]
-    elif resume:
-        print0(f"nothing to resume in {ckpt_dir}: starting from scratch")
 
     def val_batches():
         rows = TokenRows(tokenizer, val_files, device_batch_size, max_seq_len, [rank], world_size, loop=False)

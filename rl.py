@@ -153,13 +153,8 @@ if __name__ == "__main__":
     # ---- optimisers, resume
     optimizers = model.setup_optimizers(weight_decay=weight_decay)
     common.scale_lr(optimizers, lr_scale)
-    step, history = 0, {}
-    if resume and common.last_step(ckpt_dir) is not None:
-        meta, _ = common.resume_checkpoint(ckpt_dir, model, optimizers, rank, device,
-                                           {"world_size": world_size, "prompts_per_step": prompts_per_step})
-        step, history = meta["step"], meta["history"]
-    elif resume:
-        print0(f"nothing to resume in {ckpt_dir}: starting from the {source} model")
+    step, history, _ = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
+        "world_size": world_size, "prompts_per_step": prompts_per_step}, history={})
 
     def log_point(name, value):
         history.setdefault(name, []).append((step, value))

@@ -159,11 +159,8 @@ if __name__ == "__main__":
     # ---- optimisers
     optimizers = model.setup_optimizers(weight_decay=weight_decay)
     common.scale_lr(optimizers, lr_scale)
-    step, history = 0, {"loss": [], "val_loss": []}
-    if resume and common.last_step(ckpt_dir) is not None:
-        meta, _ = common.resume_checkpoint(ckpt_dir, model, optimizers, rank, device,
-                                           {"world_size": world_size, "total_batch_size": total_batch_size})
-        step, history = meta["step"], meta["history"]
+    step, history, _ = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
+        "world_size": world_size, "total_batch_size": total_batch_size}, history={"loss": [], "val_loss": []})
 
     @torch.no_grad()
     def val_loss():
