@@ -56,7 +56,7 @@ case "$PRESET" in
     ;;
   gpu)
     DEPTH="${DEPTH:-20}"
-    DATA=(python3 data/fineweb.py -n 240)
+    DATA=(python3 data/corpus.py --corpus=climbmix -n 240)
     TOK=(--vocab_size=65536 --max_chars=2000000000)
     PRE=(--depth="$DEPTH" --max_seq_len=2048 --device_batch_size=32 --total_batch_size=524288 --eval_every=250
          --eval_tokens=10485760 --save_every=1000)
