@@ -19,7 +19,8 @@ echo "picochat: artifacts in $PICOCHAT_DIR"
 
 # ---- environment: install only what is missing, and count the GPUs (in one python start: torch takes seconds)
 COUNT_GPUS="import torch, numpy, tiktoken, regex, requests, sympy; print(torch.cuda.device_count())"
-NGPU=$(python3 -c "$COUNT_GPUS" 2>/dev/null) || { python3 -m pip install -q -r requirements.txt; NGPU=$(python3 -c "$COUNT_GPUS"); }
+NGPU=$(python3 -c "$COUNT_GPUS" 2>/dev/null) \
+  || { python3 -m pip install -q -r requirements.txt; NGPU=$(python3 -c "$COUNT_GPUS"); }
 PRESET="${PRESET:-$([ "$NGPU" -gt 0 ] && echo gpu || echo cpu)}"
 echo "preset: $PRESET ($NGPU GPUs)"
 

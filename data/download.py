@@ -155,9 +155,10 @@ def hf_file_url(repo, path, revision="main"):
 def hf_parquet_files(dataset, config, split, allow_partial=False):
     """[(url, filename, size)] of one split, as listed by the datasets-server's /parquet endpoint.
 
-    A split bigger than the converter's limit (~5 GB) is converted only in part: the listing says "partial": true
-    and the files lie under "partial-<split>/". That prefix is fine to train on (allow_partial) but is not the
-    split, so as a test set it is refused."""
+    A config bigger than the converter's limit (~5 GB a split) is converted only in part: the listing says
+    "partial": true and every split's files lie under "partial-<split>/", without saying which split was cut short.
+    Such a prefix is fine to train on (allow_partial) but may not be the whole split, so as a test set it is
+    refused."""
     url = os.environ.get("HF_DATASETS_SERVER", HF_DATASETS_SERVER).rstrip("/") + "/parquet"
 
     def listing():

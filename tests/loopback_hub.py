@@ -11,11 +11,13 @@ the way the real services answer them.
 - the datasets-server (HF_DATASETS_SERVER): GET /parquet?dataset=<repo>[&config=<config>], the listing JSON.
   Per file: dataset, config, split, url, filename, size, with urls on https://huggingface.co whatever hub serves
   them (as the real one writes them); per answer: "partial", plus "pending" and "failed" without a config, or
-  "features" with one. A split converted in part lies under <config>/partial-<split>/.
+  "features" with one. A config converted in part (too big) has every split under <config>/partial-<split>/, as
+  the converter does it: which split was cut short is not said.
 
 Files are generated in the test with the real datasets' schemas (publish_* below), tiny. Hub.plan makes a file
-fail the next requests for it (keyed by its path in the repository): "500" (a server error), "cut" (half the bytes, then the connection closes) or
-"norange" (the whole file, ignoring Range). Hub.log records (server, path, Range header) of every request.
+fail the next requests for it (keyed by its path in the repository): "500" (a server error), "cut" (half the
+bytes, then the connection closes) or "norange" (the whole file, ignoring Range). Hub.log records (server, path,
+Range header) of every request; Hub.requests() reads it.
 """
 import hashlib
 import io
@@ -58,7 +60,11 @@ class Hub:
             self.lfs.add(key)
 
     def add_split(self, dataset, config, split, rows, partial=False, shards=1):
-        """The parquet conversion of one split (rows in `shards` files), listed by the datasets-server."""
+        """The parquet conversion of one split (rows in `shards` files), listed by the datasets-server. partial: the
+        config is converted in part, which goes for all of its splits."""
+        if any(e["config"] == config for e in self.listings.get(dataset, [])) and \
+                partial != ((dataset, config) in self.partial):
+            raise ValueError(f"{dataset} {config}: a config is converted in part as a whole, or not at all")
         if partial:
             self.partial.add((dataset, config))
         folder = f"{config}/{'partial-' if partial else ''}{split}"
@@ -126,8 +132,8 @@ class Handler(BaseHTTPRequestHandler):
             start, end = int(start), int(end) if end else len(body) - 1
             if start >= len(body):
                 return self.reply(416, b"", {"Content-Range": f"bytes */{len(body)}"})
-            return self.reply(206, body[start:end + 1], {**headers, "Content-Range": f"bytes {start}-{end}/{len(body)}"},
-                              cut=action == "cut")
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
+            return self.reply(206, body[start:end + 1], headers, cut=action == "cut")
         self.reply(200, body, headers, cut=action == "cut")
 
 
@@ -252,7 +258,7 @@ def math500_rows(n=8):
     for i in range(n):
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         rows.append({"problem": f"Compute $\\frac{{{a}}}{{{b}}} + \\frac{{1}}{{{b}}}$.",
-                     "solution": f"We add the numerators: $\\frac{{{a}+1}}{{{b}}} = \\boxed{{\\frac{{{a + 1}}}{{{b}}}}}$.",
+                     "solution": f"Add the numerators: $\\frac{{{a}+1}}{{{b}}} = \\boxed{{\\frac{{{a + 1}}}{{{b}}}}}$.",
                      "answer": f"\\frac{{{a + 1}}}{{{b}}}", "subject": "Prealgebra", "level": 1 + i % 5,
                      "unique_id": f"test/prealgebra/{100 + i}.json"})
     return rows

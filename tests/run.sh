@@ -4,8 +4,9 @@
 #   bash tests/run.sh -m slow    # only the slow ones
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# openai: a test client; triton: kernels in the interpreter; pyarrow: the downloads' parquet files
 python3 -c "import torch, numpy, tiktoken, regex, requests, sympy, pytest, openai, triton, pyarrow" 2>/dev/null \
-  || python3 -m pip install -q -r requirements.txt pytest openai triton  # openai: a test client; triton: kernels in the interpreter
+  || python3 -m pip install -q -r requirements.txt pytest openai triton
 # the chat page's browser test drives headless Chromium through chromedriver (Debian's packages)
 if ! command -v chromedriver >/dev/null || ! { command -v chromium || command -v chromium-browser; } >/dev/null; then
   if command -v apt-get >/dev/null; then

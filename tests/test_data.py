@@ -439,8 +439,8 @@ def test_corpus_download_has_a_fixed_validation_shard_and_feeds_pretraining(hub,
     assert shard_names(data.pretrain_files("train")) == ["shard_00000.parquet", "shard_00001.parquet"]
     assert shard_names(data.pretrain_files("val")) == ["shard_06542.parquet"]
     assert not os.path.exists(os.path.join(tmp_base_dir, "data", "tinyworld"))  # the corpus was used
-    assert {p for p, _ in hub.requests("hub")} == {f"/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{i:05d}"
-                                                   f".parquet" for i in (0, 1, 6542)}
+    shards = {f"/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{i:05d}.parquet" for i in (0, 1, 6542)}
+    assert {p for p, _ in hub.requests("hub")} == shards
     val_text = list(data.iter_texts(data.pretrain_files("val")[0]))
     # a bigger download adds training shards, and validation stays where it was
     run_data_script("corpus", "--corpus=climbmix", "--num_shards=3")
@@ -473,7 +473,8 @@ def test_recipe_sets_come_in_with_their_real_schemas(hub, quick_retries, tmp_bas
     # through the hub's redirect to the CDN
     fetched = [p for p, _ in hub.requests("hub")]
     assert "/datasets/openai/gsm8k/resolve/refs/convert/parquet/main/train/0000.parquet" in fetched
-    assert len(hub.requests("cdn")) == len(fetched) == 13  # smoltalk, gsm8k 2 splits each, math500 1, arc 2x2, mmlu 2, hellaswag 2
+    # smoltalk 2 splits, gsm8k 2, math500 1, arc 2 configs x 2, mmlu 2, hellaswag 2
+    assert len(hub.requests("cdn")) == len(fetched) == 13
     assert ("/parquet", None) in hub.requests("ds")
     # smoltalk: a conversation that ends with the user is dropped, a system message is kept
     train = data.load_conversations("train")
@@ -496,8 +497,9 @@ def test_recipe_sets_come_in_with_their_real_schemas(hub, quick_retries, tmp_bas
     # mmlu: train is auxiliary_train, answers are ints
     assert len(data.load_mc("mmlu", "train")) == 16 and len(data.load_mc("mmlu", "test")) == 8
     # hellaswag: string labels parsed; our test is its validation split and its unlabelled test split is never read
-    assert data.load_mc("hellaswag", "test") == [{"question": r["ctx"], "choices": r["endings"], "answer": int(r["label"])}
-                                                 for r in hellaswag_rows["validation"]]
+    validation = hellaswag_rows["validation"]
+    assert data.load_mc("hellaswag", "test") == [
+        {"question": r["ctx"], "choices": r["endings"], "answer": int(r["label"])} for r in validation]
     assert not hub.requests("hub", "/Rowan/hellaswag/resolve/refs/convert/parquet/default/test/0000.parquet")
 
 
@@ -505,7 +507,7 @@ def test_partial_listings_train_on_the_part_but_never_test_on_it(hub, quick_retr
     from loopback_hub import word_problem
     hub.add_split("openai/gsm8k", "main", "train", [word_problem(random.Random(0), i) for i in range(6)],
                   partial=True)
-    hub.add_split("openai/gsm8k", "main", "test", [word_problem(random.Random(1), i) for i in range(4)])
+    hub.add_split("openai/gsm8k", "main", "test", [word_problem(random.Random(1), i) for i in range(4)], partial=True)
     with pytest.raises(download.PermanentError, match="main/test: only part of the split"):
         run_data_script("gsm8k")
     assert "main/train: only part of the split is converted to parquet; using that part" in capsys.readouterr().out
@@ -513,6 +515,7 @@ def test_partial_listings_train_on_the_part_but_never_test_on_it(hub, quick_retr
     with pytest.raises(FileNotFoundError):
         data.load_math("gsm8k", "test")
     assert hub.requests("hub", "/main/partial-train/0000.parquet")
+    assert not hub.requests("hub", "/main/partial-test/0000.parquet")  # refused before any download
 
 
 @pytest.mark.parametrize("conversion", ["none", "partial"])

@@ -40,7 +40,8 @@ def test_gpu_preset_runs_end_to_end_at_toy_size(hub, tmp_base_dir, _prepared_wor
     assert read_json(tmp_base_dir, "report", "tokenizer.json")["train_files"] == train
     assert f"data: 2 train and 1 val files, from {climbmix}" in out
     shards = {p for p, _ in hub.requests("hub", ".parquet") if "climbmix" in p}
-    assert shards == {f"/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{i:05d}.parquet" for i in (0, 1, 6542)}
+    assert shards == {f"/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{i:05d}.parquet"
+                      for i in (0, 1, 6542)}
 
     # pretraining, sft and rl ran under torchrun as 2 gloo processes; sft trained on the downloaded chats, rl on GSM8K
     assert out.count("device: cpu, 2 processes") == 3
