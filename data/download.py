@@ -13,7 +13,7 @@ iter_parquet() reads them row group by row group. pyarrow is needed only for tho
 
 Where from: the hub is $HF_ENDPOINT (the variable the Hugging Face tools read; default https://huggingface.co) and
 the datasets-server is $HF_DATASETS_SERVER (default https://datasets-server.huggingface.co), so a mirror, or the
-tests' loopback hub (tests/hub.py), serves every download without a change to the code.
+tests' loopback hub (tests/loopback_hub.py), serves every download without a change to the code.
 """
 import hashlib
 import os
@@ -105,9 +105,11 @@ def fetch_part(url, part, size):
 
 
 def download(url, path, size=None, sha256=None):
-    """Download url to path (atomically) unless a file is already there; returns path."""
+    """Download url to path (atomically) unless the file is already there; returns path."""
     if os.path.exists(path):
-        return path  # only ever renamed into place whole
+        if size is None or os.path.getsize(path) == size:
+            return path  # only ever renamed into place whole
+        os.remove(path)  # another version of the file (a listing's size differs, e.g. a redone conversion)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     part = path + ".part"
     name = os.path.basename(path)

@@ -516,6 +516,13 @@ def test_partial_listings_train_on_the_part_but_never_test_on_it(hub, quick_retr
         data.load_math("gsm8k", "test")
     assert hub.requests("hub", "/main/partial-train/0000.parquet")
     assert not hub.requests("hub", "/main/partial-test/0000.parquet")  # refused before any download
+    # converted again, whole: the new train file replaces the old one (same name, another size), and test comes in
+    hub.listings.pop("openai/gsm8k")
+    hub.partial.clear()
+    hub.add_split("openai/gsm8k", "main", "train", [word_problem(random.Random(0), i) for i in range(9)])
+    hub.add_split("openai/gsm8k", "main", "test", [word_problem(random.Random(1), i) for i in range(4)])
+    run_data_script("gsm8k")
+    assert len(data.load_math("gsm8k", "train")) == 9 and len(data.load_math("gsm8k", "test")) == 4
 
 
 @pytest.mark.parametrize("conversion", ["none", "partial"])
