@@ -9,12 +9,12 @@ python3 -c "import torch, numpy, tiktoken, regex, requests, sympy, pytest, opena
   || python3 -m pip install -q -r requirements.txt pytest openai triton
 # the chat page's browser test drives headless Chromium through chromedriver (Debian's packages)
 if ! command -v chromedriver >/dev/null || ! { command -v chromium || command -v chromium-browser; } >/dev/null; then
-  if command -v apt-get >/dev/null; then
+  if command -v apt-get >/dev/null && { [ "$(id -u)" -eq 0 ] || command -v sudo >/dev/null; }; then
     SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
     $SUDO apt-get update -q && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
       chromium chromium-driver
   else
-    echo "no apt-get: install Chromium and chromedriver yourself, or the browser test is skipped"
+    echo "cannot apt-get install chromium chromium-driver here: without them the browser test is skipped"
   fi
 fi
 if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
