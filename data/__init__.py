@@ -2,7 +2,7 @@
 The reading side of picochat's data: every stage gets its text, conversations and test problems from here.
 
     import data
-    files = data.pretrain_files("train")            # a user's --data_path, else fineweb shards, else tinyworld
+    files = data.pretrain_files("train")            # a user's --data_path, else the downloaded corpus, else tinyworld
     for text in data.iter_texts(files[0]): ...
     convs = data.load_conversations("train")         # list of message lists
     problems = data.load_math("gsm8k", "test")      # [{"question", "answer": "...\\n#### N", "level"}]
@@ -110,11 +110,32 @@ def ensure_tinyworld(**settings):
 # Pretraining text
 
 
-def pretrain_files(split, data_path=""):
-    """The files of a pretraining split: the last file (sorted) is "val", the others "train".
+def corpus_marker():
+    """The file data/corpus.py writes once a corpus is downloaded: {"corpus": name, "val": its validation shard}."""
+    return os.path.join(common.get_base_dir(), "data", "corpus.json")
 
-    data_path: a file or directory of .txt/.jsonl/.parquet given by the user; a single file serves both splits
-    (val then equals train). Without it: the downloaded fineweb shards when there are at least 2, else tinyworld.
+
+def corpus_files():
+    """(train, val) shards of the downloaded corpus (data/corpus.py), or None when none is downloaded."""
+    if not os.path.exists(corpus_marker()):
+        return None
+    with open(corpus_marker(), encoding="utf-8") as f:
+        marker = json.load(f)
+    folder = data_dir(marker["corpus"])
+    shards = sorted(f for f in os.listdir(folder) if re.fullmatch(r"shard_\d+\.parquet", f))
+    if marker["val"] not in shards:
+        raise FileNotFoundError(f"{folder}: the validation shard {marker['val']} is missing; "
+                                f"run `python data/corpus.py --corpus={marker['corpus']}` again")
+    train = [os.path.join(folder, f) for f in shards if f != marker["val"]]
+    return train, [os.path.join(folder, marker["val"])]
+
+
+def pretrain_files(split, data_path=""):
+    """The files of a pretraining split.
+
+    data_path: a file or directory of .txt/.jsonl/.parquet given by the user: the last file (sorted) is "val", the
+    others "train"; a single file serves both splits (val then equals train). Without it: the downloaded corpus
+    (python data/corpus.py), whose validation shard is fixed, else the built-in tinyworld (its last shard is val).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -128,12 +149,11 @@ def pretrain_files(split, data_path=""):
         if not files:
             raise FileNotFoundError(f"no .txt/.jsonl/.parquet files in {data_path}")
     else:
-        fineweb = data_dir("fineweb")
-        files = sorted(os.path.join(fineweb, f) for f in os.listdir(fineweb)
-                       if re.fullmatch(r"shard_\d+\.parquet", f)) if os.path.isdir(fineweb) else []
-        if len(files) < 2:
-            tw = os.path.join(ensure_tinyworld(), "pretrain")
-            files = sorted(os.path.join(tw, f) for f in os.listdir(tw) if f.endswith(".jsonl"))
+        corpus = corpus_files()
+        if corpus:
+            return corpus[0] if split == "train" else corpus[1]
+        tw = os.path.join(ensure_tinyworld(), "pretrain")
+        files = sorted(os.path.join(tw, f) for f in os.listdir(tw) if f.endswith(".jsonl"))
     if len(files) == 1:
         return files
     return files[:-1] if split == "train" else files[-1:]

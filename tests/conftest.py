@@ -16,6 +16,18 @@ def tmp_base_dir(tmp_path, monkeypatch):
     return str(base)
 
 
+@pytest.fixture
+def hub(monkeypatch):
+    """A loopback Hugging Face hub (tests/loopback_hub.py), with $HF_ENDPOINT and $HF_DATASETS_SERVER pointing at it
+    for this process and the scripts it runs."""
+    from loopback_hub import Hub
+    h = Hub()
+    monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+    monkeypatch.setenv("HF_DATASETS_SERVER", h.datasets_server)
+    yield h
+    h.close()
+
+
 def shared_data(name):
     """Path of a file in ../shared/data, or skip the test when it is absent."""
     path = os.path.join(SHARED_DATA, name)
