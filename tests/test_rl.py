@@ -1,6 +1,7 @@
 """rl.py: advantages, the three loss normalisations, PPO clipping and the k3 KL on hand-computed numbers, training
-masks (prompt and calculator outputs excluded), and short end-to-end runs of `rl.py` (GRPO with resume) on a tiny
-random GPT with a tokenizer trained in the test. (DPO: test_dpo.py, which shares the fixtures here.)"""
+masks (prompt and calculator outputs excluded), and short end-to-end runs of `rl.py` on a tiny random GPT with a
+tokenizer trained in the test: after a step, every sampled answer's log-probability has moved the way its advantage
+says; resume. (DPO: test_dpo.py, which shares the fixtures here.)"""
 import json
 import math
 import os
@@ -228,19 +229,70 @@ def rl_weights(step):
     return state
 
 
-def test_grpo_steps_change_the_weights_and_resume_continues(sft_model, monkeypatch):
+def test_grpo_steps_move_the_right_way_and_resume_continues(sft_model, monkeypatch):
+    calls = record_training_samples(monkeypatch)
     report = run_rl(monkeypatch, "--num_steps=2", "--eval_every=2", "--loss_norm=sequence", "--std_norm=1",
-                    "--ppo_epochs=2", "--kl_coef=0.1")
+                    "--ppo_epochs=2", "--kl_coef=0.1", "--save_every=1")
     history = report["history"]
     assert [s for s, _ in history["pass1"]] == [0, 2] and [s for s, _ in history["reward"]] == [1, 2]
     assert {"pass2", "greedy_pass1", "response_len", "zero_std", "kl", "clipped"} <= set(history)
     assert report["metrics"]["train_minutes"] > 0
+    # GRPO as published plus PPO's second epoch and the KL term: the first step still moves every answer its way
+    [(prompts, groups)] = calls
+    assert_rewarded_answers_became_likelier(prompts, groups, sft_model, rl_weights(1))
     state = rl_weights(2)
-    assert any(not torch.equal(state[k], sft_model[k]) for k in sft_model)
     # --resume=1 goes on from step 2 with the saved history
     report = run_rl(monkeypatch, "--num_steps=3", "--eval_every=0", "--resume=1")
     assert [s for s, _ in report["history"]["reward"]] == [1, 2, 3]
     assert any(not torch.equal(rl_weights(3)[k], state[k]) for k in state)
+
+
+def record_training_samples(monkeypatch, step=0, seed=42):
+    """Keep what rl.py's loop samples at `step` to train on (the evaluation samples too, but with other seeds):
+    a list that gets its (prompts, groups)."""
+    import common
+    calls, sample_groups = [], data.grade.sample_groups
+
+    def recording(engine, prompts, references, **kwargs):
+        groups = sample_groups(engine, prompts, references, **kwargs)
+        if kwargs["seed"] == common.derive_seed(seed, "train", step, 0):
+            calls.append(([list(p) for p in prompts], groups))
+        return groups
+    monkeypatch.setattr(data.grade, "sample_groups", recording)
+    return calls
+
+
+def assert_rewarded_answers_became_likelier(prompts, groups, before, after):
+    """Every answer that did better than its group is likelier under the weights `after` than `before`, every one
+    that did worse less likely."""
+    rewards = torch.tensor([[sample.reward for sample in group] for group in groups])  # (P, G)
+    advantages = rewards - rewards.mean(dim=1, keepdim=True)  # (P, G); the sign is the same with std_norm
+    assert (advantages > 0).any() and (advantages < 0).any()
+    answers = [(prompt, sample.tokens, sample.mask) for prompt, group in zip(prompts, groups) for sample in group]
+    change = (answer_logprobs(after, answers) - answer_logprobs(before, answers)).view_as(advantages)  # (P, G)
+    assert (change[advantages > 0] > 0).all() and (change[advantages < 0] < 0).all(), (advantages, change)
+
+
+def answer_logprobs(state, answers):
+    """log p(answer | prompt) of (prompt, tokens, mask) answers under the weights `state`, each summed over the
+    tokens the policy chose (mask 1: its own, not the forced calculator outputs), (N,)."""
+    import common
+    from model import GPT, GPTConfig
+    _, _, meta = common.load_checkpoint(common.checkpoint_dir("sft", "tiny"), load_rank_state=False)
+    model = GPT(GPTConfig(**meta["model_config"]))
+    model.load_state_dict(state)
+    x, y, m = collate([make_row(prompt, tokens, mask) for prompt, tokens, mask in answers], "cpu")
+    with torch.no_grad():
+        return (token_logprobs(model, x, y) * m).sum(dim=1)
+
+
+def test_one_grpo_step_raises_the_logprob_of_rewarded_answers(sft_model, monkeypatch):
+    # nanochat's defaults: one step on the samples, no std division, no KL (measured: each answer's log-probability
+    # moves by 0.8 to 1 nat, so its sign is far from chance)
+    calls = record_training_samples(monkeypatch)
+    run_rl(monkeypatch, "--num_steps=1", "--eval_every=0")
+    [(prompts, groups)] = calls
+    assert_rewarded_answers_became_likelier(prompts, groups, sft_model, rl_weights(1))
 
 
 def test_a_zero_variance_group_gives_exactly_zero_gradient(sft_model):
