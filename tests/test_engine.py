@@ -182,6 +182,14 @@ def test_engine_conversation_prompts_and_length(fake):
     assert engine.prompt_ids({"messages": [{"role": "user", "content": "hi"}]})[-1] == ASSISTANT_START
 
 
+def test_engine_stops_at_bos(fake):
+    # a model that goes on into the next document (a base model's way to end): <|bos|> ends the reply, kept as
+    # <|assistant_end|> is
+    engine = fake("42", "<|bos|>", "Question: more", "<|assistant_end|>")
+    [[(tokens, mask)]] = engine.generate_batch([[BOS]], max_new_tokens=100)
+    assert tokens == script("42", "<|bos|>") and mask == [1] * 3
+
+
 def test_engine_streams_per_step(fake):
     engine = fake("ab", "<|assistant_end|>")
     steps = list(engine.generate([[BOS], [BOS]], max_new_tokens=10))
