@@ -93,6 +93,36 @@ def test_checkpoint_roundtrip_latest_and_keep(tmp_base_dir):
     assert json.load(open(os.path.join(d, "meta_000020.json"))) == {"step": 20}
 
 
+class Killed(Exception):
+    """Stands for the process dying at that point."""
+
+
+def test_a_save_interrupted_after_any_file_keeps_the_previous_step(tmp_base_dir, monkeypatch):
+    d = common.checkpoint_dir("base", "d1")
+    common.save_checkpoint(d, 1, {"w": torch.ones(2)}, {"pos": 1}, {"step": 1})
+    rename = os.replace
+    # the save of step 2 dies right after its first, second, ... file lands (each file lands by its rename)
+    for files_landed in range(1, 4):  # the model, this rank's state, the meta
+        landed = []
+
+        def rename_then_die(src, dst):
+            rename(src, dst)
+            landed.append(os.path.basename(dst))
+            if len(landed) == files_landed:
+                raise Killed
+
+        monkeypatch.setattr(os, "replace", rename_then_die)
+        with pytest.raises(Killed):
+            common.save_checkpoint(d, 2, {"w": torch.full((2,), 2.0)}, {"pos": 2}, {"step": 2})
+        monkeypatch.setattr(os, "replace", rename)
+        if files_landed < 3:  # not all there: the latest complete step is still 1, and it loads whole
+            assert common.last_step(d) == 1, landed
+            model_state, rank_state, meta = common.load_checkpoint(d)
+            assert model_state["w"].tolist() == [1.0, 1.0] and rank_state == {"pos": 1} and meta == {"step": 1}
+    assert landed == ["model_000002.pt", "optim_000002_rank0.pt", "meta_000002.json"]  # the meta makes it a step
+    assert common.last_step(d) == 2 and common.load_checkpoint(d)[0]["w"].tolist() == [2.0, 2.0]
+
+
 def test_svg_chart_draws_each_series_and_skips_missing_points():
     svg = common.svg_chart({"train": [(1, 3.0), (2, 2.5), (3, None)], "val": [(2, 2.7)]}, "loss")
     assert svg.startswith("<svg") and svg.endswith("</svg>")
