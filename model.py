@@ -271,7 +271,10 @@ class GPT(nn.Module):
         config_from_hf."""
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             hf = json.load(f)
-        config = config_from_hf(hf, sequence_len)
+        try:
+            config = config_from_hf(hf, sequence_len)
+        except KeyError as e:
+            raise ValueError(f"{path}/config.json has no {e.args[0]!r}") from None
         with torch.device("meta"):
             model = GPT(config).to(dtype)
         model.to_empty(device=device)
