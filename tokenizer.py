@@ -411,6 +411,8 @@ def check_roles(messages):
                              f"starting with user (after an optional system message)")
         if expected == "user" and not isinstance(message["content"], str):
             raise ValueError(f"message {i}: a user's content must be a string")
+    if start and not isinstance(messages[0]["content"], str):
+        raise ValueError("message 0: a system prompt must be a string")
     return messages
 
 
