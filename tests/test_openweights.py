@@ -119,6 +119,19 @@ def test_weight_key_errors(tmp_path):
     with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
         GPT.from_pretrained(str(tmp_path))
 
+def test_picochat_defaults_keep_their_parameters():
+    """The open models' switches add nothing to picochat's own model: checkpoints keep loading."""
+    from model import config_from_depth
+    for extra, norms in [({}, []), ({"norm_weight": True}, ["norm_in", "norm_f"])]:
+        model = GPT(config_from_depth(2, 64, 32, aspect_ratio=16, head_dim=8, **extra))
+        block = ["attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+        if norms:
+            block = ["norm_1", *block[:4], "attn.q_norm", "attn.k_norm", "norm_2", *block[4:]]
+        want = ["transformer.wte.weight"] + [f"transformer.{n}.weight" for n in norms[:1]]
+        want += [f"transformer.h.{i}.{name}.weight" for i in range(2) for name in block]
+        want += [f"transformer.{n}.weight" for n in norms[1:]] + ["lm_head.weight"]
+        assert list(model.state_dict()) == want
+
 # -----------------------------------------------------------------------------
 # Tokenizers: a byte-level BPE trained here with `tokenizers`, in Qwen's and GPT-2's layouts
 
