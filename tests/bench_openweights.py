@@ -36,7 +36,7 @@ QWEN3_06B = {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "
              "tie_word_embeddings": True, "hidden_act": "silu"}
 modes = "fp32,bf16,bf16_weights,load"
 seq_len = 512       # SFT row length (batch 1)
-sft_steps = 2       # timed SFT steps, after one warm-up step
+sft_steps = 2       # timed SFT steps, after one warm-up step; 0: generation only
 gen_prompt = 128    # prompt tokens before generation
 gen_tokens = 32     # decoded tokens timed
 threads = 2
@@ -90,6 +90,8 @@ def measure(mode):
         t2 = time.perf_counter()
     out["prefill_ms_per_token"] = round(1000 * (t1 - t0) / gen_prompt, 2)
     out["decode_ms_per_token"] = round(1000 * (t2 - t1) / n, 1)
+    if sft_steps == 0:
+        return out
     # ---- SFT steps: forward + backward + AdamW on 1 x seq_len tokens, the first quarter masked (the prompt)
     model.train()
     optimizer = AdamW([dict(params=list(model.parameters()), lr=1e-5)], betas=(0.9, 0.95), eps=1e-8,
@@ -140,7 +142,8 @@ def measure_load():
         load_s = time.perf_counter() - t0
         rss_now = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
     return {"params": model.num_params(), "load_s": round(load_s, 1), "rss_after_load_gib": round(rss_now, 2),
-            "fp32_weights_gib": round(model.num_params() * 4 / 2**30, 2), "peak_rss_while_writing_gib": round(before, 2)}
+            "fp32_weights_gib": round(model.num_params() * 4 / 2**30, 2), "peak_rss_gib": round(peak_rss_gib(), 2),
+            "peak_rss_while_writing_gib": round(before, 2)}
 
 # -----------------------------------------------------------------------------
 # The parent: one child process per mode

@@ -233,7 +233,8 @@ QWEN3_CHAT_TEMPLATE = r"""{%- if tools %}
 {%- endif %}"""
 
 BUILT_IN_TEXT = """The quick brown fox jumps over the lazy dog. It's 12:30; we'll pay $1,234.56 (or 7%) -- ok?
-    Indented code:\tx = f(a, b)  # comment\r\n\n\nnaïve café, Ærøskøbing, 日本語のテキスト, emoji 🤗🤗, Cafe\u0301 (NFD)
+    Indented code:\tx = f(a, b)  # comment\r\n\n\nnaïve café, Ærøskøbing, 日本語のテキスト, emoji 🤗🤗,
+Cafe\u0301 (NFD)
 I'VE SEEN 'EM ALL... she'd've won 1000000 times!!  \n  trailing spaces   \nend"""
 
 
@@ -302,7 +303,8 @@ def test_tiktoken_build_encodes_as_tokenizers(kind, hf_tokenizers, tmp_path):
 
 def qwen_conversations():
     """(picochat messages, the same conversation as Qwen3's template takes it)."""
-    calc = lambda expr: {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expr}}}  # noqa
+    def calc(expr):
+        return {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expr}}}
     return [
         ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], None),
         ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12*34?"},
@@ -357,7 +359,8 @@ def test_qwen3_chat_renders_as_its_template(hf_tokenizers):
     call_end = ids.index(tok.special("<|python_end|>"))
     forced = ids[call_end + 1:mask.index(1, call_end + 1)]
     call = tok.decode(ids[ids.index(tok.special("<|python_start|>")) + 1:call_end])
-    assert tok.tool_call(call) == "12*34" and tok.tool_output("408") == forced and not any(mask[call_end + 1:][:len(forced)])
+    assert tok.tool_call(call) == "12*34" and tok.tool_output("408") == forced
+    assert not any(mask[call_end + 1:call_end + 1 + len(forced)])
     assert tok.tool_call('\n{"name": "search", "arguments": {"q": "x"}}\n') is None and tok.tool_call("12*34") is None
 
 
