@@ -24,7 +24,10 @@ if __name__ == "__main__":
     from data.download import download_hf_model
     from model import config_from_hf
     common.configure(globals())
-    directory = download_hf_model(model, revision)
+    try:
+        directory = download_hf_model(model, revision)
+    except (ValueError, RuntimeError, OSError) as e:  # a bad name, a missing file, the network: one line
+        raise SystemExit(f"error: {e}") from None
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
         try:  # say now, not at the first stage, when picochat cannot run this model
             c = config_from_hf(json.load(f))
