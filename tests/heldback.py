@@ -25,11 +25,12 @@ How each set is graded:
   2. contains no "####" (the final-answer mark of a math solution),
   3. contains no calculator call ("<<" of <<expr=result>>),
   and, per category:
-  - identity: says what it is: "picochat", "assistant" or "model" (as in "language model") appears as a word,
-    and no digit appears (an introduction has no numbers; a reply with digits is a math answer leaking in);
-  - smalltalk: no digit appears (a greeting or thanks needs no number). Its content is not judged further: a
-    fair automatic rule for "a good reply to 'thanks a lot!'" does not exist, and what the target measures is
-    that the chat model still talks instead of solving a problem nobody asked;
+  - identity and smalltalk: no digit and no person or place of the world appears (a greeting or an introduction
+    needs neither: digits are a math answer leaking in, names are world facts recited instead of a reply);
+    identity replies must also say what they are: "picochat", "assistant" or "model" (as in "language model")
+    as a word. Small talk is not judged further: there is no fair automatic rule for "a good reply to 'thanks a
+    lot!'", and what the target measures is that the chat model still talks instead of answering a question
+    nobody asked;
   - world: the right fact appears as a word (any casing; a plural or suffix may follow: "fisher" matches
     "fishers") and no other value of the same kind does, so listing every place does not pass. For "who lives in
     <place>" any of its people is right and anyone else is wrong; a person's own name is not counted as a wrong
@@ -113,10 +114,10 @@ def named_values(reply, values):
 def grade_chat(probe, reply):
     if not handled(reply):
         return False
-    if probe.category == "identity":
-        return re.search(r"\b(picochat|assistant|model)\b", reply, re.I) is not None and not re.search(r"\d", reply)
-    if probe.category == "smalltalk":
-        return not re.search(r"\d", reply)
+    if probe.category in ("identity", "smalltalk"):
+        if re.search(r"\d", reply) or named_values(reply, NAMES + PLACES):
+            return False
+        return probe.category == "smalltalk" or re.search(r"\b(picochat|assistant|model)\b", reply, re.I) is not None
     # world: the subject's own name is claimed first and ignored ("Kira is Mia's friend" names Mia)
     named = named_values(reply, (probe.subject, *probe.right, *probe.wrong))
     return bool(named & set(probe.right)) and not named & set(probe.wrong)
@@ -173,7 +174,8 @@ def start_unknown(rng):
 def distractor(rng):
     (a, b), (item, other) = _cast(rng)
     form = rng.randrange(4)
-    x, y, noise = _n(rng), _n(rng), _n(rng, 8, 70)
+    x, y, k = _n(rng), _n(rng), _n(rng, 2, 12)
+    noise = rng.choice([v for v in range(8, 71) if v not in (x, y, k)])  # never equal to a number that is used
     if form == 0:
         return (f"{a} is {noise} years old and keeps {x} {item} in a drawer. {a} buys {y} more {item}. "
                 f"How many {item} are in the drawer now?", x + y, f"{x}+{y}")
@@ -182,10 +184,8 @@ def distractor(rng):
         return (f"{a} has {x} {item} and {noise} {other}. {a} gives {y} of the {item} to {b}. "
                 f"How many {item} does {a} still have?", x - y, f"{x}-{y}")
     if form == 2:
-        k = _n(rng, 2, 12)
         return (f"A crate holds {x} {item}. {a} carries {k} crates home and also {noise} {other} in a bag. "
                 f"How many {item} did {a} carry?", x * k, f"{x}*{k}")
-    k = _n(rng, 2, 12)
     return (f"{a} walked for {noise} minutes to the market and bought {k} bags with {x} {item} in each bag. "
             f"How many {item} did {a} buy?", k * x, f"{k}*{x}")
 
@@ -403,50 +403,38 @@ def word_problems(n=300, seed=0):
     return problems
 
 # -----------------------------------------------------------------------------
-# Arithmetic in new phrasings: (category, form) pairs; each form draws its numbers and returns (question, answer,
-# expr)
-
-
-def _a(rng):
-    return _n(rng, 2, 99)
+# Arithmetic in new phrasings: (category, form) pairs; a form makes (question, answer, expr) from x > y and z, all
+# 2..99, a second factor f (2..31) and a small factor d (2..12): results stay in tinyworld's range, a few thousand
+# at most.
 
 
 ARITHMETIC_FORMS = [
-    ("mixed", lambda x, y, z: (f"Compute {x} * {y} + {z}.", x * y + z, f"{x}*{y}+{z}")),
-    ("multiply", lambda x, y, z: (f"What is {x} times {y}?", x * y, f"{x}*{y}")),
-    ("multiply", lambda x, y, z: (f"What do you get when you multiply {x} by {y}?", x * y, f"{x}*{y}")),
-    ("multiply", lambda x, y, z: (f"Find the product of {x} and {y}.", x * y, f"{x}*{y}")),
-    ("subtract", lambda x, y, z: (f"Take {min(x, y)} away from {max(x, y)}.", max(x, y) - min(x, y),
-                                  f"{max(x, y)}-{min(x, y)}")),
-    ("subtract", lambda x, y, z: (f"What is {min(x, y)} less than {max(x, y)}?", max(x, y) - min(x, y),
-                                  f"{max(x, y)}-{min(x, y)}")),
-    ("subtract", lambda x, y, z: (f"How far apart are {x} and {y}?", abs(x - y), f"{max(x, y)}-{min(x, y)}")),
-    ("add", lambda x, y, z: (f"What's the total of {x}, {y} and {z}?", x + y + z, f"{x}+{y}+{z}")),
-    ("add", lambda x, y, z: (f"Find the sum of {x} and {y}.", x + y, f"{x}+{y}")),
-    ("add", lambda x, y, z: (f"What number is {x} more than {y}?", x + y, f"{y}+{x}")),
-    ("add", lambda x, y, z: (f"Put {x} and {y} together: how much is that?", x + y, f"{x}+{y}")),
-    ("divide", lambda x, y, z: (f"How many times does {y % 9 + 2} go into {x * (y % 9 + 2)}?", x,
-                                f"{x * (y % 9 + 2)}/{y % 9 + 2}")),
-    ("divide", lambda x, y, z: (f"What is {x * (z % 8 + 2)} shared equally by {z % 8 + 2}?", x,
-                                f"{x * (z % 8 + 2)}/{z % 8 + 2}")),
-    ("divide", lambda x, y, z: (f"What is half of {2 * x}?", x, f"{2 * x}/2")),
-    ("words", lambda x, y, z: (f"How much is {words(x)} plus {words(y)}?", x + y, f"{x}+{y}")),
-    ("words", lambda x, y, z: (f"Work out {words(x)} times {words(y % 12 + 2)}.", x * (y % 12 + 2),
-                               f"{x}*{y % 12 + 2}")),
-    ("words", lambda x, y, z: (f"What is {words(max(x, y))} take away {words(min(x, y))}?", max(x, y) - min(x, y),
-                               f"{max(x, y)}-{min(x, y)}")),
-    ("words", lambda x, y, z: (f"Add {words(x)} to {y}.", x + y, f"{x}+{y}")),
-    ("mixed", lambda x, y, z: (f"Double {x}, then add {y}.", 2 * x + y, f"2*{x}+{y}")),
-    ("mixed", lambda x, y, z: (f"Please calculate ({x} + {y}) * {z % 9 + 2}.", (x + y) * (z % 9 + 2),
-                               f"({x}+{y})*{z % 9 + 2}")),
-    ("mixed", lambda x, y, z: (f"Multiply {x} by {y % 9 + 2}, then subtract {min(z, x * (y % 9 + 2))}.",
-                               x * (y % 9 + 2) - min(z, x * (y % 9 + 2)), f"{x}*{y % 9 + 2}-{min(z, x * (y % 9 + 2))}")),
-    ("mixed", lambda x, y, z: (f"If you add {x} and {y} and then triple the result, what do you get?",
-                               3 * (x + y), f"3*({x}+{y})")),
-    ("mixed", lambda x, y, z: (f"I start with {x + y}, take away {y}, then add {z}. Where do I end up?",
-                               x + z, f"{x + y}-{y}+{z}")),
-    ("multiply", lambda x, y, z: (f"{x} multiplied by {y % 20 + 2} equals what?", x * (y % 20 + 2),
-                                  f"{x}*{y % 20 + 2}")),
+    ("mixed", lambda x, y, z, f, d: (f"Compute {x} * {f} + {z}.", x * f + z, f"{x}*{f}+{z}")),
+    ("multiply", lambda x, y, z, f, d: (f"What is {x} times {f}?", x * f, f"{x}*{f}")),
+    ("multiply", lambda x, y, z, f, d: (f"What do you get when you multiply {f} by {x}?", f * x, f"{f}*{x}")),
+    ("multiply", lambda x, y, z, f, d: (f"Find the product of {x} and {f}.", x * f, f"{x}*{f}")),
+    ("multiply", lambda x, y, z, f, d: (f"{y} multiplied by {d} equals what?", y * d, f"{y}*{d}")),
+    ("subtract", lambda x, y, z, f, d: (f"Take {y} away from {x}.", x - y, f"{x}-{y}")),
+    ("subtract", lambda x, y, z, f, d: (f"What is {y} less than {x}?", x - y, f"{x}-{y}")),
+    ("subtract", lambda x, y, z, f, d: (f"How far apart are {y} and {x}?", x - y, f"{x}-{y}")),
+    ("add", lambda x, y, z, f, d: (f"What's the total of {x}, {y} and {z}?", x + y + z, f"{x}+{y}+{z}")),
+    ("add", lambda x, y, z, f, d: (f"Find the sum of {y} and {x}.", y + x, f"{y}+{x}")),
+    ("add", lambda x, y, z, f, d: (f"What number is {x} more than {z}?", z + x, f"{z}+{x}")),
+    ("add", lambda x, y, z, f, d: (f"Put {x} and {y} together: how much is that?", x + y, f"{x}+{y}")),
+    ("divide", lambda x, y, z, f, d: (f"How many times does {d} go into {x * d}?", x, f"{x * d}/{d}")),
+    ("divide", lambda x, y, z, f, d: (f"What is {y * d} shared equally by {d}?", y, f"{y * d}/{d}")),
+    ("divide", lambda x, y, z, f, d: (f"What is half of {2 * z}?", z, f"{2 * z}/2")),
+    ("words", lambda x, y, z, f, d: (f"How much is {words(x)} plus {words(z)}?", x + z, f"{x}+{z}")),
+    ("words", lambda x, y, z, f, d: (f"Work out {words(x)} times {words(d)}.", x * d, f"{x}*{d}")),
+    ("words", lambda x, y, z, f, d: (f"What is {words(x)} take away {words(y)}?", x - y, f"{x}-{y}")),
+    ("words", lambda x, y, z, f, d: (f"Add {words(y)} to {z}.", y + z, f"{y}+{z}")),
+    ("mixed", lambda x, y, z, f, d: (f"Double {x}, then add {z}.", 2 * x + z, f"2*{x}+{z}")),
+    ("mixed", lambda x, y, z, f, d: (f"Please calculate ({x} + {z}) * {d}.", (x + z) * d, f"({x}+{z})*{d}")),
+    ("mixed", lambda x, y, z, f, d: (f"Multiply {x} by {d}, then subtract {y}.", x * d - y, f"{x}*{d}-{y}")),
+    ("mixed", lambda x, y, z, f, d: (f"If you add {y} and {z} and then triple the result, what do you get?",
+                                     3 * (y + z), f"3*({y}+{z})")),
+    ("mixed", lambda x, y, z, f, d: (f"I start with {x}, take away {y}, then add {z}. Where do I end up?",
+                                     x - y + z, f"{x}-{y}+{z}")),
 ]
 
 
@@ -456,7 +444,8 @@ def arithmetic_probes(per_form=3, seed=0):
     probes = []
     for category, form in ARITHMETIC_FORMS:
         for _ in range(per_form):
-            question, answer, expr = form(_a(rng), _a(rng), _a(rng))
+            x, y = rng.sample(range(2, 100), 2)
+            question, answer, expr = form(max(x, y), min(x, y), _n(rng), _n(rng, 2, 31), _n(rng, 2, 12))
             probes.append(MathProbe(question, answer, category, expr))
     return probes
 
@@ -468,15 +457,15 @@ IDENTITY_PROBES = ["Please introduce yourself.", "Tell me a little about yoursel
                    "Are you a person or a program?", "Which assistant am I talking to?", "Do you have a name?",
                    "Describe yourself in one sentence.", "Who am I chatting with right now?",
                    "hey, what's your name?", "What kind of thing are you?"]
-SMALLTALK_PROBES = ["good afternoon", "Good morning!", "good evening", "how are you doing?", "How's it going?",
-                    "thanks a lot!", "Thank you so much.", "nice to meet you", "hey there", "see you later!",
-                    "Have a nice day!", "what's up?", "cheers!", "I'm back.", "Good night!"]
+SMALLTALK_PROBES = ["good afternoon", "Lovely weather today, isn't it?", "good evening", "how are you doing?",
+                    "How's it going?", "thanks a lot!", "Thank you so much.", "nice to meet you", "hey there",
+                    "see you later!", "Have a nice day!", "what's up?", "cheers!", "I'm back.", "Good night!"]
 # (fact, question forms): {n} is a person, {p} a place
 WORLD_FORMS = [
     ("home", ["In which town is {n}'s home?", "Which place does {n} call home?", "{n} lives in which town?",
               "What's the name of the place where {n} lives?"]),
     ("job", ["What does {n} do for a living?", "What is {n}'s line of work?", "Which job does {n} have?"]),
-    ("pet", ["Which animal does {n} keep at home?", "What kind of pet does {n} own?"]),
+    ("pet", ["Tell me which animal {n} looks after.", "What kind of pet does {n} own?"]),
     ("food", ["Which food does {n} enjoy the most?", "What does {n} love to eat?"]),
     ("object", ["Which object belongs to {n}?", "What prized possession does {n} have?"]),
     ("friend", ["Who is {n}'s closest friend?", "Which person is {n}'s best buddy?"]),
