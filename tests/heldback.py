@@ -3,7 +3,8 @@ Held-back probes: the material issue 12's targets are measured on. They use tiny
 items, jobs, pets, ...), number ranges and facts, but were written without looking at any of the generator's
 sentence templates, so that they test whether a model generalises, not whether it has seen the phrasing. Never
 train on them and never copy their wordings into data/tinyworld.py: once the generator knows a phrasing, its
-probe no longer measures anything. tests/test_heldback.py checks that no probe appears verbatim in a generated set.
+probe no longer measures anything. tests/test_heldback.py checks that no probe is in a generated set, verbatim or
+with its names, things and numbers masked.
 
     from tests import heldback
     problems = heldback.word_problems()      # 300 MathProbe: reworded word problems, 12 categories
@@ -31,12 +32,13 @@ How each set is graded:
     as a word. Small talk is not judged further: there is no fair automatic rule for "a good reply to 'thanks a
     lot!'", and what the target measures is that the chat model still talks instead of answering a question
     nobody asked;
-  - world: the right fact appears as a word (any casing; a plural or suffix may follow: "fisher" matches
-    "fishers") and no other value of the same kind does, so listing every place does not pass. For "who lives in
-    <place>" any of its people is right and anyone else is wrong; a person's own name is not counted as a wrong
-    answer to a question about their friend. An age is right as digits ("40") or in words ("forty").
-  Colours are not asked: whose colour the world's "color" fact is (a favourite, the object's) is stated by the
-  generator's templates, which these probes were written without.
+  - world: the right fact is named, as a whole word in any casing, also in the singular or with a plural or
+    "-man" ending ("peaches": "peach"; "fisher": "fishermen"), and no other value of the same kind is, so listing
+    every place does not pass. For "who lives in <place>" any of its people is right and anyone else is wrong.
+    The question's subject is ignored: Mia's own name is no wrong answer to "who is Mia's friend?", nor is "Pine
+    Hill" the feature "hill". An age is right as digits ("40") or in words ("forty").
+  Colours are not asked: the vocabulary alone does not say whose colour the world's "color" fact is, and the
+  generator's templates, which would, were not read.
 
 Word-problem categories (25 each): start_unknown (how many at first), distractor (a number that must not be
 used), other_person (the question is about the second person), number_words (numbers as words), grouped
@@ -327,7 +329,7 @@ def comparison(rng):
 
 
 def together(rng):
-    (a, b, c), (item, _) = rng.sample(NAMES, 3), rng.sample(ITEMS, 2)
+    (a, b, c), (item, _) = _cast(rng, 3)
     form = rng.randrange(4)
     x, y, z = _n(rng), _n(rng), _n(rng)
     if form == 0:
