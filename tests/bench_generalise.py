@@ -74,7 +74,7 @@ def score(name, probes, texts, grade):
         by_category[p.category].append(ok)
     for p, t, ok in list(zip(probes, texts, right))[:show]:
         print(f"  [{name} {'ok' if ok else 'x '}] {p.question!r} -> {t[:160]!r}")
-    return sum(right) / len(right), {c: round(sum(v) / len(v), 4) for c, v in by_category.items()}
+    return round(sum(right) / len(right), 4), {c: round(sum(v) / len(v), 4) for c, v in by_category.items()}
 
 # -----------------------------------------------------------------------------
 # Measure each stage
