@@ -181,8 +181,8 @@ def test_probes_are_not_in_a_generated_tinyworld(tmp_base_dir):
             texts.append(normalised(text))
             for line in text.splitlines() if name.endswith(".jsonl") else []:
                 row = json.loads(line)
-                questions += [row["question"]] if "question" in row else [
-                    m["content"] for m in row.get("messages", []) if m["role"] == "user"]
+                turns = [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
+                questions += [row["question"]] if "question" in row else [t for t in turns if isinstance(t, str)]
     num_questions = len(questions)  # a plain number, so a failure prints no generated text
     assert num_questions > 1000
     asked = {normalised(q) for q in questions}
