@@ -51,7 +51,7 @@ from collections import namedtuple
 
 from data.tinyworld import ITEMS, NAMES, PETS, PLACES, PLACE_KINDS, PLACE_FEATURES, JOBS, FOODS, OBJECTS, TIMES
 from data.tinyworld import build_world, words
-from evaluate import extract_answer
+from data.grade import extract_answer
 
 # question and integer answer; expr computes the answer from the numbers in the question (tests check both agree)
 MathProbe = namedtuple("MathProbe", "question answer category expr")
