@@ -24,7 +24,7 @@ from collections import defaultdict
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import common  # noqa: E402
-from chat import Engine  # noqa: E402
+from model import Engine  # noqa: E402
 from tests import heldback  # noqa: E402
 
 # -----------------------------------------------------------------------------
