@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dpo
+from tokenizer import load_tokenizer
 from test_rl import answer_logprobs, rl_weights, run_rl, sft_model, tokenizer  # noqa: F401  (fixtures)
 
 
@@ -50,7 +51,6 @@ def test_dpo_from_a_pairs_file_and_from_sampled_pairs(sft_model, monkeypatch, tm
     assert [s for s, _ in report["history"]["loss"]] == [1, 2]
     assert report["history"]["loss"][0][1] == pytest.approx(math.log(2), abs=1e-4)  # the policy is the reference
     # the policy now prefers each chosen answer over its rejected one more than the reference did
-    from tokenizer import load_tokenizer
     pairs = [dpo.pair_from_json(row, load_tokenizer()) for row in rows]
     chosen = [(prompt, *answer) for prompt, answer, _ in pairs]
     rejected = [(prompt, *answer) for prompt, _, answer in pairs]

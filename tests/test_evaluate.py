@@ -12,7 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import evaluate
+from data import load_mc, pretrain_files
+from data.loader import TokenRows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -287,9 +290,6 @@ def test_cli_end_to_end_on_a_tiny_base_model(world, one_thread, monkeypatch, cap
     assert 0 < m["unigram_bpb"] < m["bpb"] < 12
     assert f"| bpb | {m['bpb']:.4f} |" in out and 0 < section["results"]["bpb"]["tokens"] <= 8192
     # the numbers recomputed from the checkpoint by the definitions, one row at a time
-    import common
-    from data import load_mc, pretrain_files
-    from data.loader import TokenRows
     model, tok, _ = common.load_model("base")
 
     def nats(ids):  # per-token loss of ids[1:], (T,)

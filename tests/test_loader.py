@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from data.loader import TokenRows, evaluate_bpb
+from tokenizer import load_tokenizer, save_tokenizer
 
 
 @pytest.fixture
 def byte_tok(tmp_base_dir):
     """A real Tokenizer with no merges: every byte is one token."""
-    from tokenizer import load_tokenizer, save_tokenizer
     return load_tokenizer(save_tokenizer({bytes([i]): i for i in range(256)}))
 
 

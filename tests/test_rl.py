@@ -11,9 +11,11 @@ import sys
 import pytest
 import torch
 
+import common
 import data.grade
 import rl
 from data.loader import collate, make_row, step_indices, token_logprobs
+from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,8 +193,7 @@ def test_rows_from_the_engine_exclude_prompt_and_calculator_output(tokenizer, mo
 def sft_model(world):
     import dataclasses
 
-    import common
-    from model import GPT, config_from_depth
+    from model import config_from_depth
     from tokenizer import load_tokenizer
     tok = load_tokenizer()
     config = config_from_depth(1, tok.vocab_size, 256, aspect_ratio=64, head_dim=32)
@@ -206,7 +207,6 @@ def sft_model(world):
 
 def run_rl(monkeypatch, *args, script="rl.py"):
     """python rl.py ARGS (or dpo.py), in this process (so the grader can be replaced); returns the report section."""
-    import common
     monkeypatch.setattr(data.grade, "grade", lambda text, reference: len(text) % 2 == 0)
     monkeypatch.setattr(sys, "argv", [script, "--device=cpu", "--max_new_tokens=12", "--prompts_per_step=2",
                                       "--num_samples=4", "--eval_problems=2", "--eval_samples=2", *args])
@@ -223,7 +223,6 @@ def run_rl(monkeypatch, *args, script="rl.py"):
 
 
 def rl_weights(step):
-    import common
     state, _, meta = common.load_checkpoint(common.checkpoint_dir("rl", "tiny"), step, load_rank_state=False)
     assert meta["step"] == step and meta["tokenizer_hash"] and meta["model_config"]["n_layer"] == 1
     return state
@@ -250,7 +249,6 @@ def test_grpo_steps_move_the_right_way_and_resume_continues(sft_model, monkeypat
 def record_training_samples(monkeypatch, step=0, seed=42):
     """Keep what rl.py's loop samples at `step` to train on (the evaluation samples too, but with other seeds):
     a list that gets its (prompts, groups)."""
-    import common
     calls, sample_groups = [], data.grade.sample_groups
 
     def recording(engine, prompts, references, **kwargs):
@@ -276,8 +274,6 @@ def assert_rewarded_answers_became_likelier(prompts, groups, before, after):
 def answer_logprobs(state, answers):
     """log p(answer | prompt) of (prompt, tokens, mask) answers under the weights `state`, each summed over the
     tokens the policy chose (mask 1: its own, not the forced calculator outputs), (N,)."""
-    import common
-    from model import GPT, GPTConfig
     _, _, meta = common.load_checkpoint(common.checkpoint_dir("sft", "tiny"), load_rank_state=False)
     model = GPT(GPTConfig(**meta["model_config"]))
     model.load_state_dict(state)
@@ -296,8 +292,6 @@ def test_one_grpo_step_raises_the_logprob_of_rewarded_answers(sft_model, monkeyp
 
 
 def test_a_zero_variance_group_gives_exactly_zero_gradient(sft_model):
-    import common
-    from model import GPT, GPTConfig
     _, _, meta = common.load_checkpoint(common.checkpoint_dir("sft", "tiny"), load_rank_state=False)
     model = GPT(GPTConfig(**meta["model_config"]))
     model.load_state_dict(sft_model)

@@ -7,8 +7,11 @@ import re
 import pytest
 import torch
 
+import common
 from conftest import run_script
+from data import load_conversations
 from sft import pack_rows, render_all, trainable_tokens
+from tokenizer import load_tokenizer, save_tokenizer
 
 TINY = ["--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256", "--dtype=float32", "--eval_rows=8"]
 
@@ -25,7 +28,6 @@ def test_pack_rows_trains_only_masked_tokens_and_never_padding():
 
 
 def test_sft_trains_exactly_the_assistant_tokens(tmp_base_dir):
-    from tokenizer import load_tokenizer, save_tokenizer
     tok = load_tokenizer(save_tokenizer({bytes([i]): i for i in range(256)}))  # every byte one token
     s = tok.special
     conversations = [
@@ -83,8 +85,6 @@ def test_sft_lowers_the_masked_loss_and_skips_conversations_too_long_to_train(wo
     assert "saved checkpoint step 16" in out
     # the reported validation loss is the mean cross-entropy over the assistant's tokens of the val rows,
     # recomputed here from the saved model with an explicit log-softmax
-    import common
-    from data import load_conversations
     model, tok, meta = common.load_model("sft", model_tag="d1")
     examples, _ = render_all(tok, load_conversations("val"), 65, train_everything=False)
     rows = pack_rows(examples, 65, tok.bos_id)[:8]  # --eval_rows=8
