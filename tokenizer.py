@@ -273,14 +273,22 @@ def load_tokenizer(directory=None):
     if missing:
         raise FileNotFoundError(f"no tokenizer in {directory} (missing {', '.join(map(os.path.basename, missing))}); "
                                 f"train one with: python tokenizer.py")
-    with open(paths["tokenizer.tiktoken"], encoding="ascii") as f:
-        rank_text = f.read()
-    with open(paths["tokenizer.json"], encoding="utf-8") as f:
-        meta = json.load(f)
+    redo = "; train one again with: python tokenizer.py"
+    try:
+        with open(paths["tokenizer.tiktoken"], encoding="ascii") as f:
+            rank_text = f.read()
+        with open(paths["tokenizer.json"], encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not text, not JSON
+        raise ValueError(f"{directory}: cannot read the tokenizer ({type(e).__name__}: {e}){redo}") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("pattern"), str) and isinstance(meta.get("vocab_size"), int)
+            and isinstance(meta.get("special_tokens"), dict)):
+        raise ValueError(f"{paths['tokenizer.json']} is not a picochat tokenizer.json (an object with pattern, "
+                         f"special_tokens, vocab_size and hash){redo}")
     saved_hash = meta.pop("hash", None)
     if saved_hash != _file_hash(rank_text, meta):
         raise ValueError(f"{directory}: tokenizer.tiktoken and tokenizer.json do not match their hash (a partial "
-                         f"or edited copy?); retrain with: python tokenizer.py")
+                         f"or edited copy?){redo}")
     mergeable_ranks = {}
     for line in rank_text.splitlines():
         token, rank = line.split()
@@ -288,7 +296,14 @@ def load_tokenizer(directory=None):
     enc = tiktoken.Encoding(name=f"picochat-{saved_hash[:8]}", pat_str=meta["pattern"],
                             mergeable_ranks=mergeable_ranks, special_tokens=meta["special_tokens"],
                             explicit_n_vocab=meta["vocab_size"])
-    return Tokenizer(enc, np.load(paths["token_bytes.npy"]), saved_hash)
+    try:
+        token_bytes = np.load(paths["token_bytes.npy"], allow_pickle=False)  # never a pickle: it could run code
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{paths['token_bytes.npy']} is unreadable ({e}){redo}") from None
+    if token_bytes.shape != (meta["vocab_size"],) or token_bytes.dtype.kind not in "iu":
+        raise ValueError(f"{paths['token_bytes.npy']} holds {token_bytes.shape} {token_bytes.dtype}, not the "
+                         f"{meta['vocab_size']} integer byte lengths of the vocabulary{redo}")
+    return Tokenizer(enc, token_bytes, saved_hash)
 
 # -----------------------------------------------------------------------------
 # The tokenizer used by every stage: tiktoken for the heavy lifting, plus chat rendering
@@ -325,8 +340,15 @@ class Tokenizer:
 
     def _render(self, messages):
         """All of a conversation's tokens and the training mask (1 where the assistant writes), untruncated."""
-        if not messages:
-            raise ValueError("a conversation needs at least one message")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("a conversation needs a list of at least one message")
+        for i, message in enumerate(messages):
+            if not (isinstance(message, dict) and message.get("role") in ("system", "user", "assistant")
+                    and "content" in message):
+                raise ValueError(f"message {i} must be an object with a role (system, user or assistant) and a "
+                                 f"content, got {message!r:.80}")
+            if message["role"] != "assistant" and not isinstance(message["content"], str):
+                raise ValueError(f"message {i}: a {message['role']}'s content must be a string")
         messages = list(messages)
         if messages[0]["role"] == "system":
             # no system role in the token stream: the system prompt leads the first user turn
@@ -348,13 +370,16 @@ class Tokenizer:
                 raise ValueError(f"message {i} has role {role!r} but roles must alternate user/assistant, "
                                  f"starting with user (after an optional system message)")
             if role == "user":
-                if not isinstance(content, str):
-                    raise ValueError(f"message {i}: a user's content must be a string")
                 add([s("<|user_start|>")] + self.encode(content) + [s("<|user_end|>")], 0)
                 continue
             add([s("<|assistant_start|>")], 0)
+            if not isinstance(content, (str, list)):
+                raise ValueError(f"message {i}: an assistant's content must be a string or a list of parts")
             for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-                kind, text = part["type"], part["text"]
+                if not (isinstance(part, dict) and isinstance(part.get("text"), str)):
+                    raise ValueError(f"message {i}: a part must be an object with a type and a text string, got "
+                                     f"{part!r:.80}")
+                kind, text = part.get("type"), part["text"]
                 if kind == "text":
                     add(self.encode(text), 1)
                 elif kind == "python":  # the assistant writes the call: trained on
@@ -370,6 +395,8 @@ class Tokenizer:
         """-> (ids, mask), at most max_len tokens, mask 1 on exactly what the assistant writes. Raises ValueError
         when nothing trainable is left (no assistant turn, or truncation cut all of it): callers skip those."""
         ids, mask = self._render(messages)
+        if not any(mask):
+            raise ValueError("no assistant token to train on: the conversation has no assistant message")
         ids, mask = ids[:max_len], mask[:max_len]
         if not any(mask):
             raise ValueError(f"no assistant token to train on within max_len={max_len} "
@@ -447,4 +474,8 @@ def main(config):
 
 
 if __name__ == "__main__":
-    main(common.configure(globals()))
+    config = common.configure(globals())
+    try:
+        main(config)
+    except (FileNotFoundError, ValueError) as e:  # no or unreadable data, a damaged tokenizer: each names its file
+        raise SystemExit(f"error: {e}") from None
