@@ -150,6 +150,22 @@ def test_sampling_filters():
     assert (sample_next(logits, 0.0) == 0).all()
 
 
+def test_sampling_is_numerically_safe_for_every_value_the_api_accepts():
+    # temperatures and top_p that round to 0 in float32 once gave NaN probabilities (and HTTP 500): they act
+    # as greedy sampling now, and a temperature just above the cut still samples from finite probabilities
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 100, generator=gen) * 5  # (B, V)
+    greedy = logits.argmax(dim=-1)
+    for temperature, top_k, top_p in [(1e-40, 0, 1.0), (5e-324, 50, 1.0), (1e-6, 0, 0.5), (1.0, 0, 1e-46),
+                                      (2.0, 5, 5e-324), (1e-40, 0, 1e-46)]:
+        assert torch.equal(sample_next(logits, temperature, top_k, top_p, generator=gen), greedy)
+    assert (sample_next(logits, 2e-5, 0, 1.0, generator=gen) >= 0).all()
+    model = tiny()
+    model.init_weights()
+    steps = list(generate(model, [[1, 2, 3]], 4, temperature=5e-324, top_p=1e-46, seed=0))
+    assert len(steps) == 4
+
+
 def test_orthogonalize_singular_values_near_one():
     torch.manual_seed(0)
     for shape in [(64, 64), (96, 32), (32, 96)]:
