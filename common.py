@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig, count_params
+from model import GPT, GPTConfig, param_floor
 
 # -----------------------------------------------------------------------------
 # The artifacts directory: everything a run produces lives under it.
@@ -596,7 +596,7 @@ def check_finite(step, totals, settings):
 def check_model_fits(model_config, device):
     """Refuse a model too large for the device before allocating it (GPT(...) would fail deep in torch, or the
     machine would swap)."""
-    num_params = count_params(model_config)
+    num_params = param_floor(model_config)
     needed = 12 * num_params  # fp32 weights, their gradients and at least one optimiser state
     device = torch.device(device)
     if device.type == "cuda":
@@ -604,7 +604,7 @@ def check_model_fits(model_config, device):
     else:
         memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
     if needed > memory:
-        raise SystemExit(f"error: the model has {num_params:.3g} parameters (n_layer={model_config.n_layer}, "
+        raise SystemExit(f"error: the model has at least {num_params:.3g} parameters (n_layer={model_config.n_layer}, "
                          f"n_embd={model_config.n_embd}): training it needs at least {needed / 2**30:,.0f} GiB and "
                          f"{where} {memory / 2**30:,.0f} GiB; choose a smaller --depth")
     return num_params

@@ -471,7 +471,8 @@ def test_api_key(server, monkeypatch):
     (b"GET / HTTP/1.1\r\nX-A: " + b"b" * 70000 + b"\r\n\r\n", 431),
     (b"GET / HTTP/2.0\r\n\r\n", 505),
     (b"garbage\r\n\r\n", 400),
-])
+], ids=["HEAD", "TRACE", "unknown method", "URI too long", "too many headers", "header too long", "HTTP/2.0",
+        "not HTTP"])
 def test_every_error_is_json(server, raw, status):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(raw)

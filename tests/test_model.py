@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from model import (GPT, GPTConfig, KVCache, Muon, RMSNorm, config_from_depth, generate, orthogonalize,
-                   sample_next)
+                   param_floor, sample_next)
 
 
 @pytest.fixture(autouse=True)
@@ -148,6 +148,15 @@ def test_sampling_filters():
     assert set(sample_next(logits, 1.0, top_p=0.9, generator=gen).tolist()) == {0, 1, 2}
     assert probs[:2].sum() < 0.9 < probs[:3].sum()
     assert (sample_next(logits, 0.0) == 0).all()
+
+
+def test_param_floor_bounds_the_count_without_building():
+    variants = [{}, dict(mlp="swiglu"), dict(norm_weight=True, n_kv_head=1), dict(
+        mlp="gelu_tanh", bias=True, positions="learned", tie_embeddings=True, norm="layernorm", norm_eps=1e-5,
+        qk_norm=False)]
+    counts = [(param_floor(tiny(**kw).config), tiny(**kw).num_params()) for kw in variants]
+    assert counts[0][0] == counts[0][1]  # exact for nanochat's architecture
+    assert all(0.7 * n < floor <= n for floor, n in counts)
 
 
 def test_sampling_is_numerically_safe_for_every_value_the_api_accepts():
