@@ -6,6 +6,7 @@ expression is evaluated in a sandbox and the result is forced in as <|output_sta
     python chat.py                                  # chat in the terminal (the rl model if there is one, else sft)
     python chat.py --source=sft --prompt="What is 12*7?"   # answer once and exit
     python chat.py --serve=1 --port=8000            # chat page at http://127.0.0.1:8000/, API at /v1
+    python chat.py --serve=1 --host=0.0.0.0 --api_key=KEY --allow_origin=https://app.example   # for others
 
 In the terminal, /clear starts a new conversation and /quit (or Ctrl-D) exits; Ctrl-C stops an answer. The server
 answers POST /v1/chat/completions (streaming or not), GET /v1/models and GET /health, and works with the official
@@ -14,6 +15,9 @@ clients:
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
     client.chat.completions.create(model="picochat", messages=[{"role": "user", "content": "Hi!"}])
+
+The server is this machine's by default: pages of other sites, other host names (DNS rebinding) and POSTs that are
+not JSON are refused (see ChatHandler).
 
 In replies, a calculator call is shown inline as <<expr=result>> (GSM8K's notation), or <<expr>> when the
 sandbox refused the expression. Assistant messages sent back to the server are read the same way, so a
