@@ -230,13 +230,29 @@ def teardown():
 
 
 def all_sum(numbers, device):
-    """Sum named numbers over ranks: {name: number} -> {name: float}; without DDP they come back as they are.
+    """Sum named numbers over ranks: {name: number or 0-dim tensor} -> {name: float}; without DDP they come back as
+    they are. Tensors stay where they are computed until here, and all of them are read in one go: a training
+    step that keeps its losses on the GPU and calls this once syncs the host once, not once per micro-batch.
     One all-reduce for all of them; device: where this rank's collectives run (a CUDA device under NCCL)."""
-    if not dist.is_initialized():
-        return {name: float(value) for name, value in numbers.items()}
-    t = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(numbers, t.tolist()))
+    tensors = {name: value.detach().reshape(()) for name, value in numbers.items() if torch.is_tensor(value)}
+    floats = {name: float(value) for name, value in numbers.items() if name not in tensors}
+    if dist.is_initialized():
+        host = torch.tensor(list(floats.values()), dtype=torch.float64)  # (F,)
+        t = torch.cat([to_device(host, device), *(v.to(device, torch.float64)[None] for v in tensors.values())])
+        dist.all_reduce(t)
+        summed = dict(zip([*floats, *tensors], t.tolist()))
+    else:
+        read = torch.stack([v.double() for v in tensors.values()]).tolist() if tensors else []  # the one host read
+        summed = {**floats, **dict(zip(tensors, read))}
+    return {name: summed[name] for name in numbers}
+
+
+def to_device(tensor, device):
+    """A host tensor (a batch) on `device` without stalling the host: on CUDA through pinned memory and
+    non_blocking, because a plain .to() from pageable memory waits for the copy (a host sync per batch)."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def seed_everything(seed):

@@ -247,10 +247,11 @@ if __name__ == "__main__":
                                           device_batch_size, grad=True)  # (P,)
         policy_rejected = sequence_logprobs(model, [rows_rejected[i] for i in idx], device, autocast_ctx,
                                             device_batch_size, grad=True)  # (P,)
-        loss, accuracy = dpo_loss(policy_chosen, policy_rejected, ref_chosen[idx], ref_rejected[idx], beta)
+        picked = common.to_device(torch.tensor(idx), device)  # a list as an index would be a blocking copy
+        loss, accuracy = dpo_loss(policy_chosen, policy_rejected, ref_chosen[picked], ref_rejected[picked], beta)
         loss.backward()  # the optimisers average over ranks: each rank's share is the same size
-        total = common.all_sum({"loss": loss.item(), "reward_accuracy": accuracy.item(),
-                                "gradient": common.largest_grad(model)}, device)
+        total = common.all_sum({"loss": loss, "reward_accuracy": accuracy, "gradient": common.largest_grad(model)},
+                               device)  # the step's one host read
         common.check_finite(step + 1, total, "--lr_scale, --beta")  # before the update: a diverged step never lands
         del total["gradient"]
         for opt in optimizers:

@@ -206,12 +206,12 @@ if __name__ == "__main__":
         common.set_lr(optimizers, lrm)
         for group in muon.param_groups:
             group["momentum"] = muon_momentum(step)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)  # on the device: all_sum below is the step's one host read
         for slot in my_slots:
             x, y = train_rows.next_batch(slot, device)
             with autocast_ctx:
                 loss = train_model(x, y)
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
             (loss / grad_accum_steps).backward()
         # a diverged step stops the run before its update: the gradients here are this rank's own, and the sums
         # over ranks are inf or nan when any rank's is

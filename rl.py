@@ -198,9 +198,9 @@ if __name__ == "__main__":
                                    top_k=top_k, seed=common.derive_seed(seed, "train", step, rank), grader=grade,
                                    format_bonus=format_reward)
         t_sample = time.time() - t0
-        rewards = torch.tensor([[sample.reward for sample in group] for group in groups])  # (P, G)
-        advantages = group_advantages(rewards, std_norm)  # (P, G)
-        zero_std = (rewards.max(dim=1).values == rewards.min(dim=1).values)  # (P,)
+        rewards = torch.tensor([[sample.reward for sample in group] for group in groups])  # (P, G), on the host
+        advantages = group_advantages(rewards, std_norm).tolist()  # (P, G) as lists, read once
+        zero_std = [len({sample.reward for sample in group}) == 1 for group in groups]  # (P,)
 
         # ---- 2. the training rows: the answers of the groups kept, with their advantages; and the step's counts
         rows, row_adv = [], []
@@ -208,7 +208,7 @@ if __name__ == "__main__":
         for (prompt, _), group, group_adv, flat in zip(problems, groups, advantages, zero_std):
             if filter_zero_std and flat:
                 continue  # all answers equal: DAPO leaves them out of the average too
-            for sample, adv in zip(group, group_adv.tolist()):
+            for sample, adv in zip(group, group_adv):
                 row = make_row(prompt, sample.tokens, sample.mask)
                 counts["answers"] += 1
                 counts["tokens"] += sum(row.trained)
@@ -216,11 +216,11 @@ if __name__ == "__main__":
                     rows.append(row)
                     row_adv.append(adv)
         samples = [sample for group in groups for sample in group]
-        counts.update(rows=len(rows), reward=float(rewards.sum()), correct=sum(s.correct for s in samples),
-                      length=sum(len(s.tokens) for s in samples), flat=float(zero_std.sum()))
+        counts.update(rows=len(rows), reward=sum(s.reward for s in samples), correct=sum(s.correct for s in samples),
+                      length=sum(len(s.tokens) for s in samples), flat=sum(zero_std))
         counts = common.all_sum(counts, device)  # the whole step's, over all ranks
         batches = [(collate(rows[i:i + device_batch_size], device),
-                    torch.tensor(row_adv[i:i + device_batch_size], device=device))
+                    common.to_device(torch.tensor(row_adv[i:i + device_batch_size]), device))
                    for i in range(0, len(rows), device_batch_size)]
 
         # ---- 3. the reference's log-probs (for the KL term), before any update
@@ -233,7 +233,8 @@ if __name__ == "__main__":
         model.train()
         old_logps, totals = [], {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
         for epoch in range(ppo_epochs if counts["rows"] > 0 else 0):
-            sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
+            # on the device: all_sum below is the optimiser step's one host read
+            sums = {name: torch.zeros((), device=device) for name in ("loss", "kl", "clipped")}
             for b, ((x, y, m), adv) in enumerate(batches):
                 weights = token_weights(m, loss_norm, counts["answers"], counts["tokens"], max_new_tokens)  # (B, T)
                 with autocast_ctx:
@@ -247,9 +248,9 @@ if __name__ == "__main__":
                 (loss * world_size).backward()  # the optimisers average over ranks; the weights already divide
                 ratio = torch.exp(logp.detach() - old_logps[b])
                 clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float() * m  # (B, T)
-                sums["loss"] += loss.item()
-                sums["kl"] += kl.item()
-                sums["clipped"] += clipped.sum().item()
+                sums["loss"] += loss.detach()
+                sums["kl"] += kl
+                sums["clipped"] += clipped.sum()
             if not rows:  # this rank kept nothing but others did: join the optimisers' gradient averaging
                 for p in model.parameters():
                     p.grad = torch.zeros_like(p)

@@ -173,8 +173,8 @@ if __name__ == "__main__":
                 for i in range(step * rows_per_step, (step + 1) * rows_per_step)]
 
     def to_batch(rows):
-        x = torch.tensor([r[0] for r in rows], dtype=torch.long, device=device)  # (B, T)
-        y = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)  # (B, T)
+        x = common.to_device(torch.tensor([r[0] for r in rows], dtype=torch.long), device)  # (B, T)
+        y = common.to_device(torch.tensor([r[1] for r in rows], dtype=torch.long), device)  # (B, T)
         return x, y
 
     # ---- optimisers
@@ -185,14 +185,15 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def val_loss():
-        nats, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        nats = torch.zeros((), dtype=torch.float64, device=device)  # on the device until the one read below
+        count = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(rank * device_batch_size, len(val_rows), rows_per_micro_step):
             x, y = to_batch(val_rows[i:i + device_batch_size])
             with autocast_ctx:
                 loss = model(x, y, loss_reduction="none")  # (B, T), 0 where the target is -1
-            nats += loss.float().sum().double().cpu()
-            count += (y >= 0).sum().double().cpu()
-        total = common.all_sum({"nats": nats.item(), "count": count.item()}, device)
+            nats += loss.float().sum()
+            count += (y >= 0).sum()
+        total = common.all_sum({"nats": nats, "count": count}, device)
         return total["nats"] / max(total["count"], 1)
 
     def samples():
@@ -233,13 +234,13 @@ if __name__ == "__main__":
         # micro-batch with none contributes zero gradient instead of 0/0 = NaN
         n_train = trainable_tokens(rows)
         mine = rows[rank * grad_accum_steps * device_batch_size:(rank + 1) * grad_accum_steps * device_batch_size]
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)  # on the device: all_sum below is the step's one host read
         for a in range(grad_accum_steps):
             x, y = to_batch(mine[a * device_batch_size:(a + 1) * device_batch_size])
             with autocast_ctx:
                 loss = model(x, y, loss_reduction="none").sum() / max(n_train, 1)  # this rank's share of the mean
             (loss * world_size).backward()  # the optimisers average over ranks; undo that for a sum over ranks
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
         totals = common.all_sum({"loss": loss_sum, "gradient": common.largest_grad(model)}, device)
         common.check_finite(step + 1, totals, "--lr_scale")
         loss_sum = totals["loss"]  # each rank's share of the mean, summed

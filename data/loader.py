@@ -116,8 +116,8 @@ class TokenRows:
         rows = [self.next_row(slot) for _ in range(self.batch_size)]
         if any(r is None for r in rows):
             return None
-        batch = torch.tensor(rows, dtype=torch.long)  # (B, T+1)
-        return batch[:, :-1].to(device), batch[:, 1:].to(device)  # inputs, targets: (B, T)
+        batch = common.to_device(torch.tensor(rows, dtype=torch.long), device)  # (B, T+1)
+        return batch[:, :-1], batch[:, 1:]  # inputs, targets: (B, T)
 
 
 # -----------------------------------------------------------------------------
@@ -127,16 +127,17 @@ class TokenRows:
 @torch.no_grad()
 def evaluate_bpb(model, batches, token_bytes, autocast_ctx):
     """Bits per byte: the summed loss over target tokens divided by the bytes they stand for. Unlike the loss,
-    it does not depend on the tokenizer's vocabulary. Special tokens (0 bytes) are left out."""
-    total_nats = torch.zeros((), dtype=torch.float64)
-    total_bytes = torch.zeros((), dtype=torch.float64)
+    it does not depend on the tokenizer's vocabulary. Special tokens (0 bytes) are left out. The sums stay on the
+    device until the one read at the end."""
+    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    total_bytes = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     for x, y in batches:
         with autocast_ctx:
             loss = model(x, y, loss_reduction="none")  # (B, T) nats per token
         nbytes = token_bytes[y]  # (B, T)
-        total_nats += (loss.float() * (nbytes > 0)).sum().double().cpu()
-        total_bytes += nbytes.sum().double().cpu()
-    total = common.all_sum({"nats": total_nats.item(), "bytes": total_bytes.item()}, token_bytes.device)
+        total_nats += (loss.float() * (nbytes > 0)).sum()
+        total_bytes += nbytes.sum()
+    total = common.all_sum({"nats": total_nats, "bytes": total_bytes}, token_bytes.device)
     return total["nats"] / (math.log(2) * max(total["bytes"], 1))
 
 
@@ -200,7 +201,7 @@ def collate(rows, device):
         x[i, :len(xi)] = torch.tensor(xi)
         y[i, :len(yi)] = torch.where(mi > 0, torch.tensor(yi), -1)
         m[i, :len(mi)] = mi
-    return x.to(device), y.to(device), m.to(device)
+    return common.to_device(x, device), common.to_device(y, device), common.to_device(m, device)
 
 
 def token_logprobs(model, x, y):
