@@ -7,6 +7,7 @@ Nothing here knows about a particular stage. A training stage (pretrain.py, sft.
     config = common.configure(globals())          # module globals <- config file and --key=value
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
     grad_accum_steps = common.grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size)
+    optimizers = common.parallelize(model, zero, ...)  # data parallelism at --zero level 0-3, the optimisers
     ...                                           # its training loop: common.set_lr, common.all_sum
     common.save_stage(ckpt_dir, step, model, optimizers, rank, meta)
     common.finish_stage("base", report_section, rank)
@@ -31,6 +32,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from model import GPT, GPTConfig
 
@@ -182,8 +186,19 @@ def all_sum(numbers, device):
     One all-reduce for all of them; device: where this rank's collectives run (a CUDA device under NCCL)."""
     if not dist.is_initialized():
         return {name: float(value) for name, value in numbers.items()}
+    return _all_reduce(numbers, device, dist.ReduceOp.SUM)
+
+
+def all_max(numbers, device):
+    """The largest of named numbers over ranks: {name: number} -> {name: float}, as all_sum."""
+    if not dist.is_initialized():
+        return {name: float(value) for name, value in numbers.items()}
+    return _all_reduce(numbers, device, dist.ReduceOp.MAX)
+
+
+def _all_reduce(numbers, device, op):
     t = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return dict(zip(numbers, t.tolist()))
 
 
@@ -316,29 +331,48 @@ def load_checkpoint(ckpt_dir, step=-1, rank=0, device="cpu", load_rank_state=Tru
     return model_state, rank_state, meta
 
 
+def load_rank_states(ckpt_dir, step, world_size):
+    """Every saved rank's own state at `step`, in rank order; rank 0's also holds the whole optimiser states. On
+    the CPU: each rank moves only its share of the optimiser states onto its device."""
+    states = []
+    for r in range(world_size):
+        path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{r}.pt")
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path} is missing: the checkpoint of step {step} is incomplete")
+        states.append(torch.load(path, map_location="cpu", weights_only=True))
+    return states
+
+
 def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
     """Restore the latest checkpoint of ckpt_dir into model and optimizers, after checking that the settings a
     resume depends on agree. must_match: {name: this run's value}, compared with the meta's `name` (or its
-    config's). Returns (meta, rank_state); the caller restores what else it saved (data position, history)."""
-    model_state, rank_state, meta = load_checkpoint(ckpt_dir, rank=rank, device=device)
+    config's). The model and optimizers may be sharded at any --zero level, on another number of ranks than the
+    saved run: the checkpoint holds them whole and each rank takes its share. Returns (meta, rank_states): every
+    saved rank's own state, from which the caller restores what else it saved (data position)."""
+    model_state, _, meta = load_checkpoint(ckpt_dir, rank=rank, device=device, load_rank_state=False)
     for name, ours in must_match.items():
         saved = meta[name] if name in meta else meta["config"].get(name)
         if saved != ours:
             raise SystemExit(f"error: the checkpoint in {ckpt_dir} is of another {name.replace('_', ' ')} "
                              f"({saved!r}, this run {ours!r}); resume with the same settings or another --model_tag")
-    model.load_state_dict(model_state)
-    for opt, opt_state in zip(optimizers, rank_state["optimizers"]):
-        opt.load_state_dict(opt_state)
+    rank_states = load_rank_states(ckpt_dir, meta["step"], meta.get("world_size", 1))
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    for opt, opt_state in zip(optimizers, rank_states[0]["optimizers"]):
+        try:
+            opt.load_state_dict(opt_state)
+        except ValueError as e:
+            raise SystemExit(f"error: cannot resume from {ckpt_dir}: {e}") from None
     print0(f"resumed from {ckpt_dir} at step {meta['step']}")
-    return meta, rank_state
+    return meta, rank_states
 
 
 def resume_stage(resume, ckpt_dir, model, optimizers, rank, device, must_match, history):
-    """Where a stage's loop starts: (step, history, rank_state). With resume and a checkpoint in ckpt_dir, those of
-    the latest one, restored into model and optimizers by resume_checkpoint; else step 0 and the given history."""
+    """Where a stage's loop starts: (step, history, rank_states). With resume and a checkpoint in ckpt_dir, those of
+    the latest one, restored into model and optimizers by resume_checkpoint (rank_states: every saved rank's own
+    state, see there); else step 0, the given history and None."""
     if resume and last_step(ckpt_dir) is not None:
-        meta, rank_state = resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match)
-        return meta["step"], meta["history"], rank_state
+        meta, rank_states = resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match)
+        return meta["step"], meta["history"], rank_states
     if resume:
         print0(f"nothing to resume in {ckpt_dir}: starting from step 0")
     return 0, history, None
@@ -409,6 +443,59 @@ def grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_siz
     return total_batch_size // tokens_per_micro_step
 
 
+def parallelize(model, zero=0, **optimizer_settings):
+    """Data parallelism for a stage's model at ZeRO level `zero`, and its optimisers (model.setup_optimizers with
+    optimizer_settings): 0 replicates everything (the optimisers average the gradients), 1 shards the optimiser
+    states, 2 the gradients too, 3 the weights too, with FSDP2: each block is one unit (only one block's whole
+    weights exist at a time in forward and backward), the embedding, head and norms the root's. model.py's
+    Optimisers say who holds what. Every rank runs as many forward/backward passes from level 2 on (each is a
+    collective), and evaluation or generation that differs by rank runs inside `unsharded(model)`. Without
+    torch.distributed there is nothing to shard: the level changes nothing."""
+    if zero not in (0, 1, 2, 3):
+        raise SystemExit(f"error: --zero must be 0, 1, 2 or 3, got {zero}")
+    if not dist.is_initialized():
+        zero = 0
+    if zero == 3:
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    return model.setup_optimizers(**optimizer_settings, zero=zero)
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """The model's whole weights on every rank for a while, so that ranks may run different forward passes (each
+    its own generations, or rank 0 alone its samples) without the all-gathers of --zero=3, at the memory of one
+    whole model; a no-op at the other levels. Every rank must enter it."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    model.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)  # fully_shard's defaults: the blocks reshard, the root keeps its own
+        model.set_reshard_after_forward(False, recurse=False)
+        for unit in units:
+            unit.reshard()
+
+
+def optimizer_state_bytes(optimizers):
+    """Bytes of optimiser state this rank holds (its share from --zero=1 on)."""
+    total = 0
+    for opt in optimizers:
+        # ZeroRedundancyOptimizer keeps this rank's share in its local optimiser, .optim
+        for state in getattr(opt, "optim", opt).state.values():
+            for value in (state or {}).values():
+                if torch.is_tensor(value):
+                    value = value.to_local() if isinstance(value, DTensor) else value
+                    total += value.numel() * value.element_size()
+    return total
+
+
 def derive_seed(seed, purpose, step=0, rank=0):
     """The one seed rule: the seed of one random stream (what it is for, at which step, on which rank), a hash of
     them and the run's seed. Streams never share a seed, and each is the same after a resume."""
@@ -431,12 +518,19 @@ def set_lr(optimizers, multiplier):
 
 
 def save_stage(ckpt_dir, step, model, optimizers, rank, meta, rank_state=None):
-    """A stage's checkpoint at `step`: the model; each rank's optimiser states and rank_state (e.g. its data
-    position); the meta: the step, the model config and the world size (what resume checks), then `meta`."""
+    """A stage's checkpoint at `step`: the model and the optimiser states whole, as one process holds them (gathered
+    onto rank 0 at every --zero level, so that a run resumes at any level on any number of ranks); each rank's
+    rank_state (e.g. its data position); the meta: the step, the model config, the world size and each rank's
+    optimiser-state bytes, then `meta`. Every rank must call it."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    meta = {"step": step, "model_config": asdict(model.config), "world_size": world_size, **meta}
-    state = {"optimizers": [opt.state_dict() for opt in optimizers], **(rank_state or {})}
-    save_checkpoint(ckpt_dir, step, model.state_dict(), state, meta, rank)
+    model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    optimizer_states = [opt.full_state_dict() for opt in optimizers]
+    held = optimizer_state_bytes(optimizers)
+    held = all_sum({r: held if r == rank else 0 for r in range(world_size)}, next(model.parameters()).device)
+    meta = {"step": step, "model_config": asdict(model.config), "world_size": world_size,
+            "optimizer_state_bytes": [int(held[r]) for r in range(world_size)], **meta}
+    state = {**(rank_state or {}), **({"optimizers": optimizer_states} if rank == 0 else {})}
+    save_checkpoint(ckpt_dir, step, model_state, state, meta, rank)
     print0(f"saved checkpoint step {step} to {ckpt_dir}")
 
 

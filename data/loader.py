@@ -39,26 +39,35 @@ class TokenRows:
         self.num_slots, self.buffer_docs, self.loop = num_slots, buffer_docs, loop
         self.position = {"epoch": 0, "file": 0, "doc": 0}  # the next document to read
         self.buffers = {slot: [] for slot in slots}  # per slot: its tokenised documents, in order
+        self.read_from = {}  # per slot, after a resume: where its documents start, (epoch, file, doc)
         self.reader = None  # the document iterator, started at self.position on first use
 
     def state(self):
         return {"position": dict(self.position), "buffers": {str(s): b for s, b in self.buffers.items()}}
 
-    def load_state(self, state):
-        self.position = dict(state["position"])
-        self.buffers = {int(s): [list(d) for d in b] for s, b in state["buffers"].items()}
+    def load_state(self, states):
+        """Resume from the states of every rank of a saved run (a list, in rank order), which may have had another
+        number of ranks: each of our slots takes its queue from the rank that had it, and reading restarts at the
+        earliest of those ranks' positions, each slot skipping the documents its old rank had already read."""
+        saved = {int(s): state for state in states for s in state["buffers"]}
+        if set(saved) != set(range(self.num_slots)):
+            raise ValueError(f"the saved data position has {len(saved)} micro-batch slots, this run {self.num_slots}: "
+                             f"resume with the same total_batch_size, device_batch_size and max_seq_len")
+        self.buffers = {s: [list(d) for d in saved[s]["buffers"][str(s)]] for s in self.buffers}
+        self.read_from = {s: _where(saved[s]["position"]) for s in self.buffers}
+        self.position = dict(min((saved[s]["position"] for s in self.buffers), key=_where))
         self.reader = None
 
     def documents(self):
-        """(index, text) of every document from the saved position on, one epoch after another; the position
-        always names the next document, so a saved state resumes exactly."""
+        """(where, text) of every document from the saved position on, one epoch after another, where = (epoch,
+        file, doc); the position always names the next document, so a saved state resumes exactly."""
         while True:
             p = self.position
             while p["file"] < len(self.files):
                 for i, text in enumerate(iter_texts(self.files[p["file"]])):
                     if i >= p["doc"]:
                         p["doc"] = i + 1
-                        yield i, text
+                        yield (p["epoch"], p["file"], i), text
                 p.update(file=p["file"] + 1, doc=0)
             if not self.loop:
                 return
@@ -72,9 +81,9 @@ class TokenRows:
             self.reader = self.documents()
         texts, owners = [], []
         missing = 2 * self.buffer_docs - len(self.buffers[slot])
-        for i, text in self.reader:
-            owner = i % self.num_slots
-            if owner in self.buffers:
+        for where, text in self.reader:
+            owner = where[2] % self.num_slots
+            if owner in self.buffers and (owner not in self.read_from or where >= self.read_from[owner]):
                 texts.append(text)
                 owners.append(owner)
                 missing -= owner == slot
@@ -106,6 +115,10 @@ class TokenRows:
             return None
         batch = torch.tensor(rows, dtype=torch.long)  # (B, T+1)
         return batch[:, :-1].to(device), batch[:, 1:].to(device)  # inputs, targets: (B, T)
+
+
+def _where(position):
+    return position["epoch"], position["file"], position["doc"]
 
 
 # -----------------------------------------------------------------------------
