@@ -612,7 +612,7 @@ class Muon(torch.optim.Optimizer):
                                parts, dst=0)
             if rank != 0:
                 return None
-            saved["state"] = dict(sorted((i, s) for part in parts for i, s in part.items()))
+            saved["state"] = {i: s for part in parts for i, s in part.items()}
         return saved
 
     def load_state_dict(self, state_dict):
