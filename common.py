@@ -32,11 +32,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, is_dtensor
 
 # -----------------------------------------------------------------------------
 # The artifacts directory: everything a run produces lives under it.
@@ -356,7 +353,11 @@ def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
             raise SystemExit(f"error: the checkpoint in {ckpt_dir} is of another {name.replace('_', ' ')} "
                              f"({saved!r}, this run {ours!r}); resume with the same settings or another --model_tag")
     rank_states = load_rank_states(ckpt_dir, meta["step"], meta.get("world_size", 1))
-    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    if is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gives each rank its slices
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(model_state)
     for opt, opt_state in zip(optimizers, rank_states[0]["optimizers"]):
         try:
             opt.load_state_dict(opt_state)
@@ -455,7 +456,8 @@ def parallelize(model, zero=0, **optimizer_settings):
         raise SystemExit(f"error: --zero must be 0, 1, 2 or 3, got {zero}")
     if not dist.is_initialized():
         zero = 0
-    if zero == 3:
+    if zero == 3:  # imported here: torch's sharding engines cost about 1 s of CPU to import (model.py, Optimisers)
+        from torch.distributed.fsdp import fully_shard
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
@@ -467,10 +469,11 @@ def unsharded(model):
     """The model's whole weights on every rank for a while, so that ranks may run different forward passes (each
     its own generations, or rank 0 alone its samples) without the all-gathers of --zero=3, at the memory of one
     whole model; a no-op at the other levels. Every rank must enter it."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not units:
+    if not is_dtensor(next(model.parameters())):
         yield
         return
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     model.set_reshard_after_forward(False)
     for unit in units:
         unit.unshard()
@@ -487,11 +490,10 @@ def optimizer_state_bytes(optimizers):
     """Bytes of optimiser state this rank holds (its share from --zero=1 on)."""
     total = 0
     for opt in optimizers:
-        # ZeroRedundancyOptimizer keeps this rank's share in its local optimiser, .optim
-        for state in getattr(opt, "optim", opt).state.values():
-            for value in (state or {}).values():
+        for state in opt.state.values():
+            for value in state.values():
                 if torch.is_tensor(value):
-                    value = value.to_local() if isinstance(value, DTensor) else value
+                    value = value.to_local() if is_dtensor(value) else value  # a slice: --zero=3
                     total += value.numel() * value.element_size()
     return total
 
@@ -523,7 +525,11 @@ def save_stage(ckpt_dir, step, model, optimizers, rank, meta, rank_state=None):
     rank_state (e.g. its data position); the meta: the step, the model config, the world size and each rank's
     optimiser-state bytes, then `meta`. Every rank must call it."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gathers the slices onto rank 0
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        model_state = model.state_dict()
     optimizer_states = [opt.full_state_dict() for opt in optimizers]
     held = optimizer_state_bytes(optimizers)
     held = all_sum({r: held if r == rank else 0 for r in range(world_size)}, next(model.parameters()).device)

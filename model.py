@@ -18,6 +18,7 @@ projections. `mlp="swiglu"` and `norm_weight=True` give the Qwen3-style variant 
 import ast
 import functools
 import math
+import sys
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -26,8 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 # -----------------------------------------------------------------------------
 # Config
@@ -340,7 +339,8 @@ class GPT(nn.Module):
 #   3  its slices / its slices / its share: FSDP2 (fully_shard) shards the weights as dim-0 slices (DTensors)
 # Muon's state and work are split by whole matrices at every level, AdamW's by ZeRO's whole tensors (1, 2) or
 # FSDP2's slices (3): see Muon for why. Checkpoints hold the whole states (full_state_dict), so a run resumes at
-# any level on any number of ranks.
+# any level on any number of ranks. torch's sharding engines are imported where a level uses them: importing them
+# (torch.distributed.tensor underneath) costs about 1 s of CPU per process, measured, which level 0 is spared.
 
 
 def _world():
@@ -348,6 +348,13 @@ def _world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_dtensor(x):
+    """Whether x is a DTensor (FSDP2's slices), without importing torch.distributed.tensor: none exists before
+    something has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def _average_gradients(params):
@@ -391,7 +398,7 @@ class AdamW(torch.optim.AdamW):
 
     def __init__(self, param_groups, use_kernels=False, **kwargs):
         first = next(iter(param_groups[0]["params"]))
-        self.sliced = isinstance(first, DTensor)
+        self.sliced = is_dtensor(first)
         self.kernels = _kernels() if use_kernels and first.device.type == "cuda" and not self.sliced else None
         super().__init__(param_groups, fused=first.device.type in ("cpu", "cuda") and self.kernels is None, **kwargs)
 
@@ -419,13 +426,14 @@ class AdamW(torch.optim.AdamW):
         """The whole state in torch's state_dict format on rank 0, None elsewhere (every rank must call it)."""
         saved = self.state_dict()
         if self.sliced:  # gather the slices, one tensor at a time (each gather is a collective)
-            saved["state"] = {i: {name: value.full_tensor().cpu() if isinstance(value, DTensor) else value
+            saved["state"] = {i: {name: value.full_tensor().cpu() if is_dtensor(value) else value
                                   for name, value in s.items()} for i, s in saved["state"].items()}
         return saved if _world()[0] == 0 else None
 
     def load_state_dict(self, state_dict):
         """Load a whole state (full_state_dict's); at --zero=3 each rank keeps its slices of the moments."""
         if self.sliced:
+            from torch.distributed.tensor import distribute_tensor
             params = [p for group in self.param_groups for p in group["params"]]
             state_dict = {**state_dict, "state": {i: {
                 name: distribute_tensor(value.to(params[i].device), params[i].device_mesh, params[i].placements,
@@ -435,40 +443,54 @@ class AdamW(torch.optim.AdamW):
         super().load_state_dict(state_dict)
 
 
-class ZeroAdamW(ZeroRedundancyOptimizer):
-    """AdamW at --zero=1 and 2: torch's ZeroRedundancyOptimizer around torch's fused AdamW. Each rank keeps the
-    moments of its share of the parameters (whole tensors, shares balanced by size with torch's greedy partition:
-    with only a few large tensors, as here, the largest one bounds the share), steps them and broadcasts them to
-    the others. ZeRO leaves the gradients to DDP, which picochat does not use: step() averages them first (level 1),
-    or at level 2 the hooks of _reduce_to_owners have already summed each onto its owner during backward."""
+class ZeroAdamW:
+    """AdamW at --zero=1 and 2: torch's ZeroRedundancyOptimizer around torch's fused AdamW (the engine). Each rank
+    keeps the moments of its share of the parameters (whole tensors, shares balanced by size with torch's greedy
+    partition: with only a few large tensors, as here, the largest one bounds the share), steps them and broadcasts
+    them to the others. ZeRO leaves the gradients to DDP, which picochat does not use: step() averages them first
+    (level 1), or at level 2 the hooks of _reduce_to_owners have already summed each onto its owner in backward."""
 
     def __init__(self, param_groups, zero=1, **kwargs):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
         device = param_groups[0]["params"][0].device
-        super().__init__(param_groups, optimizer_class=torch.optim.AdamW, fused=device.type in ("cpu", "cuda"),
-                         **kwargs)
+        self.engine = ZeroRedundancyOptimizer(param_groups, optimizer_class=torch.optim.AdamW,
+                                              fused=device.type in ("cpu", "cuda"), **kwargs)
         self.zero = zero
         if zero == 2:  # who owns what: each rank knows its local optimiser's share; the map is gathered once
             params = [p for group in self.param_groups for p in group["params"]]
-            local = {id(p) for group in self.optim.param_groups for p in group["params"]}
-            shares = [None] * self.world_size
+            local = {id(p) for group in self.engine.optim.param_groups for p in group["params"]}
+            shares = [None] * self.engine.world_size
             dist.all_gather_object(shares, [i for i, p in enumerate(params) if id(p) in local])
             _reduce_to_owners(params, {params[i]: r for r, share in enumerate(shares) for i in share})
 
+    @property
+    def param_groups(self):  # a property: loading a state replaces the engine's list
+        return self.engine.param_groups
+
+    @property
+    def state(self):
+        """This rank's share of the state: its local optimiser's."""
+        return self.engine.optim.state
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self):
         params = [p for group in self.param_groups for p in group["params"]]
         if self.zero == 2:
             for p in params:
                 if p.grad is not None:  # the sum over ranks, on its owner only
-                    p.grad.div_(self.world_size)
+                    p.grad.div_(self.engine.world_size)
         else:
             _average_gradients(params)
-        return super().step(closure)
+        self.engine.step()
 
     def full_state_dict(self):
         """The whole state in torch's state_dict format on rank 0, None elsewhere (every rank must call it)."""
-        self.consolidate_state_dict(to=0)
-        return self.state_dict() if self.rank == 0 else None
+        self.engine.consolidate_state_dict(to=0)
+        return self.engine.state_dict() if self.engine.rank == 0 else None
+
+    def load_state_dict(self, state_dict):
+        """Load a whole state (full_state_dict's, or AdamW's); each rank keeps its share."""
+        self.engine.load_state_dict(state_dict)
 
 
 # Polar Express (Amsel, Persson, Musco & Gower 2025, arXiv:2505.16932): per-iteration optimal quintic
@@ -554,7 +576,9 @@ class Muon(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         if any(p.grad is None for p in params if self.zero != 2 or self.owner[p] == rank):
             raise RuntimeError("Muon: every parameter needs a gradient (all ranks must update the same set)")
-        sliced = isinstance(params[0], DTensor)  # --zero=3: FSDP2 has averaged the gradient slices
+        sliced = is_dtensor(params[0])  # --zero=3: FSDP2 has averaged the gradient slices
+        if sliced:
+            from torch.distributed.tensor import distribute_tensor
         if self.zero == 2:
             for p in params:
                 if self.owner[p] == rank:  # the sum over ranks that the hooks reduced onto this owner
