@@ -458,8 +458,8 @@ def parallelize(model, zero=0, **optimizer_settings):
         zero = 0
     if zero == 3:  # imported here: torch's sharding engines cost about 1 s of CPU to import (model.py, Optimisers)
         from torch.distributed.fsdp import fully_shard
-        for block in model.transformer.h:
-            fully_shard(block)
+        for unit in (model.transformer.wte, *model.transformer.h, model.lm_head):
+            fully_shard(unit)
         fully_shard(model)
     return model.setup_optimizers(**optimizer_settings, zero=zero)
 

@@ -532,6 +532,17 @@ def orthogonalize(G, steps=5):
     return (X.mT if transposed else X).to(G.dtype)
 
 
+def deal_matrices(params, world_size):
+    """Muon's split of matrices over ranks: (batches, owner). batches: the same-shape matrices, in order of shape;
+    owner: {param: rank}, dealt round-robin within a shape, each shape starting one rank further (small models
+    spread over the ranks too)."""
+    by_shape = {}
+    for p in params:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    batches = [same for _, same in sorted(by_shape.items())]
+    return batches, {p: (i + j) % world_size for i, same in enumerate(batches) for j, p in enumerate(same)}
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (Keller Jordan 2024): SGD with Nesterov momentum whose update is orthogonalised (Polar Express), scaled
     by max(1, rows/cols) ** 0.5 so that every matrix gets a similar per-element RMS update. For the 2-D hidden
@@ -552,17 +563,12 @@ class Muon(torch.optim.Optimizer):
                                       steps=steps))
         self.use_kernels = use_kernels
         self.zero = zero
-        _, world = _world()
-        # batches: (param group index, its same-shape matrices); the shapes' offsets i spread small models too
+        # batches: (param group index, its same-shape matrices, orthogonalised together)
         self.batches, self.owner = [], {}
         for g, group in enumerate(self.param_groups):
-            by_shape = {}
-            for p in group["params"]:
-                by_shape.setdefault(tuple(p.shape), []).append(p)
-            for i, (_, same) in enumerate(sorted(by_shape.items())):
-                self.batches.append((g, same))
-                for j, p in enumerate(same):
-                    self.owner[p] = (i + j) % world
+            batches, owner = deal_matrices(group["params"], _world()[1])
+            self.batches += [(g, same) for same in batches]
+            self.owner.update(owner)
         if zero == 2:
             _reduce_to_owners(list(self.owner), self.owner)
 

@@ -4,6 +4,7 @@ killed with SIGKILL at --zero=3 resumes exactly; rl.py at --zero=3 with ranks of
 Run under torchrun, this file is the ranks' side of the first test (ranks_main)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import common
 from conftest import REPO, run_script
 from model import GPT, config_from_depth, generate
 from test_pretrain import TINY, free_port, losses
+from test_rl import sft_model  # noqa: F401  (a fixture)
 
 STEPS, SAVE_AT, MICRO_BATCHES = 10, 5, 4  # micro-batches per step over all ranks
 
@@ -104,20 +106,33 @@ def test_each_level_on_2_ranks_trains_as_1_process_and_resumes_on_any_number(tmp
     assert resume(2, str(tmp_path / "zero2"), 0, 1)[0] == pytest.approx(reference[SAVE_AT:], rel=1e-4)
 
 
-def test_pretrain_killed_at_zero3_resumes_exactly_and_on_one_process(world, tmp_path):
-    args = TINY + ["--total_batch_size=256", "--num_iterations=12", "--eval_every=6", "--save_every=3", "--zero=3"]
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py"]
-    full = losses(run_script(two + args + ["--model_tag=full"], world).stdout)
+def start_ranks(args, base_dir):
+    """`python ARGS` as 2 ranks, with the environment torchrun gives them (without its launcher process: faster)."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable] + args, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT,
+                             env=dict(os.environ, PICOCHAT_DIR=base_dir, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+                                      PYTHONPATH=REPO, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                      LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+            for r in range(2)]
+
+
+def run_ranks(args, base_dir):
+    """Rank 0's output of `python ARGS` as 2 ranks."""
+    ranks = start_ranks(args, base_dir)
+    outs = [proc.communicate(timeout=300)[0] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [0, 0], "\n".join(out[-3000:] for out in outs)
+    return outs[0]
+
+
+def test_pretrain_killed_at_zero3_resumes_exactly_and_on_one_process(world):
+    args = ["pretrain.py"] + TINY + ["--total_batch_size=256", "--num_iterations=12", "--eval_every=6",
+                                     "--save_every=3", "--zero=3"]
+    full = losses(run_ranks(args + ["--model_tag=full"], world))
     assert sorted(full) == list(range(1, 13))
 
-    # the same run on two processes as torchrun starts them, both killed with SIGKILL once step 8 is logged
-    port = free_port()
-    ranks = [subprocess.Popen([sys.executable, "pretrain.py"] + args + ["--model_tag=killed"], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, PICOCHAT_DIR=world, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                                       RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for r in range(2)]
+    # the same run, both ranks killed with SIGKILL once step 8 is logged
+    ranks = start_ranks(args + ["--model_tag=killed"], world)
     for line in ranks[0].stdout:
         if line.startswith("step 00008/"):
             break
@@ -128,41 +143,36 @@ def test_pretrain_killed_at_zero3_resumes_exactly_and_on_one_process(world, tmp_
     ckpt_dir = os.path.join(world, "checkpoints", "base")
     shutil.copytree(os.path.join(ckpt_dir, "killed"), os.path.join(ckpt_dir, "one"))
 
-    resumed = run_script(two + args + ["--model_tag=killed", "--resume=1"], world).stdout
-    start = int(resumed.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    resumed = run_ranks(args + ["--model_tag=killed", "--resume=1"], world)
+    # the ranks run on while we read, so the kill lands anywhere after step 8, maybe mid-save
+    start = int(re.search(r"resumed from .* at step (\d+)", resumed).group(1))
     assert start in (6, 9)
     after = losses(resumed)
     assert sorted(after) == list(range(start + 1, 13))
     assert all(after[step] == full[step] for step in after), (after, full)  # exact
     # the same checkpoint on 1 process: the data position and the states re-sharded
-    alone = losses(run_script(["python", "pretrain.py"] + args + ["--model_tag=one", "--resume=1"], world).stdout)
+    alone = losses(run_script(["python"] + args + ["--model_tag=one", "--resume=1"], world).stdout)
     assert sorted(alone) == list(range(start + 1, 13))
     assert all(alone[step] == pytest.approx(full[step], rel=1e-4) for step in alone)
 
 
-def test_rl_at_zero3_with_ranks_of_unequal_work(world, tmp_path):
+def test_rl_at_zero3_with_ranks_of_unequal_work(sft_model, world, tmp_path):
     """rank 1's answers are all graded wrong, so it has no rows to train on and runs blank passes to keep up with
     rank 0's (each forward/backward is a collective at --zero=3); sampling and evaluation run unsharded."""
-    run_script(["python", "pretrain.py"] + TINY + ["--max_seq_len=256", "--total_batch_size=512", "--num_iterations=1",
-                                                   "--eval_every=0", "--model_tag=tiny"], world)  # room for prompts
-    base = os.path.join(world, "checkpoints", "base", "tiny")
-    shutil.copytree(base, os.path.join(world, "checkpoints", "sft", "tiny"))
     launcher = tmp_path / "rl_unequal.py"
     launcher.write_text(
-        "import os, runpy, sys\n"
+        "import os, runpy\n"
         "import data.grade\n"
         "data.grade.grade = lambda text, reference: os.environ['RANK'] == '0' and len(text) % 2 == 0\n"
         "runpy.run_path('rl.py', run_name='__main__')\n")
-    r = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
-                    "--device=cpu", "--dtype=float32", "--model_tag=tiny", "--max_new_tokens=12", "--prompts_per_step=2",
-                    "--num_samples=4", "--eval_problems=2", "--eval_samples=2", "--num_steps=2", "--eval_every=2",
-                    "--device_batch_size=2", "--ppo_epochs=2", "--zero=3"], world)
+    out = run_ranks([str(launcher), "--device=cpu", "--dtype=float32", "--max_new_tokens=12", "--prompts_per_step=2",
+                     "--num_samples=4", "--eval_problems=2", "--eval_samples=2", "--num_steps=2", "--eval_every=2",
+                     "--device_batch_size=2", "--ppo_epochs=2", "--zero=3"], world)
     with open(os.path.join(world, "report", "rl.json")) as f:
         report = json.load(f)
     assert [s for s, _ in report["history"]["reward"]] == [1, 2] and report["history"]["pass1"][-1][0] == 2
     state, _, meta = common.load_checkpoint(os.path.join(world, "checkpoints", "rl", "tiny"), 2, load_rank_state=False)
-    start = torch.load(os.path.join(base, "model_000001.pt"))
-    assert meta["world_size"] == 2 and any(not torch.equal(state[k], start[k]) for k in start), r.stdout[-2000:]
+    assert meta["world_size"] == 2 and any(not torch.equal(state[k], sft_model[k]) for k in sft_model), out[-2000:]
 
 
 if __name__ == "__main__":
