@@ -447,18 +447,20 @@ def grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_siz
 def parallelize(model, zero=0, **optimizer_settings):
     """Data parallelism for a stage's model at ZeRO level `zero`, and its optimisers (model.setup_optimizers with
     optimizer_settings): 0 replicates everything (the optimisers average the gradients), 1 shards the optimiser
-    states, 2 the gradients too, 3 the weights too, with FSDP2: each block is one unit (only one block's whole
-    weights exist at a time in forward and backward), the embedding, head and norms the root's. model.py's
-    Optimisers say who holds what. Every rank runs as many forward/backward passes from level 2 on (each is a
-    collective), and evaluation or generation that differs by rank runs inside `unsharded(model)`. Without
-    torch.distributed there is nothing to shard: the level changes nothing."""
+    states, 2 the gradients too, 3 the weights too, with FSDP2: the embedding and each block are units of their
+    own (a unit's whole weights exist only around its forward and its backward), the head and the norm gains the
+    root's (the kernels' fused loss reads the head's weight outside its forward). model.py's Optimisers say who
+    holds what. Every rank runs as many forward/backward passes from level 2 on (each is a collective), and
+    evaluation or generation that differs by rank runs inside `unsharded(model)`. One process has nothing to
+    shard: the level changes nothing."""
     if zero not in (0, 1, 2, 3):
         raise SystemExit(f"error: --zero must be 0, 1, 2 or 3, got {zero}")
-    if not dist.is_initialized():
+    if zero and not dist.is_initialized():
+        print0(f"note: --zero={zero} shards over processes (torchrun); one process holds everything")
         zero = 0
     if zero == 3:  # imported here: torch's sharding engines cost about 1 s of CPU to import (model.py, Optimisers)
         from torch.distributed.fsdp import fully_shard
-        for unit in (model.transformer.wte, *model.transformer.h, model.lm_head):
+        for unit in (model.transformer.wte, *model.transformer.h):
             fully_shard(unit)
         fully_shard(model)
     return model.setup_optimizers(**optimizer_settings, zero=zero)

@@ -158,8 +158,10 @@ def computed_table(world_size):
         for z, parts in levels.items():
             cells = [f"{b / total:.2f} ({b / 1e9:.2f})" for b in (*parts, sum(parts))]
             lines.append(f"| {z} | " + " | ".join(cells) + f" | {sum(parts) / sum(levels[0]):.2f} |")
-        lines += ["", f"Activations come on top at every level; at level 3 so does one FSDP unit's whole weights and "
-                  f"gradient at a time, at most {8 * largest_unit / 1e9:.2f} GB (the head or the embedding).", ""]
+        gb = 8 * largest_unit / 1e9  # fp32 weights and gradient of the embedding, and of the head: V x C each
+        lines += ["", f"Not counted: activations (every level); at level 3, the whole weights and gradient of the unit "
+                  f"at work (at most the embedding's, {gb:.2f} GB) and of the head, the root's, from the start of "
+                  f"forward to the end of backward ({gb:.2f} GB).", ""]
     return "\n".join(lines)
 
 
