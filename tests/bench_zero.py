@@ -111,9 +111,10 @@ def rank_main():
 
 COMPUTED_MODELS = {
     "d20": config_from_depth(20, 32768, 2048, head_dim=64),  # pretrain.py --depth=20, tokenizer.py's vocabulary
-    # Qwen3-0.6B's shapes in picochat's GPT, whose head is untied from the embedding (Qwen3 ties them)
+    # as config_from_hf reads Qwen3-0.6B's config.json: the head tied to the embedding
     "Qwen3-0.6B": GPTConfig(sequence_len=4096, vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024,
-                            head_dim=128, mlp="swiglu", mlp_hidden=3072, norm_weight=True, rope_theta=1e6),
+                            head_dim=128, mlp="swiglu", mlp_hidden=3072, norm_weight=True, norm_eps=1e-6,
+                            rope_theta=1e6, softcap=0.0, embed_norm=False, tie_embeddings=True),
 }
 
 
@@ -131,8 +132,9 @@ def computed_bytes(config, world_size):
     """{level: (weights, grads, optimiser states) bytes on the fullest rank}, and the number of parameters."""
     with torch.device("meta"):
         model = GPT(config)
-    adam = [[model.lm_head.weight], [model.transformer.wte.weight], [p for p in model.parameters() if p.dim() == 1]]
-    matrices = [p for p in model.transformer.h.parameters() if p.dim() == 2]
+        adamw, muon = model.setup_optimizers()  # which tensors each optimiser steps
+    adam = [group["params"] for group in adamw.param_groups]
+    matrices = [p for group in muon.param_groups for p in group["params"]]
     _, owner = deal_matrices(matrices, world_size)
     muon = [sum(p.numel() for p in matrices if owner[p] == r) for r in range(world_size)]
     zero = zero_partition([[p.numel() for p in group] for group in adam], world_size)
@@ -145,23 +147,26 @@ def computed_bytes(config, world_size):
         2: [(4 * total, 4 * (zero[r] + muon[r]), 8 * zero[r] + 4 * muon[r]) for r in range(world_size)],
         3: [(4 * sliced, 4 * sliced, 8 * sliced_adam + 4 * muon[r]) for r in range(world_size)],
     }
-    return {z: max(ranks, key=sum) for z, ranks in per_rank.items()}, total, model.lm_head.weight.numel()
+    # level 3's whole units, besides: the root's (the head, tied or not) from forward to backward, one other at a time
+    root = model.lm_head.weight.numel()
+    unit = max([sum(p.numel() for p in block.parameters()) for block in model.transformer.h]
+               + ([] if config.tie_embeddings else [model.transformer.wte.weight.numel()]))
+    return {z: max(ranks, key=sum) for z, ranks in per_rank.items()}, total, root, unit
 
 
 def computed_table(world_size):
     lines = []
     for name, config in COMPUTED_MODELS.items():
-        levels, total, largest_unit = computed_bytes(config, world_size)
+        levels, total, root, unit = computed_bytes(config, world_size)
         lines += [f"{name}: {total / 1e6:.0f}M parameters, {world_size} ranks; the fullest rank, in bytes per parameter "
                   f"of the model (GB):", "",
                   "| --zero | weights | gradients | optimiser states | total | vs level 0 |", "|---|---|---|---|---|---|"]
         for z, parts in levels.items():
             cells = [f"{b / total:.2f} ({b / 1e9:.2f})" for b in (*parts, sum(parts))]
             lines.append(f"| {z} | " + " | ".join(cells) + f" | {sum(parts) / sum(levels[0]):.2f} |")
-        gb = 8 * largest_unit / 1e9  # fp32 weights and gradient of the embedding, and of the head: V x C each
-        lines += ["", f"Not counted: activations (every level); at level 3, the whole weights and gradient of the unit "
-                  f"at work (at most the embedding's, {gb:.2f} GB) and of the head, the root's, from the start of "
-                  f"forward to the end of backward ({gb:.2f} GB).", ""]
+        lines += ["", f"Not counted: activations (every level); at level 3, the whole weights and gradients of the "
+                  f"root's head from the start of forward to the end of backward ({8 * root / 1e9:.2f} GB) and of "
+                  f"one other unit at a time (at most {8 * unit / 1e9:.2f} GB).", ""]
     return "\n".join(lines)
 
 
