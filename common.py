@@ -7,6 +7,7 @@ Nothing here knows about a particular stage. A training stage (pretrain.py, sft.
     config = common.configure(globals())          # module globals <- config file and --key=value
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
     grad_accum_steps = common.grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size)
+    optimizers = common.parallelize(model, zero, ...)  # data parallelism at --zero level 0-3, the optimisers
     ...                                           # its training loop: common.set_lr, common.all_sum
     common.save_stage(ckpt_dir, step, model, optimizers, rank, meta)
     common.finish_stage("base", report_section, rank)
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig, param_floor
+from model import GPT, GPTConfig, is_dtensor, param_floor
 
 # -----------------------------------------------------------------------------
 # The artifacts directory: everything a run produces lives under it.
@@ -255,6 +256,15 @@ def to_device(tensor, device):
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def all_max(numbers, device):
+    """The largest of named numbers over ranks: {name: number} -> {name: float}, as all_sum."""
+    if not dist.is_initialized():
+        return {name: float(value) for name, value in numbers.items()}
+    t = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device)  # (N,)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(numbers, t.tolist()))
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -393,7 +403,9 @@ def read_torch_file(path, device="cpu"):
 
 
 def read_step(ckpt_dir, step, rank, device, load_rank_state):
-    """(model_state, rank_state or None, meta) of one step, each file checked; ValueError names a damaged one."""
+    """(model_state, rank_states or None, meta) of one step, each file checked; ValueError names a damaged one.
+    rank_states: every saved rank's own state, in rank order (rank 0's also holds the whole optimiser states), on
+    the CPU (each rank moves only its share onto its device); the saved run may have had another number of ranks."""
     name = f"meta_{step:06d}.json"
     try:
         with open(os.path.join(ckpt_dir, name), encoding="utf-8") as f:
@@ -405,21 +417,20 @@ def read_step(ckpt_dir, step, rank, device, load_rank_state):
     model_state = read_torch_file(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), device)
     if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
         raise ValueError(f"model_{step:06d}.pt is not a model's weights")
-    rank_state = None
+    rank_states = None
     if load_rank_state:
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
-        if meta.get("world_size", world_size) != world_size:  # a refusal, not damage: the meta is the same on all ranks
-            raise SystemExit(f"error: step {step} of {ckpt_dir} was saved by {meta['world_size']} processes and "
-                             f"this run has {world_size}; resume it with as many")
-        path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
-        rank_state = read_torch_file(path, device)
-        if not isinstance(rank_state, dict):
-            raise ValueError(f"{os.path.basename(path)} is not a rank's state")
-    return model_state, rank_state, meta
+        rank_states = []
+        for r in range(meta.get("world_size", 1)):
+            path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{r}.pt")
+            rank_states.append(read_torch_file(path))
+            if not isinstance(rank_states[-1], dict):
+                raise ValueError(f"{os.path.basename(path)} is not a rank's state")
+    return model_state, rank_states, meta
 
 
 def load_checkpoint(ckpt_dir, step=-1, rank=0, device="cpu", load_rank_state=True, validate=None):
-    """Returns (model_state, rank_state or None, meta) of `step`, or of the latest intact step (-1).
+    """Returns (model_state, rank_states or None, meta) of `step`, or of the latest intact step (-1); rank_states:
+    every saved rank's own state (read_step).
 
     Every file is checked before anything uses it (read_step), then validate(model_state, rank_state, meta) may
     raise ValueError (e.g. weights that do not fit their model). A damaged latest step is reported in one line
@@ -452,9 +463,11 @@ def load_checkpoint(ckpt_dir, step=-1, rank=0, device="cpu", load_rank_state=Tru
 def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
     """Restore the latest intact checkpoint of ckpt_dir into model and optimizers, after checking that the
     settings a resume depends on agree. must_match: {name: this run's value}, compared with the meta's `name`
-    (or its config's). Returns (meta, rank_state); the caller restores what else it saved (data position,
-    history)."""
-    def restore(model_state, rank_state, meta):
+    (or its config's). The model and optimizers may be sharded at any --zero level, on another number of ranks
+    than the saved run: the checkpoint holds them whole and each rank takes its share. Returns (meta,
+    rank_states): every saved rank's own state, from which the caller restores what else it saved (data
+    position)."""
+    def restore(model_state, rank_states, meta):
         for name, ours in must_match.items():
             saved = meta[name] if name in meta else meta.get("config", {}).get(name)
             if saved != ours:
@@ -462,8 +475,12 @@ def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
                                  f"({saved!r}, this run {ours!r}); resume with the same settings or another "
                                  f"--model_tag")
         try:  # a damaged step may leave the model half-loaded: the step before it then loads over all of it
-            model.load_state_dict(model_state)
-            for opt, opt_state in zip(optimizers, rank_state["optimizers"], strict=True):
+            if is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gives each rank its slices
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+                set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+            else:
+                model.load_state_dict(model_state)
+            for opt, opt_state in zip(optimizers, rank_states[0]["optimizers"], strict=True):
                 ours = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
                 opt.load_state_dict(opt_state)
                 # load_state_dict brings back the saved learning rates too; this run's settings win, so that a
@@ -473,18 +490,18 @@ def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"it does not fit this model and its optimisers ({first_line(e)})") from None
 
-    _, rank_state, meta = load_checkpoint(ckpt_dir, rank=rank, device=device, validate=restore)
+    _, rank_states, meta = load_checkpoint(ckpt_dir, rank=rank, device=device, validate=restore)
     print0(f"resumed from {ckpt_dir} at step {meta['step']}")
-    return meta, rank_state
+    return meta, rank_states
 
 
 def resume_stage(resume, ckpt_dir, model, optimizers, rank, device, must_match, history):
-    """Where a stage's loop starts: (step, history, rank_state). With resume and a checkpoint in ckpt_dir, those of
-    the latest intact one, restored into model and optimizers by resume_checkpoint; else step 0 and the given
-    history."""
+    """Where a stage's loop starts: (step, history, rank_states). With resume and a checkpoint in ckpt_dir, those of
+    the latest one, restored into model and optimizers by resume_checkpoint (rank_states: every saved rank's own
+    state, see there); else step 0, the given history and None."""
     if resume and last_step(ckpt_dir) is not None:
-        meta, rank_state = resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match)
-        return meta["step"], meta["history"], rank_state
+        meta, rank_states = resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match)
+        return meta["step"], meta["history"], rank_states
     if resume:
         print0(f"nothing to resume in {ckpt_dir}: starting from step 0")
     return 0, history, None
@@ -570,6 +587,63 @@ def grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_siz
     return total_batch_size // tokens_per_micro_step
 
 
+def parallelize(model, zero=0, **optimizer_settings):
+    """Data parallelism for a stage's model at ZeRO level `zero`, and its optimisers (model.setup_optimizers with
+    optimizer_settings): 0 replicates everything (the optimisers average the gradients), 1 shards the optimiser
+    states, 2 the gradients too, 3 the weights too, with FSDP2: the embedding (unless tied to the head) and each
+    block are units of their own (a unit's whole weights exist only around its forward and its backward), the
+    head and the rest the root's (the kernels' fused loss reads the head's weight outside its forward). model.py's Optimisers say who
+    holds what. Every rank runs as many forward/backward passes from level 2 on (each is a collective), and
+    evaluation or generation that differs by rank runs inside `unsharded(model)`. One process has nothing to
+    shard: the level changes nothing."""
+    if zero not in (0, 1, 2, 3):
+        raise SystemExit(f"error: --zero must be 0, 1, 2 or 3, got {zero}")
+    if zero and not dist.is_initialized():
+        print0(f"note: --zero={zero} shards over processes (torchrun); one process holds everything")
+        zero = 0
+    if zero == 3:  # imported here: torch's sharding engines cost about 1 s of CPU to import (model.py, Optimisers)
+        from torch.distributed.fsdp import fully_shard
+        tied = model.config.tie_embeddings  # a tied embedding is the head too: it stays the root's
+        for unit in ([] if tied else [model.transformer.wte]) + list(model.transformer.h):
+            fully_shard(unit)
+        fully_shard(model)
+    return model.setup_optimizers(**optimizer_settings, zero=zero)
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """The model's whole weights on every rank for a while, so that ranks may run different forward passes (each
+    its own generations, or rank 0 alone its samples) without the all-gathers of --zero=3, at the memory of one
+    whole model; a no-op at the other levels. Every rank must enter it."""
+    if not is_dtensor(next(model.parameters())):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)  # fully_shard's defaults: the blocks reshard, the root keeps its own
+        model.set_reshard_after_forward(False, recurse=False)
+        for unit in units:
+            unit.reshard()
+
+
+def optimizer_state_bytes(optimizers):
+    """Bytes of optimiser state this rank holds (its share from --zero=1 on)."""
+    total = 0
+    for opt in optimizers:
+        for state in opt.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    value = value.to_local() if is_dtensor(value) else value  # a slice: --zero=3
+                    total += value.numel() * value.element_size()
+    return total
+
+
 def derive_seed(seed, purpose, step=0, rank=0):
     """The one seed rule: the seed of one random stream (what it is for, at which step, on which rank), a hash of
     them and the run's seed. Streams never share a seed, and each is the same after a resume."""
@@ -593,8 +667,15 @@ def set_lr(optimizers, multiplier):
 
 def largest_grad(model):
     """The largest gradient entry in absolute value, a 0-dim tensor on the gradients' device (no host sync):
-    inf or nan when any entry is. The max norm cannot overflow as a sum of squares of large gradients would."""
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None], float("inf"))
+    inf or nan when any entry is. The max norm cannot overflow as a sum of squares of large gradients would. From
+    --zero=2 on, of this rank's share of the gradients: summed over ranks (all_sum) it is still finite only when
+    every entry is."""
+    return largest_entry(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def largest_entry(tensors):
+    """The largest entry in absolute value of tensors (their local slices at --zero=3), a 0-dim tensor."""
+    return torch.nn.utils.get_total_norm([t.to_local() if is_dtensor(t) else t for t in tensors], float("inf"))
 
 
 def check_finite(step, totals, settings):
@@ -627,16 +708,28 @@ def check_model_fits(model_config, device):
 
 
 def save_stage(ckpt_dir, step, model, optimizers, rank, meta, rank_state=None):
-    """A stage's checkpoint at `step`: the model; each rank's optimiser states and rank_state (e.g. its data
-    position); the meta: the step, the model config and the world size (what resume checks), then `meta`.
-    Weights that are not finite are never saved (the ranks hold the same weights, so all of them refuse)."""
-    if not math.isfinite(torch.nn.utils.get_total_norm(list(model.parameters()), float("inf")).item()):
+    """A stage's checkpoint at `step`: the model and the optimiser states whole, as one process holds them (gathered
+    onto rank 0 at every --zero level, so that a run resumes at any level on any number of ranks); each rank's
+    rank_state (e.g. its data position); the meta: the step, the model config, the world size and each rank's
+    optimiser-state bytes, then `meta`. Every rank must call it. Weights that are not finite are never saved
+    (the ranks agree: at --zero=3 each holds other slices)."""
+    device = next(model.parameters()).device
+    if not math.isfinite(all_sum({"largest": largest_entry(model.parameters())}, device)["largest"]):
         raise SystemExit(f"error: step {step}: the model's weights are not finite (the run diverged); nothing was "
                          f"saved. Try lower learning rates")
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    meta = {"step": step, "model_config": asdict(model.config), "world_size": world_size, **meta}
-    state = {"optimizers": [opt.state_dict() for opt in optimizers], **(rank_state or {})}
-    save_checkpoint(ckpt_dir, step, model.state_dict(), state, meta, rank)
+    if is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gathers the slices onto rank 0
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        model_state = model.state_dict()
+    optimizer_states = [opt.full_state_dict() for opt in optimizers]
+    held = optimizer_state_bytes(optimizers)
+    held = all_sum({r: held if r == rank else 0 for r in range(world_size)}, device)
+    meta = {"step": step, "model_config": asdict(model.config), "world_size": world_size,
+            "optimizer_state_bytes": [int(held[r]) for r in range(world_size)], **meta}
+    state = {**(rank_state or {}), **({"optimizers": optimizer_states} if rank == 0 else {})}
+    save_checkpoint(ckpt_dir, step, model_state, state, meta, rank)
     print0(f"saved checkpoint step {step} to {ckpt_dir}")
 
 

@@ -9,6 +9,7 @@ a right and a wrong answer (graded by data/grade.py) gives one pair. (The GRPO f
     python dpo.py --dataset=gsm8k --max_new_tokens=256   # pairs from GSM8K (after python data/gsm8k.py)
     torchrun --nproc_per_node=8 dpo.py              # each rank samples and trains on its share
     python dpo.py --resume=1                        # continue the latest checkpoint of this model tag
+    torchrun --nproc_per_node=8 dpo.py --zero=2     # optimiser states and gradients sharded (3: weights too)
 
 DPO is the other way through the post-training stage: like rl.py it reads $PICOCHAT_DIR/checkpoints/<source>/ and
 writes $PICOCHAT_DIR/checkpoints/rl/<model tag>/ and report/rl.json, so evaluate.py and chat.py take its model as
@@ -60,6 +61,7 @@ resume = False              # continue from the latest rl checkpoint of this mod
 # system
 device = ""                 # cuda|mps|cpu; "": the best available
 dtype = ""                  # bfloat16|float32; "": bfloat16 on CUDA and AMX CPUs, else float32
+zero = 0                    # data parallelism: 0 replicated, 1 optimiser states sharded, 2 + gradients, 3 + weights
 seed = 42
 
 # -----------------------------------------------------------------------------
@@ -203,11 +205,11 @@ if __name__ == "__main__":
     ref_chosen = sequence_logprobs(model, rows_chosen, device, autocast_ctx, device_batch_size)  # (N,)
     ref_rejected = sequence_logprobs(model, rows_rejected, device, autocast_ctx, device_batch_size)  # (N,)
 
-    # ---- optimisers, resume
-    optimizers = model.setup_optimizers(weight_decay=weight_decay)
+    # ---- data parallelism and optimisers, resume (on any number of ranks)
+    optimizers = common.parallelize(model, zero, weight_decay=weight_decay)
     common.scale_lr(optimizers, lr_scale)
     step, history, _ = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
-        "world_size": world_size, "prompts_per_step": prompts_per_step}, history={})
+        "prompts_per_step": prompts_per_step}, history={})
 
     def log_point(name, value):
         history.setdefault(name, []).append((step, value))
@@ -225,7 +227,7 @@ if __name__ == "__main__":
         if eval_every > 0 and (step % eval_every == 0 or last) and test_items and not evaluated:
             model.eval()
             t0 = time.time()
-            with autocast_ctx:
+            with common.unsharded(model), autocast_ctx:  # each rank generates its own answers
                 last_eval = pass_rates(engine, test_items, num_samples=eval_samples, greedy=eval_greedy,
                                        chunk_size=my_share, max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_k=top_k, seed=seed, grader=grade, rank=rank, world_size=world_size,

@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import sys
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -403,12 +404,13 @@ class GPT(nn.Module):
     # ---- optimisers
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         adam_betas=(0.8, 0.95)):
+                         adam_betas=(0.8, 0.95), zero=0):
         """[AdamW, Muon] as nanochat: Muon for the 2-D matrices of the blocks; AdamW for the embedding, the head
         and the norm gains (at unembedding_lr). AdamW lrs scale with width as (n_embd / 768) ** -0.5 (tuned at
         768); Muon's update is already width-independent (orthogonal, aspect-scaled). Each param group stores
         `initial_lr`, which learning-rate schedules multiply. Both optimisers average gradients over ranks
-        themselves when torch.distributed is initialised (see AdamW, Muon)."""
+        themselves when torch.distributed is initialised; zero: the data-parallel level they run at (see
+        Optimisers below; common.parallelize sets it up, sharding the model first at level 3)."""
         scale = (self.config.n_embd / 768) ** -0.5
         matrices = [p for p in self.transformer.h.parameters() if p.dim() == 2]
         gains = [p for p in self.parameters() if p.dim() == 1]  # norm gains and biases
@@ -420,10 +422,13 @@ class GPT(nn.Module):
             adam_groups.append(dict(params=embeddings, lr=embedding_lr * scale))
         if gains:
             adam_groups.append(dict(params=gains, lr=unembedding_lr * scale))
-        adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay,
-                      use_kernels=self.config.use_kernels)
+        adam_settings = dict(betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
+        if zero in (1, 2):
+            adamw = ZeroAdamW(adam_groups, zero=zero, **adam_settings)
+        else:
+            adamw = AdamW(adam_groups, use_kernels=self.config.use_kernels, **adam_settings)
         muon = Muon(matrices, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
-                    use_kernels=self.config.use_kernels)
+                    use_kernels=self.config.use_kernels, zero=zero)
         for opt in (adamw, muon):
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
@@ -567,11 +572,36 @@ def load_hf_weights(model, path, kind):
 
 # -----------------------------------------------------------------------------
 # Optimisers
+#
+# Data parallelism by --zero level (common.parallelize sets it up; the optimisers do the communication). What a rank
+# holds of the weights / gradients / optimiser states:
+#   0  all / all / all of AdamW's, its own matrices' of Muon's: step() all-reduces the gradients (no DDP wrapper)
+#   1  all / all / its share: AdamW is torch's ZeroRedundancyOptimizer
+#   2  all / its share / its share: each gradient is reduced onto its owner during backward (_reduce_to_owners)
+#   3  its slices / its slices / its share: FSDP2 (fully_shard) shards the weights as dim-0 slices (DTensors)
+# Muon's state and work are split by whole matrices at every level, AdamW's by ZeRO's whole tensors (1, 2) or
+# FSDP2's slices (3): see Muon for why. Checkpoints hold the whole states (full_state_dict), so a run resumes at
+# any level on any number of ranks. torch's sharding engines are imported where a level uses them: importing them
+# (torch.distributed.tensor underneath) costs about 1 s of CPU per process, measured, which level 0 is spared.
+
+
+def _world():
+    """(rank, world size); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_dtensor(x):
+    """Whether x is a DTensor (FSDP2's slices), without importing torch.distributed.tensor: none exists before
+    something has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def _average_gradients(params):
     """All-reduce (mean) the gradients of params over ranks, in one flat bucket (fewer, larger messages)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world()[1] == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -583,19 +613,41 @@ def _average_gradients(params):
         g.copy_(chunk.view_as(g))
 
 
+def _reduce_to_owners(params, owner):
+    """--zero=2's gradient reduce-scatter, by whole parameters: after every backward each gradient is summed onto
+    the rank that owns its parameter (owner: {param: rank}) and dropped by the others, so a rank holds the gradients
+    of what it updates only (plus the one in flight). Written by hand because torch has no engine for it: its ZeRO
+    leaves gradients to DDP, whose all-reduce leaves every rank all of them, and FSDP2 shards the weights as well.
+    The minimum: one reduce per parameter as soon as its gradient is ready (no buckets). Every backward is then a
+    collective, so every rank must run as many; the owner's gradient is a sum over ranks, step() divides it."""
+    rank, _ = _world()
+
+    def hook(p):
+        dist.reduce(p.grad, dst=owner[p])
+        if owner[p] != rank:
+            p.grad = None
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+
+
 class AdamW(torch.optim.AdamW):
     """torch's AdamW (its fused kernel), made DDP-aware: when torch.distributed is initialised, step() first
     averages the gradients over ranks (all-reduce), so pretrain.py needs no DDP wrapper and every rank applies the
-    identical update. With use_kernels on CUDA the update runs in kernels.adamw_step (one Triton launch)."""
+    identical update. With use_kernels on CUDA the update runs in kernels.adamw_step (one Triton launch).
+    At --zero=3 the parameters are FSDP2's slices (DTensors), whose gradients FSDP2 has already averaged: the fused
+    step runs on each rank's slices, so the moments are sliced like the weights."""
 
     def __init__(self, param_groups, use_kernels=False, **kwargs):
-        device = next(iter(param_groups[0]["params"])).device
-        self.kernels = _kernels() if use_kernels and device.type == "cuda" else None
-        super().__init__(param_groups, fused=device.type in ("cpu", "cuda") and self.kernels is None, **kwargs)
+        first = next(iter(param_groups[0]["params"]))
+        self.sliced = is_dtensor(first)
+        self.kernels = _kernels() if use_kernels and first.device.type == "cuda" and not self.sliced else None
+        super().__init__(param_groups, fused=first.device.type in ("cpu", "cuda") and self.kernels is None, **kwargs)
 
     @torch.no_grad()
     def step(self, closure=None):
-        _average_gradients([p for group in self.param_groups for p in group["params"]])
+        if not self.sliced:
+            _average_gradients([p for group in self.param_groups for p in group["params"]])
         if self.kernels is None:
             return super().step(closure)
         k = self.kernels
@@ -611,6 +663,76 @@ class AdamW(torch.optim.AdamW):
                 k.adamw_step(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
                              [self.state[p]["exp_avg_sq"] for p in params], int(self.state[params[0]]["step"]),
                              group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+
+    def full_state_dict(self):
+        """The whole state in torch's state_dict format on rank 0, None elsewhere (every rank must call it)."""
+        saved = self.state_dict()
+        if self.sliced:  # gather the slices, one tensor at a time (each gather is a collective)
+            saved["state"] = {i: {name: value.full_tensor().cpu() if is_dtensor(value) else value
+                                  for name, value in s.items()} for i, s in saved["state"].items()}
+        return saved if _world()[0] == 0 else None
+
+    def load_state_dict(self, state_dict):
+        """Load a whole state (full_state_dict's); at --zero=3 each rank keeps its slices of the moments."""
+        if self.sliced:
+            from torch.distributed.tensor import distribute_tensor
+            params = [p for group in self.param_groups for p in group["params"]]
+            state_dict = {**state_dict, "state": {i: {
+                name: distribute_tensor(value.to(params[i].device), params[i].device_mesh, params[i].placements,
+                                        src_data_rank=None)  # None: every rank slices its own copy, no messages
+                if torch.is_tensor(value) and value.shape == params[i].shape else value
+                for name, value in s.items()} for i, s in state_dict["state"].items()}}
+        super().load_state_dict(state_dict)
+
+
+class ZeroAdamW:
+    """AdamW at --zero=1 and 2: torch's ZeroRedundancyOptimizer around torch's fused AdamW (the engine). Each rank
+    keeps the moments of its share of the parameters (whole tensors, shares balanced by size with torch's greedy
+    partition: with only a few large tensors, as here, the largest one bounds the share), steps them and broadcasts
+    them to the others. ZeRO leaves the gradients to DDP, which picochat does not use: step() averages them first
+    (level 1), or at level 2 the hooks of _reduce_to_owners have already summed each onto its owner in backward."""
+
+    def __init__(self, param_groups, zero=1, **kwargs):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        device = param_groups[0]["params"][0].device
+        self.engine = ZeroRedundancyOptimizer(param_groups, optimizer_class=torch.optim.AdamW,
+                                              fused=device.type in ("cpu", "cuda"), **kwargs)
+        self.zero = zero
+        if zero == 2:  # who owns what: each rank knows its local optimiser's share; the map is gathered once
+            params = [p for group in self.param_groups for p in group["params"]]
+            local = {id(p) for group in self.engine.optim.param_groups for p in group["params"]}
+            shares = [None] * self.engine.world_size
+            dist.all_gather_object(shares, [i for i, p in enumerate(params) if id(p) in local])
+            _reduce_to_owners(params, {params[i]: r for r, share in enumerate(shares) for i in share})
+
+    @property
+    def param_groups(self):  # a property: loading a state replaces the engine's list
+        return self.engine.param_groups
+
+    @property
+    def state(self):
+        """This rank's share of the state: its local optimiser's."""
+        return self.engine.optim.state
+
+    @torch.no_grad()
+    def step(self):
+        params = [p for group in self.param_groups for p in group["params"]]
+        if self.zero == 2:
+            for p in params:
+                if p.grad is not None:  # the sum over ranks, on its owner only
+                    p.grad.div_(self.engine.world_size)
+        else:
+            _average_gradients(params)
+        self.engine.step()
+
+    def full_state_dict(self):
+        """The whole state in torch's state_dict format on rank 0, None elsewhere (every rank must call it)."""
+        self.engine.consolidate_state_dict(to=0)
+        return self.engine.state_dict() if self.engine.rank == 0 else None
+
+    def load_state_dict(self, state_dict):
+        """Load a whole state (full_state_dict's, or AdamW's); each rank keeps its share."""
+        self.engine.load_state_dict(state_dict)
 
 
 # Polar Express (Amsel, Persson, Musco & Gower 2025, arXiv:2505.16932): per-iteration optimal quintic
@@ -652,20 +774,45 @@ def orthogonalize(G, steps=5):
     return (X.mT if transposed else X).to(G.dtype)
 
 
+def deal_matrices(params, world_size):
+    """Muon's split of matrices over ranks: (batches, owner). batches: the same-shape matrices, in order of shape;
+    owner: {param: rank}, dealt round-robin within a shape, each shape starting one rank further (small models
+    spread over the ranks too)."""
+    by_shape = {}
+    for p in params:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    batches = [same for _, same in sorted(by_shape.items())]
+    return batches, {p: (i + j) % world_size for i, same in enumerate(batches) for j, p in enumerate(same)}
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (Keller Jordan 2024): SGD with Nesterov momentum whose update is orthogonalised (Polar Express), scaled
     by max(1, rows/cols) ** 0.5 so that every matrix gets a similar per-element RMS update. For the 2-D hidden
     matrices only. Decoupled weight decay p <- p (1 - lr wd).
 
-    DDP: when torch.distributed is initialised, step() all-reduces (averages) the gradients, then each rank
-    orthogonalises and applies the updates of its own disjoint share of the parameters (same-shape matrices
-    are stacked into one batched orthogonalisation) and broadcasts the updated parameters from their owner, so
-    the ranks split the work and stay bit-identical. Momentum buffers live only on the owning rank."""
+    Data parallel: every matrix has one owner rank (same-shape matrices dealt round-robin), which alone keeps its
+    momentum and computes its update (same-shape matrices stacked into one batched orthogonalisation). So Muon's
+    state and work are split by whole matrices at every --zero level, never sliced as AdamW's are: the
+    orthogonalisation needs the whole matrix (A = X X^T mixes all its rows), whereas Adam's moments are elementwise
+    and any slice can be stepped on its own. Levels 0-1: step() all-reduces (averages) the gradients, and the owners
+    broadcast the updated matrices, so the ranks stay bit-identical. Level 2: each gradient was reduced onto its
+    owner during backward. Level 3: the matrices are FSDP2 slices; each averaged gradient is gathered whole (an
+    all-gather: DTensor has no gather to one rank) and the owner's update is scattered back as slices."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, steps=5, use_kernels=False):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, steps=5, use_kernels=False,
+                 zero=0):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       steps=steps))
         self.use_kernels = use_kernels
+        self.zero = zero
+        # batches: (param group index, its same-shape matrices, orthogonalised together)
+        self.batches, self.owner = [], {}
+        for g, group in enumerate(self.param_groups):
+            batches, owner = deal_matrices(group["params"], _world()[1])
+            self.batches += [(g, same) for same in batches]
+            self.owner.update(owner)
+        if zero == 2:
+            _reduce_to_owners(list(self.owner), self.owner)
 
     def _orthogonalize(self, G, steps):
         k = _kernels() if self.use_kernels else None
@@ -673,48 +820,83 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        rank, world = _world()
         params = [p for group in self.param_groups for p in group["params"]]
-        for p in params:
-            if p.grad is None:
-                raise RuntimeError("Muon: every parameter needs a gradient (all ranks must update the same set)")
-        _average_gradients(params)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        owner = {}
-        for group in self.param_groups:
-            # same-shape matrices are orthogonalised together, each rank taking every world-th of them
-            by_shape = {}
-            for p in group["params"]:
-                by_shape.setdefault(p.shape, []).append(p)
-            for i, (_, same) in enumerate(sorted(by_shape.items(), key=lambda kv: tuple(kv[0]))):
-                for j, p in enumerate(same):
-                    owner[p] = (i + j) % world
-                mine = [p for p in same if owner[p] == rank]
-                if mine:
-                    self._update(group, mine)
-        if distributed:
-            handles = [dist.broadcast(p, src=owner[p], async_op=True) for p in params]
+        if any(p.grad is None for p in params if self.zero != 2 or self.owner[p] == rank):
+            raise RuntimeError("Muon: every parameter needs a gradient (all ranks must update the same set)")
+        sliced = is_dtensor(params[0])  # --zero=3: FSDP2 has averaged the gradient slices
+        if sliced:
+            from torch.distributed.tensor import distribute_tensor
+        if self.zero == 2:
+            for p in params:
+                if self.owner[p] == rank:  # the sum over ranks that the hooks reduced onto this owner
+                    p.grad.div_(world)
+        elif not sliced:
+            _average_gradients(params)
+        for g, same in self.batches:
+            group = self.param_groups[g]
+            grads = {}
+            for p in same:
+                grad = p.grad.full_tensor() if sliced else p.grad
+                if self.owner[p] == rank:
+                    grads[p] = grad
+            updates = dict(zip(grads, self._updates(group, list(grads), list(grads.values())))) if grads else {}
+            for p in same:
+                if sliced:  # every rank takes its slice of the owner's update
+                    update = updates.get(p, torch.empty(p.shape, dtype=p.dtype, device=p.device))
+                    self._apply(group, p, distribute_tensor(update, p.device_mesh, p.placements,
+                                                            src_data_rank=self.owner[p]))
+                elif p in updates:
+                    self._apply(group, p, updates[p])
+        if world > 1 and not sliced:
+            handles = [dist.broadcast(p, src=self.owner[p], async_op=True) for p in params]
             for h in handles:
                 h.wait()
 
-    def _update(self, group, params):
+    def _updates(self, group, params, grads):
+        """Momentum, Nesterov and orthogonalisation of same-shape matrices with their averaged gradients:
+        the updates, (N, rows, cols)."""
         momentum = group["momentum"]
-        grads = []
-        for p in params:
+        looks = []
+        for p, grad in zip(params, grads):
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
+                state["momentum_buffer"] = torch.zeros_like(grad)  # whole, even at --zero=3: see the docstring
             buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * g
-            grads.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
-        G = torch.stack(grads)  # (N, rows, cols)
-        U = self._orthogonalize(G, group["steps"])
-        rows, cols = params[0].shape
-        lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-        for p, u in zip(params, U):
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(u, alpha=-lr)
+            buf.lerp_(grad, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * g
+            looks.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
+        return self._orthogonalize(torch.stack(looks), group["steps"])  # (N, rows, cols)
+
+    def _apply(self, group, p, update):
+        rows, cols = p.shape
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+
+    def full_state_dict(self):
+        """The whole state in torch's state_dict format on rank 0 (every owner's momentum gathered there), None
+        elsewhere (every rank must call it)."""
+        saved = self.state_dict()
+        rank, world = _world()
+        if world > 1:
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object({i: {name: value.cpu() for name, value in s.items()} for i, s in saved["state"].items()},
+                               parts, dst=0)
+            if rank != 0:
+                return None
+            saved["state"] = {i: s for part in parts for i, s in part.items()}
+        return saved
+
+    def load_state_dict(self, state_dict):
+        """Load a whole state (full_state_dict's), keeping the momentum of the matrices this rank owns."""
+        rank, _ = _world()
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved = state_dict["state"]
+        if saved and len(saved) != len(params):
+            raise ValueError(f"the checkpoint holds Muon's momentum of {len(saved)} of {len(params)} matrices "
+                             f"(an older picochat saved it per rank)")
+        super().load_state_dict({**state_dict, "state": {i: s for i, s in saved.items()
+                                                         if self.owner[params[i]] == rank}})
 
 # -----------------------------------------------------------------------------
 # Inference: KV cache, sampling, generation

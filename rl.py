@@ -9,6 +9,7 @@ and each answer is pushed up or down by how much better it did than its group. (
     python rl.py --loss_norm=constant               # Dr.GRPO: no length bias, no std division
     python rl.py --ppo_epochs=2 --clip_low=0.2 --clip_high=0.28 --filter_zero_std=1   # DAPO-style
     torchrun --nproc_per_node=8 rl.py --dataset=gsm8k   # each rank samples its share of every step's prompts
+    torchrun --nproc_per_node=8 rl.py --zero=3      # optimiser states, gradients and weights sharded (see common.py)
     python rl.py --resume=1                         # continue the latest rl checkpoint of this model tag
 
 Defaults are nanochat's simple on-policy variant of GRPO: no reference model or KL, one gradient step per batch
@@ -67,6 +68,7 @@ resume = False              # continue from the latest rl checkpoint of this mod
 # system
 device = ""                 # cuda|mps|cpu; "": the best available
 dtype = ""                  # bfloat16|float32; "": bfloat16 on CUDA and AMX CPUs, else float32
+zero = 0                    # data parallelism: 0 replicated, 1 optimiser states sharded, 2 + gradients, 3 + weights
 seed = 42
 
 # -----------------------------------------------------------------------------
@@ -151,11 +153,11 @@ if __name__ == "__main__":
                                          eval_problems, seed)
     my_share = prompts_per_step // world_size
 
-    # ---- optimisers, resume
-    optimizers = model.setup_optimizers(weight_decay=weight_decay)
+    # ---- data parallelism and optimisers, resume (on any number of ranks: the ranks then sample other problems)
+    optimizers = common.parallelize(model, zero, weight_decay=weight_decay)
     common.scale_lr(optimizers, lr_scale)
     step, history, _ = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
-        "world_size": world_size, "prompts_per_step": prompts_per_step}, history={})
+        "prompts_per_step": prompts_per_step}, history={})
 
     def log_point(name, value):
         history.setdefault(name, []).append((step, value))
@@ -173,7 +175,7 @@ if __name__ == "__main__":
         if eval_every > 0 and (step % eval_every == 0 or last) and test_items and not evaluated:
             model.eval()
             t0 = time.time()
-            with autocast_ctx:
+            with common.unsharded(model), autocast_ctx:  # each rank generates its own answers
                 last_eval = pass_rates(engine, test_items, num_samples=eval_samples, greedy=eval_greedy,
                                        chunk_size=my_share, max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_k=top_k, seed=seed, grader=grade, rank=rank, world_size=world_size,
@@ -192,7 +194,7 @@ if __name__ == "__main__":
         idx = step_indices(step, prompts_per_step, len(train_items), seed)[rank * my_share:(rank + 1) * my_share]
         problems = [train_items[i] for i in idx]
         model.eval()
-        with autocast_ctx:
+        with common.unsharded(model), autocast_ctx:
             groups = sample_groups(engine, [p for p, _ in problems], [a for _, a in problems],
                                    num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_k=top_k, seed=common.derive_seed(seed, "train", step, rank), grader=grade,
@@ -222,6 +224,12 @@ if __name__ == "__main__":
         batches = [(collate(rows[i:i + device_batch_size], device),
                     common.to_device(torch.tensor(row_adv[i:i + device_batch_size]), device))
                    for i in range(0, len(rows), device_batch_size)]
+        # every rank runs as many forward/backward passes as the busiest (from --zero=2 on each is a collective, and
+        # the optimisers need every rank's gradients): the others add blank ones, one token that trains nothing
+        most = int(common.all_max({"batches": len(batches)}, device)["batches"])
+        blank = (collate([make_row([tokenizer.bos_id], [tokenizer.bos_id], [0])], device),
+                 torch.zeros(1, device=device))
+        batches += [blank] * (most - len(batches))
 
         # ---- 3. the reference's log-probs (for the KL term), before any update
         ref_logps = []
@@ -251,9 +259,6 @@ if __name__ == "__main__":
                 sums["loss"] += loss.detach()
                 sums["kl"] += kl
                 sums["clipped"] += clipped.sum()
-            if not rows:  # this rank kept nothing but others did: join the optimisers' gradient averaging
-                for p in model.parameters():
-                    p.grad = torch.zeros_like(p)
             totals = common.all_sum({**sums, "gradient": common.largest_grad(model)}, device)  # the last epoch's
             common.check_finite(step + 1, totals, "--lr_scale")  # before the update: a diverged step never lands
             for opt in optimizers:

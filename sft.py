@@ -7,6 +7,7 @@ The loss is taken only on what the assistant writes (its text, its calculator ca
     python sft.py --mid=1                        # mid-training: every token trained, higher LR, saves a "mid" stage
     python sft.py --source=mid                   # then SFT on top of it
     torchrun --nproc_per_node=8 sft.py
+    torchrun --nproc_per_node=8 sft.py --zero=3      # optimiser states, gradients and weights sharded (as pretrain.py)
 
 The default mixture (data.load_conversations): the built-in chats and word problems, plus SmolTalk, GSM8K and MMLU
 when downloaded. Reads $PICOCHAT_DIR/checkpoints/<source>/, writes $PICOCHAT_DIR/checkpoints/sft/ (or mid/).
@@ -44,6 +45,7 @@ save_every = 0              # checkpoint every this many steps (0: only at the e
 resume = False
 device = ""
 dtype = ""                  # bfloat16 | float32 | "": bfloat16 on CUDA and AMX CPUs, else float32
+zero = 0                    # data parallelism: 0 replicated, 1 optimiser states sharded, 2 + gradients, 3 + weights
 seed = 42
 
 # -----------------------------------------------------------------------------
@@ -177,11 +179,11 @@ if __name__ == "__main__":
         y = common.to_device(torch.tensor([r[1] for r in rows], dtype=torch.long), device)  # (B, T)
         return x, y
 
-    # ---- optimisers
-    optimizers = model.setup_optimizers(weight_decay=weight_decay)
+    # ---- data parallelism and optimisers; a resume may run on another number of ranks (step_rows is the same)
+    optimizers = common.parallelize(model, zero, weight_decay=weight_decay)
     common.scale_lr(optimizers, lr_scale)
     step, history, _ = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
-        "world_size": world_size, "total_batch_size": total_batch_size}, history={"loss": [], "val_loss": []})
+        "total_batch_size": total_batch_size}, history={"loss": [], "val_loss": []})
 
     @torch.no_grad()
     def val_loss():
@@ -218,11 +220,12 @@ if __name__ == "__main__":
         last = step == num_steps
         if eval_every > 0 and (step % eval_every == 0 or last):
             model.eval()
-            last_val = val_loss()
-            history["val_loss"].append((step, last_val))
-            print0(f"step {step:05d} | val loss {last_val:.4f}")
-            if rank == 0 and not mid:
-                samples()
+            with common.unsharded(model):  # ranks may have different numbers of val rows; rank 0 alone samples
+                last_val = val_loss()
+                history["val_loss"].append((step, last_val))
+                print0(f"step {step:05d} | val loss {last_val:.4f}")
+                if rank == 0 and not mid:
+                    samples()
             model.train()
         if last:
             break

@@ -89,8 +89,8 @@ def test_checkpoint_roundtrip_latest_and_keep(tmp_base_dir):
     assert common.last_step(d) == 30
     assert sorted(os.listdir(d)) == ["meta_000020.json", "meta_000030.json", "model_000020.pt", "model_000030.pt",
                                      "optim_000020_rank0.pt", "optim_000030_rank0.pt"]
-    model_state, rank_state, meta = common.load_checkpoint(d)
-    assert model_state["w"].tolist() == [30.0, 30.0] and rank_state == {"pos": 30} and meta == {"step": 30}
+    model_state, rank_states, meta = common.load_checkpoint(d)  # every saved rank's state: here one
+    assert model_state["w"].tolist() == [30.0, 30.0] and rank_states == [{"pos": 30}] and meta == {"step": 30}
     # a step whose meta was never written (killed mid-save) does not count
     torch.save({"w": torch.zeros(2)}, os.path.join(d, "model_000040.pt"))
     assert common.last_step(d) == 30
