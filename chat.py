@@ -6,6 +6,7 @@ expression is evaluated in a sandbox and the result is forced in as <|output_sta
     python chat.py                                  # chat in the terminal (the rl model if there is one, else sft)
     python chat.py --source=sft --prompt="What is 12*7?"   # answer once and exit
     python chat.py --serve=1 --port=8000            # chat page at http://127.0.0.1:8000/, API at /v1
+    python chat.py --serve=1 --host=0.0.0.0 --api_key=KEY --allow_origin=https://app.example   # for others
 
 In the terminal, /clear starts a new conversation and /quit (or Ctrl-D) exits; Ctrl-C stops an answer. The server
 answers POST /v1/chat/completions (streaming or not), GET /v1/models and GET /health, and works with the official
@@ -15,33 +16,35 @@ clients:
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
     client.chat.completions.create(model="picochat", messages=[{"role": "user", "content": "Hi!"}])
 
+The server is this machine's by default: pages of other sites, other host names (DNS rebinding) and POSTs that are
+not JSON are refused (see ChatHandler).
+
 In replies, a calculator call is shown inline as <<expr=result>> (GSM8K's notation), or <<expr>> when the
 sandbox refused the expression. Assistant messages sent back to the server are read the same way, so a
 multi-turn conversation reaches the model exactly as it was generated.
 
-The same Engine generates for rl.py and evaluate.py:
-
-    engine = Engine(model, tokenizer)
-    engine.generate_batch([tokenizer.render_for_completion(messages)], num_samples=8, max_new_tokens=256)
-    # -> per prompt, per sample: (tokens, mask), mask 0 on the forced calculator outputs; a reply that ended
-    #    its turn ends with <|assistant_end|> (or <|bos|>)
+Generation, the calculator included, is model.py's Engine; this file only turns its tokens into text for people.
+The chat page is chat.html, next to this file.
 """
 
-import ast
 import glob
+import hmac
+import http
+import ipaddress
 import json
-import math
 import os
+import queue
 import re
+import select
+import socket
 import threading
 import time
+import urllib.parse
 import uuid
-import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-
 import common
-from model import generate
+from model import Engine
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
@@ -63,143 +66,17 @@ max_messages = 100
 max_message_chars = 16_000  # all messages of a request together
 max_tokens_limit = 2048
 max_temperature = 2.0
-
-# -----------------------------------------------------------------------------
-# The calculator. Arithmetic only: the expression is parsed with `ast` and evaluated by walking the tree, never
-# by eval(), so names, attributes, calls, subscripts, strings, lambdas and comprehensions cannot run at all.
-# Every intermediate value must stay within ±10**100 and an exponent within ±100 (checked before computing the
-# power), so an expression of at most 200 characters is at most ~100 cheap operations on small numbers: its
-# time is bounded by construction. Anything refused or failing (syntax, division by zero, too large) returns
-# None, and then nothing is forced: the model goes on writing by itself.
-
-CALC_MAX_CHARS = 200
-CALC_MAX_DIGITS = 100
-CALC_MAX_VALUE = 10**CALC_MAX_DIGITS
-CALC_MAX_EXPONENT = 100
-
-
-def _power(base, exponent):
-    # compute the size of the result from logarithms first: 9**9**9 must be refused, not attempted
-    if abs(exponent) > CALC_MAX_EXPONENT:
-        raise ValueError("exponent too large")
-    if base != 0 and abs(exponent * math.log10(abs(base))) > CALC_MAX_DIGITS:
-        raise ValueError("power too large")
-    return base ** exponent
-
-
-_BINARY = {
-    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
-    ast.Pow: _power,
-}
-_UNARY = {ast.UAdd: lambda a: +a, ast.USub: lambda a: -a}
-
-
-def _evaluate(node):
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):  # bool and complex are not numbers here
-        value = node.value
-    elif isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        value = _BINARY[type(node.op)](_evaluate(node.left), _evaluate(node.right))
-    elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        value = _UNARY[type(node.op)](_evaluate(node.operand))
-    else:
-        raise ValueError(f"{type(node).__name__} is not allowed")
-    # `not <=` also catches nan and inf; a complex number (a negative base to a fractional power) fails the type
-    if type(value) not in (int, float) or not abs(value) <= CALC_MAX_VALUE:
-        raise ValueError("result out of range")
-    return value
-
-
-def format_number(x):
-    """Integers as integers; floats with 6 significant digits (all the digits of the integer part are kept) and
-    no trailing zeros; scientific notation only for very small or very large floats."""
-    if isinstance(x, int):
-        return str(x)
-    if x.is_integer() and abs(x) < 1e15:
-        return str(int(x))
-    if not 1e-4 <= abs(x) < 1e15:
-        return f"{x:.6g}"
-    decimals = max(0, 5 - math.floor(math.log10(abs(x))))
-    return f"{x:.{decimals}f}".rstrip("0").rstrip(".")
-
-
-def calculator(expr):
-    """Evaluate an arithmetic expression in the sandbox: the result as text, or None if refused or failing."""
-    if not isinstance(expr, str) or len(expr) > CALC_MAX_CHARS:
-        return None
-    try:
-        with warnings.catch_warnings():  # e.g. "invalid decimal literal" for `1if`: a refusal, not news
-            warnings.simplefilter("ignore")
-            tree = ast.parse(expr.strip(), mode="eval")
-        return format_number(_evaluate(tree.body))
-    except Exception:  # nothing is executed, so every failure (SyntaxError, ZeroDivisionError, ...) means "no result"
-        return None
-
-# -----------------------------------------------------------------------------
-# The generation engine: model.generate with the calculator forced in, shared by chat, rl.py and evaluate.py.
-
-
-class Engine:
-    """Generates assistant replies with the calculator tool.
-
-    generate() streams: it yields once per decoding step a list with one entry per row (prompt-major: the
-    num_samples rows of prompt 0, then of prompt 1, ...), each `(token, forced)` or None once the row has
-    finished. A row finishes after <|assistant_end|> or <|bos|>, which are yielded (and kept by generate_batch):
-    RL learns to end its answers only if the end token is among the tokens it trains on."""
-
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.python_start, self.python_end, self.output_start, self.output_end, self.assistant_end = (
-            tokenizer.special(name) for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
-                                                 "<|output_end|>", "<|assistant_end|>"))
-        self.stop_tokens = (self.assistant_end, tokenizer.bos_id)
-
-    def prompt_ids(self, prompt):
-        """A prompt is token ids (from render_for_completion) or a conversation: a list of messages or
-        {"messages": [...]}, rendered up to the assistant's turn."""
-        if isinstance(prompt, dict):
-            prompt = prompt["messages"]
-        if prompt and isinstance(prompt[0], dict):
-            return self.tokenizer.render_for_completion(prompt)
-        return list(prompt)
-
-    def tool_output(self, row, generated):
-        """model.generate's `force` hook: after a sampled <|python_end|>, the calculator's answer to the
-        expression since the last <|python_start|>, as tokens to force in (None: nothing to force)."""
-        if not generated or generated[-1] != self.python_end or self.python_start not in generated:
-            return None
-        start = len(generated) - 1 - generated[::-1].index(self.python_start)
-        result = calculator(self.tokenizer.decode(generated[start + 1:-1]))
-        if result is None:
-            return None
-        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
-
-    def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
-                 seed=None, tools=True):
-        # the samples of a prompt are identical rows, and model.generate prefills identical rows once
-        rows = [ids for ids in map(self.prompt_ids, prompts) for _ in range(num_samples)]
-        yield from generate(self.model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop_tokens=self.stop_tokens, seed=seed, force=self.tool_output if tools else None)
-
-    def generate_batch(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
-                       seed=None, tools=True):
-        """Per prompt, per sample: (tokens, mask) of the generated reply, ending with the stop token when one
-        was generated within max_new_tokens; mask is 0 on forced calculator outputs, 1 on sampled tokens."""
-        rows = [([], []) for _ in range(len(prompts) * num_samples)]
-        for step_tokens in self.generate(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed,
-                                         tools):
-            for (tokens, mask), entry in zip(rows, step_tokens):
-                if entry is not None:
-                    tokens.append(entry[0])
-                    mask.append(0 if entry[1] else 1)
-        return [rows[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+max_connections = 64  # requests answered at once, streams included; one more gets HTTP 503 (a client still sending
+                      # its request does not count: slow senders cannot lock the others out)
+allow_origin = ""  # origins whose pages may use the server, comma-separated (https://app.example), or *; their
+                   # host names are then accepted in the Host header too. "": only this server's own page
+api_key = ""  # when set, /v1/ requests must send "Authorization: Bearer <api_key>" (the OpenAI clients' api_key)
 
 # -----------------------------------------------------------------------------
 # One reply as text, for the terminal and the server. Tool calls are shown inline as <<expr=result>>.
 
 def generation_context(device_type):
-    # autocast is per thread, so each server thread enters its own
+    # autocast is per thread, so the thread that generates enters its own
     return common.autocast(device_type, dtype)
 
 
@@ -225,10 +102,13 @@ class Reply:
     """One assistant reply being generated. Iterating yields its text piece by piece; afterwards `.text`,
     `.parts` (the message for the conversation history, from the tokens: stop strings cut only the text),
     `.num_tokens` and `.finish_reason` ("stop": the model ended its turn or a stop string appeared; "length":
-    max_new_tokens ran out) describe it."""
+    max_new_tokens ran out) describe it. abandoned() is asked before the first step and between steps: once it
+    says True (the client has gone) generation stops there."""
 
-    def __init__(self, engine, prompt_ids, max_new_tokens, temperature, top_k, top_p=1.0, seed=None, stop=()):
+    def __init__(self, engine, prompt_ids, max_new_tokens, temperature, top_k, top_p=1.0, seed=None, stop=(),
+                 abandoned=lambda: False):
         self.engine, self.prompt_ids, self.stop = engine, prompt_ids, [s for s in stop if s]
+        self.abandoned = abandoned
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=seed)
         self.text, self.parts, self.num_tokens, self.finish_reason = "", [], 0, "length"
@@ -277,7 +157,7 @@ class Reply:
         hold = max((len(s) - 1 for s in self.stop), default=0)  # text that could be the start of a stop string
         cut = False
         try:
-            for entries in steps:
+            for entries in steps if not self.abandoned() else ():
                 if entries[0] is None:
                     break
                 token = entries[0][0]
@@ -293,8 +173,10 @@ class Reply:
                 if len(self.text) - hold > sent:
                     yield self.text[sent:len(self.text) - hold]
                     sent = len(self.text) - hold
+                if self.abandoned():
+                    break
         finally:
-            steps.close()  # a client that went away stops the generation
+            steps.close()
         rest = self._close_part() + (">>" if self._in_call else "")
         if not cut:
             self.text += rest
@@ -302,101 +184,10 @@ class Reply:
             yield self.text[sent:]
 
 # -----------------------------------------------------------------------------
-# The web server: the chat page, the OpenAI-compatible API (/v1/chat/completions, /v1/models) and /health.
+# The web server: the chat page (chat.html), the OpenAI-compatible API (/v1/chat/completions, /v1/models) and
+# /health.
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>picochat</title><link rel="icon" href="data:,">
-<style>
-body { font-family: system-ui, sans-serif; max-width: 48rem; margin: 0 auto; padding: 1rem; height: 100vh;
-       box-sizing: border-box; display: flex; flex-direction: column; }
-#log { flex: 1; overflow-y: auto; }
-.msg { white-space: pre-wrap; padding: .5rem .75rem; margin: .5rem 0; border-radius: .5rem; }
-.user { background: #e3ecfd; margin-left: 4rem; }
-.assistant { background: #f1f1f1; margin-right: 4rem; }
-.error { color: #b00020; }
-form { display: flex; gap: .5rem; }
-textarea { flex: 1; font: inherit; padding: .5rem; resize: none; }
-</style></head>
-<body>
-<h3>picochat</h3>
-<div id="log"></div>
-<form id="form">
-  <textarea id="input" rows="2" placeholder="Message (Enter sends, Shift+Enter for a new line)" autofocus></textarea>
-  <button id="send">Send</button><button type="button" id="clear">New chat</button>
-</form>
-<script>
-const log = document.getElementById("log"), input = document.getElementById("input"),
-      send = document.getElementById("send");
-let messages = [];
-
-function show(role, text) {
-  const div = document.createElement("div");
-  div.className = "msg " + role;
-  div.textContent = text;
-  log.appendChild(div);
-  log.scrollTop = log.scrollHeight;
-  return div;
-}
-
-// read the server-sent events of a streaming completion, calling onText with each piece of the reply
-async function stream(response, onText) {
-  const reader = response.body.getReader(), decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const {value, done} = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, {stream: true});
-    const events = buffer.split("\\n\\n");
-    buffer = events.pop();
-    for (const event of events) {
-      const data = event.replace(/^data: /, "");
-      if (data === "[DONE]") return;
-      const chunk = JSON.parse(data);
-      if (chunk.error) throw new Error(chunk.error.message);
-      onText(chunk.choices[0].delta.content || "");
-    }
-  }
-}
-
-async function submit(event) {
-  event.preventDefault();
-  const text = input.value.trim();
-  if (!text || send.disabled) return;
-  send.disabled = true;
-  input.value = "";
-  messages.push({role: "user", content: text});
-  show("user", text);
-  const div = show("assistant", "");
-  let reply = "";
-  try {
-    const response = await fetch("/v1/chat/completions", {method: "POST",
-      headers: {"Content-Type": "application/json"}, body: JSON.stringify({messages, stream: true})});
-    if (!response.ok) throw new Error((await response.json()).error.message);
-    await stream(response, piece => { reply += piece; div.textContent = reply; log.scrollTop = log.scrollHeight; });
-    messages.push({role: "assistant", content: reply});
-  } catch (err) {
-    messages.pop();  // the question stays on screen but leaves the history: the next one is asked afresh
-    div.textContent = reply + " [error: " + err.message + "]";
-    div.classList.add("error");
-  }
-  send.disabled = false;
-  input.focus();
-}
-
-document.getElementById("form").addEventListener("submit", submit);
-input.addEventListener("keydown", e => { if (e.key === "Enter" && !e.shiftKey) submit(e); });
-document.getElementById("clear").addEventListener("click", () => {
-  messages = [];
-  log.replaceChildren();
-  input.focus();
-});
-// a link can ask the first question: /?q=What%20is%206*7%3F
-const question = new URLSearchParams(location.search).get("q");
-if (question) { input.value = question; submit(new Event("submit")); }
-</script>
-</body></html>
-"""
+PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 
 
 class ApiError(Exception):
@@ -475,25 +266,84 @@ def read_chat_request(body):
     return conversation, options
 
 
+def error_body(status, message, param=None, code=None):
+    """OpenAI's error object, the body of every error the server sends."""
+    return {"error": {"message": message, "param": param, "code": code,
+                      "type": "invalid_request_error" if status < 500 else "server_error"}}
+
+
+def allowed_origins():
+    """The --allow_origin setting as a set of origins ("scheme://host[:port]"), or {"*"}."""
+    origins = {o.strip().rstrip("/") for o in allow_origin.split(",") if o.strip()}
+    for origin in origins - {"*"}:
+        if not re.fullmatch(r"https?://[^/\s?#]+", origin):
+            raise SystemExit(f"error: --allow_origin takes origins like https://app.example or http://localhost:3000 "
+                             f"(comma-separated), or *; got {origin!r}")
+    return origins
+
+
 class ChatServer(ThreadingHTTPServer):
-    """The HTTP server around one Engine. Every request has its own thread, but generation is serialised by a
-    lock: one model serves all requests, one at a time (on a CPU, parallel requests would only share the same
-    cores; a GPU server wanting throughput would run a pool of model replicas instead). Waiting requests queue
-    on the lock, and the listen backlog is deep enough for a burst of clients."""
+    """The HTTP server around one Engine. Every request has its own thread, and one more thread runs the model:
+    it generates the replies one at a time, in order of arrival (on a CPU, parallel requests would only share the
+    same cores; a GPU server wanting throughput would run a pool of model replicas instead). A request's thread
+    waits for the pieces of its reply and writes them to its own client, so no socket write ever holds up the
+    model: a slow reader slows only itself. The model thread drops a reply whose client has gone, before it starts
+    and between two steps. The listen backlog is deep enough for a burst of clients."""
 
     request_queue_size = 128
 
     def __init__(self, engine, host="127.0.0.1", port=8000, model_name="picochat", device="cpu"):
         super().__init__((host, port), ChatHandler)
-        self.engine, self.model_name, self.device = engine, model_name, device
-        self.lock = threading.Lock()
+        self.engine, self.model_name, self.device, self.host = engine, model_name, device, host
+        self.jobs = queue.Queue()  # (Reply, the queue its pieces go to), in order of arrival; None ends the thread
+        self.answering, self.answering_lock = 0, threading.Lock()  # requests being answered, for max_connections
+        with open(PAGE_PATH, encoding="utf-8") as f:
+            self.page = f.read().encode()
+        threading.Thread(target=self.generate_forever, daemon=True).start()
+
+    def generate_forever(self):
+        """The model's thread: each reply's pieces go to its queue, then None; an error goes there instead."""
+        while (job := self.jobs.get()) is not None:
+            reply, pieces = job
+            try:
+                with generation_context(self.device):
+                    for piece in reply:
+                        pieces.put(piece)
+                pieces.put(None)
+            except Exception as error:  # the request's thread answers with it
+                pieces.put(error)
+
+    def server_close(self):
+        super().server_close()
+        self.jobs.put(None)
+
+    def host_allowed(self, host):
+        """Whether a Host header names this server: localhost, an IP address, --host, or the host of an allowed
+        origin. Any other name is how DNS rebinding reaches a local server (a page's own name, pointed at
+        127.0.0.1), so it is refused."""
+        name = urllib.parse.urlsplit("//" + host).hostname or ""
+        origins = allowed_origins()
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return "*" in origins or name in ("localhost", self.host.lower()) or \
+                name in {urllib.parse.urlsplit(o).hostname for o in origins}
+
+
+PATHS = ("/", "/health", "/v1/models", "/v1/chat/completions")
 
 
 class ChatHandler(BaseHTTPRequestHandler):
-    """One HTTP request. Every failure becomes a JSON error in OpenAI's shape and never reaches the server."""
+    """One HTTP request. Every failure becomes a JSON error in OpenAI's shape and never reaches the server.
+
+    Who may ask: a browser page from elsewhere may not drive the local model (its Origin must be this server's or
+    an --allow_origin one), a request must name this server as its Host (DNS rebinding), a POST must be
+    application/json (which a page cannot send elsewhere without asking first, CORS's preflight), and with
+    --api_key the API wants it as a Bearer token."""
 
     server_version = "picochat"
-    timeout = 60  # seconds a client may stall mid-request before its thread gives up on it
+    timeout = 60  # seconds a client may stall mid-request, or leave a reply unread, before its thread gives up
 
     def do_GET(self):
         self._handle({"/": self._page, "/health": self._health, "/v1/models": self._models})
@@ -501,43 +351,103 @@ class ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._handle({"/v1/chat/completions": self._chat_completions})
 
+    def do_OPTIONS(self):
+        self._handle({path: self._preflight for path in PATHS})
+
     def do_other(self):
         self._handle({})  # a JSON 405 on the known paths, 404 elsewhere (http.server would answer 501 in HTML)
 
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_other
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_TRACE = do_CONNECT = do_other
 
     def _handle(self, routes):
-        self.streaming = False
+        self.streaming, self.gone, counted = False, False, False
         try:
+            with self.server.answering_lock:
+                counted = self.server.answering < max_connections
+                self.server.answering += counted
+            if not counted:
+                raise ApiError(503, f"the server is answering {max_connections} requests already; try again later",
+                               code="server_busy")
             path = self.path.split("?", 1)[0]
+            self._check_access(path)
             if path in routes:
                 routes[path]()
-            elif path in ("/", "/health", "/v1/models", "/v1/chat/completions"):
+            elif path in PATHS:
                 raise ApiError(405, f"{self.command} is not allowed on {path}", code="method_not_allowed")
             else:
                 raise ApiError(404, f"unknown path {path}", code="not_found")
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True  # the client went away or stalled: nobody to answer
+            self.close_connection = self.gone = True  # the client went away or stalled: nobody to answer
         except Exception as error:
             if not isinstance(error, ApiError):
                 self.log_error("%s", f"{type(error).__name__}: {error}")
                 error = ApiError(500, f"internal error: {type(error).__name__}", code="internal_error")
-            body = {"error": {"message": error.message, "param": error.param, "code": error.code,
-                              "type": "invalid_request_error" if error.status < 500 else "server_error"}}
+            body = error_body(error.status, error.message, error.param, error.code)
             try:
                 if self.streaming:  # the 200 is already sent: the error travels as an event
                     self._event(body)
                 else:
                     self._json(body, error.status)
             except OSError:
-                self.close_connection = True
+                self.close_connection = self.gone = True
+        finally:
+            with self.server.answering_lock:
+                self.server.answering -= counted
+
+    def _check_access(self, path):
+        host, origin = self.headers.get("Host"), self.headers.get("Origin")
+        if host is not None and not self.server.host_allowed(host):
+            raise ApiError(403, f"Host {host!r} is not this server's name; to serve under it, start the server with "
+                                f"--allow_origin=http://{host}", code="forbidden")
+        if origin is not None and not self._origin_allowed(origin):
+            raise ApiError(403, f"pages from {origin} may not use this server; to allow them, start it with "
+                                f"--allow_origin={origin}", code="forbidden")
+        key = f"Bearer {api_key}"
+        if api_key and path.startswith("/v1/") and self.command != "OPTIONS" and \
+                not hmac.compare_digest(self.headers.get("Authorization", "").encode(), key.encode()):
+            raise ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def _origin_allowed(self, origin):
+        origins = allowed_origins()
+        return origin == f"http://{self.headers.get('Host')}" or "*" in origins or origin in origins
+
+    def _cross_origin(self):
+        """The request's Origin when it is another site that --allow_origin lets in (it gets the CORS headers)."""
+        origin = getattr(self, "headers", None) and self.headers.get("Origin")
+        if origin and origin != f"http://{self.headers.get('Host')}" and self._origin_allowed(origin):
+            return origin
+        return None
+
+    def end_headers(self):
+        if self._cross_origin():  # every answer to an allowed page carries them, errors included
+            self.send_header("Access-Control-Allow-Origin", self._cross_origin())
+            self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a malformed request line, a URI or headers too long, an unknown method, an
+        HTTP version it does not speak) in the API's JSON shape, not the standard library's HTML page."""
+        status = http.HTTPStatus(code)
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # the request line was not understood: answer in HTTP/1.0 anyway
+            self.request_version = "HTTP/1.0"
+        data = json.dumps(error_body(code, message or status.phrase, code=status.name.lower())).encode()
+        self.send_response(code, message)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _send(self, status, content_type, data):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD answer has the headers of the body, never the body
+            self.wfile.write(data)
 
     def _json(self, obj, status=200):
         self._send(status, "application/json", json.dumps(obj).encode())
@@ -547,7 +457,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _page(self):
-        self._send(200, "text/html; charset=utf-8", PAGE.encode())
+        self._send(200, "text/html; charset=utf-8", self.server.page)
 
     def _health(self):
         self._json({"status": "ok"})
@@ -556,7 +466,21 @@ class ChatHandler(BaseHTTPRequestHandler):
         self._json({"object": "list", "data": [{"id": self.server.model_name, "object": "model", "created": 0,
                                                 "owned_by": "picochat"}]})
 
+    def _preflight(self):
+        """CORS's preflight: an allowed page asks before it POSTs JSON (other origins were refused already)."""
+        self.send_response(204)
+        self.send_header("Allow", "GET, POST, OPTIONS")
+        if self._cross_origin():
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
+        self.end_headers()
+
     def _read_body(self):
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, got {content_type or 'none'}",
+                           code="unsupported_media_type")
         # the size is checked before reading: an oversize body is refused without being received
         length = self.headers.get("Content-Length")
         if length is None:
@@ -569,6 +493,27 @@ class ChatHandler(BaseHTTPRequestHandler):
                            code="request_too_large")
         return self.rfile.read(int(length))
 
+    def _client_gone(self):
+        """Whether this request's client has gone: a write to it failed, or it hung up (its socket reads as end
+        of file; its request was read in full, so nothing more is expected from it). The model thread asks between
+        two steps: a select and a peek, no waiting."""
+        if self.gone:
+            return True
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):  # reset, or already closed
+            return True
+
+    def _reply_pieces(self, reply):
+        """The reply's text pieces as the model thread makes them; an error there is raised here."""
+        pieces = queue.Queue()
+        self.server.jobs.put((reply, pieces))
+        while (piece := pieces.get()) is not None:
+            if isinstance(piece, Exception):
+                raise piece
+            yield piece
+
     def _chat_completions(self):
         conversation, options = read_chat_request(self._read_body())
         engine = self.server.engine
@@ -579,12 +524,11 @@ class ChatHandler(BaseHTTPRequestHandler):
                                 f"context of {engine.model.config.sequence_len}", "messages", "context_length_exceeded")
         stream = options.pop("stream")
         options["max_new_tokens"] = min(options["max_new_tokens"], room)
-        reply = Reply(engine, prompt_ids, top_k=top_k, **options)
+        reply = Reply(engine, prompt_ids, top_k=top_k, abandoned=self._client_gone, **options)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.server.model_name}
         if not stream:
-            with self.server.lock, generation_context(self.server.device):
-                for _ in reply:
-                    pass
+            for _ in self._reply_pieces(reply):
+                pass
             self._json({**head, "object": "chat.completion", "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": reply.text},
                  "finish_reason": reply.finish_reason}],
@@ -602,9 +546,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             self._event({**head, "object": "chat.completion.chunk",
                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
         chunk({"role": "assistant", "content": ""})
-        with self.server.lock, generation_context(self.server.device):
-            for piece in reply:
-                chunk({"content": piece})
+        for piece in self._reply_pieces(reply):
+            chunk({"content": piece})
         chunk({}, reply.finish_reason)
         self._event("[DONE]")
 
@@ -663,6 +606,9 @@ if __name__ == "__main__":
     common.configure(globals())
     if source not in ("", "base", "sft", "rl"):
         raise SystemExit(f"error: --source must be base, sft or rl, got {source!r}")
+    if not 0 <= port <= 65535:
+        raise SystemExit(f"error: --port must be from 0 to 65535 (0: any free port), got {port}")
+    allowed_origins()  # a malformed --allow_origin is refused before the model loads
     if not source:
         source = "rl" if glob.glob(os.path.join(common.get_base_dir(), "checkpoints", "rl", "*", "meta_*.json")) \
             else "sft"

@@ -1,28 +1,41 @@
 """
 Shared plumbing for every picochat stage: the --key=value configurator, device and distributed setup,
-atomic file writes, checkpoints, and the report sections each stage leaves behind.
+atomic file writes, checkpoints, the skeleton of a training stage, and the report sections each stage leaves.
 
-Nothing here knows about a particular stage. A stage script does, in order:
+Nothing here knows about a particular stage. A training stage (pretrain.py, sft.py, rl.py, dpo.py) does, in order:
 
     config = common.configure(globals())          # module globals <- config file and --key=value
-    ddp, rank, local_rank, world_size, device = common.setup_device(device)
-    ...
-    common.save_checkpoint(common.checkpoint_dir("base", tag), step, model.state_dict(), rank_state, meta, rank)
-    common.teardown()
+    rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
+    grad_accum_steps = common.grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size)
+    optimizers = common.parallelize(model, zero, ...)  # data parallelism at --zero level 0-3, the optimisers
+    ...                                           # its training loop: common.set_lr, common.all_sum
+    common.save_stage(ckpt_dir, step, model, optimizers, rank, meta)
+    common.finish_stage("base", report_section, rank)
 """
 
 import ast
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
+import pickle
+import platform
+import random
 import re
+import subprocess
 import sys
 import tempfile
+import warnings
+from dataclasses import asdict
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from model import GPT, GPTConfig, is_dtensor, param_floor
 
 # -----------------------------------------------------------------------------
 # The artifacts directory: everything a run produces lives under it.
@@ -79,11 +92,53 @@ def parse_value(key, raw, default):
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         raise SystemExit(f"error: --{key} expects {want.__name__}, got {raw!r}") from None
-    if want is float and type(value) in (int, float):
-        return float(value)
+    return check_value(key, value, default, raw)
+
+
+def check_value(key, value, default, shown):
+    """A setting's value (a Python literal) if it has the type of the default; else exit with one line. A float
+    must be finite: `--matrix_lr=1e999` reads as inf, and a run with it writes a NaN model."""
+    want = type(default)
+    if want is bool and type(value) is int and value in (0, 1):
+        value = bool(value)  # a config file may say 1/0, as the command line does
+    if want is float and type(value) is int:
+        value = float(value)
     if type(value) is not want:  # bool is not accepted for an int: `--depth=True` is a mistake
-        raise SystemExit(f"error: --{key} expects {want.__name__}, got {raw!r}")
+        kind = "a bool (1/0/true/false)" if want is bool else want.__name__
+        raise SystemExit(f"error: --{key} expects {kind}, got {shown!r}")
+    if want is float and not math.isfinite(value):
+        raise SystemExit(f"error: --{key} must be a finite number, got {shown!r}")
     return value
+
+
+def read_config_file(path, defaults):
+    """The settings of a config file, {key: value}. The file is read as data, never run: it may hold only
+    `key = value` lines with literal values (numbers, strings, True/False), comments and blank lines."""
+    valid = ", ".join(sorted(defaults))
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        tree = ast.parse(source, filename=path)
+    except SyntaxError as e:
+        raise SystemExit(f"error: config file {path}, line {e.lineno}: {e.msg} (a config file holds "
+                         f"`key = value` lines)") from None
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, NUL bytes
+        raise SystemExit(f"error: cannot read config file {path}: {e}") from None
+    settings = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise SystemExit(f"error: config file {path}, line {node.lineno}: only `key = value` lines are allowed "
+                             f"(the file is read as data, never run)")
+        key = node.targets[0].id
+        if key not in defaults:
+            raise SystemExit(f"error: unknown config key '{key}' in {path}, line {node.lineno}; valid keys: {valid}")
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            raise SystemExit(f"error: config file {path}, line {node.lineno}: the value of {key} must be a literal "
+                             f"(a number, a string, True or False), not an expression") from None
+        settings[key] = check_value(key, value, defaults[key], ast.get_source_segment(source, node.value))
+    return settings
 
 
 def configure(g, argv=None):
@@ -98,18 +153,9 @@ def configure(g, argv=None):
                 print(f"  --{k}={defaults[k]!r}")
             raise SystemExit(0)
         if not arg.startswith("--"):
-            # a config file: plain Python assigning some of the settings
             if not os.path.isfile(arg):
                 raise SystemExit(f"error: config file {arg!r} not found (settings are given as --key=value)")
-            file_globals = {}
-            with open(arg) as f:
-                exec(f.read(), file_globals)
-            for key, value in file_globals.items():
-                if key.startswith("_"):
-                    continue
-                if key not in defaults:
-                    raise SystemExit(f"error: unknown config key '{key}' in {arg}; valid keys: {valid}")
-                g[key] = parse_value(key, repr(value) if not isinstance(value, str) else value, defaults[key])
+            g.update(read_config_file(arg, defaults))
             continue
         key, sep, raw = arg[2:].partition("=")  # partition: values may themselves contain '='
         if key not in defaults:
@@ -120,6 +166,16 @@ def configure(g, argv=None):
     config = config_keys(g)
     print0("config: " + " ".join(f"{k}={config[k]!r}" for k in sorted(config)))
     return config
+
+
+def check_settings(config, positive=(), non_negative=(), fraction=()):
+    """Refuse, in one line naming each, the settings out of their range: those that must be > 0 (learning rates,
+    sizes), >= 0 or within [0, 1] (ratios). Before anything is spent; configure has refused inf and nan already."""
+    errors = [f"--{k} must be > 0, got {config[k]}" for k in positive if not config[k] > 0]
+    errors += [f"--{k} must be >= 0, got {config[k]}" for k in non_negative if not config[k] >= 0]
+    errors += [f"--{k} must be within [0, 1], got {config[k]}" for k in fraction if not 0 <= config[k] <= 1]
+    if errors:
+        raise SystemExit("error: " + "; ".join(errors))
 
 
 # -----------------------------------------------------------------------------
@@ -136,8 +192,15 @@ def setup_device(device=""):
             device = "mps"
         else:
             device = "cpu"
-    if device not in ("cuda", "mps", "cpu") and not device.startswith("cuda:"):
+    if not re.fullmatch(r"cuda(:\d+)?|mps|cpu", device):
         raise SystemExit(f"error: --device must be cuda, mps or cpu, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={device} but this torch finds no CUDA GPU (torch {torch.__version__}); "
+                         f"use --device=cpu, or leave --device empty for the best available")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device={device} but there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device=mps but MPS (Apple GPU) is not available here; use --device=cpu")
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
@@ -167,9 +230,42 @@ def teardown():
         dist.destroy_process_group()
 
 
+def all_sum(numbers, device):
+    """Sum named numbers over ranks: {name: number or 0-dim tensor} -> {name: float}; without DDP they come back as
+    they are. Tensors stay where they are computed until here, and all of them are read in one go: a training
+    step that keeps its losses on the GPU and calls this once syncs the host once, not once per micro-batch.
+    One all-reduce for all of them; device: where this rank's collectives run (a CUDA device under NCCL)."""
+    tensors = {name: value.detach().reshape(()) for name, value in numbers.items() if torch.is_tensor(value)}
+    floats = {name: float(value) for name, value in numbers.items() if name not in tensors}
+    if dist.is_initialized():
+        host = torch.tensor(list(floats.values()), dtype=torch.float64)  # (F,)
+        t = torch.cat([to_device(host, device), *(v.to(device, torch.float64)[None] for v in tensors.values())])
+        dist.all_reduce(t)
+        summed = dict(zip([*floats, *tensors], t.tolist()))
+    else:
+        read = torch.stack([v.double() for v in tensors.values()]).tolist() if tensors else []  # the one host read
+        summed = {**floats, **dict(zip(tensors, read))}
+    return {name: summed[name] for name in numbers}
+
+
+def to_device(tensor, device):
+    """A host tensor (a batch) on `device` without stalling the host: on CUDA through pinned memory and
+    non_blocking, because a plain .to() from pageable memory waits for the copy (a host sync per batch)."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def all_max(numbers, device):
+    """The largest of named numbers over ranks: {name: number} -> {name: float}, as all_sum."""
+    if not dist.is_initialized():
+        return {name: float(value) for name, value in numbers.items()}
+    t = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device)  # (N,)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(numbers, t.tolist()))
+
+
 def seed_everything(seed):
-    import random
-    import numpy as np
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -248,11 +344,16 @@ def checkpoint_dir(stage, model_tag):
     return os.path.join(get_base_dir(), "checkpoints", stage, model_tag)
 
 
+def all_steps(ckpt_dir):
+    """The complete steps in ckpt_dir (those with a meta file), in order."""
+    return sorted(int(m.group(1)) for p in glob.glob(os.path.join(ckpt_dir, "meta_*.json"))
+                  if (m := re.search(r"meta_(\d+)\.json$", p)))
+
+
 def last_step(ckpt_dir):
     """The latest complete step in ckpt_dir, or None."""
-    steps = [int(m.group(1)) for p in glob.glob(os.path.join(ckpt_dir, "meta_*.json"))
-             if (m := re.search(r"meta_(\d+)\.json$", p))]
-    return max(steps) if steps else None
+    steps = all_steps(ckpt_dir)
+    return steps[-1] if steps else None
 
 
 def save_checkpoint(ckpt_dir, step, model_state, rank_state, meta, rank=0, keep=2):
@@ -267,8 +368,7 @@ def save_checkpoint(ckpt_dir, step, model_state, rank_state, meta, rank=0, keep=
         dist.barrier()  # every rank's file is on disk before the meta makes the step visible
     if rank == 0:
         atomic_write_text(os.path.join(ckpt_dir, f"meta_{step:06d}.json"), json.dumps(meta, indent=2))
-        steps = sorted(int(m.group(1)) for p in glob.glob(os.path.join(ckpt_dir, "meta_*.json"))
-                       if (m := re.search(r"meta_(\d+)\.json$", p)))
+        steps = all_steps(ckpt_dir)
         for old in steps[:-keep] if keep > 0 else []:
             os.remove(os.path.join(ckpt_dir, f"meta_{old:06d}.json"))  # meta first: the step vanishes at once
             for p in glob.glob(os.path.join(ckpt_dir, f"*_{old:06d}*.pt")):
@@ -277,42 +377,134 @@ def save_checkpoint(ckpt_dir, step, model_state, rank_state, meta, rank=0, keep=
         dist.barrier()
 
 
-def load_checkpoint(ckpt_dir, step=-1, rank=0, device="cpu", load_rank_state=True):
-    """Returns (model_state, rank_state or None, meta) of `step` (-1: the latest)."""
-    if step < 0:
-        step = last_step(ckpt_dir)
-        if step is None:
-            raise SystemExit(f"error: no checkpoint in {ckpt_dir}")
-    meta_path = os.path.join(ckpt_dir, f"meta_{step:06d}.json")
-    if not os.path.exists(meta_path):
-        raise SystemExit(f"error: no checkpoint for step {step} in {ckpt_dir}")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    model_state = torch.load(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), map_location=device)
-    rank_state = None
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def read_torch_file(path, device="cpu"):
+    """A .pt file of tensors and plain data (dicts, lists, numbers, strings), as every checkpoint file is.
+    weights_only=True builds nothing else, so a file that asks for any other object (a pickle payload that would
+    run code) is refused before anything of it runs. Raises ValueError naming the file and what is wrong."""
+    name = os.path.basename(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{name} is missing")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. on a pickle protocol torch does not write: it is refused anyway
+            return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        wanted = re.search(r"GLOBAL (\S+)", str(e))
+        raise ValueError(f"{name} was refused: it holds more than tensors and plain data"
+                         + (f" (it asks for {wanted[1]})" if wanted else "") + ", as a crafted or foreign file "
+                         "does") from None
+    except Exception as e:  # anything a truncated, emptied or garbage file makes torch.load raise
+        raise ValueError(f"{name} is unreadable, truncated or not a checkpoint ({type(e).__name__}: "
+                         f"{first_line(e)})") from None
+
+
+def read_step(ckpt_dir, step, rank, device, load_rank_state):
+    """(model_state, rank_states or None, meta) of one step, each file checked; ValueError names a damaged one.
+    rank_states: every saved rank's own state, in rank order (rank 0's also holds the whole optimiser states), on
+    the CPU (each rank moves only its share onto its device); the saved run may have had another number of ranks."""
+    name = f"meta_{step:06d}.json"
+    try:
+        with open(os.path.join(ckpt_dir, name), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name} is unreadable ({first_line(e)})") from None
+    if not isinstance(meta, dict) or meta.get("step") != step:
+        raise ValueError(f"{name} is not the meta of step {step}")
+    model_state = read_torch_file(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), device)
+    if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
+        raise ValueError(f"model_{step:06d}.pt is not a model's weights")
+    rank_states = None
     if load_rank_state:
-        path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
-        if not os.path.exists(path):
-            raise SystemExit(f"error: {path} is missing: was this checkpoint saved with another world size?")
-        rank_state = torch.load(path, map_location=device, weights_only=False)
-    return model_state, rank_state, meta
+        rank_states = []
+        for r in range(meta.get("world_size", 1)):
+            path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{r}.pt")
+            rank_states.append(read_torch_file(path))
+            if not isinstance(rank_states[-1], dict):
+                raise ValueError(f"{os.path.basename(path)} is not a rank's state")
+    return model_state, rank_states, meta
+
+
+def load_checkpoint(ckpt_dir, step=-1, rank=0, device="cpu", load_rank_state=True, validate=None):
+    """Returns (model_state, rank_states or None, meta) of `step`, or of the latest intact step (-1); rank_states:
+    every saved rank's own state (read_step).
+
+    Every file is checked before anything uses it (read_step), then validate(model_state, rank_state, meta) may
+    raise ValueError (e.g. weights that do not fit their model). A damaged latest step is reported in one line
+    and the step before it is tried, and so on; a damaged step asked for by number, or no intact step at all, is
+    a one-line error. With load_rank_state (a resume, which every rank does) the ranks agree on the step."""
+    steps = [step] if step >= 0 else all_steps(ckpt_dir)[::-1]
+    if not steps:
+        raise SystemExit(f"error: no checkpoint in {ckpt_dir}")
+    if not os.path.exists(os.path.join(ckpt_dir, f"meta_{steps[0]:06d}.json")):
+        raise SystemExit(f"error: no checkpoint for step {step} in {ckpt_dir}")
+    for s in steps:
+        try:
+            loaded = read_step(ckpt_dir, s, rank, device, load_rank_state)
+            if validate is not None:
+                validate(*loaded)
+            damage = ""
+        except ValueError as e:
+            damage = str(e)
+        if load_rank_state and all_sum({"damaged": bool(damage)}, device)["damaged"]:
+            damage = damage or "another rank's file of it is damaged"
+        if not damage:
+            return loaded
+        if step >= 0:
+            raise SystemExit(f"error: step {s} of {ckpt_dir} is damaged: {damage}")
+        print0(f"warning: step {s} of {ckpt_dir} is damaged ({damage}); falling back to the step before it")
+    raise SystemExit(f"error: no intact checkpoint in {ckpt_dir}: every step is damaged; train again, or delete "
+                     f"the folder")
 
 
 def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
-    """Restore the latest checkpoint of ckpt_dir into model and optimizers, after checking that the settings a
-    resume depends on agree. must_match: {name: this run's value}, compared with the meta's `name` (or its
-    config's). Returns (meta, rank_state); the caller restores what else it saved (data position, history)."""
-    model_state, rank_state, meta = load_checkpoint(ckpt_dir, rank=rank, device=device)
-    for name, ours in must_match.items():
-        saved = meta[name] if name in meta else meta["config"].get(name)
-        if saved != ours:
-            raise SystemExit(f"error: the checkpoint in {ckpt_dir} is of another {name.replace('_', ' ')} "
-                             f"({saved!r}, this run {ours!r}); resume with the same settings or another --model_tag")
-    model.load_state_dict(model_state)
-    for opt, opt_state in zip(optimizers, rank_state["optimizers"]):
-        opt.load_state_dict(opt_state)
+    """Restore the latest intact checkpoint of ckpt_dir into model and optimizers, after checking that the
+    settings a resume depends on agree. must_match: {name: this run's value}, compared with the meta's `name`
+    (or its config's). The model and optimizers may be sharded at any --zero level, on another number of ranks
+    than the saved run: the checkpoint holds them whole and each rank takes its share. Returns (meta,
+    rank_states): every saved rank's own state, from which the caller restores what else it saved (data
+    position)."""
+    def restore(model_state, rank_states, meta):
+        for name, ours in must_match.items():
+            saved = meta[name] if name in meta else meta.get("config", {}).get(name)
+            if saved != ours:
+                raise SystemExit(f"error: the checkpoint in {ckpt_dir} is of another {name.replace('_', ' ')} "
+                                 f"({saved!r}, this run {ours!r}); resume with the same settings or another "
+                                 f"--model_tag")
+        try:  # a damaged step may leave the model half-loaded: the step before it then loads over all of it
+            if is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gives each rank its slices
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+                set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+            else:
+                model.load_state_dict(model_state)
+            for opt, opt_state in zip(optimizers, rank_states[0]["optimizers"], strict=True):
+                ours = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+                opt.load_state_dict(opt_state)
+                # load_state_dict brings back the saved learning rates too; this run's settings win, so that a
+                # run that diverged can resume with a lower one (the same settings give the same values)
+                for group, settings in zip(opt.param_groups, ours, strict=True):
+                    group.update(settings)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"it does not fit this model and its optimisers ({first_line(e)})") from None
+
+    _, rank_states, meta = load_checkpoint(ckpt_dir, rank=rank, device=device, validate=restore)
     print0(f"resumed from {ckpt_dir} at step {meta['step']}")
-    return meta, rank_state
+    return meta, rank_states
+
+
+def resume_stage(resume, ckpt_dir, model, optimizers, rank, device, must_match, history):
+    """Where a stage's loop starts: (step, history, rank_states). With resume and a checkpoint in ckpt_dir, those of
+    the latest one, restored into model and optimizers by resume_checkpoint (rank_states: every saved rank's own
+    state, see there); else step 0, the given history and None."""
+    if resume and last_step(ckpt_dir) is not None:
+        meta, rank_states = resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match)
+        return meta["step"], meta["history"], rank_states
+    if resume:
+        print0(f"nothing to resume in {ckpt_dir}: starting from step 0")
+    return 0, history, None
 
 
 def find_model_tag(stage, model_tag=""):
@@ -328,11 +520,22 @@ def find_model_tag(stage, model_tag=""):
 
 
 def load_model(stage, device="cpu", model_tag="", step=-1):
-    """Build the model of a saved stage (base/sft/rl) with its tokenizer. Returns (model, tokenizer, meta)."""
-    from model import GPT, GPTConfig
-    from tokenizer import load_tokenizer
+    """Build the model of a saved stage (base/sft/rl) with its tokenizer. Returns (model, tokenizer, meta).
+    step -1: the latest intact step (a damaged one is reported, and the one before it loaded)."""
+    from tokenizer import load_tokenizer  # here, not at the top: tokenizer.py imports this module
     ckpt_dir = checkpoint_dir(stage, find_model_tag(stage, model_tag))
-    model_state, _, meta = load_checkpoint(ckpt_dir, step, device=device, load_rank_state=False)
+
+    built = []  # the model of the step that loads
+
+    def build(model_state, _, meta):
+        try:
+            model = GPT(GPTConfig(**meta["model_config"]))
+            model.load_state_dict(model_state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"its weights do not fit its model config ({first_line(e)})") from None
+        built.append(model)
+
+    _, _, meta = load_checkpoint(ckpt_dir, step, device=device, load_rank_state=False, validate=build)
     try:
         tokenizer = load_tokenizer()
     except (FileNotFoundError, ValueError) as e:
@@ -340,8 +543,7 @@ def load_model(stage, device="cpu", model_tag="", step=-1):
     if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
         raise SystemExit(f"error: {ckpt_dir} was trained with another tokenizer than the one in "
                          f"{os.path.join(get_base_dir(), 'tokenizer')}")
-    model = GPT(GPTConfig(**meta["model_config"]))
-    model.load_state_dict(model_state)
+    model = built[-1]
     model.to(device)
     model.eval()
     print0(f"loaded {stage} model from {ckpt_dir} (step {meta['step']})")
@@ -349,14 +551,258 @@ def load_model(stage, device="cpu", model_tag="", step=-1):
 
 
 # -----------------------------------------------------------------------------
+# The stage skeleton: what every training stage does around its loop, in the order it does it. The loop itself
+# stays in the stage's script.
+
+
+class Stage(NamedTuple):
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: str  # the compute dtype, resolved: bfloat16 or float32
+    autocast: contextlib.AbstractContextManager  # bf16 autocast, or a no-op for float32
+
+
+def start_stage(device="", dtype="", seed=0):
+    """A stage's start: the device (joining the process group under torchrun), the seed (the same on every rank)
+    and the compute dtype with its autocast context."""
+    _, rank, _, world_size, device = setup_device(device)
+    seed_everything(seed)
+    dtype = resolve_dtype(device, dtype)
+    print0(f"compute dtype: {dtype}")
+    return Stage(rank, world_size, device, dtype, autocast(device, dtype))
+
+
+def grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size):
+    """Micro-batches per rank and step, so that a step is total_batch_size tokens whatever the number of
+    processes; a total that does not divide is a one-line error."""
+    sizes = {"total_batch_size": total_batch_size, "device_batch_size": device_batch_size, "max_seq_len": max_seq_len}
+    for name, value in sizes.items():
+        if value < 1:  # 0 divides by zero, a negative size makes a negative number of micro-batches
+            raise SystemExit(f"error: --{name} must be at least 1, got {value}")
+    tokens_per_micro_step = device_batch_size * max_seq_len * world_size
+    if total_batch_size % tokens_per_micro_step:
+        raise SystemExit(f"error: --total_batch_size={total_batch_size} is not a multiple of device_batch_size * "
+                         f"max_seq_len * world_size = {tokens_per_micro_step}")
+    return total_batch_size // tokens_per_micro_step
+
+
+def parallelize(model, zero=0, **optimizer_settings):
+    """Data parallelism for a stage's model at ZeRO level `zero`, and its optimisers (model.setup_optimizers with
+    optimizer_settings): 0 replicates everything (the optimisers average the gradients), 1 shards the optimiser
+    states, 2 the gradients too, 3 the weights too, with FSDP2: the embedding (unless tied to the head) and each
+    block are units of their own (a unit's whole weights exist only around its forward and its backward), the
+    head and the rest the root's (the kernels' fused loss reads the head's weight outside its forward). model.py's Optimisers say who
+    holds what. Every rank runs as many forward/backward passes from level 2 on (each is a collective), and
+    evaluation or generation that differs by rank runs inside `unsharded(model)`. One process has nothing to
+    shard: the level changes nothing."""
+    if zero not in (0, 1, 2, 3):
+        raise SystemExit(f"error: --zero must be 0, 1, 2 or 3, got {zero}")
+    if zero and not dist.is_initialized():
+        print0(f"note: --zero={zero} shards over processes (torchrun); one process holds everything")
+        zero = 0
+    if zero == 3:  # imported here: torch's sharding engines cost about 1 s of CPU to import (model.py, Optimisers)
+        from torch.distributed.fsdp import fully_shard
+        tied = model.config.tie_embeddings  # a tied embedding is the head too: it stays the root's
+        for unit in ([] if tied else [model.transformer.wte]) + list(model.transformer.h):
+            fully_shard(unit)
+        fully_shard(model)
+    return model.setup_optimizers(**optimizer_settings, zero=zero)
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """The model's whole weights on every rank for a while, so that ranks may run different forward passes (each
+    its own generations, or rank 0 alone its samples) without the all-gathers of --zero=3, at the memory of one
+    whole model; a no-op at the other levels. Every rank must enter it."""
+    if not is_dtensor(next(model.parameters())):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)  # fully_shard's defaults: the blocks reshard, the root keeps its own
+        model.set_reshard_after_forward(False, recurse=False)
+        for unit in units:
+            unit.reshard()
+
+
+def optimizer_state_bytes(optimizers):
+    """Bytes of optimiser state this rank holds (its share from --zero=1 on)."""
+    total = 0
+    for opt in optimizers:
+        for state in opt.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    value = value.to_local() if is_dtensor(value) else value  # a slice: --zero=3
+                    total += value.numel() * value.element_size()
+    return total
+
+
+def derive_seed(seed, purpose, step=0, rank=0):
+    """The one seed rule: the seed of one random stream (what it is for, at which step, on which rank), a hash of
+    them and the run's seed. Streams never share a seed, and each is the same after a resume."""
+    digest = hashlib.sha256(f"{seed}/{purpose}/{step}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: random.Random and torch.Generator both take it
+
+
+def scale_lr(optimizers, factor):
+    """Scale the learning rates a schedule starts from (fine-tuning stages train at lr_scale times the defaults)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["initial_lr"] * factor
+
+
+def set_lr(optimizers, multiplier):
+    """One step of a schedule: every param group's lr is its initial_lr times the multiplier."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+def largest_grad(model):
+    """The largest gradient entry in absolute value, a 0-dim tensor on the gradients' device (no host sync):
+    inf or nan when any entry is. The max norm cannot overflow as a sum of squares of large gradients would. From
+    --zero=2 on, of this rank's share of the gradients: summed over ranks (all_sum) it is still finite only when
+    every entry is."""
+    return largest_entry(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def largest_entry(tensors):
+    """The largest entry in absolute value of tensors (their local slices at --zero=3), a 0-dim tensor."""
+    return torch.nn.utils.get_total_norm([t.to_local() if is_dtensor(t) else t for t in tensors], float("inf"))
+
+
+def check_finite(step, totals, settings):
+    """Stop a diverged run. totals: the step's numbers after all_sum (e.g. {"loss": ..., "gradient":
+    largest_grad}): a sum is inf or nan when any rank's is, so every rank stops at the same step. A run that
+    went on would save a NaN model, and pruning would delete the good checkpoints before it. settings: the
+    stage's learning-rate settings, to name in the error."""
+    bad = [f"the {name} is {value}" for name, value in totals.items() if not math.isfinite(value)]
+    if bad:
+        raise SystemExit(f"error: step {step}: the run diverged ({', '.join(bad)}); nothing was saved. Try lower "
+                         f"learning rates ({settings}) or --dtype=float32, then --resume=1 continues from the last "
+                         f"checkpoint")
+
+
+def check_model_fits(model_config, device):
+    """Refuse a model too large for the device before allocating it (GPT(...) would fail deep in torch, or the
+    machine would swap)."""
+    num_params = param_floor(model_config)
+    needed = 12 * num_params  # fp32 weights, their gradients and at least one optimiser state
+    device = torch.device(device)
+    if device.type == "cuda":
+        memory, where = torch.cuda.get_device_properties(device).total_memory, f"{device} has"
+    else:
+        memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+    if needed > memory:
+        raise SystemExit(f"error: the model has at least {num_params:.3g} parameters (n_layer={model_config.n_layer}, "
+                         f"n_embd={model_config.n_embd}): training it needs at least {needed / 2**30:,.0f} GiB and "
+                         f"{where} {memory / 2**30:,.0f} GiB; choose a smaller --depth")
+    return num_params
+
+
+def save_stage(ckpt_dir, step, model, optimizers, rank, meta, rank_state=None):
+    """A stage's checkpoint at `step`: the model and the optimiser states whole, as one process holds them (gathered
+    onto rank 0 at every --zero level, so that a run resumes at any level on any number of ranks); each rank's
+    rank_state (e.g. its data position); the meta: the step, the model config, the world size and each rank's
+    optimiser-state bytes, then `meta`. Every rank must call it. Weights that are not finite are never saved
+    (the ranks agree: at --zero=3 each holds other slices)."""
+    device = next(model.parameters()).device
+    if not math.isfinite(all_sum({"largest": largest_entry(model.parameters())}, device)["largest"]):
+        raise SystemExit(f"error: step {step}: the model's weights are not finite (the run diverged); nothing was "
+                         f"saved. Try lower learning rates")
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gathers the slices onto rank 0
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        model_state = model.state_dict()
+    optimizer_states = [opt.full_state_dict() for opt in optimizers]
+    held = optimizer_state_bytes(optimizers)
+    held = all_sum({r: held if r == rank else 0 for r in range(world_size)}, device)
+    meta = {"step": step, "model_config": asdict(model.config), "world_size": world_size,
+            "optimizer_state_bytes": [int(held[r]) for r in range(world_size)], **meta}
+    state = {**(rank_state or {}), **({"optimizers": optimizer_states} if rank == 0 else {})}
+    save_checkpoint(ckpt_dir, step, model_state, state, meta, rank)
+    print0(f"saved checkpoint step {step} to {ckpt_dir}")
+
+
+def finish_stage(name, section, rank):
+    """A stage's end: its report section (written by rank 0) for the report card, then the process group goes."""
+    if rank == 0:
+        print0(f"report section: {write_report_section(name, section)}")
+    teardown()
+
+
+# -----------------------------------------------------------------------------
 # Report sections: each stage leaves a JSON of its config, time and metrics; evaluate.py --report=1
-# assembles them into report.md.
+# assembles them into report.md, with the pieces below (the environment, tables and charts).
 
 
 def write_report_section(name, section):
     path = os.path.join(get_base_dir(), "report", f"{name}.json")
     atomic_write_text(path, json.dumps(section, indent=2, default=str))
     return path
+
+
+def read_report_sections(report_dir):
+    """The JSON sections ({name: dict}) and the stages' wall seconds ({name: float}) in report_dir."""
+    sections, seconds = {}, {}
+    for path in sorted(glob.glob(os.path.join(report_dir, "*.json"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                sections[os.path.basename(path)[:-5]] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read the report section {path} ({e}); rerun its stage or delete it")
+    for path in sorted(glob.glob(os.path.join(report_dir, "*.seconds"))):
+        try:
+            with open(path) as f:
+                seconds[os.path.basename(path)[:-8]] = float(f.read())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read {path} ({e}): it should hold a number of seconds")
+    return sections, seconds
+
+
+def environment():
+    """Hardware and software versions of this machine, as markdown lines; anything unknown is left out."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    lines = [f"- CPU: {cpu}, {os.cpu_count()} cores"]
+    try:
+        lines[0] += f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    except (ValueError, OSError, AttributeError):  # sysconf names differ by platform
+        pass
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        lines.append(f"- GPU: {len(names)} x {names[0]}")
+    else:
+        lines.append("- GPU: none")
+    commit = "unknown"
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                           capture_output=True, text=True, timeout=10)
+        commit = r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else commit
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+        pass
+    lines.append(f"- Python {platform.python_version()}, torch {torch.__version__}, picochat commit {commit}")
+    return lines
+
+
+def markdown_table(corner, columns, rows, cells):
+    """A markdown table: corner names the column of row names; cells(row, column) -> str."""
+    lines = [f"| {corner} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + row + " | " + " | ".join(cells(row, c) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def svg_chart(series, title, xlabel="step", width=480, height=260):

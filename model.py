@@ -1,5 +1,6 @@
 """
-The picochat GPT: the architecture, KV-cache inference and sampling, and the optimisers (AdamW + Muon).
+The picochat GPT: the architecture, the optimisers (AdamW + Muon), KV-cache inference and sampling, and
+generation with the calculator tool (the Engine).
 
     from model import GPT, config_from_depth, generate
     model = GPT(config_from_depth(depth=6, vocab_size=4096, sequence_len=512))
@@ -7,14 +8,26 @@ The picochat GPT: the architecture, KV-cache inference and sampling, and the opt
     loss = model(idx, targets)                      # idx, targets: (B, T) int64; targets -1 are ignored
     adamw, muon = model.setup_optimizers()
     for step_tokens in generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16, seed=0): ...
+    Engine(model, tokenizer).generate_batch([prompt_ids], num_samples=8)  # replies, calculator calls answered
 
 Architecture (as nanochat's gpt.py): token embedding, parameter-free RMSNorm, rotary embeddings (RoPE), QK-norm,
 grouped-query attention, ReLU^2 MLP, untied head, tanh logit softcap, no biases, zero-initialised output
 projections. `mlp="swiglu"` and `norm_weight=True` give the Qwen3-style variant (gated MLP, learnable norm gains).
+
+The same GPT, switched by its config, is also Qwen3 and GPT-2, and loads their Hugging Face weights:
+
+    model = GPT.from_pretrained("path/to/Qwen3-0.6B-Base", device="cpu", dtype=torch.bfloat16)
+    # the folder of config.json + model.safetensors (or shards + model.safetensors.index.json); see data/hf_model.py
 """
 
+import ast
+import contextlib
 import functools
+import json
 import math
+import os
+import sys
+import warnings
 from collections import deque
 from dataclasses import dataclass
 
@@ -36,12 +49,21 @@ class GPTConfig:
     n_kv_head: int = 6           # key/value heads (GQA when < n_head)
     n_embd: int = 768
     head_dim: int = 128
-    mlp: str = "relu2"           # "relu2": relu(x W1)^2 W2 | "swiglu": (silu(x Wg) * x Wu) W2
+    mlp: str = "relu2"           # "relu2": relu(x W1)^2 W2 | "swiglu": (silu(x Wg) * x Wu) W2 |
+                                 # "gelu_tanh": gelu(x W1) W2, tanh approximation (GPT-2's "gelu_new")
     mlp_hidden: int = 0          # 0 -> 4 * n_embd
     norm_weight: bool = False    # learnable RMSNorm gains (Qwen3 style); nanochat's norms are parameter-free
     rope_theta: float = 10000.0
     softcap: float = 15.0        # logits = softcap * tanh(logits / softcap); 0 disables
     use_kernels: bool = False    # attention / optimiser steps through kernels/ (Triton, CUDA) when importable
+    # switches for the open models (the defaults are nanochat's; see config_from_hf for Qwen3 and GPT-2)
+    norm: str = "rmsnorm"        # "rmsnorm" | "layernorm" (with gain and bias, GPT-2)
+    norm_eps: float = 0.0        # 0: the dtype's machine epsilon (F.rms_norm's default); Qwen3 1e-6, GPT-2 1e-5
+    embed_norm: bool = True      # normalise the token embedding before the first block (nanochat; not Qwen3, GPT-2)
+    qk_norm: bool = True         # per-head RMSNorm of queries and keys (nanochat, Qwen3; not GPT-2)
+    positions: str = "rope"      # "rope" | "learned": a table of sequence_len position embeddings (GPT-2)
+    bias: bool = False           # biases on the blocks' linear layers (GPT-2)
+    tie_embeddings: bool = False  # the head is the token embedding matrix (Qwen3-0.6B, GPT-2)
 
     def __post_init__(self):
         checks = [
@@ -52,7 +74,12 @@ class GPTConfig:
              f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head} (grouped-query attention)"),
             (self.head_dim >= 2 and self.head_dim % 2 == 0, f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}"),
             (self.n_embd >= 1, f"n_embd must be >= 1, got {self.n_embd}"),
-            (self.mlp in ("relu2", "swiglu"), f"mlp must be 'relu2' or 'swiglu', got {self.mlp!r}"),
+            (self.mlp in ("relu2", "swiglu", "gelu_tanh"),
+             f"mlp must be 'relu2', 'swiglu' or 'gelu_tanh', got {self.mlp!r}"),
+            (self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}"),
+            (self.norm_eps >= 0 and (self.norm == "rmsnorm" or self.norm_eps > 0),
+             f"norm_eps must be >= 0 (> 0 for layernorm), got {self.norm_eps}"),
+            (self.positions in ("rope", "learned"), f"positions must be 'rope' or 'learned', got {self.positions!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -70,6 +97,16 @@ def config_from_depth(depth, vocab_size, sequence_len, aspect_ratio=64, head_dim
     n_head = n_embd // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                      n_kv_head=n_kv_head or n_head, n_embd=n_embd, head_dim=head_dim, **kwargs)
+
+
+def param_floor(config):
+    """A lower bound of GPT(config).num_params() without building it: the matrices every variant has (the token
+    embedding, the head unless tied, attention, the MLP's two); norm gains, biases and position tables are left
+    out. Exact for nanochat's default architecture. A config whose floor cannot fit in memory is refused before
+    anything is allocated (common.check_model_fits)."""
+    C, D, hidden = config.n_embd, config.head_dim, config.mlp_hidden or 4 * config.n_embd
+    attention = C * D * (2 * config.n_head + 2 * config.n_kv_head)  # q and proj, k and v
+    return (1 if config.tie_embeddings else 2) * config.vocab_size * C + config.n_layer * (attention + 2 * C * hidden)
 
 
 @functools.cache
@@ -108,17 +145,24 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim (eps: the dtype's machine epsilon, as F.rms_norm); parameter-free unless `weight`
-    (a learnable gain, Qwen3 style)."""
+    """RMSNorm over the last dim; parameter-free unless `weight` (a learnable gain, Qwen3 style). eps 0: the dtype's
+    machine epsilon (as F.rms_norm)."""
 
-    def __init__(self, dim, weight):
+    def __init__(self, dim, weight, eps=0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+        self.eps = eps
 
     def forward(self, x):
-        if self.weight is None:
+        if self.weight is None and not self.eps:
             return _RMSNormFunction.apply(x)
-        return F.rms_norm(x, (x.size(-1),), self.weight)
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps or None)
+
+
+def make_norm(config, dim):
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, config.norm_weight, config.norm_eps)
 
 
 def apply_rotary(x, cos, sin):
@@ -136,12 +180,13 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.use_kernels = config.use_kernels
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.norm_weight)
-        self.k_norm = RMSNorm(self.head_dim, config.norm_weight)
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=config.bias)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        # QK-norm is always an RMSNorm over the head dim (Qwen3: with gains and the config's eps)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_weight, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_weight, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x, cos, sin, kv_cache, attn_mask):
         B, T, C = x.shape
@@ -150,7 +195,10 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         # QK-norm bounds the attention logits (stabler training at high lr); norm then rotate as Qwen3 does
         # (for parameter-free norms the order does not matter: a rotation keeps the RMS)
-        q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:  # None: learned positions, added to the embedding instead
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, Tk, D): the cache up to the newest token
@@ -169,16 +217,18 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         hidden = config.mlp_hidden or 4 * config.n_embd
-        self.swiglu = config.mlp == "swiglu"
-        # swiglu: one matmul computes [gate | up] (a Qwen3 loader concatenates gate_proj and up_proj)
-        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=False)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
+        self.kind = config.mlp
+        # swiglu: one matmul computes [gate | up] (from_pretrained concatenates Qwen3's gate_proj and up_proj)
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x):
         h = self.c_fc(x)  # (B, T, hidden or 2*hidden)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up  # (B, T, hidden)
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's activation, so its weights load unchanged
         else:
             h = F.relu(h).square()  # ReLU^2 (So et al. 2021, "Primer"): sparse, and better than GELU per FLOP
         return self.c_proj(h)  # (B, T, C)
@@ -187,9 +237,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.norm_1 = RMSNorm(config.n_embd, config.norm_weight)
+        self.norm_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.norm_2 = RMSNorm(config.n_embd, config.norm_weight)
+        self.norm_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, kv_cache, attn_mask):
@@ -204,17 +254,49 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            norm_in=RMSNorm(config.n_embd, config.norm_weight),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            norm_f=RMSNorm(config.n_embd, config.norm_weight),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte
-        # RoPE for 10x the training context, so inference may run longer (as nanochat); beyond it: an error
-        cos, sin = self._rotary(10 * config.sequence_len)
-        self.register_buffer("cos", cos, persistent=False)  # (10*T, D/2)
-        self.register_buffer("sin", sin, persistent=False)
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.positions == "learned":
+            modules["wpe"] = nn.Embedding(config.sequence_len, config.n_embd)
+        if config.embed_norm:
+            modules["norm_in"] = make_norm(config, config.n_embd)
+        modules["h"] = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        modules["norm_f"] = make_norm(config, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        # RoPE for 10x the training context, so inference may run longer (as nanochat); beyond it: an error.
+        # Learned positions end where their table does.
+        self.context_len = 10 * config.sequence_len if config.positions == "rope" else config.sequence_len
+        if config.positions == "rope":
+            cos, sin = self._rotary(self.context_len)
+            self.register_buffer("cos", cos, persistent=False)  # (10*T, D/2)
+            self.register_buffer("sin", sin, persistent=False)
+
+    def tie_weights(self):
+        """With tie_embeddings, the head's weight is the token embedding's: one parameter, two keys in the state
+        dict. Called again after anything that may replace parameters (from_pretrained's meta-device build)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @staticmethod
+    def from_pretrained(path, device="cpu", dtype=torch.float32, sequence_len=4096):
+        """A GPT with the weights of a Hugging Face model folder (config.json, model.safetensors or shards with
+        their index; Qwen3 or GPT-2), in `dtype` on `device`, in eval mode. Built on the meta device, allocated
+        once and filled tensor by tensor, so the weights never exist twice in memory. sequence_len: see
+        config_from_hf."""
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            hf = json.load(f)
+        try:
+            config = config_from_hf(hf, sequence_len)
+        except KeyError as e:
+            raise ValueError(f"{path}/config.json has no {e.args[0]!r}") from None
+        with torch.device("meta"):
+            model = GPT(config).to(dtype)
+        model.to_empty(device=device)
+        model.tie_weights()  # to_empty may give the two modules separate tensors
+        model.fill_rotary()
+        load_hf_weights(model, path, hf["model_type"])
+        return model.eval()
 
     def _rotary(self, length, device=None):
         c = self.config
@@ -226,10 +308,14 @@ class GPT(nn.Module):
     def init_weights(self):
         """nanochat's init: embedding N(0, 1); head N(0, 0.001) (near-uniform first predictions); input
         projections U(-a, a) with a = sqrt(3 / n_embd) (std 1/sqrt(fan_in)); output projections zero, so
-        every block starts as the identity and the residual stream is just the embedding."""
+        every block starts as the identity and the residual stream is just the embedding. A tied head keeps the
+        embedding's init; learned positions N(0, 0.02) (GPT-2's); norm gains one, biases zero."""
         c = self.config
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
-        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        if not c.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        if c.positions == "learned":
+            nn.init.normal_(self.transformer.wpe.weight, mean=0.0, std=0.02)
         a = (3.0 / c.n_embd) ** 0.5
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
@@ -237,11 +323,19 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
         for module in self.modules():
-            if isinstance(module, RMSNorm) and module.weight is not None:
+            if isinstance(module, (RMSNorm, nn.LayerNorm)) and module.weight is not None:
                 nn.init.ones_(module.weight)
-        cos, sin = self._rotary(self.cos.size(0), self.cos.device)
-        self.cos.copy_(cos)
-        self.sin.copy_(sin)
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        self.fill_rotary()
+
+    @torch.no_grad()
+    def fill_rotary(self):
+        """(Re)compute the RoPE tables, which are not saved: after init, or a build on the meta device."""
+        if self.config.positions == "rope":
+            cos, sin = self._rotary(self.cos.size(0), self.cos.device)
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -251,8 +345,13 @@ class GPT(nn.Module):
         is a lookup, not a matmul) plus attention's QK^T and AV, 2 * 2 * H * D * T forward, x3 with backward,
         counted over the full context T (as nanochat; causal masking halves the real work)."""
         c = self.config
-        n_matmul = sum(p.numel() for p in self.parameters() if p.dim() == 2) - self.transformer.wte.weight.numel()
+        n_matmul = sum(p.numel() for p in self.transformer.h.parameters() if p.dim() == 2) + self.lm_head.weight.numel()
         return 6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    def _positions(self):
+        if self.config.positions == "rope":
+            return f"rotary cache of {self.context_len} (10 x sequence_len={self.config.sequence_len})"
+        return f"position table of {self.context_len}"
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx: (B, T) token ids. Returns float32 logits (B, T, V) when targets is None, else the cross-entropy
@@ -261,20 +360,28 @@ class GPT(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
+        c = self.config
         attn_mask = None
         if kv_cache is None:
-            if T > self.cos.size(0):
-                raise ValueError(f"sequence of {T} tokens is longer than the rotary cache of {self.cos.size(0)} "
-                                 f"(10 x sequence_len={self.config.sequence_len})")
-            cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]  # (1, T, 1, D/2)
+            if T > self.context_len:
+                raise ValueError(f"sequence of {T} tokens is longer than the {self._positions()}")
+            pos = torch.arange(T, device=idx.device)[None]  # (1, T)
         else:
-            if kv_cache.length + T > min(self.cos.size(0), kv_cache.max_len):
-                raise ValueError(f"KV cache of {kv_cache.max_len} positions (rotary cache {self.cos.size(0)}) "
+            if kv_cache.length + T > min(self.context_len, kv_cache.max_len):
+                raise ValueError(f"KV cache of {kv_cache.max_len} positions ({self._positions()}) "
                                  f"cannot take {T} more tokens after {kv_cache.length}")
             pos = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T) per-row positions
-            cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (B, T, 1, D/2)
             attn_mask = kv_cache.attn_mask(T)  # (B, 1, T, Tk) or None when plain causal is exact
-        x = self.transformer.norm_in(self.transformer.wte(idx))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        cos = sin = None
+        if c.positions == "learned":
+            x = x + self.transformer.wpe(pos)  # (B or 1, T, C) broadcast over rows
+        elif kv_cache is None:
+            cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]  # (1, T, 1, D/2)
+        else:
+            cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (B, T, 1, D/2)
+        if c.embed_norm:
+            x = self.transformer.norm_in(x)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache, attn_mask)
         if kv_cache is not None:
@@ -297,35 +404,204 @@ class GPT(nn.Module):
     # ---- optimisers
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         adam_betas=(0.8, 0.95)):
+                         adam_betas=(0.8, 0.95), zero=0):
         """[AdamW, Muon] as nanochat: Muon for the 2-D matrices of the blocks; AdamW for the embedding, the head
         and the norm gains (at unembedding_lr). AdamW lrs scale with width as (n_embd / 768) ** -0.5 (tuned at
         768); Muon's update is already width-independent (orthogonal, aspect-scaled). Each param group stores
         `initial_lr`, which learning-rate schedules multiply. Both optimisers average gradients over ranks
-        themselves when torch.distributed is initialised (see AdamW, Muon)."""
+        themselves when torch.distributed is initialised; zero: the data-parallel level they run at (see
+        Optimisers below; common.parallelize sets it up, sharding the model first at level 3)."""
         scale = (self.config.n_embd / 768) ** -0.5
         matrices = [p for p in self.transformer.h.parameters() if p.dim() == 2]
-        gains = [p for p in self.parameters() if p.dim() == 1]
-        adam_groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * scale),
-                       dict(params=[self.transformer.wte.weight], lr=embedding_lr * scale)]
+        gains = [p for p in self.parameters() if p.dim() == 1]  # norm gains and biases
+        # a tied embedding is the head too: it learns at the head's (lower) rate
+        embeddings = [m.weight for name, m in self.transformer.items() if name in ("wte", "wpe")
+                      and m.weight is not self.lm_head.weight]
+        adam_groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * scale)]
+        if embeddings:
+            adam_groups.append(dict(params=embeddings, lr=embedding_lr * scale))
         if gains:
             adam_groups.append(dict(params=gains, lr=unembedding_lr * scale))
-        adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay,
-                      use_kernels=self.config.use_kernels)
+        adam_settings = dict(betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
+        if zero in (1, 2):
+            adamw = ZeroAdamW(adam_groups, zero=zero, **adam_settings)
+        else:
+            adamw = AdamW(adam_groups, use_kernels=self.config.use_kernels, **adam_settings)
         muon = Muon(matrices, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
-                    use_kernels=self.config.use_kernels)
+                    use_kernels=self.config.use_kernels, zero=zero)
         for opt in (adamw, muon):
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
         return [adamw, muon]
 
 # -----------------------------------------------------------------------------
+# Open models: a Hugging Face folder (config.json + safetensors) as a GPTConfig and the GPT's weights
+
+
+def config_from_hf(hf, sequence_len=4096):
+    """GPTConfig of a Hugging Face config.json (a dict) for model_type "qwen3" or "gpt2". sequence_len: the
+    context picochat's stages work in (rows, prompt room), capped at the model's own; RoPE then reaches 10x it.
+    GPT-2's learned position table fixes its context at n_positions."""
+    kind = hf.get("model_type")
+    if kind == "qwen3":
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers >= 5 | older files
+        unsupported = [(hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r}"),
+                       (hf.get("attention_bias", False), "attention_bias"),
+                       (hf.get("use_sliding_window", False), "use_sliding_window"),
+                       (rope.get("rope_type", rope.get("type", "default")) != "default",
+                        f"rope type {rope.get('rope_type', rope.get('type'))!r}")]
+        if any(bad for bad, _ in unsupported):
+            raise ValueError(f"qwen3 config with unsupported {', '.join(w for bad, w in unsupported if bad)}")
+        n_head = hf["num_attention_heads"]
+        return GPTConfig(
+            sequence_len=min(sequence_len, hf["max_position_embeddings"]), vocab_size=hf["vocab_size"],
+            n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+            n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, mlp="swiglu",
+            mlp_hidden=hf["intermediate_size"], norm_weight=True, norm_eps=hf["rms_norm_eps"],
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), softcap=0.0,
+            embed_norm=False, tie_embeddings=hf.get("tie_word_embeddings", False))
+    if kind == "gpt2":
+        unsupported = [(hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+                        f"activation_function {hf.get('activation_function')!r}"),
+                       (hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx"),
+                       (not hf.get("scale_attn_weights", True), "scale_attn_weights false"),
+                       (not hf.get("tie_word_embeddings", True), "untied embeddings")]
+        if any(bad for bad, _ in unsupported):
+            raise ValueError(f"gpt2 config with unsupported {', '.join(w for bad, w in unsupported if bad)}")
+        n_embd, n_head = hf["n_embd"], hf["n_head"]
+        return GPTConfig(
+            sequence_len=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=n_head,
+            n_kv_head=n_head, n_embd=n_embd, head_dim=n_embd // n_head, mlp="gelu_tanh",
+            mlp_hidden=hf.get("n_inner") or 4 * n_embd, softcap=0.0, norm="layernorm",
+            norm_eps=hf["layer_norm_epsilon"], embed_norm=False, qk_norm=False, positions="learned", bias=True,
+            tie_embeddings=True)
+    raise ValueError(f"model_type {kind!r} is not supported (qwen3, gpt2)")
+
+
+def _hf_weight_map(kind, config):
+    """{our parameter: (its Hugging Face keys, fn(tensors) -> our tensor)}, and the predicate of file keys that
+    are known not to be weights. Qwen3's gate and up projections become our one [gate | up] matrix; GPT-2's
+    Conv1D layers store (in, out), the transpose of a Linear, and its c_attn holds q, k and v side by side."""
+    same = lambda ts: ts[0]  # noqa: E731
+    weights = {}
+    if kind == "qwen3":
+        weights["transformer.wte.weight"] = (["model.embed_tokens.weight"], same)
+        for i in range(config.n_layer):
+            ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+            for a, b in [("norm_1", "input_layernorm"), ("norm_2", "post_attention_layernorm"),
+                         ("attn.c_q", "self_attn.q_proj"), ("attn.c_k", "self_attn.k_proj"),
+                         ("attn.c_v", "self_attn.v_proj"), ("attn.c_proj", "self_attn.o_proj"),
+                         ("attn.q_norm", "self_attn.q_norm"), ("attn.k_norm", "self_attn.k_norm"),
+                         ("mlp.c_proj", "mlp.down_proj")]:
+                weights[ours + a + ".weight"] = ([theirs + b + ".weight"], same)
+            weights[ours + "mlp.c_fc.weight"] = ([theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"],
+                                                 lambda ts: torch.cat(ts, dim=0))
+        weights["transformer.norm_f.weight"] = (["model.norm.weight"], same)
+        if not config.tie_embeddings:
+            weights["lm_head.weight"] = (["lm_head.weight"], same)
+        # a tied model's file may still carry the head (a copy of the embedding): not a weight of ours
+        return weights, lambda key: config.tie_embeddings and key == "lm_head.weight"
+    # gpt2, keys without the "transformer." prefix (see _read_hf_weights)
+    C = config.n_embd
+    weights["transformer.wte.weight"] = (["wte.weight"], same)
+    weights["transformer.wpe.weight"] = (["wpe.weight"], same)
+    for i in range(config.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"h.{i}."
+        for part in ("weight", "bias"):
+            weights[ours + f"norm_1.{part}"] = ([theirs + f"ln_1.{part}"], same)
+            weights[ours + f"norm_2.{part}"] = ([theirs + f"ln_2.{part}"], same)
+        for j, name in enumerate(("c_q", "c_k", "c_v")):
+            weights[ours + f"attn.{name}.weight"] = ([theirs + "attn.c_attn.weight"],
+                                                     lambda ts, j=j: ts[0][:, j * C:(j + 1) * C].t())
+            weights[ours + f"attn.{name}.bias"] = ([theirs + "attn.c_attn.bias"],
+                                                   lambda ts, j=j: ts[0][j * C:(j + 1) * C])
+        for a in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            weights[ours + a + ".weight"] = ([theirs + a + ".weight"], lambda ts: ts[0].t())
+            weights[ours + a + ".bias"] = ([theirs + a + ".bias"], same)
+    for part in ("weight", "bias"):
+        weights[f"transformer.norm_f.{part}"] = ([f"ln_f.{part}"], same)
+    # the causal-mask buffers of older GPT-2 files, and the tied head some files repeat
+    return weights, lambda key: key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight"
+
+
+def _safetensors_files(path):
+    """The weight files of a Hugging Face model folder: the shards its index names, or model.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    missing = [name for name in files if not os.path.exists(os.path.join(path, name))]
+    if missing:
+        raise FileNotFoundError(f"{path}: missing {', '.join(missing)} (an interrupted download? rerun it)")
+    return [os.path.join(path, name) for name in files]
+
+
+@torch.no_grad()
+def load_hf_weights(model, path, kind):
+    """Copy the weights of the Hugging Face folder `path` into `model` (a GPT of config_from_hf's config), one
+    tensor at a time from the memory-mapped files: besides the model, memory holds one converted tensor."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ImportError("loading Hugging Face weights needs safetensors: pip install safetensors") from None
+    weights, ignored = _hf_weight_map(kind, model.config)
+    with contextlib.ExitStack() as stack:
+        handles = {}  # their key (gpt2: without "transformer.") -> (open file, key in the file)
+        for file in _safetensors_files(path):
+            f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+            for key in f.keys():
+                handles[key.removeprefix("transformer.") if kind == "gpt2" else key] = (f, key)
+        wanted = {key for keys, _ in weights.values() for key in keys}
+        missing = sorted(wanted - handles.keys())
+        unexpected = sorted(k for k in handles.keys() - wanted if not ignored(k))
+        if missing or unexpected:
+            show = lambda keys: ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")  # noqa
+            raise ValueError(f"{path}: the weights do not fit a {kind} model of its config.json: "
+                             + "; ".join(f"{what} keys: {show(keys)}" for what, keys in
+                                         (("missing", missing), ("unexpected", unexpected)) if keys))
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name, (keys, combine) in weights.items():
+            tensor = combine([handles[k][0].get_tensor(handles[k][1]) for k in keys])
+            if tensor.shape != params[name].shape:
+                raise ValueError(f"{path}: {', '.join(keys)} has shape {tuple(tensor.shape)}, the config.json "
+                                 f"makes {name} {tuple(params[name].shape)}")
+            params[name].copy_(tensor)  # converts to the model's dtype and device
+
+
+# -----------------------------------------------------------------------------
 # Optimisers
+#
+# Data parallelism by --zero level (common.parallelize sets it up; the optimisers do the communication). What a rank
+# holds of the weights / gradients / optimiser states:
+#   0  all / all / all of AdamW's, its own matrices' of Muon's: step() all-reduces the gradients (no DDP wrapper)
+#   1  all / all / its share: AdamW is torch's ZeroRedundancyOptimizer
+#   2  all / its share / its share: each gradient is reduced onto its owner during backward (_reduce_to_owners)
+#   3  its slices / its slices / its share: FSDP2 (fully_shard) shards the weights as dim-0 slices (DTensors)
+# Muon's state and work are split by whole matrices at every level, AdamW's by ZeRO's whole tensors (1, 2) or
+# FSDP2's slices (3): see Muon for why. Checkpoints hold the whole states (full_state_dict), so a run resumes at
+# any level on any number of ranks. torch's sharding engines are imported where a level uses them: importing them
+# (torch.distributed.tensor underneath) costs about 1 s of CPU per process, measured, which level 0 is spared.
+
+
+def _world():
+    """(rank, world size); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_dtensor(x):
+    """Whether x is a DTensor (FSDP2's slices), without importing torch.distributed.tensor: none exists before
+    something has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def _average_gradients(params):
     """All-reduce (mean) the gradients of params over ranks, in one flat bucket (fewer, larger messages)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world()[1] == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -337,19 +613,41 @@ def _average_gradients(params):
         g.copy_(chunk.view_as(g))
 
 
+def _reduce_to_owners(params, owner):
+    """--zero=2's gradient reduce-scatter, by whole parameters: after every backward each gradient is summed onto
+    the rank that owns its parameter (owner: {param: rank}) and dropped by the others, so a rank holds the gradients
+    of what it updates only (plus the one in flight). Written by hand because torch has no engine for it: its ZeRO
+    leaves gradients to DDP, whose all-reduce leaves every rank all of them, and FSDP2 shards the weights as well.
+    The minimum: one reduce per parameter as soon as its gradient is ready (no buckets). Every backward is then a
+    collective, so every rank must run as many; the owner's gradient is a sum over ranks, step() divides it."""
+    rank, _ = _world()
+
+    def hook(p):
+        dist.reduce(p.grad, dst=owner[p])
+        if owner[p] != rank:
+            p.grad = None
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+
+
 class AdamW(torch.optim.AdamW):
     """torch's AdamW (its fused kernel), made DDP-aware: when torch.distributed is initialised, step() first
     averages the gradients over ranks (all-reduce), so pretrain.py needs no DDP wrapper and every rank applies the
-    identical update. With use_kernels on CUDA the update runs in kernels.adamw_step (one Triton launch)."""
+    identical update. With use_kernels on CUDA the update runs in kernels.adamw_step (one Triton launch).
+    At --zero=3 the parameters are FSDP2's slices (DTensors), whose gradients FSDP2 has already averaged: the fused
+    step runs on each rank's slices, so the moments are sliced like the weights."""
 
     def __init__(self, param_groups, use_kernels=False, **kwargs):
-        device = next(iter(param_groups[0]["params"])).device
-        self.kernels = _kernels() if use_kernels and device.type == "cuda" else None
-        super().__init__(param_groups, fused=device.type in ("cpu", "cuda") and self.kernels is None, **kwargs)
+        first = next(iter(param_groups[0]["params"]))
+        self.sliced = is_dtensor(first)
+        self.kernels = _kernels() if use_kernels and first.device.type == "cuda" and not self.sliced else None
+        super().__init__(param_groups, fused=first.device.type in ("cpu", "cuda") and self.kernels is None, **kwargs)
 
     @torch.no_grad()
     def step(self, closure=None):
-        _average_gradients([p for group in self.param_groups for p in group["params"]])
+        if not self.sliced:
+            _average_gradients([p for group in self.param_groups for p in group["params"]])
         if self.kernels is None:
             return super().step(closure)
         k = self.kernels
@@ -365,6 +663,76 @@ class AdamW(torch.optim.AdamW):
                 k.adamw_step(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
                              [self.state[p]["exp_avg_sq"] for p in params], int(self.state[params[0]]["step"]),
                              group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+
+    def full_state_dict(self):
+        """The whole state in torch's state_dict format on rank 0, None elsewhere (every rank must call it)."""
+        saved = self.state_dict()
+        if self.sliced:  # gather the slices, one tensor at a time (each gather is a collective)
+            saved["state"] = {i: {name: value.full_tensor().cpu() if is_dtensor(value) else value
+                                  for name, value in s.items()} for i, s in saved["state"].items()}
+        return saved if _world()[0] == 0 else None
+
+    def load_state_dict(self, state_dict):
+        """Load a whole state (full_state_dict's); at --zero=3 each rank keeps its slices of the moments."""
+        if self.sliced:
+            from torch.distributed.tensor import distribute_tensor
+            params = [p for group in self.param_groups for p in group["params"]]
+            state_dict = {**state_dict, "state": {i: {
+                name: distribute_tensor(value.to(params[i].device), params[i].device_mesh, params[i].placements,
+                                        src_data_rank=None)  # None: every rank slices its own copy, no messages
+                if torch.is_tensor(value) and value.shape == params[i].shape else value
+                for name, value in s.items()} for i, s in state_dict["state"].items()}}
+        super().load_state_dict(state_dict)
+
+
+class ZeroAdamW:
+    """AdamW at --zero=1 and 2: torch's ZeroRedundancyOptimizer around torch's fused AdamW (the engine). Each rank
+    keeps the moments of its share of the parameters (whole tensors, shares balanced by size with torch's greedy
+    partition: with only a few large tensors, as here, the largest one bounds the share), steps them and broadcasts
+    them to the others. ZeRO leaves the gradients to DDP, which picochat does not use: step() averages them first
+    (level 1), or at level 2 the hooks of _reduce_to_owners have already summed each onto its owner in backward."""
+
+    def __init__(self, param_groups, zero=1, **kwargs):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        device = param_groups[0]["params"][0].device
+        self.engine = ZeroRedundancyOptimizer(param_groups, optimizer_class=torch.optim.AdamW,
+                                              fused=device.type in ("cpu", "cuda"), **kwargs)
+        self.zero = zero
+        if zero == 2:  # who owns what: each rank knows its local optimiser's share; the map is gathered once
+            params = [p for group in self.param_groups for p in group["params"]]
+            local = {id(p) for group in self.engine.optim.param_groups for p in group["params"]}
+            shares = [None] * self.engine.world_size
+            dist.all_gather_object(shares, [i for i, p in enumerate(params) if id(p) in local])
+            _reduce_to_owners(params, {params[i]: r for r, share in enumerate(shares) for i in share})
+
+    @property
+    def param_groups(self):  # a property: loading a state replaces the engine's list
+        return self.engine.param_groups
+
+    @property
+    def state(self):
+        """This rank's share of the state: its local optimiser's."""
+        return self.engine.optim.state
+
+    @torch.no_grad()
+    def step(self):
+        params = [p for group in self.param_groups for p in group["params"]]
+        if self.zero == 2:
+            for p in params:
+                if p.grad is not None:  # the sum over ranks, on its owner only
+                    p.grad.div_(self.engine.world_size)
+        else:
+            _average_gradients(params)
+        self.engine.step()
+
+    def full_state_dict(self):
+        """The whole state in torch's state_dict format on rank 0, None elsewhere (every rank must call it)."""
+        self.engine.consolidate_state_dict(to=0)
+        return self.engine.state_dict() if self.engine.rank == 0 else None
+
+    def load_state_dict(self, state_dict):
+        """Load a whole state (full_state_dict's, or AdamW's); each rank keeps its share."""
+        self.engine.load_state_dict(state_dict)
 
 
 # Polar Express (Amsel, Persson, Musco & Gower 2025, arXiv:2505.16932): per-iteration optimal quintic
@@ -406,20 +774,45 @@ def orthogonalize(G, steps=5):
     return (X.mT if transposed else X).to(G.dtype)
 
 
+def deal_matrices(params, world_size):
+    """Muon's split of matrices over ranks: (batches, owner). batches: the same-shape matrices, in order of shape;
+    owner: {param: rank}, dealt round-robin within a shape, each shape starting one rank further (small models
+    spread over the ranks too)."""
+    by_shape = {}
+    for p in params:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    batches = [same for _, same in sorted(by_shape.items())]
+    return batches, {p: (i + j) % world_size for i, same in enumerate(batches) for j, p in enumerate(same)}
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (Keller Jordan 2024): SGD with Nesterov momentum whose update is orthogonalised (Polar Express), scaled
     by max(1, rows/cols) ** 0.5 so that every matrix gets a similar per-element RMS update. For the 2-D hidden
     matrices only. Decoupled weight decay p <- p (1 - lr wd).
 
-    DDP: when torch.distributed is initialised, step() all-reduces (averages) the gradients, then each rank
-    orthogonalises and applies the updates of its own disjoint share of the parameters (same-shape matrices
-    are stacked into one batched orthogonalisation) and broadcasts the updated parameters from their owner, so
-    the ranks split the work and stay bit-identical. Momentum buffers live only on the owning rank."""
+    Data parallel: every matrix has one owner rank (same-shape matrices dealt round-robin), which alone keeps its
+    momentum and computes its update (same-shape matrices stacked into one batched orthogonalisation). So Muon's
+    state and work are split by whole matrices at every --zero level, never sliced as AdamW's are: the
+    orthogonalisation needs the whole matrix (A = X X^T mixes all its rows), whereas Adam's moments are elementwise
+    and any slice can be stepped on its own. Levels 0-1: step() all-reduces (averages) the gradients, and the owners
+    broadcast the updated matrices, so the ranks stay bit-identical. Level 2: each gradient was reduced onto its
+    owner during backward. Level 3: the matrices are FSDP2 slices; each averaged gradient is gathered whole (an
+    all-gather: DTensor has no gather to one rank) and the owner's update is scattered back as slices."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, steps=5, use_kernels=False):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, steps=5, use_kernels=False,
+                 zero=0):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       steps=steps))
         self.use_kernels = use_kernels
+        self.zero = zero
+        # batches: (param group index, its same-shape matrices, orthogonalised together)
+        self.batches, self.owner = [], {}
+        for g, group in enumerate(self.param_groups):
+            batches, owner = deal_matrices(group["params"], _world()[1])
+            self.batches += [(g, same) for same in batches]
+            self.owner.update(owner)
+        if zero == 2:
+            _reduce_to_owners(list(self.owner), self.owner)
 
     def _orthogonalize(self, G, steps):
         k = _kernels() if self.use_kernels else None
@@ -427,48 +820,83 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        rank, world = _world()
         params = [p for group in self.param_groups for p in group["params"]]
-        for p in params:
-            if p.grad is None:
-                raise RuntimeError("Muon: every parameter needs a gradient (all ranks must update the same set)")
-        _average_gradients(params)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        owner = {}
-        for group in self.param_groups:
-            # same-shape matrices are orthogonalised together, each rank taking every world-th of them
-            by_shape = {}
-            for p in group["params"]:
-                by_shape.setdefault(p.shape, []).append(p)
-            for i, (_, same) in enumerate(sorted(by_shape.items(), key=lambda kv: tuple(kv[0]))):
-                for j, p in enumerate(same):
-                    owner[p] = (i + j) % world
-                mine = [p for p in same if owner[p] == rank]
-                if mine:
-                    self._update(group, mine)
-        if distributed:
-            handles = [dist.broadcast(p, src=owner[p], async_op=True) for p in params]
+        if any(p.grad is None for p in params if self.zero != 2 or self.owner[p] == rank):
+            raise RuntimeError("Muon: every parameter needs a gradient (all ranks must update the same set)")
+        sliced = is_dtensor(params[0])  # --zero=3: FSDP2 has averaged the gradient slices
+        if sliced:
+            from torch.distributed.tensor import distribute_tensor
+        if self.zero == 2:
+            for p in params:
+                if self.owner[p] == rank:  # the sum over ranks that the hooks reduced onto this owner
+                    p.grad.div_(world)
+        elif not sliced:
+            _average_gradients(params)
+        for g, same in self.batches:
+            group = self.param_groups[g]
+            grads = {}
+            for p in same:
+                grad = p.grad.full_tensor() if sliced else p.grad
+                if self.owner[p] == rank:
+                    grads[p] = grad
+            updates = dict(zip(grads, self._updates(group, list(grads), list(grads.values())))) if grads else {}
+            for p in same:
+                if sliced:  # every rank takes its slice of the owner's update
+                    update = updates.get(p, torch.empty(p.shape, dtype=p.dtype, device=p.device))
+                    self._apply(group, p, distribute_tensor(update, p.device_mesh, p.placements,
+                                                            src_data_rank=self.owner[p]))
+                elif p in updates:
+                    self._apply(group, p, updates[p])
+        if world > 1 and not sliced:
+            handles = [dist.broadcast(p, src=self.owner[p], async_op=True) for p in params]
             for h in handles:
                 h.wait()
 
-    def _update(self, group, params):
+    def _updates(self, group, params, grads):
+        """Momentum, Nesterov and orthogonalisation of same-shape matrices with their averaged gradients:
+        the updates, (N, rows, cols)."""
         momentum = group["momentum"]
-        grads = []
-        for p in params:
+        looks = []
+        for p, grad in zip(params, grads):
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
+                state["momentum_buffer"] = torch.zeros_like(grad)  # whole, even at --zero=3: see the docstring
             buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * g
-            grads.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
-        G = torch.stack(grads)  # (N, rows, cols)
-        U = self._orthogonalize(G, group["steps"])
-        rows, cols = params[0].shape
-        lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-        for p, u in zip(params, U):
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(u, alpha=-lr)
+            buf.lerp_(grad, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * g
+            looks.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
+        return self._orthogonalize(torch.stack(looks), group["steps"])  # (N, rows, cols)
+
+    def _apply(self, group, p, update):
+        rows, cols = p.shape
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+
+    def full_state_dict(self):
+        """The whole state in torch's state_dict format on rank 0 (every owner's momentum gathered there), None
+        elsewhere (every rank must call it)."""
+        saved = self.state_dict()
+        rank, world = _world()
+        if world > 1:
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object({i: {name: value.cpu() for name, value in s.items()} for i, s in saved["state"].items()},
+                               parts, dst=0)
+            if rank != 0:
+                return None
+            saved["state"] = {i: s for part in parts for i, s in part.items()}
+        return saved
+
+    def load_state_dict(self, state_dict):
+        """Load a whole state (full_state_dict's), keeping the momentum of the matrices this rank owns."""
+        rank, _ = _world()
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved = state_dict["state"]
+        if saved and len(saved) != len(params):
+            raise ValueError(f"the checkpoint holds Muon's momentum of {len(saved)} of {len(params)} matrices "
+                             f"(an older picochat saved it per rank)")
+        super().load_state_dict({**state_dict, "state": {i: s for i, s in saved.items()
+                                                         if self.owner[params[i]] == rank}})
 
 # -----------------------------------------------------------------------------
 # Inference: KV cache, sampling, generation
@@ -531,10 +959,15 @@ class KVCache:
         self.length = int(self.pos.max())
 
 
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (vLLM's _SAMPLING_EPS): logits / 1e-40 overflow to inf and
+                        # 5e-324 is 0 in float32, so softmax would give NaN probabilities
+
+
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token id per row from logits (B, V): greedy at temperature 0, else softmax(logits / temperature)
-    restricted to the top_k tokens (0: all) and to the smallest set whose probability reaches top_p."""
-    if temperature == 0.0:
+    """One token id per row from logits (B, V): greedy at temperature 0 (and below MIN_TEMPERATURE), else
+    softmax(logits / temperature) restricted to the top_k tokens (0: all) and to the smallest set whose
+    probability reaches top_p (the most likely token always stays, however small top_p)."""
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits.float() / temperature
     if top_k and top_k < logits.size(-1):
@@ -543,8 +976,10 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the top token always stays)
+        # drop a token when the tokens before it already reach top_p; the top token always stays, also when
+        # top_p is 0 in float32 (1e-46) and the comparison alone would drop every token
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[:, 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
@@ -603,3 +1038,140 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         if all(done):
             return
         logits = model(torch.tensor(next_ids, dtype=torch.long, device=device)[:, None], kv_cache=cache)[:, -1]
+
+# -----------------------------------------------------------------------------
+# The calculator. Arithmetic only: the expression is parsed with `ast` and evaluated by walking the tree, never
+# by eval(), so names, attributes, calls, subscripts, strings, lambdas and comprehensions cannot run at all.
+# Every intermediate value must stay within ±10**100 and an exponent within ±100 (checked before computing the
+# power), so an expression of at most 200 characters is at most ~100 cheap operations on small numbers: its
+# time is bounded by construction. Anything refused or failing (syntax, division by zero, too large) returns
+# None, and then nothing is forced: the model goes on writing by itself.
+
+CALC_MAX_CHARS = 200
+CALC_MAX_DIGITS = 100
+CALC_MAX_VALUE = 10**CALC_MAX_DIGITS
+CALC_MAX_EXPONENT = 100
+
+
+def _power(base, exponent):
+    # compute the size of the result from logarithms first: 9**9**9 must be refused, not attempted
+    if abs(exponent) > CALC_MAX_EXPONENT:
+        raise ValueError("exponent too large")
+    if base != 0 and abs(exponent * math.log10(abs(base))) > CALC_MAX_DIGITS:
+        raise ValueError("power too large")
+    return base ** exponent
+
+
+_BINARY = {
+    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
+    ast.Pow: _power,
+}
+_UNARY = {ast.UAdd: lambda a: +a, ast.USub: lambda a: -a}
+
+
+def _evaluate(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):  # bool and complex are not numbers here
+        value = node.value
+    elif isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        value = _BINARY[type(node.op)](_evaluate(node.left), _evaluate(node.right))
+    elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        value = _UNARY[type(node.op)](_evaluate(node.operand))
+    else:
+        raise ValueError(f"{type(node).__name__} is not allowed")
+    # `not <=` also catches nan and inf; a complex number (a negative base to a fractional power) fails the type
+    if type(value) not in (int, float) or not abs(value) <= CALC_MAX_VALUE:
+        raise ValueError("result out of range")
+    return value
+
+
+def format_number(x):
+    """Integers as integers; floats with 6 significant digits (all the digits of the integer part are kept) and
+    no trailing zeros; scientific notation only for very small or very large floats."""
+    if isinstance(x, int):
+        return str(x)
+    if x.is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    if not 1e-4 <= abs(x) < 1e15:
+        return f"{x:.6g}"
+    decimals = max(0, 5 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f}".rstrip("0").rstrip(".")
+
+
+def calculator(expr):
+    """Evaluate an arithmetic expression in the sandbox: the result as text, or None if refused or failing."""
+    if not isinstance(expr, str) or len(expr) > CALC_MAX_CHARS:
+        return None
+    try:
+        with warnings.catch_warnings():  # e.g. "invalid decimal literal" for `1if`: a refusal, not news
+            warnings.simplefilter("ignore")
+            tree = ast.parse(expr.strip(), mode="eval")
+        return format_number(_evaluate(tree.body))
+    except Exception:  # nothing is executed, so every failure (SyntaxError, ZeroDivisionError, ...) means "no result"
+        return None
+
+# -----------------------------------------------------------------------------
+# Tool-using generation: the Engine owns the calculator. generate() above only knows that a row may have tokens
+# forced in; the Engine decides when (after <|python_end|>) and what (the sandbox's result). Every stage that
+# generates replies (sft.py's samples, rl.py, dpo.py, evaluate.py, chat.py) goes through it.
+
+
+class Engine:
+    """Generates assistant replies with the calculator tool.
+
+        engine = Engine(model, tokenizer)
+        engine.generate_batch([tokenizer.render_for_completion(messages)], num_samples=8, max_new_tokens=256)
+        # -> per prompt, per sample: (tokens, mask), mask 0 on the forced calculator outputs
+
+    generate() streams: it yields once per decoding step a list with one entry per row (prompt-major: the
+    num_samples rows of prompt 0, then of prompt 1, ...), each `(token, forced)` or None once the row has
+    finished. A row finishes after <|assistant_end|> or <|bos|>, which are yielded (and kept by generate_batch):
+    RL learns to end its answers only if the end token is among the tokens it trains on."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.python_start, self.python_end, self.output_start, self.output_end, self.assistant_end = (
+            tokenizer.special(name) for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
+                                                 "<|output_end|>", "<|assistant_end|>"))
+        self.stop_tokens = (self.assistant_end, tokenizer.bos_id)
+
+    def prompt_ids(self, prompt):
+        """A prompt is token ids (from render_for_completion) or a conversation: a list of messages or
+        {"messages": [...]}, rendered up to the assistant's turn."""
+        if isinstance(prompt, dict):
+            prompt = prompt["messages"]
+        if prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.render_for_completion(prompt)
+        return list(prompt)
+
+    def tool_output(self, row, generated):
+        """model.generate's `force` hook: after a sampled <|python_end|>, the calculator's answer to the
+        expression since the last <|python_start|>, as tokens to force in (None: nothing to force)."""
+        if not generated or generated[-1] != self.python_end or self.python_start not in generated:
+            return None
+        start = len(generated) - 1 - generated[::-1].index(self.python_start)
+        result = calculator(self.tokenizer.decode(generated[start + 1:-1]))
+        if result is None:
+            return None
+        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
+
+    def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
+                 seed=None, tools=True):
+        # the samples of a prompt are identical rows, and model.generate prefills identical rows once
+        rows = [ids for ids in map(self.prompt_ids, prompts) for _ in range(num_samples)]
+        yield from generate(self.model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop_tokens=self.stop_tokens, seed=seed, force=self.tool_output if tools else None)
+
+    def generate_batch(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
+                       seed=None, tools=True):
+        """Per prompt, per sample: (tokens, mask) of the generated reply, ending with the stop token when one
+        was generated within max_new_tokens; mask is 0 on forced calculator outputs, 1 on sampled tokens."""
+        rows = [([], []) for _ in range(len(prompts) * num_samples)]
+        for step_tokens in self.generate(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed,
+                                         tools):
+            for (tokens, mask), entry in zip(rows, step_tokens):
+                if entry is not None:
+                    tokens.append(entry[0])
+                    mask.append(0 if entry[1] else 1)
+        return [rows[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]

@@ -7,6 +7,7 @@ Pretrain the base model: next-token prediction on plain documents.
     torchrun --nproc_per_node=8 pretrain.py --depth=20 --device_batch_size=32 --max_seq_len=2048 \
         --total_batch_size=524288                        # one 8-GPU node, the real recipe
     torchrun --nnodes=2 --node_rank=R --master_addr=HOST --nproc_per_node=8 pretrain.py ...   # several nodes
+    torchrun --nproc_per_node=8 pretrain.py --zero=2     # shard optimiser states and gradients (3: weights too)
     python pretrain.py --resume=1                        # continue the latest checkpoint exactly
 
 Reads the tokenizer and pretraining data from $PICOCHAT_DIR (default ~/.cache/picochat) and writes checkpoints to
@@ -14,7 +15,6 @@ $PICOCHAT_DIR/checkpoints/base/d<depth>/.
 """
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict
@@ -22,7 +22,12 @@ from dataclasses import asdict
 import torch
 
 import common
+import kernels as triton_kernels  # the package; the setting `kernels` below switches it on
 from common import print0
+from data import pretrain_files
+from data.loader import TokenRows, evaluate_bpb
+from model import GPT, config_from_depth, generate
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
@@ -58,99 +63,10 @@ model_tag = ""              # checkpoint folder name; default d<depth>
 device = ""                 # cuda|mps|cpu, default: the best available
 dtype = ""                  # bfloat16 (autocast) | float32 | "": bfloat16 on CUDA and AMX CPUs, else float32
 compile = False             # torch.compile the model
+zero = 0                    # data parallelism: 0 replicated, 1 optimiser states sharded, 2 + gradients, 3 + weights
 kernels = False             # use the Triton kernels of kernels/ (CUDA only; a no-op elsewhere)
 peak_flops = 0.0            # for MFU; 0: look it up (GPU) or measure it (CPU)
 seed = 42
-
-# -----------------------------------------------------------------------------
-# The token stream: documents tokenised on the fly, each starting with <|bos|>, packed into rows that each
-# begin at a document start (no row opens mid-document). Rows are filled best-fit from a small buffer of
-# documents; when nothing fits the remaining space, the oldest document is cropped to fill it.
-#
-# Sharding is by micro-batch *slot*, not by rank: a step has num_slots = total_batch_size / (B * T) micro-batches,
-# and document i feeds slot i % num_slots. Rank r owns slots r*A .. r*A+A-1 (A = accumulation steps). So the batches
-# of a step do not depend on how its micro-batches are spread over processes: 2 ranks x 2 accumulation steps train
-# on exactly what 1 process x 4 accumulation steps does, and ranks still read disjoint documents.
-
-
-class TokenRows:
-    """An endless (or, loop=False, finite), resumable source of (B, T) batches for the slots this rank owns."""
-
-    def __init__(self, tokenizer, files, batch_size, seq_len, slots, num_slots, buffer_docs=32, loop=True):
-        self.tokenizer, self.files = tokenizer, files
-        self.batch_size, self.row_len = batch_size, seq_len + 1
-        self.num_slots, self.buffer_docs, self.loop = num_slots, buffer_docs, loop
-        self.position = {"epoch": 0, "file": 0, "doc": 0}  # the next document to read
-        self.buffers = {slot: [] for slot in slots}  # per slot: its tokenised documents, in order
-        self.reader = None  # the document iterator, started at self.position on first use
-
-    def state(self):
-        return {"position": dict(self.position), "buffers": {str(s): b for s, b in self.buffers.items()}}
-
-    def load_state(self, state):
-        self.position = dict(state["position"])
-        self.buffers = {int(s): [list(d) for d in b] for s, b in state["buffers"].items()}
-        self.reader = None
-
-    def documents(self):
-        """(index, text) of every document from the saved position on, one epoch after another; the position
-        always names the next document, so a saved state resumes exactly."""
-        from data import iter_texts
-        while True:
-            p = self.position
-            while p["file"] < len(self.files):
-                for i, text in enumerate(iter_texts(self.files[p["file"]])):
-                    if i >= p["doc"]:
-                        p["doc"] = i + 1
-                        yield i, text
-                p.update(file=p["file"] + 1, doc=0)
-            if not self.loop:
-                return
-            p.update(epoch=p["epoch"] + 1, file=0, doc=0)
-
-    def refill(self, slot):
-        """Read documents until `slot` has two windows queued. Documents of our other slots read on the way are
-        queued for them: packing only ever looks at a slot's own first `buffer_docs` documents, so what a slot
-        packs never depends on when the others refilled (that keeps 1 rank == N ranks)."""
-        if self.reader is None:
-            self.reader = self.documents()
-        texts, owners = [], []
-        missing = 2 * self.buffer_docs - len(self.buffers[slot])
-        for i, text in self.reader:
-            owner = i % self.num_slots
-            if owner in self.buffers:
-                texts.append(text)
-                owners.append(owner)
-                missing -= owner == slot
-                if missing <= 0:
-                    break
-        if texts:
-            for owner, ids in zip(owners, self.tokenizer.encode(texts, prepend=self.tokenizer.bos_id)):
-                self.buffers[owner].append(ids)
-
-    def next_row(self, slot):
-        row, queue = [], self.buffers[slot]
-        while len(row) < self.row_len:
-            if len(queue) < self.buffer_docs:
-                self.refill(slot)
-            if not queue:
-                return None  # a finite stream ran out
-            space = self.row_len - len(row)
-            window = queue[:self.buffer_docs]
-            fits = [i for i, d in enumerate(window) if len(d) <= space]
-            if fits:
-                row.extend(queue.pop(max(fits, key=lambda i: len(window[i]))))  # the first longest that fits
-            else:
-                row.extend(queue.pop(0)[:space])
-        return row
-
-    def next_batch(self, slot, device):
-        rows = [self.next_row(slot) for _ in range(self.batch_size)]
-        if any(r is None for r in rows):
-            return None
-        batch = torch.tensor(rows, dtype=torch.long)  # (B, T+1)
-        return batch[:, :-1].to(device), batch[:, 1:].to(device)  # inputs, targets: (B, T)
-
 
 # -----------------------------------------------------------------------------
 # Helpers the loop uses
@@ -192,39 +108,17 @@ def measure_peak_flops(device, dtype_name):
     return 2 * n ** 3 / best
 
 
-@torch.no_grad()
-def evaluate_bpb(model, batches, token_bytes, autocast_ctx):
-    """Bits per byte: the summed loss over target tokens divided by the bytes they stand for. Unlike the loss,
-    it does not depend on the tokenizer's vocabulary. Special tokens (0 bytes) are left out."""
-    total_nats = torch.zeros((), dtype=torch.float64)
-    total_bytes = torch.zeros((), dtype=torch.float64)
-    for x, y in batches:
-        with autocast_ctx:
-            loss = model(x, y, loss_reduction="none")  # (B, T) nats per token
-        nbytes = token_bytes[y]  # (B, T)
-        total_nats += (loss.float() * (nbytes > 0)).sum().double().cpu()
-        total_bytes += nbytes.sum().double().cpu()
-    if torch.distributed.is_initialized():
-        both = torch.stack([total_nats, total_bytes]).to(token_bytes.device)
-        torch.distributed.all_reduce(both)
-        total_nats, total_bytes = both[0].cpu(), both[1].cpu()
-    return (total_nats / (math.log(2) * total_bytes.clamp(min=1))).item()
-
-
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
-    ddp, rank, local_rank, world_size, device = common.setup_device(device)
-    common.seed_everything(seed)  # the same init on every rank; data differs by rank, not by seed
-    dtype = common.resolve_dtype(device, dtype)
-    autocast_ctx = common.autocast(device, dtype)
-    print0(f"compute dtype: {dtype}")
+    common.check_settings(config, positive=("embedding_lr", "unembedding_lr", "matrix_lr", "target_param_data_ratio"),
+                          non_negative=("weight_decay",), fraction=("warmup_ratio", "warmdown_ratio", "final_lr_frac"))
+    # the same seed on every rank: the same initial weights; ranks differ by the data they read
+    rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
     model_tag = model_tag or f"d{depth}"
     ckpt_dir = common.checkpoint_dir("base", model_tag)
 
     # ---- tokenizer and data
-    from data import pretrain_files
-    from tokenizer import load_tokenizer
     try:
         tokenizer = load_tokenizer()
         train_files, val_files = pretrain_files("train", data), pretrain_files("val", data)
@@ -234,30 +128,22 @@ if __name__ == "__main__":
     token_bytes = torch.tensor(tokenizer.token_bytes, dtype=torch.long, device=device)
 
     # ---- model
-    from model import GPT, config_from_depth
     try:
         model_config = config_from_depth(depth, tokenizer.vocab_size, max_seq_len, aspect_ratio=aspect_ratio,
-                                         head_dim=head_dim, n_kv_head=n_kv_head)
+                                         head_dim=head_dim, n_kv_head=n_kv_head, use_kernels=kernels)
     except ValueError as e:  # a bad depth/head setting: one line, no traceback
         raise SystemExit(f"error: {e}") from None
-    model_config.use_kernels = kernels
-    if kernels:
-        import importlib
-        importlib.import_module("kernels").enable(True)  # impl="auto" inside the model then picks Triton on CUDA
+    common.check_model_fits(model_config, device)
+    triton_kernels.enable(kernels)  # impl="auto" inside the model then picks Triton on CUDA
     model = GPT(model_config).to(device)
     model.init_weights()
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
     print0(f"model: {json.dumps(asdict(model_config))}")
     print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:.3e}")
-    train_model = torch.compile(model, dynamic=False) if compile else model
 
     # ---- batch geometry and horizon
-    tokens_per_micro_step = device_batch_size * max_seq_len * world_size
-    if total_batch_size % tokens_per_micro_step:
-        raise SystemExit(f"error: --total_batch_size={total_batch_size} is not a multiple of device_batch_size * "
-                         f"max_seq_len * world_size = {tokens_per_micro_step}")
-    grad_accum_steps = total_batch_size // tokens_per_micro_step
+    grad_accum_steps = common.grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size)
     if num_iterations > 0:
         num_steps = num_iterations
     else:
@@ -265,65 +151,59 @@ if __name__ == "__main__":
     print0(f"{num_steps} steps of {total_batch_size:,} tokens ({grad_accum_steps} accumulation steps), "
            f"{num_steps * total_batch_size:,} tokens, {num_steps * total_batch_size / num_params:.1f} tokens/param")
 
-    # ---- optimisers (learning rates scale with width inside setup_optimizers)
-    optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
-                                        matrix_lr=matrix_lr, weight_decay=weight_decay)
+    # ---- data parallelism and optimisers (learning rates scale with width inside setup_optimizers)
+    optimizers = common.parallelize(model, zero, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
+                                    matrix_lr=matrix_lr, weight_decay=weight_decay)
     adamw, muon = optimizers
+    train_model = torch.compile(model, dynamic=False) if compile else model
     my_slots = range(rank * grad_accum_steps, (rank + 1) * grad_accum_steps)
     train_rows = TokenRows(tokenizer, train_files, device_batch_size, max_seq_len, my_slots,
                            grad_accum_steps * world_size)
 
-    # ---- resume
-    step = 0
-    history = {"loss": [], "val_bpb": []}  # (step, value) pairs for the report's charts
-    if resume and common.last_step(ckpt_dir) is not None:
-        meta, rank_state = common.resume_checkpoint(ckpt_dir, model, optimizers, rank, device, {
-            "model_config": json.loads(json.dumps(asdict(model_config))), "world_size": world_size,
-            "total_batch_size": total_batch_size})
-        train_rows.load_state(rank_state["loader"])
-        step, history = meta["step"], meta["history"]
-    elif resume:
-        print0(f"nothing to resume in {ckpt_dir}: starting from scratch")
+    # ---- resume; history: (step, value) pairs for the report's charts
+    # (on any number of ranks: the data position is kept per micro-batch slot, which the ranks share out)
+    step, history, rank_states = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
+        "model_config": json.loads(json.dumps(asdict(model_config))), "total_batch_size": total_batch_size},
+        history={"loss": [], "val_bpb": []})
+    if rank_states is not None:
+        try:
+            train_rows.load_state([state["loader"] for state in rank_states])
+        except ValueError as e:
+            raise SystemExit(f"error: cannot resume from {ckpt_dir}: {e}") from None
 
     def val_batches():
         rows = TokenRows(tokenizer, val_files, device_batch_size, max_seq_len, [rank], world_size, loop=False)
-        for _ in range(max(1, eval_tokens // tokens_per_micro_step)):
+        for _ in range(max(1, eval_tokens // (device_batch_size * max_seq_len * world_size))):
             batch = rows.next_batch(rank, device)
             if batch is None:
                 break
             yield batch
 
     def save(step, metrics):
-        meta = {"step": step, "model_config": asdict(model_config), "config": config, "metrics": metrics,
-                "tokenizer_hash": tokenizer.hash, "world_size": world_size, "total_batch_size": total_batch_size,
-                "history": history}
-        rank_state = {"optimizers": [opt.state_dict() for opt in optimizers], "loader": train_rows.state()}
-        common.save_checkpoint(ckpt_dir, step, model.state_dict(), rank_state, meta, rank)
-        print0(f"saved checkpoint step {step} to {ckpt_dir}")
+        common.save_stage(ckpt_dir, step, model, optimizers, rank, {
+            "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
+            "total_batch_size": total_batch_size}, rank_state={"loader": train_rows.state()})
 
     # ---- the training loop
-    from model import generate
     peak = peak_flops or measure_peak_flops(device, dtype)
     sample_prompts = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in ("Once upon a time", "The answer is")]
-    val_bpb, smooth_loss, t_start, train_time = None, 0.0, time.time(), 0.0
+    val_bpb, t_start, train_time = None, time.time(), 0.0
     metrics = {}
     while True:
         last = step == num_steps
         if eval_every > 0 and (step % eval_every == 0 or last):
             model.eval()
-            val_bpb = evaluate_bpb(model, val_batches(), token_bytes, autocast_ctx)
-            history["val_bpb"].append((step, val_bpb))
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            if rank == 0:
-                with autocast_ctx:
-                    rows = [[] for _ in sample_prompts]
-                    for tokens in generate(model, sample_prompts, 24, temperature=0.0,
-                                           stop_tokens=(tokenizer.bos_id,)):
-                        for row, t in zip(rows, tokens):
-                            if t is not None:
-                                row.append(t[0])
-                for p, row in zip(sample_prompts, rows):
-                    print0(f"  sample: {tokenizer.decode(p[1:] + row)!r}")
+            with common.unsharded(model):  # ranks may read different numbers of val batches; rank 0 alone samples
+                val_bpb = evaluate_bpb(model, val_batches(), token_bytes, autocast_ctx)
+                history["val_bpb"].append((step, val_bpb))
+                print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+                if rank == 0:  # a look at what it writes: greedy continuations of the sample prompts
+                    with autocast_ctx:
+                        steps = list(generate(model, sample_prompts, 24, temperature=0.0,
+                                              stop_tokens=(tokenizer.bos_id,)))
+                    for i, prompt in enumerate(sample_prompts):
+                        continuation = [entries[i][0] for entries in steps if entries[i] is not None]
+                        print0(f"  sample: {tokenizer.decode(prompt[1:] + continuation)!r}")
             model.train()
         if last:
             break
@@ -331,32 +211,29 @@ if __name__ == "__main__":
         # one optimisation step: gradient accumulation over micro-batches
         t0 = time.time()
         lrm = lr_multiplier(step, num_steps)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        common.set_lr(optimizers, lrm)
         for group in muon.param_groups:
             group["momentum"] = muon_momentum(step)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)  # on the device: all_sum below is the step's one host read
         for slot in my_slots:
             x, y = train_rows.next_batch(slot, device)
             with autocast_ctx:
                 loss = train_model(x, y)
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
             (loss / grad_accum_steps).backward()
+        # a diverged step stops the run before its update: the gradients here are this rank's own, and the sums
+        # over ranks are inf or nan when any rank's is
+        totals = common.all_sum({"loss": loss_sum / grad_accum_steps, "gradient": common.largest_grad(model)}, device)
+        common.check_finite(step + 1, totals, "--matrix_lr, --embedding_lr, --unembedding_lr")
         for opt in optimizers:
             opt.step()  # the optimisers average gradients over ranks themselves (see model.py)
         model.zero_grad(set_to_none=True)
         step += 1
-        loss_value = loss_sum / grad_accum_steps
-        if ddp:
-            t = torch.tensor([loss_value], device=device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.AVG)
-            loss_value = t.item()
+        loss_value = totals["loss"] / world_size
         dt = time.time() - t0
         if step > 1:  # the first step pays for warm-up (and compilation)
             train_time += dt
         history["loss"].append((step, loss_value))
-        smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
         tok_s = total_batch_size / dt
         mfu = flops_per_token * tok_s / (peak * world_size)
         eta = (num_steps - step) * (train_time / max(1, step - 1) if step > 1 else dt)
@@ -370,8 +247,5 @@ if __name__ == "__main__":
     metrics.update(val_bpb=val_bpb, train_minutes=train_time / 60, wall_minutes=(time.time() - t_start) / 60,
                    num_params=num_params, tokens=num_steps * total_batch_size)
     save(step, metrics)
-    if rank == 0:
-        path = common.write_report_section("base", {"stage": "pretrain", "config": config, "metrics": metrics,
-                                                    "history": history, "checkpoint": ckpt_dir})
-        print0(f"report section: {path}")
-    common.teardown()
+    common.finish_stage("base", {"stage": "pretrain", "config": config, "metrics": metrics, "history": history,
+                                 "checkpoint": ckpt_dir}, rank)

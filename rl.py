@@ -1,48 +1,38 @@
 """
-Reinforcement learning with verifiable rewards on math word problems (the GRPO family), or DPO on preference pairs.
-The policy samples a group of answers per problem with the KV-cache engine (calculator included), the verifier
-(evaluate.grade) scores them 1/0, and each answer is pushed up or down by how much better it did than its group.
+Reinforcement learning with verifiable rewards on math word problems: the GRPO family. The policy samples a group
+of answers per problem with the KV-cache engine (calculator included), the verifier (data/grade.py) scores them 1/0,
+and each answer is pushed up or down by how much better it did than its group. (DPO on preference pairs: dpo.py.)
 
     python rl.py                                    # the latest sft model on the built-in problems (CPU-sized)
     python rl.py --dataset=gsm8k --max_new_tokens=256 --num_steps=300   # GSM8K (after python data/gsm8k.py)
     python rl.py --loss_norm=sequence --std_norm=1 --kl_coef=0.04       # GRPO as published (DeepSeekMath)
     python rl.py --loss_norm=constant               # Dr.GRPO: no length bias, no std division
     python rl.py --ppo_epochs=2 --clip_low=0.2 --clip_high=0.28 --filter_zero_std=1   # DAPO-style
-    python rl.py --algo=dpo                         # DPO on correct/incorrect pairs sampled from the sft model
-    python rl.py --algo=dpo --pairs=prefs.jsonl     # DPO on your pairs: {"prompt", "chosen", "rejected"} per line
     torchrun --nproc_per_node=8 rl.py --dataset=gsm8k   # each rank samples its share of every step's prompts
+    torchrun --nproc_per_node=8 rl.py --zero=3      # optimiser states, gradients and weights sharded (see common.py)
     python rl.py --resume=1                         # continue the latest rl checkpoint of this model tag
 
 Defaults are nanochat's simple on-policy variant of GRPO: no reference model or KL, one gradient step per batch
 (so no ratio clipping), advantage = reward - group mean without std division, DAPO's token-level normalisation.
+RL needs an sft model that already solves some problems: groups whose answers are all wrong teach nothing (what
+it learns on the built-in problems: README.md, tests/bench_rl.py).
 Reads $PICOCHAT_DIR/checkpoints/<source>/, writes $PICOCHAT_DIR/checkpoints/rl/<model tag>/ and report/rl.json.
-
-What it learns on the built-in problems (tests/bench_rl.py, a 4-layer 128-wide model, 2 CPU cores): in 60 steps
-(~5 minutes) held-out pass@1 at temperature 1 goes from 0.45 to 0.74 and greedy from 0.49 to 0.82, mostly because
-the policy learns to call the calculator (39% -> 92% of answers): its own arithmetic is what fails, and answers
-that use the tool are the ones rewarded. RL needs an sft model that already solves some problems: one with 1%
-pass@1 gave all-zero groups and nothing to learn from.
 """
 
 import copy
-import json
-import math
-import os
-import random
-import re
 import time
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 import common
 from common import print0
+from data.grade import grade, pass_rates, sample_groups
+from data.loader import collate, make_row, math_items, step_indices, token_logprobs
+from model import Engine
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
-algo = "grpo"               # grpo: policy gradient with group baselines (all knobs below) | dpo: preference pairs
-source = "sft"              # the checkpoint to start from (and the frozen reference for kl_coef and DPO)
+source = "sft"              # the checkpoint to start from (and the frozen reference for kl_coef)
 model_tag = ""              # default: the source's latest; the rl checkpoints go to the same tag
 source_step = -1            # the source's step; -1: its latest
 dataset = "tinyworld"       # math problems: tinyworld (built in) or gsm8k (python data/gsm8k.py)
@@ -63,10 +53,6 @@ ppo_epochs = 1              # optimiser steps on each batch of samples; > 1 reus
 clip_low = 0.2              # the ratio may fall to 1 - clip_low before its gradient stops (PPO)
 clip_high = 0.28            # ... and rise to 1 + clip_high (DAPO's clip-higher keeps rare tokens explorable)
 kl_coef = 0.0               # weight of the k3 KL estimate against the frozen source model (0: no reference)
-# DPO
-beta = 0.1                  # DPO's inverse temperature: how far the policy may move from the reference
-pairs = ""                  # jsonl of {"prompt", "chosen", "rejected"}; "": derive them from sampled answers
-dpo_problems = 256          # train problems sampled (num_samples answers each) to derive pairs when pairs is ""
 # optimisation
 num_steps = 60              # optimisation steps (ppo_epochs each)
 lr_scale = 0.1              # multiplies the model's default learning rates (nanochat's init_lr_frac: 0.05)
@@ -81,28 +67,12 @@ save_every = 0              # checkpoint every this many steps (0: only at the e
 resume = False              # continue from the latest rl checkpoint of this model tag
 # system
 device = ""                 # cuda|mps|cpu; "": the best available
-dtype = ""                  # bfloat16|float32; "": bfloat16 on cuda, float32 elsewhere (fp32 is faster on most CPUs)
+dtype = ""                  # bfloat16|float32; "": bfloat16 on CUDA and AMX CPUs, else float32
+zero = 0                    # data parallelism: 0 replicated, 1 optimiser states sharded, 2 + gradients, 3 + weights
 seed = 42
 
 # -----------------------------------------------------------------------------
-# Rewards and advantages
-
-FINAL_LINE = re.compile(r"(?:^|\n)#### *-?\d[\d,]*(?:\.\d+)?\s*$")  # the answer convention of every math dataset
-
-
-def response_text(tokens, tokenizer):
-    """The answer as text, without the stop token that ended it (the verifier reads the last line)."""
-    stops = (tokenizer.special("<|assistant_end|>"), tokenizer.bos_id)
-    return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
-
-
-def score(text, reference, finished, grader, format_bonus=0.0):
-    """(reward, correct) of one answer: 1 when the verifier says its final answer equals the reference's, plus
-    format_bonus when it ended its turn on a well-formed "#### N" line (a dense signal while correct answers are
-    rare; keep it small, or the policy learns the format and stops there)."""
-    correct = bool(grader(text, reference))
-    well_formed = finished and FINAL_LINE.search(text) is not None
-    return float(correct) + format_bonus * well_formed, correct
+# Advantages and the loss
 
 
 def group_advantages(rewards, std_norm=False, eps=1e-4):
@@ -113,31 +83,6 @@ def group_advantages(rewards, std_norm=False, eps=1e-4):
     if std_norm:
         adv = adv / (rewards.std(dim=1, keepdim=True) + eps)  # unbiased std, as GRPO implementations use
     return adv
-
-
-# -----------------------------------------------------------------------------
-# Batches: a prompt plus a sampled answer as one training row, and the per-token weights of the loss
-
-
-def make_row(prompt, tokens, mask):
-    """One sample as (inputs, targets, trained): inputs predict targets = the next tokens; trained is 1 where the
-    target is a token the policy chose, 0 on the prompt and on forced calculator outputs (the engine's mask)."""
-    full = prompt + tokens
-    return full[:-1], full[1:], [0] * (len(prompt) - 1) + list(mask)
-
-
-def collate(rows, device):
-    """Right-padded (B, T) tensors of inputs, targets (-1 where not trained: the model skips them) and the mask."""
-    T = max(len(x) for x, _, _ in rows)
-    x = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T); padding is never a target, its value is moot
-    y = torch.full((len(rows), T), -1, dtype=torch.long)  # (B, T)
-    m = torch.zeros(len(rows), T)  # (B, T)
-    for i, (xi, yi, mi) in enumerate(rows):
-        mi = torch.tensor(mi, dtype=torch.float32)
-        x[i, :len(xi)] = torch.tensor(xi)
-        y[i, :len(yi)] = torch.where(mi > 0, torch.tensor(yi), -1)
-        m[i, :len(mi)] = mi
-    return x.to(device), y.to(device), m.to(device)
 
 
 def token_weights(mask, loss_norm, num_seqs, num_tokens, max_new_tokens):
@@ -151,15 +96,6 @@ def token_weights(mask, loss_norm, num_seqs, num_tokens, max_new_tokens):
     if loss_norm == "constant":  # Dr.GRPO: one constant divisor, so the length of an answer biases nothing
         return mask / (num_seqs * max_new_tokens)
     raise ValueError(f"loss_norm must be token, sequence or constant, got {loss_norm!r}")
-
-
-def token_logprobs(model, x, y):
-    """log p(target) per position, (B, T) float32; 0 where the target is -1."""
-    return -model(x, y, loss_reduction="none").float()
-
-
-# -----------------------------------------------------------------------------
-# The losses
 
 
 def policy_loss(logp, old_logp, advantages, weights, clip_low, clip_high, ref_logp=None, kl_coef=0.0):
@@ -182,134 +118,18 @@ def policy_loss(logp, old_logp, advantages, weights, clip_low, clip_high, ref_lo
     return (per_token * weights).sum(), kl
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
-    """DPO (Rafailov et al. 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), mean over pairs.
-    Each argument (N,) is an answer's log-probability summed over its tokens. Returns (loss, accuracy): the share
-    of pairs whose implicit reward already prefers the chosen answer."""
-    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))  # (N,)
-    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
-
-
-# -----------------------------------------------------------------------------
-# Problems and DPO pairs
-
-
-def step_indices(step, count, num_items, seed):
-    """Indices of a step's items: consecutive slices of a shuffled order, reshuffled at every pass over the data.
-    The same on every rank and after a resume (it depends only on the step)."""
-    out, orders = [], {}
-    for i in range(step * count, (step + 1) * count):
-        epoch, j = divmod(i, num_items)
-        if epoch not in orders:
-            orders[epoch] = list(range(num_items))
-            random.Random(seed * 1000 + epoch).shuffle(orders[epoch])
-        out.append(orders[epoch][j])
-    return out
-
-
-def pair_from_json(row, tokenizer):
-    """A {"prompt", "chosen", "rejected"} row -> (prompt ids, (chosen tokens, mask), (rejected tokens, mask)).
-    prompt: a user message (str) or a list of messages ending with a user turn; chosen/rejected: an assistant
-    content (str, or a list of text/python/python_output parts)."""
-    if not all(k in row for k in ("prompt", "chosen", "rejected")):
-        raise ValueError(f"a pair needs keys prompt, chosen and rejected; got {sorted(row)}")
-    messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
-    prompt = tokenizer.render_for_completion(messages)
-    answers = []
-    for key in ("chosen", "rejected"):
-        ids, mask = tokenizer.render_conversation(list(messages) + [{"role": "assistant", "content": row[key]}],
-                                                  max_len=1 << 30)
-        if ids[:len(prompt)] != prompt:
-            raise ValueError("the prompt does not render as the start of the conversation")
-        answers.append((ids[len(prompt):], mask[len(prompt):]))
-    return prompt, answers[0], answers[1]
-
-
-def load_pairs(path, tokenizer):
-    from data import read_jsonl
-    if not os.path.exists(path):
-        raise SystemExit(f"error: --pairs file {path} not found")
-    out = []
-    for i, row in enumerate(read_jsonl(path)):
-        try:
-            out.append(pair_from_json(row, tokenizer))
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"error: {path} line {i + 1}: {e}") from None
-    if not out:
-        raise SystemExit(f"error: {path} holds no pairs")
-    return out
-
-
-def pairs_from_groups(prompts, groups):
-    """DPO pairs from sampled groups: for each problem, its first correct answer against its first wrong one.
-    groups: per prompt a list of ((tokens, mask), correct)."""
-    out = []
-    for prompt, group in zip(prompts, groups):
-        right = [s for s, ok in group if ok]
-        wrong = [s for s, ok in group if not ok]
-        if right and wrong:
-            out.append((prompt, right[0], wrong[0]))
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Helpers the loop uses
-
-
-def all_sum(values, device):
-    """Sum numbers over ranks (as they are without DDP)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def sample_groups(engine, prompts, references, n, max_tokens, temp, topk, seed, grader, format_bonus):
-    """Sample n answers per prompt and score them. Returns per prompt a list of (tokens, mask, reward, correct)."""
-    outs = engine.generate_batch(prompts, num_samples=n, max_new_tokens=max_tokens, temperature=temp, top_k=topk,
-                                 seed=seed)
-    end = engine.tokenizer.special("<|assistant_end|>")
-    groups = []
-    for samples, reference in zip(outs, references):
-        group = []
-        for tokens, mask in samples:
-            text = response_text(tokens, engine.tokenizer)
-            reward, correct = score(text, reference, bool(tokens) and tokens[-1] == end, grader, format_bonus)
-            group.append((tokens, mask, reward, correct))
-        groups.append(group)
-    return groups
-
-
-def sequence_logprobs(model, rows, device, autocast_ctx, batch_size, grad=False):
-    """Sum of log p over each row's trained tokens, (N,); with grad=False under no_grad."""
-    out = []
-    with torch.set_grad_enabled(grad):
-        for i in range(0, len(rows), batch_size):
-            x, y, m = collate(rows[i:i + batch_size], device)
-            with autocast_ctx:
-                logp = token_logprobs(model, x, y)  # (B, T)
-            out.append((logp * m).sum(dim=1))  # (B,)
-    return torch.cat(out)
-
-
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
-    ddp, rank, local_rank, world_size, device = common.setup_device(device)
-    common.seed_everything(seed)
-    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    autocast_ctx = common.autocast(device, dtype)
+    common.check_settings(config, positive=("lr_scale",), non_negative=("weight_decay", "kl_coef", "temperature"))
+    rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
 
     # ---- settings that cannot work, refused before any time is spent
     errors = []
-    if algo not in ("grpo", "dpo"):
-        errors.append(f"--algo must be grpo or dpo, got {algo!r}")
     if loss_norm not in ("token", "sequence", "constant"):
         errors.append(f"--loss_norm must be token, sequence or constant, got {loss_norm!r}")
-    if algo == "grpo" and num_samples < 2:
+    if num_samples < 2:
         errors.append("--num_samples must be at least 2: the group mean is the baseline")
-    if pairs and algo != "dpo":
-        errors.append("--pairs is for --algo=dpo")
     if prompts_per_step % world_size:
         errors.append(f"--prompts_per_step={prompts_per_step} must be a multiple of the {world_size} processes")
     if min(prompts_per_step, num_steps, max_new_tokens, ppo_epochs, device_batch_size, eval_samples) < 1:
@@ -320,125 +140,32 @@ if __name__ == "__main__":
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
 
-    # ---- model, tokenizer, the frozen reference
-    from chat import Engine
-    from evaluate import grade, pass_at_k
+    # ---- model, tokenizer, the frozen reference; the problems
     model, tokenizer, source_meta = common.load_model(source, device, model_tag, source_step)
     out_tag = model_tag or common.find_model_tag(source)
     ckpt_dir = common.checkpoint_dir("rl", out_tag)
     if max_new_tokens >= model.config.sequence_len:
         raise SystemExit(f"error: --max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                          f"sequence_len={model.config.sequence_len}")
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if algo == "grpo" and kl_coef > 0 else None
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if kl_coef > 0 else None
     engine = Engine(model, tokenizer)
-
-    # ---- problems: train prompts to learn on, held-out test prompts to measure
-    from data import load_math
-    try:
-        train_set, test_set = load_math(dataset, "train"), load_math(dataset, "test")
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    room = model.config.sequence_len - max_new_tokens
-
-    def encode(problem_list):
-        """(prompt ids, reference answer) of each problem that leaves max_new_tokens of room in the context."""
-        out = [(tokenizer.render_for_completion([{"role": "user", "content": p["question"]}]), p["answer"])
-               for p in problem_list]
-        return [(ids, answer) for ids, answer in out if len(ids) <= room]
-
-    train_items = encode(train_set)
-    rng = random.Random(seed)
-    test_items = encode(rng.sample(test_set, min(eval_problems, len(test_set))))
-    print0(f"data: {dataset}, {len(train_items)} train problems, {len(test_items)} held-out problems per evaluation")
-    if not train_items:
-        raise SystemExit(f"error: no train problem fits sequence_len={model.config.sequence_len} with "
-                         f"max_new_tokens={max_new_tokens}")
-
-    # ---- DPO pairs, and the reference's log-probs of them (computed once: the reference never changes)
+    train_items, test_items = math_items(tokenizer, dataset, model.config.sequence_len - max_new_tokens,
+                                         eval_problems, seed)
     my_share = prompts_per_step // world_size
-    if algo == "dpo":
-        if pairs:
-            pair_list = load_pairs(pairs, tokenizer)
-        else:
-            # every rank samples its share of the problems, then all ranks pool the pairs in the same order
-            t0 = time.time()
-            picked = [train_items[i] for i in step_indices(0, dpo_problems, len(train_items), seed)]
-            mine = picked[rank::world_size]
-            model.eval()
-            found = []
-            for j, i in enumerate(range(0, len(mine), my_share)):
-                chunk = mine[i:i + my_share]
-                with autocast_ctx:
-                    groups = sample_groups(engine, [p for p, _ in chunk], [a for _, a in chunk], num_samples,
-                                           max_new_tokens, temperature, top_k, seed + 7919 * (j * world_size + rank),
-                                           grade, 0.0)
-                found += pairs_from_groups([p for p, _ in chunk], [[((t, m), ok) for t, m, _, ok in g] for g in groups])
-            if ddp:
-                gathered = [None] * world_size
-                dist.all_gather_object(gathered, found)
-                found = [p for part in gathered for p in part]
-            pair_list = found
-            print0(f"dpo: {len(pair_list)} pairs from {len(picked)} problems x {num_samples} answers "
-                   f"({time.time() - t0:.0f}s)")
-            if not pair_list:
-                raise SystemExit("error: no problem got both a right and a wrong answer: no pairs to learn from "
-                                 "(try more --dpo_problems, another --temperature, or give --pairs)")
-        rows_c = [make_row(p, *c) for p, c, _ in pair_list]
-        rows_r = [make_row(p, *r) for p, _, r in pair_list]
-        model.eval()
-        ref_c = sequence_logprobs(model, rows_c, device, autocast_ctx, device_batch_size)  # (N,)
-        ref_r = sequence_logprobs(model, rows_r, device, autocast_ctx, device_batch_size)  # (N,)
 
-    # ---- optimisers
-    optimizers = model.setup_optimizers(weight_decay=weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["initial_lr"] * lr_scale
-    step, history = 0, {}
-    if resume and common.last_step(ckpt_dir) is not None:
-        meta, _ = common.resume_checkpoint(ckpt_dir, model, optimizers, rank, device,
-                                           {"world_size": world_size, "prompts_per_step": prompts_per_step})
-        step, history = meta["step"], meta["history"]
-    elif resume:
-        print0(f"nothing to resume in {ckpt_dir}: starting from the {source} model")
+    # ---- data parallelism and optimisers, resume (on any number of ranks: the ranks then sample other problems)
+    optimizers = common.parallelize(model, zero, weight_decay=weight_decay)
+    common.scale_lr(optimizers, lr_scale)
+    step, history, _ = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
+        "prompts_per_step": prompts_per_step}, history={})
 
     def log_point(name, value):
         history.setdefault(name, []).append((step, value))
 
-    @torch.no_grad()
-    def evaluate_heldout():
-        """pass@1 (the mean over eval_samples answers at the training temperature), pass@k (k = eval_samples) and
-        greedy pass@1 on the held-out problems, each rank taking its share. The seed is the same at every
-        evaluation, so the curve shows changes of the model, not of the sampling noise."""
-        mine = test_items[rank::world_size]
-        sums = [0.0, 0.0, 0.0, 0.0]  # pass@1, pass@k, greedy, problems
-        for i in range(0, len(mine), my_share):
-            chunk = mine[i:i + my_share]
-            prompts, refs = [p for p, _ in chunk], [a for _, a in chunk]
-            with autocast_ctx:
-                groups = sample_groups(engine, prompts, refs, eval_samples, max_new_tokens, temperature, top_k,
-                                       seed + 100003 * (rank + 1) + i, grade, 0.0)
-                if eval_greedy:
-                    greedy = sample_groups(engine, prompts, refs, 1, max_new_tokens, 0.0, 0, None, grade, 0.0)
-                    sums[2] += sum(g[0][3] for g in greedy)
-            for group in groups:
-                c = sum(s[3] for s in group)
-                sums[0] += pass_at_k(eval_samples, c, 1)
-                sums[1] += pass_at_k(eval_samples, c, eval_samples)
-                sums[3] += 1
-        p1, pk, greedy_p1, n = all_sum(sums, device)
-        out = {"pass1": p1 / n, f"pass{eval_samples}": pk / n}
-        if eval_greedy:
-            out["greedy_pass1"] = greedy_p1 / n
-        return out
-
     def save(step, metrics):
-        meta = {"step": step, "model_config": source_meta["model_config"], "config": config, "metrics": metrics,
-                "tokenizer_hash": tokenizer.hash, "world_size": world_size, "history": history,
-                "source": {"stage": source, "model_tag": out_tag, "step": source_meta["step"]}}
-        rank_state = {"optimizers": [opt.state_dict() for opt in optimizers]}
-        common.save_checkpoint(ckpt_dir, step, model.state_dict(), rank_state, meta, rank)
-        print0(f"saved checkpoint step {step} to {ckpt_dir}")
+        common.save_stage(ckpt_dir, step, model, optimizers, rank, {
+            "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
+            "source": {"stage": source, "model_tag": out_tag, "step": source_meta["step"]}})
 
     # ---- the training loop
     t_start, train_time, metrics, last_eval = time.time(), 0.0, {}, {}
@@ -448,7 +175,11 @@ if __name__ == "__main__":
         if eval_every > 0 and (step % eval_every == 0 or last) and test_items and not evaluated:
             model.eval()
             t0 = time.time()
-            last_eval = evaluate_heldout()
+            with common.unsharded(model), autocast_ctx:  # each rank generates its own answers
+                last_eval = pass_rates(engine, test_items, num_samples=eval_samples, greedy=eval_greedy,
+                                       chunk_size=my_share, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_k=top_k, seed=seed, grader=grade, rank=rank, world_size=world_size,
+                                       device=device)
             for k, v in last_eval.items():
                 log_point(k, v)
             print0(f"step {step:05d} | held-out " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()) +
@@ -457,113 +188,98 @@ if __name__ == "__main__":
             break
         t0 = time.time()
         lrm = 1.0 - step / num_steps  # linear decay to 0, as nanochat's RL
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        common.set_lr(optimizers, lrm)
 
-        if algo == "dpo":
-            # ---- one DPO step: this rank's share of the step's pairs, the loss averaged over them
-            idx = step_indices(step, prompts_per_step, len(pair_list), seed)[rank * my_share:(rank + 1) * my_share]
-            model.train()
-            pol_c = sequence_logprobs(model, [rows_c[i] for i in idx], device, autocast_ctx, device_batch_size, True)
-            pol_r = sequence_logprobs(model, [rows_r[i] for i in idx], device, autocast_ctx, device_batch_size, True)
-            loss, acc = dpo_loss(pol_c, pol_r, ref_c[idx], ref_r[idx], beta)
-            loss.backward()  # the optimisers average over ranks: each rank's share is the same size
+        # ---- 1. sample a group of answers for each of this rank's problems, and score them
+        idx = step_indices(step, prompts_per_step, len(train_items), seed)[rank * my_share:(rank + 1) * my_share]
+        problems = [train_items[i] for i in idx]
+        model.eval()
+        with common.unsharded(model), autocast_ctx:
+            groups = sample_groups(engine, [p for p, _ in problems], [a for _, a in problems],
+                                   num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, seed=common.derive_seed(seed, "train", step, rank), grader=grade,
+                                   format_bonus=format_reward)
+        t_sample = time.time() - t0
+        rewards = torch.tensor([[sample.reward for sample in group] for group in groups])  # (P, G), on the host
+        advantages = group_advantages(rewards, std_norm).tolist()  # (P, G) as lists, read once
+        zero_std = [len({sample.reward for sample in group}) == 1 for group in groups]  # (P,)
+
+        # ---- 2. the training rows: the answers of the groups kept, with their advantages; and the step's counts
+        rows, row_adv = [], []
+        counts = {"answers": 0, "tokens": 0}  # what the loss averages over (groups filtered out do not count)
+        for (prompt, _), group, group_adv, flat in zip(problems, groups, advantages, zero_std):
+            if filter_zero_std and flat:
+                continue  # all answers equal: DAPO leaves them out of the average too
+            for sample, adv in zip(group, group_adv):
+                row = make_row(prompt, sample.tokens, sample.mask)
+                counts["answers"] += 1
+                counts["tokens"] += sum(row.trained)
+                if adv != 0 or kl_coef > 0:  # a zero advantage has exactly zero policy gradient: skip its pass
+                    rows.append(row)
+                    row_adv.append(adv)
+        samples = [sample for group in groups for sample in group]
+        counts.update(rows=len(rows), reward=sum(s.reward for s in samples), correct=sum(s.correct for s in samples),
+                      length=sum(len(s.tokens) for s in samples), flat=sum(zero_std))
+        counts = common.all_sum(counts, device)  # the whole step's, over all ranks
+        batches = [(collate(rows[i:i + device_batch_size], device),
+                    common.to_device(torch.tensor(row_adv[i:i + device_batch_size]), device))
+                   for i in range(0, len(rows), device_batch_size)]
+        # every rank runs as many forward/backward passes as the busiest (from --zero=2 on each is a collective, and
+        # the optimisers need every rank's gradients): the others add blank ones, one token that trains nothing
+        most = int(common.all_max({"batches": len(batches)}, device)["batches"])
+        blank = (collate([make_row([tokenizer.bos_id], [tokenizer.bos_id], [0])], device),
+                 torch.zeros(1, device=device))
+        batches += [blank] * (most - len(batches))
+
+        # ---- 3. the reference's log-probs (for the KL term), before any update
+        ref_logps = []
+        if reference is not None:
+            with torch.no_grad(), autocast_ctx:
+                ref_logps = [token_logprobs(reference, x, y) for (x, y, _), _ in batches]  # each (B, T)
+
+        # ---- 4. ppo_epochs optimiser steps on these samples
+        model.train()
+        old_logps, totals = [], {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
+        for epoch in range(ppo_epochs if counts["rows"] > 0 else 0):
+            # on the device: all_sum below is the optimiser step's one host read
+            sums = {name: torch.zeros((), device=device) for name in ("loss", "kl", "clipped")}
+            for b, ((x, y, m), adv) in enumerate(batches):
+                weights = token_weights(m, loss_norm, counts["answers"], counts["tokens"], max_new_tokens)  # (B, T)
+                with autocast_ctx:
+                    logp = token_logprobs(model, x, y)  # (B, T)
+                if epoch == 0:
+                    # the weights have not moved yet, so these are the sampling policy's log-probs: keeping
+                    # them saves the separate no-grad pass PPO needs before its first epoch
+                    old_logps.append(logp.detach())
+                loss, kl = policy_loss(logp, old_logps[b], adv, weights, clip_low, clip_high,
+                                       ref_logps[b] if ref_logps else None, kl_coef)
+                (loss * world_size).backward()  # the optimisers average over ranks; the weights already divide
+                ratio = torch.exp(logp.detach() - old_logps[b])
+                clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float() * m  # (B, T)
+                sums["loss"] += loss.detach()
+                sums["kl"] += kl
+                sums["clipped"] += clipped.sum()
+            totals = common.all_sum({**sums, "gradient": common.largest_grad(model)}, device)  # the last epoch's
+            common.check_finite(step + 1, totals, "--lr_scale")  # before the update: a diverged step never lands
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)
-            step += 1
-            loss_v, acc_v = (v / world_size for v in all_sum([loss.item(), acc.item()], device))
-            log_point("loss", loss_v)
-            log_point("reward_accuracy", acc_v)
-            train_time += time.time() - t0
-            print0(f"step {step:05d}/{num_steps:05d} | dpo loss {loss_v:.4f} | reward accuracy {acc_v:.3f} | "
-                   f"lr x{lrm:.3f} | {time.time() - t0:.1f}s")
-            metrics = {"loss": loss_v, "reward_accuracy": acc_v}
-        else:
-            # ---- 1. sample a group of answers for each of this rank's problems, and score them
-            idx = step_indices(step, prompts_per_step, len(train_items), seed)[rank * my_share:(rank + 1) * my_share]
-            chunk = [train_items[i] for i in idx]
-            model.eval()
-            with autocast_ctx:
-                groups = sample_groups(engine, [p for p, _ in chunk], [a for _, a in chunk], num_samples,
-                                       max_new_tokens, temperature, top_k, seed + world_size * step + rank, grade,
-                                       format_reward)
-            t_sample = time.time() - t0
-            rewards = torch.tensor([[s[2] for s in g] for g in groups])  # (P, G)
-            advantages = group_advantages(rewards, std_norm)  # (P, G)
-            zero_std = (rewards.max(dim=1).values == rewards.min(dim=1).values)  # (P,)
+        step += 1
 
-            # ---- 2. the training rows: the answers of the groups kept, with their advantages
-            rows, row_adv, counted = [], [], [0, 0]  # counted: the answers and tokens the loss averages over
-            for (prompt, _), group, adv, flat in zip(chunk, groups, advantages, zero_std):
-                if filter_zero_std and flat:
-                    continue  # all answers equal: DAPO leaves them out of the average too
-                for (tokens, mask, _, _), a in zip(group, adv.tolist()):
-                    row = make_row(prompt, tokens, mask)
-                    counted[0] += 1
-                    counted[1] += sum(row[2])
-                    if a != 0 or kl_coef > 0:  # a zero advantage has exactly zero policy gradient: skip its pass
-                        rows.append(row)
-                        row_adv.append(a)
-            n_seqs, n_tokens, n_rows, n_correct, n_len, n_flat = all_sum(
-                [*counted, len(rows), sum(s[3] for g in groups for s in g), sum(len(s[0]) for g in groups for s in g),
-                 float(zero_std.sum())], device)
-            batches = [(collate(rows[i:i + device_batch_size], device),
-                        torch.tensor(row_adv[i:i + device_batch_size], device=device))
-                       for i in range(0, len(rows), device_batch_size)]
-
-            # ---- 3. the reference's log-probs (for the KL term), before any update
-            ref_logps = []
-            if reference is not None:
-                with torch.no_grad(), autocast_ctx:
-                    ref_logps = [token_logprobs(reference, x, y) for (x, y, _), _ in batches]  # each (B, T)
-
-            # ---- 4. ppo_epochs optimiser steps on these samples
-            model.train()
-            old_logps, loss_v, kl_v, clipped = [], 0.0, 0.0, 0.0
-            for epoch in range(ppo_epochs if n_rows > 0 else 0):
-                loss_sum, kl_sum, clip_sum = 0.0, 0.0, 0.0
-                for b, ((x, y, m), adv) in enumerate(batches):
-                    weights = token_weights(m, loss_norm, n_seqs, n_tokens, max_new_tokens)  # (B, T)
-                    with autocast_ctx:
-                        logp = token_logprobs(model, x, y)  # (B, T)
-                    if epoch == 0:
-                        # the weights have not moved yet, so these are the sampling policy's log-probs: keeping
-                        # them saves the separate no-grad pass PPO needs before its first epoch
-                        old_logps.append(logp.detach())
-                    loss, kl = policy_loss(logp, old_logps[b], adv, weights, clip_low, clip_high,
-                                           ref_logps[b] if ref_logps else None, kl_coef)
-                    (loss * world_size).backward()  # the optimisers average over ranks; the weights already divide
-                    loss_sum += loss.item()
-                    kl_sum += kl.item()
-                    ratio = torch.exp(logp.detach() - old_logps[b])
-                    clip_sum += (((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float() * m).sum().item()
-                if not rows:  # this rank kept nothing but others did: join the optimisers' gradient averaging
-                    for p in model.parameters():
-                        p.grad = torch.zeros_like(p)
-                for opt in optimizers:
-                    opt.step()
-                model.zero_grad(set_to_none=True)
-                loss_v, kl_v, clip_n = all_sum([loss_sum, kl_sum, clip_sum], device)
-                clipped = clip_n / max(n_tokens, 1)
-            step += 1
-
-            # ---- 5. log
-            n_answers = prompts_per_step * num_samples
-            reward_v = all_sum([float(rewards.sum())], device)[0] / n_answers
-            train_metrics = {"reward": reward_v, "accuracy": n_correct / n_answers, "response_len": n_len / n_answers,
-                             "zero_std": n_flat / prompts_per_step, "loss": loss_v}
-            if kl_coef > 0:
-                train_metrics["kl"] = kl_v
-            if ppo_epochs > 1:
-                train_metrics["clipped"] = clipped
-            for k, v in train_metrics.items():
-                log_point(k, v)
-            train_time += time.time() - t0
-            print0(f"step {step:05d}/{num_steps:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in train_metrics.items())
-                   + f" | lr x{lrm:.3f} | sample {t_sample:.1f}s, train {time.time() - t0 - t_sample:.1f}s")
-            metrics = train_metrics
+        # ---- 5. log
+        n_answers = prompts_per_step * num_samples
+        metrics = {"reward": counts["reward"] / n_answers, "accuracy": counts["correct"] / n_answers,
+                   "response_len": counts["length"] / n_answers, "zero_std": counts["flat"] / prompts_per_step,
+                   "loss": totals["loss"]}
+        if kl_coef > 0:
+            metrics["kl"] = totals["kl"]
+        if ppo_epochs > 1:
+            metrics["clipped"] = totals["clipped"] / max(counts["tokens"], 1)
+        for k, v in metrics.items():
+            log_point(k, v)
+        train_time += time.time() - t0
+        print0(f"step {step:05d}/{num_steps:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+               + f" | lr x{lrm:.3f} | sample {t_sample:.1f}s, train {time.time() - t0 - t_sample:.1f}s")
         if save_every > 0 and step % save_every == 0 and step < num_steps:
             save(step, {**metrics, **last_eval})
 
@@ -572,8 +288,5 @@ if __name__ == "__main__":
     first = {k: v[0][1] for k, v in history.items() if k in last_eval and v and v[0][0] == 0}
     metrics.update({f"{k}_start": v for k, v in first.items()})
     save(step, metrics)
-    if rank == 0:
-        path = common.write_report_section("rl", {"stage": "rl", "algo": algo, "config": config, "metrics": metrics,
-                                                  "history": history, "checkpoint": ckpt_dir})
-        print0(f"report section: {path}")
-    common.teardown()
+    common.finish_stage("rl", {"stage": "rl", "algo": "grpo", "config": config, "metrics": metrics,
+                               "history": history, "checkpoint": ckpt_dir}, rank)

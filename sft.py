@@ -7,6 +7,7 @@ The loss is taken only on what the assistant writes (its text, its calculator ca
     python sft.py --mid=1                        # mid-training: every token trained, higher LR, saves a "mid" stage
     python sft.py --source=mid                   # then SFT on top of it
     torchrun --nproc_per_node=8 sft.py
+    torchrun --nproc_per_node=8 sft.py --zero=3      # optimiser states, gradients and weights sharded (as pretrain.py)
 
 The default mixture (data.load_conversations): the built-in chats and word problems, plus SmolTalk, GSM8K and MMLU
 when downloaded. Reads $PICOCHAT_DIR/checkpoints/<source>/, writes $PICOCHAT_DIR/checkpoints/sft/ (or mid/).
@@ -21,6 +22,8 @@ import torch
 
 import common
 from common import print0
+from data import iter_jsonl, load_conversations
+from model import Engine
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
@@ -42,6 +45,7 @@ save_every = 0              # checkpoint every this many steps (0: only at the e
 resume = False
 device = ""
 dtype = ""                  # bfloat16 | float32 | "": bfloat16 on CUDA and AMX CPUs, else float32
+zero = 0                    # data parallelism: 0 replicated, 1 optimiser states sharded, 2 + gradients, 3 + weights
 seed = 42
 
 # -----------------------------------------------------------------------------
@@ -88,6 +92,25 @@ def pack_rows(examples, row_len, pad_id, window=32):
         rows.append((ids[:-1], targets))
 
 
+def read_chats(path, tokenizer):
+    """A user's conversations ({"messages": [...]} per line). Each is checked as the tokenizer renders it: a row
+    that is not a conversation is a one-line error naming its line, not a skip (a mistake in a file would
+    otherwise lose its data silently)."""
+    conversations = []
+    try:
+        for i, row in iter_jsonl(path):
+            messages = row.get("messages") if isinstance(row, dict) else None
+            try:
+                tokenizer.render_conversation(messages, max_len=1 << 30)
+            except ValueError as e:
+                raise ValueError(f'{path}, line {i}: {e} (a line is {{"messages": [{{"role": ..., "content": '
+                                 f'...}}, ...]}})') from None
+            conversations.append(messages)
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON, not a conversation
+        raise SystemExit(f"error: {e}") from None
+    return conversations
+
+
 def trainable_tokens(rows):
     return sum(sum(t >= 0 for t in targets) for _, targets in rows)
 
@@ -95,10 +118,9 @@ def trainable_tokens(rows):
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
-    ddp, rank, local_rank, world_size, device = common.setup_device(device)
-    common.seed_everything(seed)
-    dtype = common.resolve_dtype(device, dtype)
-    autocast_ctx = common.autocast(device, dtype)
+    common.check_settings(config, positive=("lr_scale", "num_epochs"), non_negative=("weight_decay",),
+                          fraction=("warmdown_ratio",))
+    rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
     stage = "mid" if mid else "sft"
 
     # ---- model, tokenizer
@@ -112,12 +134,11 @@ if __name__ == "__main__":
     ckpt_dir = common.checkpoint_dir(stage, out_tag)
 
     # ---- data
-    from data import load_conversations, read_jsonl
     train_convs, val_convs = load_conversations("train"), load_conversations("val")
     for path in filter(None, data.split(",")):
         if not os.path.exists(path):
             raise SystemExit(f"error: --data file {path} not found")
-        train_convs += [row["messages"] for row in read_jsonl(path)]
+        train_convs += read_chats(path, tokenizer)
     random.Random(seed).shuffle(train_convs)
     row_len = max_seq_len + 1
     train_examples, skipped = render_all(tokenizer, train_convs, row_len, mid)
@@ -132,11 +153,8 @@ if __name__ == "__main__":
            f"{len(val_rows)} val rows")
 
     # ---- batch geometry and horizon
+    grad_accum_steps = common.grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size)
     rows_per_micro_step = device_batch_size * world_size
-    if total_batch_size % (rows_per_micro_step * max_seq_len):
-        raise SystemExit(f"error: --total_batch_size={total_batch_size} is not a multiple of device_batch_size * "
-                         f"max_seq_len * world_size = {rows_per_micro_step * max_seq_len}")
-    grad_accum_steps = total_batch_size // (rows_per_micro_step * max_seq_len)
     rows_per_step = rows_per_micro_step * grad_accum_steps
     num_steps = num_iterations if num_iterations > 0 else max(1, math.ceil(num_epochs * len(train_rows) / rows_per_step))
     print0(f"{num_steps} steps of {rows_per_step} rows ({grad_accum_steps} accumulation steps)")
@@ -157,38 +175,30 @@ if __name__ == "__main__":
                 for i in range(step * rows_per_step, (step + 1) * rows_per_step)]
 
     def to_batch(rows):
-        x = torch.tensor([r[0] for r in rows], dtype=torch.long, device=device)  # (B, T)
-        y = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)  # (B, T)
+        x = common.to_device(torch.tensor([r[0] for r in rows], dtype=torch.long), device)  # (B, T)
+        y = common.to_device(torch.tensor([r[1] for r in rows], dtype=torch.long), device)  # (B, T)
         return x, y
 
-    # ---- optimisers
-    optimizers = model.setup_optimizers(weight_decay=weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["initial_lr"] * lr_scale
-    step, history = 0, {"loss": [], "val_loss": []}
-    if resume and common.last_step(ckpt_dir) is not None:
-        meta, _ = common.resume_checkpoint(ckpt_dir, model, optimizers, rank, device,
-                                           {"world_size": world_size, "total_batch_size": total_batch_size})
-        step, history = meta["step"], meta["history"]
+    # ---- data parallelism and optimisers; a resume may run on another number of ranks (step_rows is the same)
+    optimizers = common.parallelize(model, zero, weight_decay=weight_decay)
+    common.scale_lr(optimizers, lr_scale)
+    step, history, _ = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
+        "total_batch_size": total_batch_size}, history={"loss": [], "val_loss": []})
 
     @torch.no_grad()
     def val_loss():
-        nats, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        nats = torch.zeros((), dtype=torch.float64, device=device)  # on the device until the one read below
+        count = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(rank * device_batch_size, len(val_rows), rows_per_micro_step):
             x, y = to_batch(val_rows[i:i + device_batch_size])
             with autocast_ctx:
                 loss = model(x, y, loss_reduction="none")  # (B, T), 0 where the target is -1
-            nats += loss.float().sum().double().cpu()
-            count += (y >= 0).sum().double().cpu()
-        if ddp:
-            both = torch.stack([nats, count]).to(device)
-            torch.distributed.all_reduce(both)
-            nats, count = both[0].cpu(), both[1].cpu()
-        return (nats / count.clamp(min=1)).item()
+            nats += loss.float().sum()
+            count += (y >= 0).sum()
+        total = common.all_sum({"nats": nats, "count": count}, device)
+        return total["nats"] / max(total["count"], 1)
 
     def samples():
-        from chat import Engine
         engine = Engine(model, tokenizer)
         convs = [c for c in val_convs[:3]]
         prompts = [tokenizer.render_for_completion(c[:1] if c[0]["role"] != "system" else c[:2]) for c in convs]
@@ -199,12 +209,9 @@ if __name__ == "__main__":
             print0(f"  Q: {question[:100]!r}\n  A: {tokenizer.decode(out[0][0])[:200]!r}")
 
     def save(step, metrics):
-        meta = {"step": step, "model_config": source_meta["model_config"], "config": config, "metrics": metrics,
-                "tokenizer_hash": tokenizer.hash, "world_size": world_size, "history": history,
-                "source": source}
-        rank_state = {"optimizers": [opt.state_dict() for opt in optimizers]}
-        common.save_checkpoint(ckpt_dir, step, model.state_dict(), rank_state, meta, rank)
-        print0(f"saved checkpoint step {step} to {ckpt_dir}")
+        common.save_stage(ckpt_dir, step, model, optimizers, rank, {
+            "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
+            "source": source})
 
     # ---- the training loop
     t_start, metrics, last_val = time.time(), {}, None
@@ -213,35 +220,33 @@ if __name__ == "__main__":
         last = step == num_steps
         if eval_every > 0 and (step % eval_every == 0 or last):
             model.eval()
-            last_val = val_loss()
-            history["val_loss"].append((step, last_val))
-            print0(f"step {step:05d} | val loss {last_val:.4f}")
-            if rank == 0 and not mid:
-                samples()
+            with common.unsharded(model):  # ranks may have different numbers of val rows; rank 0 alone samples
+                last_val = val_loss()
+                history["val_loss"].append((step, last_val))
+                print0(f"step {step:05d} | val loss {last_val:.4f}")
+                if rank == 0 and not mid:
+                    samples()
             model.train()
         if last:
             break
         t0 = time.time()
         lrm = 1.0 if step < num_steps * (1 - warmdown_ratio) else (num_steps - step) / (num_steps * warmdown_ratio)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        common.set_lr(optimizers, lrm)
         rows = step_rows(step)
         # normalise by the trainable tokens of the whole step (all ranks): every token weighs the same, and a
         # micro-batch with none contributes zero gradient instead of 0/0 = NaN
         n_train = trainable_tokens(rows)
         mine = rows[rank * grad_accum_steps * device_batch_size:(rank + 1) * grad_accum_steps * device_batch_size]
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)  # on the device: all_sum below is the step's one host read
         for a in range(grad_accum_steps):
             x, y = to_batch(mine[a * device_batch_size:(a + 1) * device_batch_size])
             with autocast_ctx:
                 loss = model(x, y, loss_reduction="none").sum() / max(n_train, 1)  # this rank's share of the mean
             (loss * world_size).backward()  # the optimisers average over ranks; undo that for a sum over ranks
-            loss_sum += loss.item()
-        if ddp:
-            t = torch.tensor([loss_sum], device=device)
-            torch.distributed.all_reduce(t)
-            loss_sum = t.item()
+            loss_sum += loss.detach()
+        totals = common.all_sum({"loss": loss_sum, "gradient": common.largest_grad(model)}, device)
+        common.check_finite(step + 1, totals, "--lr_scale")
+        loss_sum = totals["loss"]  # each rank's share of the mean, summed
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
@@ -256,8 +261,5 @@ if __name__ == "__main__":
 
     metrics.update(val_loss=last_val, minutes=(time.time() - t_start) / 60, skipped_conversations=skipped)
     save(step, metrics)
-    if rank == 0:
-        path = common.write_report_section(stage, {"stage": stage, "config": config, "metrics": metrics,
-                                                   "history": history, "checkpoint": ckpt_dir})
-        print0(f"report section: {path}")
-    common.teardown()
+    common.finish_stage(stage, {"stage": stage, "config": config, "metrics": metrics, "history": history,
+                                "checkpoint": ckpt_dir}, rank)

@@ -2,7 +2,8 @@
 # The whole picochat pipeline in one command: tokenizer -> pretrain -> sft -> rl -> evaluate -> a sample chat.
 #
 #   bash speedrun.sh                      # CPU: the built-in data and a tiny model, about 15 minutes on 2 cores
-#   PRESET=gpu bash speedrun.sh           # (the default when GPUs are present) real data, depth 20, all GPUs
+#   PRESET=gpu bash speedrun.sh           # (the default when GPUs are present) real data, depth 20, all GPUs;
+#                                         # downloads from $HF_ENDPOINT (default https://huggingface.co)
 #   PRESET=smoke bash speedrun.sh         # tiny sizes, a couple of minutes: checks that every stage runs
 #   DEPTH=6 bash speedrun.sh              # a knob of the cpu preset: a bigger model
 #
@@ -16,10 +17,10 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$PICOCHAT_DIR/report"
 echo "picochat: artifacts in $PICOCHAT_DIR"
 
-# ---- environment: install only what is missing
-python3 -c "import torch, numpy, tiktoken, regex, requests, sympy" 2>/dev/null || python3 -m pip install -q -r requirements.txt
-
-NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+# ---- environment: install only what is missing, and count the GPUs (in one python start: torch takes seconds)
+COUNT_GPUS="import torch, numpy, tiktoken, regex, requests, sympy; print(torch.cuda.device_count())"
+NGPU=$(python3 -c "$COUNT_GPUS" 2>/dev/null) \
+  || { python3 -m pip install -q -r requirements.txt; NGPU=$(python3 -c "$COUNT_GPUS"); }
 PRESET="${PRESET:-$([ "$NGPU" -gt 0 ] && echo gpu || echo cpu)}"
 echo "preset: $PRESET ($NGPU GPUs)"
 
@@ -55,16 +56,36 @@ case "$PRESET" in
     LAUNCH=(python3)
     ;;
   gpu)
+    # The real recipe on one node. Its sizes are these variables, each one overridable from the environment:
+    # tests/test_gpu_preset.py runs this very branch on CPU at toy sizes (2 gloo processes, a loopback hub).
     DEPTH="${DEPTH:-20}"
-    DATA=(python3 data/fineweb.py -n 240)
-    TOK=(--vocab_size=65536 --max_chars=2000000000)
-    PRE=(--depth="$DEPTH" --max_seq_len=2048 --device_batch_size=32 --total_batch_size=524288 --eval_every=250
-         --eval_tokens=10485760 --save_every=1000)
-    SFT=(--max_seq_len=2048 --device_batch_size=16 --total_batch_size=524288 --eval_every=100)
-    RL=(--num_steps=300 --eval_every=50 --dataset=gsm8k)
-    EVAL=(--task=bpb,mc,math)
-    LAUNCH=(torchrun --standalone --nproc_per_node="$NGPU")
-    # the evaluation and chat data of the real recipe
+    CORPUS="${CORPUS:-climbmix}"              # or fineweb-edu
+    SHARDS="${SHARDS:-240}"                   # training shards of the corpus; its last shard is the validation one
+    VOCAB_SIZE="${VOCAB_SIZE:-65536}"
+    SEQ_LEN="${SEQ_LEN:-2048}"
+    DEVICE_BATCH="${DEVICE_BATCH:-32}"        # rows per process per micro-step, pretraining
+    SFT_DEVICE_BATCH="${SFT_DEVICE_BATCH:-16}"
+    TOTAL_BATCH="${TOTAL_BATCH:-524288}"      # tokens per optimisation step, pretraining and sft
+    DATA_RATIO="${DATA_RATIO:-20}"            # pretraining tokens per parameter (Chinchilla)
+    EVAL_TOKENS="${EVAL_TOKENS:-10485760}"    # held-out tokens per bits-per-byte evaluation
+    SFT_EPOCHS="${SFT_EPOCHS:-1}"
+    RL_STEPS="${RL_STEPS:-300}"
+    RL_PROMPTS="${RL_PROMPTS:-16}"            # GSM8K problems per rl step, 8 answers sampled for each
+    NEW_TOKENS="${NEW_TOKENS:-256}"           # the longest answer generated, in rl and evaluation
+    NPROC="${NPROC:-$NGPU}"                   # processes under torchrun (one per GPU)
+    python3 -c "import pyarrow" 2>/dev/null || python3 -m pip install -q pyarrow  # reads the downloads
+    DATA=(python3 data/corpus.py --corpus="$CORPUS" -n "$SHARDS")
+    TOK=(--vocab_size="$VOCAB_SIZE" --max_chars=2000000000)
+    PRE=(--depth="$DEPTH" --max_seq_len="$SEQ_LEN" --device_batch_size="$DEVICE_BATCH" --total_batch_size="$TOTAL_BATCH"
+         --target_param_data_ratio="$DATA_RATIO" --eval_every=250 --eval_tokens="$EVAL_TOKENS" --save_every=1000)
+    SFT=(--max_seq_len="$SEQ_LEN" --device_batch_size="$SFT_DEVICE_BATCH" --total_batch_size="$TOTAL_BATCH"
+         --num_epochs="$SFT_EPOCHS" --eval_every=100)
+    RL=(--dataset=gsm8k --num_steps="$RL_STEPS" --prompts_per_step="$RL_PROMPTS" --max_new_tokens="$NEW_TOKENS"
+        --eval_every=50)
+    EVAL=(--task=bpb,mc,math --dataset=arc_easy,arc_challenge,mmlu,hellaswag,gsm8k,math500
+          --eval_tokens="$EVAL_TOKENS" --max_new_tokens="$NEW_TOKENS")
+    LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
+    # the chat data and the benchmarks of the real recipe
     for name in smoltalk gsm8k math500 arc mmlu hellaswag; do python3 "data/$name.py"; done
     ;;
   *) echo "unknown PRESET=$PRESET (cpu, gpu or smoke)"; exit 1 ;;

@@ -2,7 +2,7 @@
 The reading side of picochat's data: every stage gets its text, conversations and test problems from here.
 
     import data
-    files = data.pretrain_files("train")            # a user's --data_path, else fineweb shards, else tinyworld
+    files = data.pretrain_files("train")            # a user's --data_path, else the downloaded corpus, else tinyworld
     for text in data.iter_texts(files[0]): ...
     convs = data.load_conversations("train")         # list of message lists
     problems = data.load_math("gsm8k", "test")      # [{"question", "answer": "...\\n#### N", "level"}]
@@ -35,16 +35,29 @@ def data_dir(name):
 # jsonl
 
 
+def lines(path):
+    """(line number, text) of a UTF-8 text file's lines; a line that is not UTF-8 (a binary file) is a ValueError
+    naming the file and the line."""
+    with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error then knows its line
+        for i, raw in enumerate(f, 1):
+            try:
+                yield i, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}, line {i}: not UTF-8 text (a binary file?)") from None
+
+
+def iter_jsonl(path):
+    """(line number, row) of every non-blank line of a jsonl file; ValueError names a line that is not JSON."""
+    for i, line in lines(path):
+        if line.strip():
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {i}: not JSON ({e})") from None
+
+
 def read_jsonl(path):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {i}: not JSON ({e})") from None
-    return rows
+    return [row for _, row in iter_jsonl(path)]
 
 
 def write_jsonl(path, rows):
@@ -111,11 +124,32 @@ def ensure_tinyworld(**settings):
 # Pretraining text
 
 
-def pretrain_files(split, data_path=""):
-    """The files of a pretraining split: the last file (sorted) is "val", the others "train".
+def corpus_marker():
+    """The file data/corpus.py writes once a corpus is downloaded: {"corpus": name, "val": its validation shard}."""
+    return os.path.join(common.get_base_dir(), "data", "corpus.json")
 
-    data_path: a file or directory of .txt/.jsonl/.parquet given by the user; a single file serves both splits
-    (val then equals train). Without it: the downloaded fineweb shards when there are at least 2, else tinyworld.
+
+def corpus_files():
+    """(train, val) shards of the downloaded corpus (data/corpus.py), or None when none is downloaded."""
+    if not os.path.exists(corpus_marker()):
+        return None
+    with open(corpus_marker(), encoding="utf-8") as f:
+        marker = json.load(f)
+    folder = data_dir(marker["corpus"])
+    shards = sorted(f for f in os.listdir(folder) if re.fullmatch(r"shard_\d+\.parquet", f))
+    if marker["val"] not in shards:
+        raise FileNotFoundError(f"{folder}: the validation shard {marker['val']} is missing; "
+                                f"run `python data/corpus.py --corpus={marker['corpus']}` again")
+    train = [os.path.join(folder, f) for f in shards if f != marker["val"]]
+    return train, [os.path.join(folder, marker["val"])]
+
+
+def pretrain_files(split, data_path=""):
+    """The files of a pretraining split.
+
+    data_path: a file or directory of .txt/.jsonl/.parquet given by the user: the last file (sorted) is "val", the
+    others "train"; a single file serves both splits (val then equals train). Without it: the downloaded corpus
+    (python data/corpus.py), whose validation shard is fixed, else the built-in tinyworld (its last shard is val).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -129,38 +163,39 @@ def pretrain_files(split, data_path=""):
         if not files:
             raise FileNotFoundError(f"no .txt/.jsonl/.parquet files in {data_path}")
     else:
-        fineweb = data_dir("fineweb")
-        files = sorted(os.path.join(fineweb, f) for f in os.listdir(fineweb)
-                       if re.fullmatch(r"shard_\d+\.parquet", f)) if os.path.isdir(fineweb) else []
-        if len(files) < 2:
-            tw = os.path.join(ensure_tinyworld(), "pretrain")
-            files = sorted(os.path.join(tw, f) for f in os.listdir(tw) if f.endswith(".jsonl"))
+        corpus = corpus_files()
+        if corpus:
+            return corpus[0] if split == "train" else corpus[1]
+        tw = os.path.join(ensure_tinyworld(), "pretrain")
+        files = sorted(os.path.join(tw, f) for f in os.listdir(tw) if f.endswith(".jsonl"))
     if len(files) == 1:
         return files
     return files[:-1] if split == "train" else files[-1:]
 
 
 def iter_texts(path):
-    """Yield the documents of a file: .txt split on blank lines, .jsonl "text" fields, .parquet "text" column."""
+    """Yield the documents of a file: .txt split on blank lines, .jsonl "text" fields, .parquet "text" column.
+    A line that is not UTF-8 or not JSON, or a row without a "text" string, is a ValueError naming the line."""
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:  # line by line: a user's .txt may be large
-            lines = []
-            for line in f:
-                if line.strip():
-                    lines.append(line)
-                elif lines:
-                    yield "".join(lines).strip()
-                    lines = []
-            if lines:
-                yield "".join(lines).strip()
+        paragraph = []  # line by line: a user's .txt may be large
+        for _, line in lines(path):
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield "".join(paragraph).strip()
+                paragraph = []
+        if paragraph:
+            yield "".join(paragraph).strip()
     elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)["text"]
+        for i, row in iter_jsonl(path):
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f'{path}, line {i}: expected an object with a "text" string, like {{"text": "..."}}')
+            yield row["text"]
     elif path.endswith(".parquet"):
         from data.download import iter_parquet
-        for row in iter_parquet(path, ["text"]):
+        for i, row in enumerate(iter_parquet(path, ["text"])):
+            if not isinstance(row["text"], str):
+                raise ValueError(f"{path}, row {i}: the text is {row['text']!r}, not a string")
             yield row["text"]
     else:
         raise ValueError(f"{path}: expected a .txt, .jsonl or .parquet file")

@@ -10,15 +10,23 @@ file is never trusted by a later run. It prints one line per finished file.
 
 hf_parquet_files() asks the HuggingFace datasets-server for the parquet files of a dataset's split;
 iter_parquet() reads them row group by row group. pyarrow is needed only for those, and imported lazily.
+
+Where from: the hub is $HF_ENDPOINT (the variable the Hugging Face tools read; default https://huggingface.co) and
+the datasets-server is $HF_DATASETS_SERVER (default https://datasets-server.huggingface.co), so a mirror, or the
+tests' loopback hub (tests/loopback_hub.py), serves every download without a change to the code.
+download_hf_model() fetches an open model's files (config, tokenizer, safetensors) from $HF_ENDPOINT.
 """
 import hashlib
+import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-HF_DATASETS_SERVER = "https://datasets-server.huggingface.co"  # tests point this at 127.0.0.1
+HF_ENDPOINT = "https://huggingface.co"  # defaults; $HF_ENDPOINT and $HF_DATASETS_SERVER replace them
+HF_DATASETS_SERVER = "https://datasets-server.huggingface.co"
 RETRIES = 5
 BACKOFF = 1.0  # seconds before the first retry; doubled on each further one
 TIMEOUT = 30   # seconds without a byte before a request counts as failed
@@ -100,9 +108,11 @@ def fetch_part(url, part, size):
 
 
 def download(url, path, size=None, sha256=None):
-    """Download url to path (atomically) unless a file is already there; returns path."""
+    """Download url to path (atomically) unless the file is already there; returns path."""
     if os.path.exists(path):
-        return path  # only ever renamed into place whole
+        if size is None or os.path.getsize(path) == size:
+            return path  # only ever renamed into place whole
+        os.remove(path)  # another version of the file (a listing's size differs, e.g. a redone conversion)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     part = path + ".part"
     name = os.path.basename(path)
@@ -137,26 +147,51 @@ def download_many(jobs, workers=8):
 # HuggingFace datasets as parquet, and reading parquet
 
 
-def hf_parquet_files(dataset, config, split):
-    """[(url, filename, size)] of one split, as listed by the datasets-server /parquet endpoint."""
-    url = f"{HF_DATASETS_SERVER}/parquet"
+def hub_url(path=""):
+    """An address on the hub: $HF_ENDPOINT (or huggingface.co) + path."""
+    return os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/") + path
+
+
+def hf_file_url(repo, path, revision="main"):
+    """The download address of one file of a dataset repository (the hub redirects it to its CDN)."""
+    return hub_url(f"/datasets/{repo}/resolve/{revision}/{path}")
+
+
+def hf_parquet_files(dataset, config, split, allow_partial=False):
+    """[(url, filename, size)] of one split, as listed by the datasets-server's /parquet endpoint.
+
+    A config bigger than the converter's limit (~5 GB a split) is converted only in part: the listing says
+    "partial": true and every split's files lie under "partial-<split>/", without saying which split was cut short.
+    Such a prefix is fine to train on (allow_partial) but may not be the whole split, so as a test set it is
+    refused."""
+    url = os.environ.get("HF_DATASETS_SERVER", HF_DATASETS_SERVER).rstrip("/") + "/parquet"
 
     def listing():
-        r = requests.get(url, params={"dataset": dataset}, timeout=TIMEOUT)
+        r = requests.get(url, params={"dataset": dataset, "config": config}, timeout=TIMEOUT)
         check_status(r, url)
         return r.json()
-    files = [f for f in with_retries(f"{dataset} listing", listing)["parquet_files"]
-             if f["config"] == config and f["split"] == split]
+    answer = with_retries(f"{dataset} listing", listing)
+    files = [f for f in answer["parquet_files"] if f["config"] == config and f["split"] == split]
     if not files:
         raise PermanentError(f"{dataset}: no parquet files for config {config!r}, split {split!r}")
-    return [(f["url"], f["filename"], f.get("size")) for f in sorted(files, key=lambda f: f["filename"])]
+    # the datasets-server names files on huggingface.co whatever hub it serves; fetch them from ours
+    urls = [f["url"].replace(HF_ENDPOINT, hub_url(), 1) if f["url"].startswith(HF_ENDPOINT + "/") else f["url"]
+            for f in files]
+    if answer.get("partial") or any(f"/partial-{split}/" in u for u in urls):
+        if not allow_partial:
+            raise PermanentError(f"{dataset} {config}/{split}: only part of the split is converted to parquet "
+                                 f"(a partial listing); refusing it as a whole split")
+        print(f"{dataset} {config}/{split}: only part of the split is converted to parquet; using that part",
+              flush=True)
+    order = sorted(range(len(files)), key=lambda i: files[i]["filename"])
+    return [(urls[i], files[i]["filename"], files[i].get("size")) for i in order]
 
 
-def download_hf_split(dataset, config, split, directory):
+def download_hf_split(dataset, config, split, directory, allow_partial=False):
     """Download one split's parquet files into directory/<config>/<split>/; returns their paths."""
     target = os.path.join(directory, config, split)
     return download_many([(url, os.path.join(target, name), size)
-                          for url, name, size in hf_parquet_files(dataset, config, split)])
+                          for url, name, size in hf_parquet_files(dataset, config, split, allow_partial)])
 
 
 def iter_parquet(path, columns=None):
@@ -165,21 +200,80 @@ def iter_parquet(path, columns=None):
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError("reading .parquet files needs pyarrow: pip install pyarrow") from None
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's errors on a file that is not parquet, or a truncated one
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    missing = sorted(set(columns or ()) - set(pf.schema_arrow.names))
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(missing)} (its columns: {', '.join(pf.schema_arrow.names)})")
     for i in range(pf.num_row_groups):
         yield from pf.read_row_group(i, columns=columns).to_pylist()
 
 
+def write_split(name, split, rows, source):
+    """$PICOCHAT_DIR/data/<name>/<split>.jsonl from normalised rows (None rows dropped); source names them in errors."""
+    import data
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        raise RuntimeError(f"{source}: no usable rows")
+    data.write_jsonl(os.path.join(data.data_dir(name), f"{split}.jsonl"), rows)
+    print(f"{name}/{split}.jsonl: {len(rows)} rows", flush=True)
+
+
 def convert_hf(name, dataset, config, splits, normalise):
     """Download the splits {our split: their split} of a HF dataset and write $PICOCHAT_DIR/data/<name>/<split>.jsonl
-    with normalise(row) for each row (rows it maps to None are dropped). The parquet files stay in <name>/raw/."""
+    with normalise(row) for each row (rows it maps to None are dropped). The parquet files stay in <name>/raw/.
+    Our "test" split must be a whole split; the others may be a partial conversion (see hf_parquet_files)."""
     import data
     raw = os.path.join(data.data_dir(name), "raw")
     for ours, theirs in splits.items():
-        rows = []
-        for path in download_hf_split(dataset, config, theirs, raw):
-            rows += [r for r in map(normalise, iter_parquet(path)) if r is not None]
-        if not rows:
-            raise RuntimeError(f"{dataset} {config}/{theirs}: no usable rows")
-        data.write_jsonl(os.path.join(data.data_dir(name), f"{ours}.jsonl"), rows)
-        print(f"{name}/{ours}.jsonl: {len(rows)} rows", flush=True)
+        paths = download_hf_split(dataset, config, theirs, raw, allow_partial=ours != "test")
+        write_split(name, ours, [normalise(r) for path in paths for r in iter_parquet(path)],
+                    f"{dataset} {config}/{theirs}")
+
+
+# -----------------------------------------------------------------------------
+# Open models: the files of a Hugging Face model repository (what GPT.from_pretrained and load_tokenizer read)
+
+HF_MODEL_FILES = ["config.json", "tokenizer.json"]
+# the chat template (in tokenizer_config.json, or on its own), sampling defaults: for other tools, picochat renders
+# chats in code (tokenizer.py's chat formats)
+HF_OPTIONAL_FILES = ["tokenizer_config.json", "chat_template.jinja", "generation_config.json"]
+
+
+def hf_model_dir(repo):
+    """$PICOCHAT_DIR/models/<org>__<name>: where download_hf_model puts a repository's files."""
+    import common
+    return os.path.join(common.get_base_dir(), "models", repo.replace("/", "__"))
+
+
+def hf_file_exists(url):
+    """Whether the hub has the file (HEAD: 404 means no; other failures are retried, then raised)."""
+    def probe():
+        r = requests.head(url, allow_redirects=True, timeout=TIMEOUT)
+        if r.status_code == 404:
+            return False
+        check_status(r, url)
+        return True
+    return with_retries(url.rpartition("/")[2], probe)
+
+
+def download_hf_model(repo, revision="main"):
+    """Download config.json, the tokenizer files and the safetensors weights (one model.safetensors, or the shards
+    its model.safetensors.index.json names) of a Hugging Face model repository from $HF_ENDPOINT (default the public
+    hub) into hf_model_dir(repo), each file with download()'s retries, resume and atomic rename. Returns the folder."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise ValueError(f"a Hugging Face model is named <org>/<name>, got {repo!r}")
+    url = lambda name: hub_url(f"/{repo}/resolve/{revision}/{name}")  # noqa: E731
+    directory = hf_model_dir(repo)
+    names = HF_MODEL_FILES + [name for name in HF_OPTIONAL_FILES if hf_file_exists(url(name))]
+    index = "model.safetensors.index.json"
+    if hf_file_exists(url(index)):
+        download(url(index), os.path.join(directory, index))
+        with open(os.path.join(directory, index), encoding="utf-8") as f:
+            names += sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        names.append("model.safetensors")
+    download_many([(url(name), os.path.join(directory, name), None) for name in names], workers=4)
+    return directory

@@ -4,7 +4,8 @@ Download HellaSwag (commonsense sentence endings) into $PICOCHAT_DIR/data/hellas
     python data/hellaswag.py
 
 Rows come out as tinyworld's mc_*.jsonl: question = the context, choices = the 4 endings, answer = the right
-ending's index. HellaSwag's own test split has no labels, so our test is its validation split.
+ending's index (Rowan/hellaswag stores the label as a string, "0".."3"). HellaSwag's own test split has no labels
+(""), so it is never downloaded: our test is its validation split.
 """
 import os
 import sys

@@ -65,7 +65,7 @@ def bench(engine, problems, prompts, autocast_ctx, **settings):
 
 if __name__ == "__main__":
     import data
-    from chat import Engine
+    from model import Engine
     _, _, _, _, device = common.setup_device()
     autocast_ctx = common.autocast(device, "bfloat16" if device.type == "cuda" else "float32")
     if glob.glob(os.path.join(common.get_base_dir(), "checkpoints", "sft", "*", "meta_*.json")):

@@ -1,14 +1,13 @@
-"""chat.py: the calculator sandbox, the Engine (tool forcing, masks, stop tokens), the streamed reply text, the
-HTTP server (plain HTTP, the official openai client, concurrency) and the terminal chat.
+"""chat.py: the streamed reply text, the HTTP server (plain HTTP, the official openai client, concurrency) and the
+terminal chat. (The calculator and the Engine: test_engine.py.)
 
-Most tests drive chat.py with a scripted stand-in for model.generate (a byte-level fake tokenizer, and a
-"model" that writes a fixed script), so what they check is exactly chat.py's part. The tests at the end use
+Most tests drive chat.py with test_engine.py's scripted stand-in for model.generate (a byte-level fake tokenizer,
+and a "model" that writes a fixed script), so what they check is exactly chat.py's part. The tests at the end use
 the real tokenizer and a tiny random GPT, saved as a checkpoint and driven through `python chat.py`."""
 import concurrent.futures
 import http.client
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -18,186 +17,10 @@ import time
 import pytest
 
 import chat
-
-SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
-BOS, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END, PY_START, PY_END, OUT_START, OUT_END = range(9)
-OFFSET = len(SPECIALS)  # byte b is token OFFSET + b
-
-
-# -----------------------------------------------------------------------------
-# Fakes: a byte-level tokenizer and a model that writes a script
-
-
-class FakeTokenizer:
-    bos_id = BOS
-
-    def special(self, name):
-        return SPECIALS.index(name)
-
-    def encode(self, text):
-        return [OFFSET + b for b in text.encode()]
-
-    def decode(self, ids):
-        out = bytearray()
-        for t in ids:
-            out += SPECIALS[t].encode() if t < OFFSET else bytes([t - OFFSET])
-        return out.decode("utf-8", errors="replace")
-
-    def render_for_completion(self, messages):
-        ids = [BOS]
-        for m in messages:
-            content = m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])
-            start, end = (USER_START, USER_END) if m["role"] != "assistant" else (ASSISTANT_START, ASSISTANT_END)
-            ids += [start, *self.encode(content), end]
-        return ids + [ASSISTANT_START]
-
-
-def script(*pieces):
-    """Tokens from text pieces and special token names."""
-    tok = FakeTokenizer()
-    return [t for p in pieces for t in ([SPECIALS.index(p)] if p in SPECIALS else tok.encode(p))]
-
-
-class FakeModel:
-    """Writes `reply` (tokens) whatever the prompt; sequence_len is what the server and terminal check."""
-
-    class config:
-        sequence_len = 4096
-
-    def __init__(self, reply):
-        self.reply = reply
-
-
-def fake_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_tokens=(), seed=None,
-                  force=None):
-    """model.generate's protocol: per step one (token, forced) or None per row; a stop token is yielded and ends
-    its row; force(row, generated) after each token returns tokens to feed in next, yielded as forced."""
-    rows = len(prompts)
-    generated = [[] for _ in range(rows)]
-    pending = [[] for _ in range(rows)]
-    cursor = [0] * rows
-    done = [False] * rows
-    for _ in range(max_new_tokens):
-        if all(done):
-            return
-        out = []
-        for r in range(rows):
-            if done[r]:
-                out.append(None)
-                continue
-            if pending[r]:
-                token, forced = pending[r].pop(0), True
-            else:
-                token, forced = model.reply[cursor[r] % len(model.reply)], False
-                cursor[r] += 1
-            generated[r].append(token)
-            out.append((token, forced))
-            if token in stop_tokens:
-                done[r] = True
-            elif force is not None:
-                pending[r] += force(r, list(generated[r])) or []
-        yield out
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    monkeypatch.setattr(chat, "generate", fake_generate)
-
-    def make(*pieces):
-        return chat.Engine(FakeModel(script(*pieces)), FakeTokenizer())
-    return make
-
-# -----------------------------------------------------------------------------
-# The calculator
-
-
-@pytest.mark.parametrize("expr, result", [
-    ("1+2", "3"), ("2**10", "1024"), ("10/4", "2.5"), ("10/2", "5"), ("1/3", "0.333333"), ("2/3", "0.666667"),
-    ("7//2", "3"), ("-7 % 3", "2"), ("-2**2", "-4"), ("+3 - -4", "7"), ("(1 + 2) * (3 + 4)", "21"),
-    ("0.1 + 0.2", "0.3"), ("2**-2", "0.25"), ("2**0.5", "1.41421"), ("1234.5 * 3", "3703.5"),
-    ("12345678.9 * 1", "12345679"), ("1e-10", "1e-10"), ("10**100", str(10**100)), ("-0.0", "0"),
-    (" 3 * 4 ", "12"), ("1_000 * 2", "2000"),
-])
-def test_calculator_values(expr, result):
-    assert chat.calculator(expr) == result
-
-
-@pytest.mark.parametrize("expr", [
-    "__import__('os')", "__import__('os').system('echo hi')", "().__class__", "().__class__.__bases__[0]",
-    "x", "x + 1", "abs(-1)", "[1, 2]", "(1, 2)", "'a' * 3", "b'a'", "{1: 2}", "[1][0]", "lambda: 1",
-    "(lambda: 1)()", "[x for x in range(10**9)]", "sum(range(10**12))", "1 if 1 else 2", "1 < 2", "1 and 2",
-    "not 1", "~1", "1 << 2", "1 | 2", "True + 1", "1j", "9**9**9", "2**1000", "10**101", "(10**50)**3",
-    "1e300", "1e200 * 1e200", "0**-1", "1/0", "5 % 0", "5 // 0", "(-8) ** (1/3)", "f'{1}'", "a := 1", "1;2",
-    "import os", "", "   ", "1 +", "9" * 201, "1+" * 100 + "1", "(" * 300 + "1" + ")" * 300, "\x00", "1 = 1",
-])
-def test_calculator_refuses(expr):
-    assert chat.calculator(expr) is None
-
-
-def test_calculator_fuzz():
-    """Random soups of arithmetic, Python and junk tokens: never raises, never hangs, returns str or None."""
-    rng = random.Random(1234)
-    atoms = ["1", "0", "9", "2.5", "1e5", "-", "+", "*", "/", "//", "%", "**", "(", ")", " ", "x", "__import__",
-             "'os'", ".", "__class__", "[", "]", ",", "lambda", ":", "for", "in", "range", "9**9", "**9", "(9",
-             "\\", "\n", "{", "}", "=", "ééé", "\x00", "1_0", "e", "j", "True", "None", "...", "@", "|", "~"]
-    start = time.time()
-    for _ in range(500):
-        expr = "".join(rng.choice(atoms) for _ in range(rng.randint(1, 60)))
-        result = chat.calculator(expr)
-        assert result is None or isinstance(result, str)
-    assert time.time() - start < 5
-
-
-def test_calculator_bounded_time():
-    start = time.time()
-    for expr in ["9**99**99", "99**100", "(10**100)*(10**100)", "2**100*2**100*2**100", "10**100//3**60"]:
-        chat.calculator(expr)
-    assert time.time() - start < 1
-
-# -----------------------------------------------------------------------------
-# The Engine
-
-
-def test_engine_forces_calculator_output(fake):
-    engine = fake("It is ", "<|python_start|>", "6*7", "<|python_end|>", " so 42.", "<|assistant_end|>")
-    [[(tokens, mask)]] = engine.generate_batch([[BOS, USER_START, USER_END, ASSISTANT_START]], max_new_tokens=100)
-    tok = FakeTokenizer()
-    expected = script("It is ", "<|python_start|>", "6*7", "<|python_end|>", "<|output_start|>", "42",
-                      "<|output_end|>", " so 42.", "<|assistant_end|>")
-    assert tokens == expected  # the stop token is kept: RL trains on ending the turn
-    forced = [t for t, m in zip(tokens, mask) if m == 0]
-    assert forced == [OUT_START, *tok.encode("42"), OUT_END]
-    assert len(mask) == len(tokens) and set(mask) == {0, 1}
-
-
-def test_engine_no_output_for_refused_expression(fake):
-    engine = fake("<|python_start|>", "__import__('os')", "<|python_end|>", "no", "<|assistant_end|>")
-    [[(tokens, mask)]] = engine.generate_batch([[BOS]], max_new_tokens=100)
-    assert OUT_START not in tokens and all(mask)
-
-
-def test_engine_tools_off_and_samples(fake):
-    engine = fake("<|python_start|>", "1+1", "<|python_end|>", "<|assistant_end|>")
-    results = engine.generate_batch([[BOS], [BOS, USER_START]], num_samples=3, max_new_tokens=50, tools=False)
-    assert len(results) == 2 and all(len(samples) == 3 for samples in results)
-    for samples in results:
-        for tokens, mask in samples:
-            assert OUT_START not in tokens and tokens[-1] == ASSISTANT_END and all(mask)
-
-
-def test_engine_conversation_prompts_and_length(fake):
-    engine = fake("abc")  # never ends its turn
-    [[(tokens, mask)]] = engine.generate_batch([[{"role": "user", "content": "hi"}]], max_new_tokens=7)
-    assert FakeTokenizer().decode(tokens) == "abcabca" and mask == [1] * 7
-    assert engine.prompt_ids({"messages": [{"role": "user", "content": "hi"}]})[-1] == ASSISTANT_START
-
-
-def test_engine_streams_per_step(fake):
-    engine = fake("ab", "<|assistant_end|>")
-    steps = list(engine.generate([[BOS], [BOS]], max_new_tokens=10))
-    assert [len(s) for s in steps] == [2, 2, 2]
-    assert steps[-1] == [(ASSISTANT_END, False)] * 2
+import model
+from model import Engine
+from conftest import run_main
+from test_engine import BOS, FakeTokenizer, fake, fake_generate, script  # noqa: F401  (fake: a fixture)
 
 # -----------------------------------------------------------------------------
 # Replies as text
@@ -337,7 +160,7 @@ def server(fake, monkeypatch):
                 yield step
         finally:
             active[0] -= 1
-    monkeypatch.setattr(chat, "generate", exclusive_generate)
+    monkeypatch.setattr(model, "generate", exclusive_generate)
     srv = chat.ChatServer(fake(*REPLY), "127.0.0.1", 0)
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -350,8 +173,10 @@ def server(fake, monkeypatch):
 
 
 def call(srv, method, path, body=None, headers=None):
+    """One request, as a JSON API client sends it (a POST says its body is JSON); returns (status, type, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
-    conn.request(method, path, body=body, headers=headers or {})
+    conn.request(method, path, body=body, headers={**({"Content-Type": "application/json"} if method == "POST"
+                                                       else {}), **(headers or {})})
     response = conn.getresponse()
     data = response.read()
     conn.close()
@@ -393,10 +218,12 @@ def test_server_bad_requests(server, monkeypatch):
     assert_api_error(*post(b"x" * 5000), 413)
     # the size is refused from the header alone: the body is never sent
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 999999999999\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.0 413")
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.0 411")
     assert_api_error(*post(b"{}", headers={"Content-Length": "-5"}), 400)
     assert_api_error(*post(b"{}", headers={"Content-Length": "²"}), 400)
@@ -478,19 +305,186 @@ def test_server_survives_failures(server, monkeypatch):
     # a client that leaves mid-stream stops its generation and frees the model for the next one
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         body = request(stream=True)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         assert s.recv(20).startswith(b"HTTP/1.0 200")
     assert call(server, "POST", "/v1/chat/completions", body=request())[0] == 200
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
         yield
-    monkeypatch.setattr(chat, "generate", broken)
+    monkeypatch.setattr(model, "generate", broken)
     assert_api_error(*call(server, "POST", "/v1/chat/completions", body=request()), 500)
     status, _, data = call(server, "POST", "/v1/chat/completions", body=request(stream=True))
     error = json.loads(data.decode().split("\n\n")[1][len("data: "):])["error"]
     assert status == 200 and error["type"] == "server_error"
     assert call(server, "GET", "/health")[0] == 200
+
+# -----------------------------------------------------------------------------
+# Abandoned work, slow readers, the connection cap
+
+
+@pytest.fixture
+def endless_server(fake, monkeypatch):
+    """A ChatServer whose model writes "word " until max_tokens runs out, 2 ms a step; .steps counts the steps."""
+    steps = []
+
+    def slow_generate(*args, **kwargs):
+        for step in fake_generate(*args, **kwargs):
+            time.sleep(0.002)
+            steps.append(1)
+            yield step
+    monkeypatch.setattr(model, "generate", slow_generate)
+    srv = chat.ChatServer(fake("word "), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    srv.port, srv.steps = srv.server_address[1], steps
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def raw_post(port, body, receive_buffer=None):
+    """A POST sent on a socket of our own (left open): the caller decides whether to read the answer."""
+    s = socket.socket()
+    if receive_buffer:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return s
+
+
+def timed_answer(srv):
+    t0 = time.time()
+    status, _, data = call(srv, "POST", "/v1/chat/completions", body=request(max_tokens=5))
+    assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == "word "
+    return time.time() - t0
+
+
+def test_abandoned_requests_are_dropped(endless_server):
+    # 20 clients ask for 2048 tokens each and hang up at once, streaming or not: 80 s of generation if the server
+    # went through with them (it once did: 300 of them made the next request wait 49 s)
+    for i in range(20):
+        raw_post(endless_server.port, request(max_tokens=2048, stream=i % 2 == 1)).close()
+    assert timed_answer(endless_server) < 10
+    assert len(endless_server.steps) < 2048  # all of them together, less than one reply went through
+
+
+def test_a_slow_reader_holds_up_nobody(endless_server, monkeypatch):
+    # a streaming client that reads nothing: with small socket buffers the server's writes to it block at once
+    setup = chat.ChatHandler.setup
+
+    def small_send_buffer(handler):
+        setup(handler)
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    monkeypatch.setattr(chat.ChatHandler, "setup", small_send_buffer)
+    slow = raw_post(endless_server.port, request(max_tokens=600, stream=True), receive_buffer=4096)
+    try:
+        time.sleep(0.5)  # its reply (~100 KB of events) is under way and stuck in its socket
+        assert timed_answer(endless_server) < 10  # the model went on without waiting for the slow reader's writes
+    finally:
+        slow.close()
+
+
+def test_requests_beyond_the_cap_get_503(endless_server, monkeypatch):
+    monkeypatch.setattr(chat, "max_connections", 2)
+    streams = [raw_post(endless_server.port, request(max_tokens=2048, stream=True)) for _ in range(2)]
+    for s in streams:
+        assert s.recv(20).startswith(b"HTTP/1.0 200")
+    assert_api_error(*call(endless_server, "GET", "/health"), 503)
+    for s in streams:  # they hang up: their generation stops and their places free up
+        s.close()
+    deadline = time.time() + 10
+    while call(endless_server, "GET", "/health")[0] != 200:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    timed_answer(endless_server)
+
+# -----------------------------------------------------------------------------
+# A local server, safe by default: who may ask, and what every error looks like
+
+
+def answer(srv, method, path, headers, body=None):
+    """(status, response headers as a dict) of one request with exactly these headers."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response.status, dict(response.getheaders())
+
+
+def test_pages_and_names_of_other_sites_are_refused(server, monkeypatch):
+    json_post = lambda **headers: call(server, "POST", "/v1/chat/completions", body=request(), headers=headers)
+    own, port = f"http://127.0.0.1:{server.port}", server.port
+    # another site's page: a text/plain POST needs no preflight, so it is the Origin that refuses it
+    assert_api_error(*json_post(Origin="http://evil.example", **{"Content-Type": "text/plain"}), 403)
+    assert_api_error(*json_post(**{"Content-Type": "text/plain"}), 415)
+    assert_api_error(*json_post(**{"Content-Type": "application/x-www-form-urlencoded"}), 415)
+    # DNS rebinding: a page's own name pointed at 127.0.0.1 is same-origin to the browser, but not this server's
+    assert_api_error(*call(server, "GET", "/v1/models", headers={"Host": f"evil.example:{port}"}), 403)
+    assert_api_error(*json_post(Host=f"evil.example:{port}", Origin=f"http://evil.example:{port}"), 403)
+    assert answer(server, "OPTIONS", "/v1/chat/completions", {"Origin": "http://evil.example",
+                                                              "Access-Control-Request-Method": "POST"})[0] == 403
+    # this server's own page, and its names
+    assert json_post(Origin=own)[0] == 200
+    for host in (f"localhost:{port}", f"[::1]:{port}", f"127.0.0.1:{port}"):
+        assert call(server, "GET", "/health", headers={"Host": host})[0] == 200
+    # --allow_origin lets a site's pages in, with CORS: the preflight, then the POST with its headers
+    monkeypatch.setattr(chat, "allow_origin", "https://app.example, http://localhost:3000")
+    status, headers = answer(server, "OPTIONS", "/v1/chat/completions", {
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert set(headers["Access-Control-Allow-Headers"].lower().split(", ")) == {"authorization", "content-type"}
+    status, headers = answer(server, "POST", "/v1/chat/completions", {
+        "Origin": "http://localhost:3000", "Content-Type": "application/json"}, request())
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert headers["Vary"] == "Origin"
+    assert call(server, "GET", "/health", headers={"Host": "app.example"})[0] == 200  # behind its proxy
+    assert_api_error(*json_post(Origin="http://evil.example"), 403)
+    assert "Access-Control-Allow-Origin" not in answer(server, "GET", "/health", {"Origin": own})[1]
+
+
+def test_api_key(server, monkeypatch):
+    openai = pytest.importorskip("openai")
+    monkeypatch.setattr(chat, "api_key", "sesame")
+    client = lambda key: openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0,
+                                       timeout=30)
+    messages = [{"role": "user", "content": "What is 6*7?"}]
+    assert client("sesame").chat.completions.create(model="m", messages=messages).choices[0].message.content \
+        == REPLY_TEXT
+    with pytest.raises(openai.AuthenticationError):
+        client("sesame!").chat.completions.create(model="m", messages=messages)
+    with pytest.raises(openai.AuthenticationError):
+        client("sesame").with_options(default_headers={"Authorization": ""}).models.list()
+    assert call(server, "GET", "/")[0] == call(server, "GET", "/health")[0] == 200  # the page asks for the key
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"HEAD /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405),
+    (b"TRACE / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405),
+    (b"BREW /pot HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nX-A: " + b"b" * 70000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/2.0\r\n\r\n", 505),
+    (b"garbage\r\n\r\n", 400),
+], ids=["HEAD", "TRACE", "unknown method", "URI too long", "too many headers", "header too long", "HTTP/2.0",
+        "not HTTP"])
+def test_every_error_is_json(server, raw, status):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(raw)
+        head, _, body = s.makefile("rb").read().partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0].startswith(f"HTTP/1.0 {status} ") and "Content-Type: application/json" in lines
+    if raw.startswith(b"HEAD"):
+        assert body == b""  # a HEAD answer never has a body
+    else:
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
 
 # -----------------------------------------------------------------------------
 # The real thing: the tokenizer trained on a few KB, a tiny random GPT saved as a checkpoint
@@ -532,7 +526,7 @@ def run_chat(args, stdin=""):
 
 def test_real_engine(tiny_chat_model):
     model, tok = tiny_chat_model
-    engine = chat.Engine(model, tok)
+    engine = Engine(model, tok)
     prompt = tok.render_for_completion([{"role": "user", "content": "What is 6*7?"}])
     out = engine.generate_batch([prompt, [{"role": "user", "content": "hi"}]], num_samples=3, max_new_tokens=6,
                                 temperature=1.0, top_k=20, seed=1)
@@ -571,7 +565,7 @@ def test_real_generate_forces_calculator(tiny_chat_model):
     forced = [s("<|output_start|>"), *tok.encode("42"), s("<|output_end|>")]
     written = [*tok.encode("So "), s("<|python_start|>"), *tok.encode("6*7"), s("<|python_end|>")]
     after = [*tok.encode(" done"), s("<|assistant_end|>")]
-    engine = chat.Engine(Steered(model, written + [0] * len(forced) + after), tok)
+    engine = Engine(Steered(model, written + [0] * len(forced) + after), tok)
     [[(tokens, mask)]] = engine.generate_batch([[tok.bos_id]], max_new_tokens=40, temperature=1.0, seed=0)
     assert tokens == written + forced + after
     assert mask == [1] * len(written) + [0] * len(forced) + [1] * len(after)
@@ -580,21 +574,52 @@ def test_real_generate_forces_calculator(tiny_chat_model):
     assert "".join(reply) == "So <<6*7=42>> done" and reply.finish_reason == "stop"
 
 
+def test_real_generate_stops_at_bos(tiny_chat_model):
+    model, tok = tiny_chat_model
+    written = [*tok.encode("It is 42."), tok.bos_id]
+    engine = Engine(Steered(model, written + tok.encode(" Then more.")), tok)
+    [[(tokens, mask)]] = engine.generate_batch([[tok.bos_id]], max_new_tokens=30, temperature=1.0, seed=0)
+    assert tokens == written and mask == [1] * len(written)
+    engine.model.calls = 0
+    reply = chat.Reply(engine, [tok.bos_id], max_new_tokens=30, temperature=0.0, top_k=0)
+    assert "".join(reply) == "It is 42." and reply.finish_reason == "stop" and reply.num_tokens == len(written)
+
+
 def test_real_server_openai_client(tiny_chat_model):
     openai = pytest.importorskip("openai")
     model, tok = tiny_chat_model
-    server = chat.ChatServer(chat.Engine(model, tok), "127.0.0.1", 0)
+    # the tiny GPT steered to a known reply: what the client receives is checked against it, token for token
+    s = tok.special
+    before, after = [*tok.encode("It is "), s("<|python_start|>"), *tok.encode("6*7"), s("<|python_end|>")], [
+        *tok.encode(" so."), s("<|assistant_end|>")]
+    forced = [s("<|output_start|>"), *tok.encode("42"), s("<|output_end|>")]  # the calculator's, not steered
+    steered = Steered(model, before + [0] * len(forced) + after)
+    server = chat.ChatServer(Engine(steered, tok), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x",
                                max_retries=0, timeout=30)
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 6*7?"}]
-        completion = client.chat.completions.create(model="picochat", messages=messages, max_tokens=5, seed=0)
-        assert isinstance(completion.choices[0].message.content, str)
-        assert 1 <= completion.usage.completion_tokens <= 5
-        chunks = list(client.chat.completions.create(model="picochat", messages=messages, max_tokens=5,
+        completion = client.chat.completions.create(model="picochat", messages=messages, max_tokens=40, seed=0)
+        assert completion.choices[0].message.content == "It is <<6*7=42>> so."
+        assert completion.choices[0].finish_reason == "stop"
+        assert completion.usage.completion_tokens == len(before + forced + after)  # forced tokens count too
+        assert completion.usage.prompt_tokens == len(tok.render_for_completion(messages))
+        # the smallest temperature and top_p the API accepts round to 0 in float32: greedy, not NaN and HTTP 500
+        steered.calls = 0
+        tiny = client.chat.completions.create(model="picochat", messages=messages, max_tokens=40, temperature=5e-324,
+                                              top_p=1e-46)
+        assert tiny.choices[0].message.content == "It is <<6*7=42>> so."
+        steered.calls = 0
+        chunks = list(client.chat.completions.create(model="picochat", messages=messages, max_tokens=40,
                                                      temperature=0, stream=True))
-        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "It is <<6*7=42>> so."
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        steered.calls = 0
+        assert len(tok.encode("It is ")) >= 2
+        short = client.chat.completions.create(model="picochat", messages=messages, max_tokens=2)
+        assert short.choices[0].message.content == tok.decode(before[:2])
+        assert short.choices[0].finish_reason == "length"
     finally:
         server.shutdown()
         server.server_close()
@@ -607,21 +632,13 @@ def test_real_terminal_chat_subprocess(tiny_chat_model, tmp_base_dir):
     assert "(new conversation)" in r.stdout
 
 
-def run_main(monkeypatch, *args):
-    """`python chat.py args` in this process (a subprocess costs seconds of imports)."""
-    import runpy
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # setup_device leaves the thread count alone
-    monkeypatch.setattr(sys, "argv", ["chat.py", "--device=cpu", *args])
-    runpy.run_path(os.path.join(REPO, "chat.py"), run_name="__main__")
-
-
-def test_real_one_shot_prompt_and_source(tiny_chat_model, tmp_base_dir, monkeypatch, capsys):
+def test_real_one_shot_prompt_and_source(tiny_chat_model, tmp_base_dir, one_thread, monkeypatch, capsys):
     # with an rl checkpoint present, the default source is rl; --prompt answers once and exits
     import shutil
     shutil.copytree(os.path.join(tmp_base_dir, "checkpoints", "sft"), os.path.join(tmp_base_dir, "checkpoints", "rl"))
-    run_main(monkeypatch, "--prompt=What is 6*7?", "--max_new_tokens=5", "--temperature=0")
+    run_main(monkeypatch, "chat.py", "--device=cpu", "--prompt=What is 6*7?", "--max_new_tokens=5", "--temperature=0")
     assert "loaded rl model" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: --source must be base, sft or rl"):
-        run_main(monkeypatch, "--source=gpt4")
+        run_main(monkeypatch, "chat.py", "--source=gpt4")
     with pytest.raises(SystemExit, match="no base checkpoint"):
-        run_main(monkeypatch, "--source=base")
+        run_main(monkeypatch, "chat.py", "--device=cpu", "--source=base")

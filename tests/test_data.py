@@ -1,5 +1,5 @@
-"""Tests of data/: the tinyworld generator, the reading API, the downloaders (against a 127.0.0.1 server) and the
-normalisers of the real datasets."""
+"""Tests of data/: the tinyworld generator, the reading API, the downloaders (against the loopback hub of
+tests/loopback_hub.py) and the normalisers of the real datasets."""
 import ast
 import hashlib
 import json
@@ -11,12 +11,12 @@ import runpy
 import string
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import data
 from data import arc, download, gsm8k, hellaswag, math500, mmlu, smoltalk, tinyworld
+from data.loader import TokenRows
 from tests.conftest import REPO, shared_data
 
 SMALL = dict(seed=3, pretrain_mb=0.3, shard_mb=0.1, num_chat=300, num_math_train=400, num_math_test=80,
@@ -525,6 +525,84 @@ def test_user_data_path_and_iter_texts(tmp_path):
         data.read_jsonl(str(tmp_path / "bad.jsonl"))
 
 
+def test_bad_parquet_files_name_themselves(tmp_path):
+    import pyarrow
+    import pyarrow.parquet as pq
+    pq.write_table(pyarrow.table({"content": ["x"]}), str(tmp_path / "no_text.parquet"))
+    (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"no_text.parquet: no column text \(its columns: content\)"):
+        list(data.iter_texts(str(tmp_path / "no_text.parquet")))
+    with pytest.raises(ValueError, match="fake.parquet: not a readable parquet file"):
+        list(data.iter_texts(str(tmp_path / "fake.parquet")))
+
+# -----------------------------------------------------------------------------
+# The pretraining token stream on small data: never a hang
+
+
+@pytest.fixture
+def byte_tokenizer(tmp_base_dir):
+    from tokenizer import load_tokenizer, save_tokenizer
+    return load_tokenizer(save_tokenizer({bytes([i]): i for i in range(256)}))
+
+
+def within(seconds, fn):
+    """fn() in a thread: its result or its exception, or a failure when it still runs after `seconds` (a hang)."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # SystemExit included: it is what is being tested
+            out["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds}s: a hang"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def first_batches(tokenizer, files, slots, num_slots, batches=2):
+    """{slot: its first (B, T) input batches as lists} of a reader owning `slots` of num_slots."""
+    stream = TokenRows(tokenizer, files, batch_size=2, seq_len=16, slots=slots, num_slots=num_slots)
+    return {slot: [stream.next_batch(slot, "cpu")[0].tolist() for _ in range(batches)] for slot in slots}
+
+
+def test_token_rows_fill_every_slot_from_fewer_documents(tmp_path, byte_tokenizer):
+    one = tmp_path / "one.txt"
+    one.write_text("a single short document\n")
+    few = tmp_path / "few.jsonl"
+    data.write_jsonl(str(few), [{"text": f"doc{i} words"} for i in range(3)])
+    for path in (one, few):
+        # 1 process with 8 accumulation slots reads what 2 ranks with 4 slots each read
+        whole = within(60, lambda: first_batches(byte_tokenizer, [str(path)], range(8), 8))
+        halves = within(60, lambda: {**first_batches(byte_tokenizer, [str(path)], range(4), 8),
+                                     **first_batches(byte_tokenizer, [str(path)], range(4, 8), 8)})
+        assert whole == halves
+    # the documents come round to every slot in turn: slot s opens with document s % 3 (all of one length)
+    for slot, batches in whole.items():
+        assert byte_tokenizer.decode(batches[0][0]).startswith(f"<|bos|>doc{slot % 3} words<|bos|>")
+    # and the stream resumes exactly from a saved state, repeats and all
+    stream = TokenRows(byte_tokenizer, [str(few)], batch_size=2, seq_len=16, slots=[5], num_slots=8)
+    stream.next_batch(5, "cpu")
+    again = TokenRows(byte_tokenizer, [str(few)], batch_size=2, seq_len=16, slots=[5], num_slots=8)
+    again.load_state(stream.state())
+    assert again.next_batch(5, "cpu")[0].tolist() == stream.next_batch(5, "cpu")[0].tolist()
+
+
+@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.txt", "\n   \n\n"),
+                                           ("empty_texts.jsonl", '{"text": ""}\n{"text": "  "}\n')])
+def test_token_rows_refuse_data_without_text(tmp_path, byte_tokenizer, name, content):
+    (tmp_path / name).write_text(content)
+    for loop in (True, False):
+        stream = TokenRows(byte_tokenizer, [str(tmp_path / name)], batch_size=2, seq_len=16, slots=[0, 1],
+                           num_slots=2, loop=loop)
+        with pytest.raises(SystemExit, match=f"^error: {tmp_path / name} holds no text: training needs at least "
+                                             f"one non-empty document$"):
+            within(60, lambda: stream.next_batch(1, "cpu"))
+
+
 def test_conversation_mixture(tmp_base_dir):
     data.ensure_tinyworld(**SMALL)
     smol = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 5
@@ -546,158 +624,211 @@ def test_conversation_mixture(tmp_base_dir):
 
 
 # -----------------------------------------------------------------------------
-# Downloads against a local server
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Serves Handler.files {path: bytes}; Handler.plan {path: [action, ...]} says how each request fails:
-    "500", "cut" (half the bytes, then the connection closes), "norange" (ignore Range); "ok" or nothing = serve."""
-    files, plan, log, listing = {}, {}, [], {}
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        path = self.path.split("?")[0]
-        Handler.log.append((path, self.headers.get("Range")))
-        action = Handler.plan.get(path, []).pop(0) if Handler.plan.get(path) else "ok"
-        if path == "/parquet":
-            body = json.dumps(Handler.listing).encode()
-            return self.reply(200, body, {"Content-Type": "application/json"})
-        if action == "500" or path not in Handler.files:
-            return self.reply(500 if action == "500" else 404, b"no")
-        body = Handler.files[path]
-        rng = self.headers.get("Range")
-        if rng and action != "norange":
-            start = int(rng.split("=")[1].split("-")[0])
-            if start >= len(body):
-                return self.reply(416, b"", {"Content-Range": f"bytes */{len(body)}"})
-            self.reply(206, body[start:], {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"},
-                       cut=action == "cut")
-        else:
-            self.reply(200, body, cut=action == "cut")
-
-    def reply(self, code, body, headers=None, cut=False):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body[:len(body) // 2] if cut else body)
-        self.wfile.flush()
-        self.close_connection = True
+# Downloads, against the loopback hub (tests/loopback_hub.py)
 
 
 @pytest.fixture
-def server(monkeypatch):
-    Handler.files, Handler.plan, Handler.log, Handler.listing = {}, {}, [], {}
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+def quick_retries(monkeypatch):
     monkeypatch.setattr(download, "TIMEOUT", 5)
     monkeypatch.setattr(download, "CHUNK", 8192)  # small reads, so that a cut leaves a part to resume from
     monkeypatch.setattr(download, "BACKOFF", 0.01)
-    monkeypatch.setattr(download, "HF_DATASETS_SERVER", f"http://127.0.0.1:{httpd.server_port}")
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def blob(n, seed=0):
     return random.Random(seed).randbytes(n)
 
 
-def test_download_retries_resumes_and_verifies(server, tmp_path):
+def run_data_script(name, *args):
+    """python data/<name>.py args..., in this process (the scripts read the hub's address from the environment)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", [f"{name}.py", *args])
+        runpy.run_path(os.path.join(REPO, "data", f"{name}.py"), run_name="__main__")
+
+
+def test_hub_addresses_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert download.hf_file_url("karpathy/climbmix-400b-shuffle", "shard_00000.parquet") == \
+        "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_00000.parquet"
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example/")
+    assert download.hf_file_url("a/b", "x.jsonl") == "https://hf-mirror.example/datasets/a/b/resolve/main/x.jsonl"
+
+
+def test_download_retries_resumes_and_verifies(hub, quick_retries, tmp_path):
     body = blob(300_000)
     sha = hashlib.sha256(body).hexdigest()
-    Handler.files = {"/a": body, "/b": body, "/c": body}
+    for name in ("a.bin", "b.bin", "c.bin"):
+        hub.add_file("user/set", name, body, lfs=True)
+    url = lambda name: download.hf_file_url("user/set", name)  # noqa: E731
     # HTTP 500 twice, then success
-    Handler.plan["/a"] = ["500", "500"]
-    path = download.download(f"{server}/a", str(tmp_path / "a.bin"), size=len(body), sha256=sha)
+    hub.plan["a.bin"] = ["500", "500"]
+    path = download.download(url("a.bin"), str(tmp_path / "a.bin"), size=len(body), sha256=sha)
     assert open(path, "rb").read() == body and not os.path.exists(path + ".part")
-    # a cut mid-file resumes with a Range request from where it stopped
-    Handler.plan["/b"] = ["cut"]
-    download.download(f"{server}/b", str(tmp_path / "b.bin"))
+    # a cut mid-file resumes with a Range request from where it stopped, which the hub's redirect carries to the CDN
+    hub.plan["b.bin"] = ["cut"]
+    download.download(url("b.bin"), str(tmp_path / "b.bin"))
     assert open(tmp_path / "b.bin", "rb").read() == body
-    ranges = [r for p, r in Handler.log if p == "/b"]
+    ranges = [rng for _, rng in hub.requests("hub", "/b.bin")]
     assert len(ranges) == 2 and ranges[0] is None and 0 < int(ranges[1][6:-1]) <= len(body) // 2
+    assert [rng for _, rng in hub.requests("cdn")][-2:] == ranges  # each went on through the hub's redirect
     # a server that ignores Range: the part restarts from zero, still ending whole
-    Handler.plan["/c"] = ["cut", "norange"]
-    download.download(f"{server}/c", str(tmp_path / "c.bin"))
+    hub.plan["c.bin"] = ["cut", "norange"]
+    download.download(url("c.bin"), str(tmp_path / "c.bin"))
     assert open(tmp_path / "c.bin", "rb").read() == body
     # a file already there is trusted (it was only ever renamed into place whole)
-    n = len(Handler.log)
-    download.download(f"{server}/c", str(tmp_path / "c.bin"))
-    assert len(Handler.log) == n
+    n = len(hub.log)
+    download.download(url("c.bin"), str(tmp_path / "c.bin"))
+    assert len(hub.log) == n
 
 
-def test_download_failures_leave_nothing_trusted(server, tmp_path, monkeypatch):
+def test_download_failures_leave_nothing_trusted(hub, quick_retries, tmp_path, monkeypatch):
     body = blob(50_000, seed=1)
-    Handler.files = {"/f": body}
+    hub.add_file("user/set", "f.jsonl", body)  # a small file: the hub answers it without a redirect
+    url = download.hf_file_url("user/set", "f.jsonl")
     target = str(tmp_path / "f.bin")
     # the wrong size: refused at once, nothing at the target
     with pytest.raises(download.PermanentError, match="expected"):
-        download.download(f"{server}/f", target, size=len(body) + 1)
+        download.download(url, target, size=len(body) + 1)
     assert not os.path.exists(target)
     # the wrong checksum: the same
     with pytest.raises(download.PermanentError, match="sha256"):
-        download.download(f"{server}/f", target, sha256="0" * 64)
+        download.download(url, target, sha256="0" * 64)
     assert not os.path.exists(target) and not os.path.exists(target + ".part")
     # cut every time: retries run out, a .part remains but never the file; a rerun resumes and completes
-    Handler.plan["/f"] = ["cut"] * 3
+    hub.plan["f.jsonl"] = ["cut"] * 3
     monkeypatch.setattr(download, "RETRIES", 3)
     with pytest.raises(RuntimeError, match="giving up after 3 tries"):
-        download.download(f"{server}/f", target)
+        download.download(url, target)
     assert not os.path.exists(target) and os.path.getsize(target + ".part") < len(body)
-    download.download(f"{server}/f", target, size=len(body))
+    download.download(url, target, size=len(body))
     assert open(target, "rb").read() == body
+    assert not hub.requests("cdn")
     # a whole .part (killed before the rename) is finished off; a too long one is dropped and fetched again
     os.remove(target)
     for part in (body, body + b"junk"):
         with open(target + ".part", "wb") as f:
             f.write(part)
-        download.download(f"{server}/f", target)
+        download.download(url, target)
         assert open(target, "rb").read() == body and not os.path.exists(target + ".part")
         os.remove(target)
     # 404 is not retried
-    n = len(Handler.log)
+    n = len(hub.log)
     with pytest.raises(download.PermanentError, match="404"):
-        download.download(f"{server}/missing", str(tmp_path / "m.bin"))
-    assert len(Handler.log) == n + 1 and not os.path.exists(tmp_path / "m.bin")
+        download.download(download.hf_file_url("user/set", "missing.bin"), str(tmp_path / "m.bin"))
+    assert len(hub.log) == n + 1 and not os.path.exists(tmp_path / "m.bin")
 
 
-def test_fineweb_shards_feed_pretraining(server, tmp_base_dir, tmp_path, monkeypatch):
-    from data import fineweb
-    for i in range(3):
-        write_parquet(str(tmp_path / f"s{i}.parquet"), [f"doc {i}.{j}" for j in range(5)], row_group_size=2)
-        Handler.files[f"/shard_{i:05d}.parquet"] = (tmp_path / f"s{i}.parquet").read_bytes()
-    Handler.plan["/shard_00001.parquet"] = ["500", "cut"]
-    monkeypatch.setattr(fineweb, "BASE_URL", server)
-    assert fineweb.expand_n(["-n", "3", "--workers=2"]) == ["--num_shards=3", "--workers=2"]
-    download.download_many(fineweb.shard_jobs(3), workers=2)
-    train, val = data.pretrain_files("train"), data.pretrain_files("val")
-    assert [os.path.basename(p) for p in train] == ["shard_00000.parquet", "shard_00001.parquet"]
-    assert list(data.iter_texts(val[0])) == [f"doc 2.{j}" for j in range(5)]
-    assert not os.path.exists(os.path.join(tmp_base_dir, "data", "tinyworld"))  # fineweb was used
+def shard_names(paths):
+    return [os.path.basename(p) for p in paths]
 
 
-def test_hf_dataset_script_end_to_end(server, tmp_base_dir, tmp_path, monkeypatch):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    rows = {"train": [{"question": "1+1?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2"}],
-            "test": [{"question": "Big?", "answer": "It is 1000.\n#### 1,000"}, {"question": "bad", "answer": "no"}]}
-    Handler.listing = {"parquet_files": []}
-    for split, rs in rows.items():
-        pq.write_table(pa.Table.from_pylist(rs), str(tmp_path / f"{split}.parquet"))
-        Handler.files[f"/files/{split}.parquet"] = (tmp_path / f"{split}.parquet").read_bytes()
-        Handler.listing["parquet_files"].append(
-            {"dataset": gsm8k.DATASET, "config": gsm8k.CONFIG, "split": split, "url": f"{server}/files/{split}.parquet",
-             "filename": "0000.parquet", "size": len(Handler.files[f"/files/{split}.parquet"])})
-    monkeypatch.setattr(sys, "argv", ["gsm8k.py"])
-    runpy.run_path(os.path.join(REPO, "data", "gsm8k.py"), run_name="__main__")
-    assert data.load_math("gsm8k", "train") == [
-        {"question": "1+1?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2", "level": 1}]
-    assert data.load_math("gsm8k", "test") == [{"question": "Big?", "answer": "It is 1000.\n#### 1000", "level": 1}]
+def test_corpus_download_has_a_fixed_validation_shard_and_feeds_pretraining(hub, quick_retries, tmp_base_dir):
+    from data import corpus
+    from loopback_hub import publish_corpus
+    publish_corpus(hub, "karpathy/climbmix-400b-shuffle", [0, 1, 2, 6542], docs=5)
+    publish_corpus(hub, "karpathy/fineweb-edu-100b-shuffle", [0, 1822], docs=5)
+    assert corpus.expand_n(["-n", "3", "--workers=2"]) == ["--num_shards=3", "--workers=2"]
+    hub.plan["shard_00001.parquet"] = ["500", "cut"]
+    # -n counts training shards; the validation shard is the corpus's last, not the last downloaded
+    run_data_script("corpus", "-n", "2", "--workers=2")
+    assert shard_names(data.pretrain_files("train")) == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert shard_names(data.pretrain_files("val")) == ["shard_06542.parquet"]
+    assert not os.path.exists(os.path.join(tmp_base_dir, "data", "tinyworld"))  # the corpus was used
+    shards = {f"/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{i:05d}.parquet" for i in (0, 1, 6542)}
+    assert {p for p, _ in hub.requests("hub")} == shards
+    val_text = list(data.iter_texts(data.pretrain_files("val")[0]))
+    # a bigger download adds training shards, and validation stays where it was
+    run_data_script("corpus", "--corpus=climbmix", "--num_shards=3")
+    assert shard_names(data.pretrain_files("train")) == [f"shard_0000{i}.parquet" for i in range(3)]
+    assert list(data.iter_texts(data.pretrain_files("val")[0])) == val_text
+    # the other corpus: once downloaded, it is the one every stage reads
+    run_data_script("corpus", "--corpus=fineweb-edu", "-n", "1")
+    assert data.pretrain_files("train") == [os.path.join(tmp_base_dir, "data", "fineweb-edu", "shard_00000.parquet")]
+    assert shard_names(data.pretrain_files("val")) == ["shard_01822.parquet"]
+    # bad settings are one line each, before any download
+    for args, message in ((["-n", "0"], "1..6542"), (["--corpus=fineweb-edu", "-n", "1823"], "1..1822"),
+                          (["--corpus=c4"], "climbmix, fineweb-edu")):
+        with pytest.raises(SystemExit, match=message):
+            run_data_script("corpus", *args)
+    # an interrupted download of a corpus is not read; a missing validation shard is named
+    with pytest.raises(RuntimeError, match="1 of 5 downloads failed"):
+        run_data_script("corpus", "-n", "4")  # climbmix has no shard 3 on this hub
+    assert shard_names(data.pretrain_files("val")) == ["shard_01822.parquet"]
+    os.remove(os.path.join(tmp_base_dir, "data", "fineweb-edu", "shard_01822.parquet"))
+    with pytest.raises(FileNotFoundError, match="shard_01822.parquet is missing"):
+        data.pretrain_files("train")
+
+
+def test_recipe_sets_come_in_with_their_real_schemas(hub, quick_retries, tmp_base_dir):
+    from loopback_hub import math500_rows, publish_recipe
+    hellaswag_rows = publish_recipe(hub)
+    for name in ("smoltalk", "gsm8k", "math500", "arc", "mmlu", "hellaswag"):
+        run_data_script(name)
+    # the listing is asked per dataset and config; its huggingface.co file urls are fetched from $HF_ENDPOINT,
+    # through the hub's redirect to the CDN
+    fetched = [p for p, _ in hub.requests("hub")]
+    assert "/datasets/openai/gsm8k/resolve/refs/convert/parquet/main/train/0000.parquet" in fetched
+    # smoltalk 2 splits, gsm8k 2, math500 1, arc 2 configs x 2, mmlu 2, hellaswag 2
+    assert len(hub.requests("cdn")) == len(fetched) == 13
+    assert ("/parquet", None) in hub.requests("ds")
+    # smoltalk: a conversation that ends with the user is dropped, a system message is kept
+    train = data.load_conversations("train")
+    smol = [c for c in train if any(m["role"] == "user" and m["content"].startswith("Tell me about the") for m in c)]
+    assert len(smol) == 64 - sum(1 for i in range(64) if i % 7 == 3)
+    assert any(c[0]["role"] == "system" for c in smol)
+    # gsm8k: calculator marks kept, "#### N" last
+    gsm = data.load_math("gsm8k", "train")
+    assert len(gsm) == 64 and all(re.search(r"<<\d+\+\d+=\d+>>.*\n#### \d+$", p["answer"], re.S) for p in gsm)
+    # math500: the raw rows' problem, solution and answer
+    assert [p["question"] for p in data.load_math("math500", "test")] == [r["problem"] for r in math500_rows()]
+    # arc: letters or digits as labels, 4 or 5 choices, the answer an index
+    for name in ("arc_easy", "arc_challenge"):
+        items = data.load_mc(name, "test")
+        assert len(items) == 8 and {len(i["choices"]) for i in items} == {4, 5}
+        assert all(re.fullmatch(r"What is (\d+) \+ (\d+)\?", i["question"]) for i in items)
+        for i in items:
+            a, b = map(int, re.findall(r"\d+", i["question"]))
+            assert i["choices"][i["answer"]] == str(a + b)
+    # mmlu: train is auxiliary_train, answers are ints
+    assert len(data.load_mc("mmlu", "train")) == 16 and len(data.load_mc("mmlu", "test")) == 8
+    # hellaswag: string labels parsed; our test is its validation split and its unlabelled test split is never read
+    validation = hellaswag_rows["validation"]
+    assert data.load_mc("hellaswag", "test") == [
+        {"question": r["ctx"], "choices": r["endings"], "answer": int(r["label"])} for r in validation]
+    assert not hub.requests("hub", "/Rowan/hellaswag/resolve/refs/convert/parquet/default/test/0000.parquet")
+
+
+def test_partial_listings_train_on_the_part_but_never_test_on_it(hub, quick_retries, tmp_base_dir, capsys):
+    from loopback_hub import word_problem
+    hub.add_split("openai/gsm8k", "main", "train", [word_problem(random.Random(0), i) for i in range(6)],
+                  partial=True)
+    hub.add_split("openai/gsm8k", "main", "test", [word_problem(random.Random(1), i) for i in range(4)], partial=True)
+    with pytest.raises(download.PermanentError, match="main/test: only part of the split"):
+        run_data_script("gsm8k")
+    assert "main/train: only part of the split is converted to parquet; using that part" in capsys.readouterr().out
+    assert len(data.load_math("gsm8k", "train")) == 6
+    with pytest.raises(FileNotFoundError):
+        data.load_math("gsm8k", "test")
+    assert hub.requests("hub", "/main/partial-train/0000.parquet")
+    assert not hub.requests("hub", "/main/partial-test/0000.parquet")  # refused before any download
+    # converted again, whole: the new train file replaces the old one (same name, another size), and test comes in
+    hub.listings.pop("openai/gsm8k")
+    hub.partial.clear()
+    hub.add_split("openai/gsm8k", "main", "train", [word_problem(random.Random(0), i) for i in range(9)])
+    hub.add_split("openai/gsm8k", "main", "test", [word_problem(random.Random(1), i) for i in range(4)])
+    run_data_script("gsm8k")
+    assert len(data.load_math("gsm8k", "train")) == 9 and len(data.load_math("gsm8k", "test")) == 4
+
+
+@pytest.mark.parametrize("conversion", ["none", "partial"])
+def test_math500_falls_back_to_the_raw_jsonl(hub, quick_retries, tmp_base_dir, conversion, capsys):
+    from loopback_hub import math500_rows, publish_math500
+    rows = publish_math500(hub, parquet=False)
+    if conversion == "partial":
+        hub.add_split("HuggingFaceH4/MATH-500", "default", "test", rows[:3], partial=True)
+    run_data_script("math500")
+    assert "reading the raw test.jsonl" in capsys.readouterr().out
+    assert data.load_math("math500", "test") == [math500.normalise(r) for r in math500_rows()]
+    assert [rng for _, rng in hub.requests("hub", "/resolve/main/test.jsonl")] == [None]
 
 
 # -----------------------------------------------------------------------------

@@ -1,19 +1,20 @@
 """evaluate.py's tasks, report card and CLI: both multiple-choice scorers on a bigram stub whose answers are known,
-pass@k and majority vote through the math task with a scripted engine, the report card from hand-written
-sections, bad settings, and one end-to-end run on a tiny pretrained checkpoint. (The verifier: test_grade.py.)"""
+bits per byte and the unigram baseline on a text whose values are known, pass@k and majority vote through the math
+task with a scripted engine, the report card from hand-written sections, bad settings, and one end-to-end run on a
+tiny pretrained checkpoint, its numbers recomputed independently. (The verifier: test_grade.py.)"""
 import json
 import math
 import os
-import runpy
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import evaluate
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_main
+from data import load_mc, pretrain_files
+from data.loader import TokenRows
 
 
 @pytest.fixture
@@ -46,6 +47,23 @@ class Bigram(torch.nn.Module):
 
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
+
+# -----------------------------------------------------------------------------
+# Bits per byte
+
+
+def test_bpb_and_unigram_baseline_on_a_known_text(tok, tmp_path, monkeypatch):
+    # documents "ab": rows of 9 tokens are <|bos|> a b <|bos|> a b <|bos|> a b, so each row's 8 targets are 3 a, 3 b
+    # (one byte each) and 2 <|bos|> (no text). A uniform model pays ln V nats per token: log2 V bits per byte, the
+    # <|bos|> targets left out; the unigram baseline over a and b at 1/2 each: 1 bit per byte.
+    path = tmp_path / "val.jsonl"
+    path.write_text('{"text": "ab"}\n' * 12)
+    monkeypatch.setattr(evaluate.data, "pretrain_files", lambda split, data_path="": [str(path)])
+    uniform = Bigram(tok.vocab_size, {})
+    uniform.config = type("config", (), {"sequence_len": 8})
+    result = evaluate.eval_bpb(uniform, tok, "cpu", NO_AUTOCAST, max_tokens=1000, rows_per_batch=2)
+    assert result == {"bpb": pytest.approx(math.log2(tok.vocab_size)), "unigram_bpb": pytest.approx(1.0),
+                      "tokens": 4 * 6}  # 12 documents make 4 rows
 
 # -----------------------------------------------------------------------------
 # Multiple choice
@@ -226,35 +244,17 @@ def test_report_card_with_nothing_and_with_a_broken_section(tmp_base_dir, capsys
 ])
 def test_bad_settings_are_one_clear_error(one_thread, monkeypatch, args, message):
     with pytest.raises(SystemExit) as e:
-        run_main(monkeypatch, args)
+        run_main(monkeypatch, "evaluate.py", *args)
     assert message in str(e.value)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models only lose time to OpenMP threads on a busy machine (many times slower); and the thread count
-    setup_device picks must not outlive a script run in this process."""
-    threads, set_threads = torch.get_num_threads(), torch.set_num_threads
-    set_threads(1)
-    torch.set_num_threads = lambda n: None
-    yield
-    torch.set_num_threads = set_threads
-    set_threads(threads)
-
-
-def run_main(monkeypatch, args, script="evaluate.py"):
-    """`python SCRIPT ARGS`, run in this process: the interpreter and torch are already up (seconds saved)."""
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    runpy.run_path(os.path.join(REPO, script), run_name="__main__")
-
-
 def test_cli_end_to_end_on_a_tiny_base_model(world, one_thread, monkeypatch, capsys):
-    run_main(monkeypatch, ["--depth=1", "--aspect_ratio=32", "--head_dim=16", "--max_seq_len=64",
-                           "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=2", "--eval_every=0",
-                           "--dtype=float32"], script="pretrain.py")
+    run_main(monkeypatch, "pretrain.py", "--depth=1", "--aspect_ratio=32", "--head_dim=16", "--max_seq_len=64",
+             "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=2", "--eval_every=0",
+             "--dtype=float32")
     capsys.readouterr()
-    run_main(monkeypatch, ["--source=base", "--task=bpb,mc,math", "--max_problems=4", "--max_new_tokens=16",
-                           "--eval_tokens=8192"])
+    run_main(monkeypatch, "evaluate.py", "--source=base", "--task=bpb,mc,math", "--max_problems=4",
+             "--max_new_tokens=16", "--eval_tokens=8192")
     out = capsys.readouterr().out
     table = out[out.index("| metric | base |"):].strip().splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == [
@@ -266,5 +266,30 @@ def test_cli_end_to_end_on_a_tiny_base_model(world, one_thread, monkeypatch, cap
     assert section["results"]["math/tinyworld"]["n"] == 4
     m = section["metrics"]
     # two steps of training: the model is still worse than the unigram baseline, but far better than uniform
-    assert 0 < m["unigram_bpb"] < m["bpb"] < 12 and 0 <= m["mc/tinyworld/acc"] <= 1
+    assert 0 < m["unigram_bpb"] < m["bpb"] < 12
     assert f"| bpb | {m['bpb']:.4f} |" in out and 0 < section["results"]["bpb"]["tokens"] <= 8192
+    # the numbers recomputed from the checkpoint by the definitions, one row at a time
+    model, tok, _ = common.load_model("base")
+
+    def nats(ids):  # per-token loss of ids[1:], (T,)
+        with torch.no_grad():
+            logp = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)  # (T, V)
+        return -logp[torch.arange(len(ids) - 1), ids[1:]]
+
+    items = load_mc("tinyworld", "test")[:4]
+    chosen = []
+    for item in items:  # a base model's choice: the continuation with the lowest mean loss per token
+        context = tok.encode(item["question"], prepend=tok.bos_id)
+        continued = [tok.encode(item["question"] + " " + c, prepend=tok.bos_id) for c in item["choices"]]
+        losses = [nats(ids)[len(os.path.commonprefix([context, ids])) - 1:].mean() for ids in continued]
+        chosen.append(min(range(len(losses)), key=losses.__getitem__))
+    assert m["mc/tinyworld/acc"] == sum(c == item["answer"] for c, item in zip(chosen, items)) / 4
+    rows = TokenRows(tok, pretrain_files("val"), 16, 64, [0], 1, loop=False)
+    total_nats = total_bytes = 0.0
+    for _ in range(8192 // (16 * 64)):  # the same rows: 8 batches of 16 rows of 64 targets
+        x, y = rows.next_batch(0, "cpu")
+        for inputs, targets in zip(x.tolist(), y.tolist()):
+            nbytes = torch.tensor(tok.token_bytes[targets])  # (64,), 0 for special tokens: they stand for no text
+            total_nats += nats(inputs + targets[-1:])[nbytes > 0].sum().item()
+            total_bytes += nbytes.sum().item()
+    assert m["bpb"] == pytest.approx(total_nats / total_bytes / math.log(2), rel=1e-5)

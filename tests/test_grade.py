@@ -1,4 +1,4 @@
-"""Tests of the math verifier in evaluate.py: python -m pytest tests/test_grade.py -x -q"""
+"""Tests of the math verifier, data/grade.py: python -m pytest tests/test_grade.py -x -q"""
 
 import json
 import re
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import shared_data
-from evaluate import extract_answer, grade, majority_vote, pass_at_k
+from data.grade import extract_answer, grade, majority_vote, pass_at_k, score
 
 # (prediction, reference, expected)
 TABLE = [
@@ -150,7 +150,7 @@ def test_huge_exponent_off_the_main_thread():
 
 
 def test_time_limit_and_threads():
-    from evaluate import _time_limit, _Timeout
+    from data.grade import _time_limit, _Timeout
     t0 = time.time()
     with pytest.raises(_Timeout):
         with _time_limit(0.05):
@@ -225,3 +225,15 @@ def test_gsm8k_gold_self_consistency():
     assert all(grade(r"The answer is $\boxed{%s}$." % g, s) for g, s in zip(golds, solutions))
     different = [(g, h) for g, h in zip(golds, golds[1:] + golds[:1]) if g.replace(",", "") != h.replace(",", "")]
     assert not [p for p in different if grade("#### " + p[0], "#### " + p[1])]
+
+
+# -----------------------------------------------------------------------------
+# Sampled answers: the reward of one
+
+
+def test_score_and_format_bonus():
+    grader = lambda text, ref: text.strip().endswith(ref.split("####")[-1].strip())
+    assert score("2 + 3 = 5\n#### 5", "#### 5", True, grader, 0.1) == (1.1, True)
+    assert score("2 + 3 = 5\n#### 5", "#### 5", False, grader, 0.1) == (1.0, True)  # cut off: no bonus
+    assert score("2 + 3 = 6\n#### 6", "#### 5", True, grader, 0.1) == (0.1, False)  # wrong but well formed
+    assert score("it is 6", "#### 5", True, grader, 0.1) == (0.0, False)

@@ -1,6 +1,7 @@
-"""rl.py: advantages, the three loss normalisations, PPO clipping and the k3 KL on hand-computed numbers, the DPO
-loss, training masks (prompt and calculator outputs excluded), and short end-to-end runs of `rl.py` (GRPO with
-resume, DPO from a pairs file and from sampled pairs) on a tiny random GPT with a tokenizer trained in the test."""
+"""rl.py: advantages, the three loss normalisations, PPO clipping and the k3 KL on hand-computed numbers, training
+masks (prompt and calculator outputs excluded), and short end-to-end runs of `rl.py` on a tiny random GPT with a
+tokenizer trained in the test: after a step, every sampled answer's log-probability has moved the way its advantage
+says; resume. (DPO: test_dpo.py, which shares the fixtures here.)"""
 import json
 import math
 import os
@@ -10,7 +11,11 @@ import sys
 import pytest
 import torch
 
+import common
+import data.grade
 import rl
+from data.loader import collate, make_row, step_indices, token_logprobs
+from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,14 +39,6 @@ def test_std_norm_divides_by_the_groups_unbiased_std():
     assert torch.allclose(adv[0], torch.tensor([1.5, -0.5, -0.5, -0.5]), atol=1e-3)
     assert torch.equal(adv[1], torch.zeros(4))
     assert torch.allclose(adv[2], torch.tensor([0.8660, 0.8660, -0.8660, -0.8660]), atol=1e-3)
-
-
-def test_score_and_format_bonus():
-    grader = lambda text, ref: text.strip().endswith(ref.split("####")[-1].strip())
-    assert rl.score("2 + 3 = 5\n#### 5", "#### 5", True, grader, 0.1) == (1.1, True)
-    assert rl.score("2 + 3 = 5\n#### 5", "#### 5", False, grader, 0.1) == (1.0, True)  # cut off: no bonus
-    assert rl.score("2 + 3 = 6\n#### 6", "#### 5", True, grader, 0.1) == (0.1, False)  # wrong but well formed
-    assert rl.score("it is 6", "#### 5", True, grader, 0.1) == (0.0, False)
 
 
 # -----------------------------------------------------------------------------
@@ -111,46 +108,27 @@ def test_k3_kl_estimate():
 
 
 # -----------------------------------------------------------------------------
-# DPO
-
-
-def test_dpo_loss_is_the_formula():
-    # pair 1: beta * ((-1 - -2) - (-3 - -2)) = 0.5 * 2 = 1 -> -log sigmoid(1) = log(1 + e^-1) = 0.313262
-    # pair 2: margin 0 -> log 2 = 0.693147
-    pc, pr = torch.tensor([-1.0, -5.0]), torch.tensor([-3.0, -4.0])
-    rc, rr = torch.tensor([-2.0, -5.0]), torch.tensor([-2.0, -4.0])
-    loss, acc = rl.dpo_loss(pc, pr, rc, rr, beta=0.5)
-    assert loss.item() == pytest.approx((0.313262 + 0.693147) / 2, abs=1e-5)
-    assert acc.item() == 0.5
-
-
-def test_pairs_from_groups_pair_first_right_with_first_wrong():
-    groups = [[("a", False), ("b", True), ("c", True), ("d", False)], [("e", True), ("f", True)], [("g", False)]]
-    assert rl.pairs_from_groups([[1], [2], [3]], groups) == [([1], "b", "a")]
-
-
-# -----------------------------------------------------------------------------
 # Rows and masks
 
 
 def test_rows_train_only_on_the_tokens_the_policy_chose():
     # prompt 1 2 3; the answer 10 [11 12 forced calculator output] 13 14
-    x, y, m = rl.make_row([1, 2, 3], [10, 11, 12, 13, 14], [1, 0, 0, 1, 1])
+    x, y, m = make_row([1, 2, 3], [10, 11, 12, 13, 14], [1, 0, 0, 1, 1])
     assert x == [1, 2, 3, 10, 11, 12, 13]
     assert y == [2, 3, 10, 11, 12, 13, 14]
     assert m == [0, 0, 1, 0, 0, 1, 1]
-    xb, yb, mb = rl.collate([(x, y, m), ([5, 6], [6, 7], [0, 1])], "cpu")
+    xb, yb, mb = collate([(x, y, m), ([5, 6], [6, 7], [0, 1])], "cpu")
     assert xb.tolist() == [x, [5, 6, 0, 0, 0, 0, 0]]
     assert yb.tolist() == [[-1, -1, 10, -1, -1, 13, 14], [-1, 7, -1, -1, -1, -1, -1]]
     assert mb.tolist() == [m, [0, 1, 0, 0, 0, 0, 0]]
 
 
 def test_step_indices_cover_the_data_then_reshuffle():
-    first = rl.step_indices(0, 4, 10, seed=1) + rl.step_indices(1, 4, 10, seed=1)
-    epoch0 = rl.step_indices(0, 10, 10, seed=1)
+    first = step_indices(0, 4, 10, seed=1) + step_indices(1, 4, 10, seed=1)
+    epoch0 = step_indices(0, 10, 10, seed=1)
     assert first == epoch0[:8] and sorted(epoch0) == list(range(10))
-    assert rl.step_indices(1, 10, 10, seed=1) != epoch0  # the next pass is another order
-    assert rl.step_indices(3, 4, 10, seed=1) == rl.step_indices(3, 4, 10, seed=1)  # a pure function of the step
+    assert step_indices(1, 10, 10, seed=1) != epoch0  # the next pass is another order
+    assert step_indices(3, 4, 10, seed=1) == step_indices(3, 4, 10, seed=1)  # a pure function of the step
 
 
 # -----------------------------------------------------------------------------
@@ -185,39 +163,24 @@ def scripted_generate(script):
 
 
 def test_rows_from_the_engine_exclude_prompt_and_calculator_output(tokenizer, monkeypatch):
-    import chat
-    from evaluate import grade
+    import model
+    from data.grade import grade, sample_groups
     s = tokenizer.special
     script = (tokenizer.encode("Let me use the calculator.") + [s("<|python_start|>")] + tokenizer.encode("3+2") +
               [s("<|python_end|>")] + tokenizer.encode("\n#### 5") + [s("<|assistant_end|>")])
-    monkeypatch.setattr(chat, "generate", scripted_generate(script))
-    engine = chat.Engine(None, tokenizer)
+    monkeypatch.setattr(model, "generate", scripted_generate(script))
+    engine = model.Engine(None, tokenizer)
     prompt = tokenizer.render_for_completion([{"role": "user", "content": "Mia has 3 apples. How many now?"}])
-    [[(tokens, mask, reward, correct), _]] = rl.sample_groups(engine, [prompt], ["Mia has 5.\n#### 5"], 2, 64, 1.0,
-                                                              0, 0, grade, 0.25)
+    [[sample, _]] = sample_groups(engine, [prompt], ["Mia has 5.\n#### 5"], num_samples=2, max_new_tokens=64,
+                                  temperature=1.0, top_k=0, seed=0, grader=grade, format_bonus=0.25)
+    tokens, mask, reward, correct = sample.tokens, sample.mask, sample.reward, sample.correct
     forced = [s("<|output_start|>")] + tokenizer.encode("5") + [s("<|output_end|>")]
     cut = script.index(s("<|python_end|>")) + 1
     assert tokens == script[:cut] + forced + script[cut:]
     assert (reward, correct) == (1.25, True)  # right, and ended its turn on "#### 5"
-    x, y, m = rl.make_row(prompt, tokens, mask)
+    x, y, m = make_row(prompt, tokens, mask)
     assert [t for t, k in zip(y, m) if k] == script  # exactly what the policy wrote, end token included
     assert not any(m[:len(prompt) - 1]) and x[:len(prompt)] == prompt
-
-
-def test_pairs_from_json_render_like_sft(tokenizer):
-    row = {"prompt": "Mia has 3 apples. How many now?", "chosen": "Mia has 3 + 2 = 5 apples.\n#### 5",
-           "rejected": [{"type": "python", "text": "3+2"}, {"type": "python_output", "text": "5"},
-                        {"type": "text", "text": "#### 6"}]}
-    prompt, (chosen, chosen_mask), (rejected, rejected_mask) = rl.pair_from_json(row, tokenizer)
-    s = tokenizer.special
-    assert prompt == tokenizer.render_for_completion([{"role": "user", "content": row["prompt"]}])
-    assert chosen == tokenizer.encode(row["chosen"]) + [s("<|assistant_end|>")] and all(chosen_mask)
-    out = [s("<|output_start|>")] + tokenizer.encode("5") + [s("<|output_end|>")]
-    assert rejected == ([s("<|python_start|>")] + tokenizer.encode("3+2") + [s("<|python_end|>")] + out +
-                        tokenizer.encode("#### 6") + [s("<|assistant_end|>")])
-    assert [t for t, k in zip(rejected, rejected_mask) if not k] == out
-    with pytest.raises(ValueError, match="prompt, chosen and rejected"):
-        rl.pair_from_json({"prompt": "hi", "chosen": "a"}, tokenizer)
 
 
 # -----------------------------------------------------------------------------
@@ -230,8 +193,7 @@ def test_pairs_from_json_render_like_sft(tokenizer):
 def sft_model(world):
     import dataclasses
 
-    import common
-    from model import GPT, config_from_depth
+    from model import config_from_depth
     from tokenizer import load_tokenizer
     tok = load_tokenizer()
     config = config_from_depth(1, tok.vocab_size, 256, aspect_ratio=64, head_dim=32)
@@ -243,19 +205,17 @@ def sft_model(world):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def run_rl(monkeypatch, *args):
-    """python rl.py ARGS, in this process (so the grader can be replaced); returns the report section."""
-    import common
-    import evaluate
-    monkeypatch.setattr(evaluate, "grade", lambda text, reference: len(text) % 2 == 0)
-    monkeypatch.setattr(sys, "argv", ["rl.py", "--device=cpu", "--max_new_tokens=12", "--prompts_per_step=2",
+def run_rl(monkeypatch, *args, script="rl.py"):
+    """python rl.py ARGS (or dpo.py), in this process (so the grader can be replaced); returns the report section."""
+    monkeypatch.setattr(data.grade, "grade", lambda text, reference: len(text) % 2 == 0)
+    monkeypatch.setattr(sys, "argv", [script, "--device=cpu", "--max_new_tokens=12", "--prompts_per_step=2",
                                       "--num_samples=4", "--eval_problems=2", "--eval_samples=2", *args])
     # one thread: a tiny model's matmuls only lose to thread hand-offs (and the test machine is shared)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        runpy.run_path(os.path.join(REPO, "rl.py"), run_name="__main__")
+        runpy.run_path(os.path.join(REPO, script), run_name="__main__")
     finally:
         torch.set_num_threads(threads)
     with open(os.path.join(common.get_base_dir(), "report", "rl.json")) as f:
@@ -263,36 +223,81 @@ def run_rl(monkeypatch, *args):
 
 
 def rl_weights(step):
-    import common
     state, _, meta = common.load_checkpoint(common.checkpoint_dir("rl", "tiny"), step, load_rank_state=False)
     assert meta["step"] == step and meta["tokenizer_hash"] and meta["model_config"]["n_layer"] == 1
     return state
 
 
-def test_grpo_steps_change_the_weights_and_resume_continues(sft_model, monkeypatch):
+def test_grpo_steps_move_the_right_way_and_resume_continues(sft_model, monkeypatch):
+    calls = record_training_samples(monkeypatch)
     report = run_rl(monkeypatch, "--num_steps=2", "--eval_every=2", "--loss_norm=sequence", "--std_norm=1",
-                    "--ppo_epochs=2", "--kl_coef=0.1")
+                    "--ppo_epochs=2", "--kl_coef=0.1", "--save_every=1")
     history = report["history"]
     assert [s for s, _ in history["pass1"]] == [0, 2] and [s for s, _ in history["reward"]] == [1, 2]
     assert {"pass2", "greedy_pass1", "response_len", "zero_std", "kl", "clipped"} <= set(history)
     assert report["metrics"]["train_minutes"] > 0
+    # GRPO as published plus PPO's second epoch and the KL term: the first step still moves every answer its way
+    [(prompts, groups)] = calls
+    assert_rewarded_answers_became_likelier(prompts, groups, sft_model, rl_weights(1))
     state = rl_weights(2)
-    assert any(not torch.equal(state[k], sft_model[k]) for k in sft_model)
     # --resume=1 goes on from step 2 with the saved history
     report = run_rl(monkeypatch, "--num_steps=3", "--eval_every=0", "--resume=1")
     assert [s for s, _ in report["history"]["reward"]] == [1, 2, 3]
     assert any(not torch.equal(rl_weights(3)[k], state[k]) for k in state)
 
 
+def record_training_samples(monkeypatch, step=0, seed=42):
+    """Keep what rl.py's loop samples at `step` to train on (the evaluation samples too, but with other seeds):
+    a list that gets its (prompts, groups)."""
+    calls, sample_groups = [], data.grade.sample_groups
+
+    def recording(engine, prompts, references, **kwargs):
+        groups = sample_groups(engine, prompts, references, **kwargs)
+        if kwargs["seed"] == common.derive_seed(seed, "train", step, 0):
+            calls.append(([list(p) for p in prompts], groups))
+        return groups
+    monkeypatch.setattr(data.grade, "sample_groups", recording)
+    return calls
+
+
+def assert_rewarded_answers_became_likelier(prompts, groups, before, after):
+    """Every answer that did better than its group is likelier under the weights `after` than `before`, every one
+    that did worse less likely."""
+    rewards = torch.tensor([[sample.reward for sample in group] for group in groups])  # (P, G)
+    advantages = rewards - rewards.mean(dim=1, keepdim=True)  # (P, G); the sign is the same with std_norm
+    assert (advantages > 0).any() and (advantages < 0).any()
+    answers = [(prompt, sample.tokens, sample.mask) for prompt, group in zip(prompts, groups) for sample in group]
+    change = (answer_logprobs(after, answers) - answer_logprobs(before, answers)).view_as(advantages)  # (P, G)
+    assert (change[advantages > 0] > 0).all() and (change[advantages < 0] < 0).all(), (advantages, change)
+
+
+def answer_logprobs(state, answers):
+    """log p(answer | prompt) of (prompt, tokens, mask) answers under the weights `state`, each summed over the
+    tokens the policy chose (mask 1: its own, not the forced calculator outputs), (N,)."""
+    _, _, meta = common.load_checkpoint(common.checkpoint_dir("sft", "tiny"), load_rank_state=False)
+    model = GPT(GPTConfig(**meta["model_config"]))
+    model.load_state_dict(state)
+    x, y, m = collate([make_row(prompt, tokens, mask) for prompt, tokens, mask in answers], "cpu")
+    with torch.no_grad():
+        return (token_logprobs(model, x, y) * m).sum(dim=1)
+
+
+def test_one_grpo_step_raises_the_logprob_of_rewarded_answers(sft_model, monkeypatch):
+    # nanochat's defaults: one step on the samples, no std division, no KL (measured: each answer's log-probability
+    # moves by 0.8 to 1 nat, so its sign is far from chance)
+    calls = record_training_samples(monkeypatch)
+    run_rl(monkeypatch, "--num_steps=1", "--eval_every=0")
+    [(prompts, groups)] = calls
+    assert_rewarded_answers_became_likelier(prompts, groups, sft_model, rl_weights(1))
+
+
 def test_a_zero_variance_group_gives_exactly_zero_gradient(sft_model):
-    import common
-    from model import GPT, GPTConfig
     _, _, meta = common.load_checkpoint(common.checkpoint_dir("sft", "tiny"), load_rank_state=False)
     model = GPT(GPTConfig(**meta["model_config"]))
     model.load_state_dict(sft_model)
-    rows = [rl.make_row([1, 2, 3], [4, 5, 6, 7], [1, 1, 0, 1]), rl.make_row([1, 2], [9, 8], [1, 1])]
-    x, y, m = rl.collate(rows, "cpu")
-    logp = rl.token_logprobs(model, x, y)
+    rows = [make_row([1, 2, 3], [4, 5, 6, 7], [1, 1, 0, 1]), make_row([1, 2], [9, 8], [1, 1])]
+    x, y, m = collate(rows, "cpu")
+    logp = token_logprobs(model, x, y)
     weights = rl.token_weights(m, "token", 2, m.sum().item(), 4)
     advantages = rl.group_advantages(torch.tensor([[1.0, 1.0]]))[0]  # all rewards equal -> (0, 0)
     loss, _ = rl.policy_loss(logp, logp.detach(), advantages, weights, 0.2, 0.28)
@@ -300,22 +305,9 @@ def test_a_zero_variance_group_gives_exactly_zero_gradient(sft_model):
     assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.parameters())
 
 
-def test_dpo_from_a_pairs_file_and_from_sampled_pairs(sft_model, monkeypatch, tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": f"What is {a} + {a}?", "chosen": f"{a} + {a} = {2 * a}.\n#### {2 * a}",
-             "rejected": f"#### {2 * a + 1}"} for a in range(3)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    report = run_rl(monkeypatch, "--algo=dpo", f"--pairs={path}", "--num_steps=2", "--eval_every=0")
-    assert [s for s, _ in report["history"]["loss"]] == [1, 2]
-    assert report["history"]["loss"][0][1] == pytest.approx(math.log(2), abs=1e-4)  # the policy is the reference
-    assert any(not torch.equal(rl_weights(2)[k], sft_model[k]) for k in sft_model)
-    report = run_rl(monkeypatch, "--algo=dpo", "--dpo_problems=4", "--num_steps=1", "--eval_every=0")
-    assert report["history"]["loss"][0][1] == pytest.approx(math.log(2), abs=1e-4)
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--loss_norm=tokens"], "loss_norm must be"), (["--num_samples=1"], "at least 2"),
-    (["--pairs=x.jsonl"], "for --algo=dpo"), (["--algo=dpo", "--pairs=missing.jsonl"], "not found"),
+    (["--pairs=x.jsonl"], "unknown config key 'pairs'"),  # DPO's setting: dpo.py
     (["--dataset=nope"], "unknown math dataset"), (["--max_new_tokens=300"], "leaves no room"),
 ])
 def test_bad_settings_are_one_clear_error(sft_model, monkeypatch, extra, message):
