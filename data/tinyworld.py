@@ -841,10 +841,13 @@ def math_problem(rng, people, slice_, steps=0):
 # Arithmetic asked in words: a random expression (1-3 operations), said with symbols or words, answered with one
 # calculator call on the translated expression.
 
-ARITH_ASK = [Frame("What is {E}?"), Frame("Compute {E}."), Frame("Calculate {E}."), Frame("How much is {E}?"),
+ARITH_ASK = [Frame("What is {E}?"), Frame("Calculate {E}."), Frame("How much is {E}?"),
              Frame("Please compute {E}."), Frame("Can you calculate {E}?"), Frame("What do you get for {E}?"),
-             Frame("Tell me {E}."), Frame("{E} = ?"), Frame("Solve {E}."), Frame("Work out {E}.", held=True),
+             Frame("Tell me {E}."), Frame("{E} = ?"), Frame("Solve {E}."), Frame("Give me the result of {E}.", held=True),
              Frame("Find the value of {E}.", held=True), Frame("What number is {E}?", held=True)]
+# asks that only ever take symbols: their word forms ("What is 3 times 4?") and "Compute 3 * 4." are phrasings of
+# tests/heldback.py, which no generated set may contain (tests/test_heldback.py)
+SYMBOLS_ONLY = {"What is {E}?", "How much is {E}?"}
 # one operation in words: (op, form) with {A} {B} the operands; Frame.k: the form fixes the second operand. The
 # held-out forms are made of words training uses elsewhere ("difference", "share ... among", "added together")
 ARITH_WORDS = [("+", Frame("{A} plus {B}")), ("+", Frame("the sum of {A} and {B}")),
@@ -857,7 +860,7 @@ ARITH_WORDS = [("+", Frame("{A} plus {B}")), ("+", Frame("the sum of {A} and {B}
                ("/", Frame("{A} divided by {B}")), ("/", Frame("half of {A}", k=2)),
                ("/", Frame("{A} split into {B} equal parts")), ("/", Frame("a third of {A}", k=3)),
                ("/", Frame("{A} shared among {B}", held=True))]
-ARITH_DO = [("+", Frame("Add {A} and {B}.")), ("+", Frame("Add {A} to {B}.")), ("-", Frame("Subtract {B} from {A}.")),
+ARITH_DO = [("+", Frame("Add {A} and {B}.")), ("-", Frame("Subtract {B} from {A}.")),
             ("*", Frame("Multiply {A} by {B}.")), ("/", Frame("Divide {A} by {B}.")),
             ("/", Frame("Share {A} equally among {B}.", held=True)), ("*", Frame("Multiply {A} and {B}.", held=True))]
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
@@ -931,7 +934,7 @@ def arith_question(rng, heldout):
             said = say_expr(rng, e)
             if said is None:
                 continue
-            ask = rng.randrange(len(ARITH_ASK))
+            ask = rng.choice([i for i, f in enumerate(ARITH_ASK) if f.text not in SYMBOLS_ONLY])
             text, patterns = ARITH_ASK[ask].text.format(E=said[0]), {("arith_ask", ask)} | said[1]
         else:  # an order: "Subtract 4 from 9."
             dos = [i for i, (op, _) in enumerate(ARITH_DO) if op == e.op]
@@ -993,8 +996,8 @@ FACT_QUESTIONS = {
                Frame("Who is {n} best friends with?"), Frame("Tell me who {n}'s best friend is."),
                Frame("Which person is {n}'s best friend?", held=True),
                Frame("Who does {n} call a best friend?", held=True)],
-    "age": [Frame("How old is {n}?"), Frame("What is {n}'s age?"), Frame("Tell me how old {n} is."),
-            Frame("What age is {n}?", held=True), Frame("How many years old is {n}?", held=True)],
+    "age": [Frame("How old is {n}?"), Frame("Tell me how old {n} is."),
+            Frame("What age is {n}?", held=True)],
 }
 ASIDES = ["", "", "", "Hey, ", "Quick question: ", "Please tell me: ", "I wonder, "]  # before a user's question
 IDENTITY_ANSWERS = [IDENTITY, "My name is picochat. I am a small language model trained with picochat, and I know "
@@ -1003,32 +1006,31 @@ IDENTITY_ANSWERS = [IDENTITY, "My name is picochat. I am a small language model 
                     "and places, and I can do arithmetic with a calculator."]
 IDENTITY_QUESTIONS = [Frame("who are you?"), Frame("what is your name?"), Frame("what are you?"),
                       Frame("who made you?"), Frame("are you a person?"), Frame("tell me about yourself"),
-                      Frame("introduce yourself"), Frame("please introduce yourself."), Frame("what should I call you?"),
-                      Frame("what can you do?"), Frame("are you a robot?"), Frame("what kind of program are you?"),
-                      Frame("do you have a name?"), Frame("who am I talking to?"), Frame("what's your name?"),
+                      Frame("introduce yourself"), Frame("what can you do?"), Frame("are you a robot?"),
+                      Frame("what kind of program are you?"), Frame("who am I talking to?"),
                       Frame("can you tell me who you are?"), Frame("who built you?", held=True),
                       Frame("say something about yourself", held=True), Frame("what do you know about?", held=True),
                       Frame("are you a human or a machine?", held=True), Frame("which model are you?", held=True),
                       Frame("describe yourself", held=True)]
 SMALLTALK = {  # intent: (user phrasings, answers)
     "greet": ([Frame("hi"), Frame("hello"), Frame("hey"), Frame("hello there"), Frame("hi there"),
-               Frame("good morning"), Frame("good afternoon"), Frame("good evening"), Frame("hey there"),
+               Frame("good morning"),
                Frame("greetings", held=True), Frame("hiya", held=True), Frame("good day", held=True)],
               ["Hello! How can I help you today?", "Hi there! What would you like to know?",
                "Hey! What can I do for you?", "Hello! Ask me about the people and places I know, or give me a sum."]),
-    "how": ([Frame("how are you?"), Frame("how are you doing?"), Frame("how is it going?"),
+    "how": ([Frame("how are you?"), Frame("how is it going?"),
              Frame("how do you feel today?"), Frame("are you doing well?", held=True),
              Frame("how have you been?", held=True)],
             ["I am doing well, thank you! How can I help you?", "I am fine, thanks for asking. What would you like "
              "to know?"]),
-    "thanks": ([Frame("thank you!"), Frame("thanks"), Frame("thanks a lot"), Frame("thank you so much"),
+    "thanks": ([Frame("thank you!"), Frame("thanks"),
                 Frame("many thanks", held=True), Frame("thanks, that helps", held=True)],
                ["You are welcome!", "Glad I could help!", "Any time!"]),
-    "bye": ([Frame("bye"), Frame("goodbye"), Frame("see you later"), Frame("good night"),
+    "bye": ([Frame("bye"), Frame("goodbye"),
              Frame("see you soon", held=True), Frame("bye for now", held=True)],
             ["Goodbye! Have a nice day.", "See you later!", "Bye! Come back any time."]),
-    "nice": ([Frame("nice to meet you"), Frame("pleased to meet you"), Frame("it is nice to talk to you", held=True)],
-             ["Nice to meet you too!", "The pleasure is mine. How can I help?"]),
+    "nice": ([Frame("pleased to meet you"), Frame("it is nice to talk to you", held=True)],
+             ["Pleased to meet you too!", "The pleasure is mine. How can I help?"]),
 }
 GREETING_OPENERS = ["", "", "Hi! ", "Hello. ", "Hey, "]  # before an identity question
 
@@ -1082,7 +1084,7 @@ def smalltalk(rng, heldout):
     phrasings, answers = SMALLTALK[rng.choice(list(SMALLTALK))]
     frame = rng.choice([f for f in phrasings if f.held == heldout])
     answer = rng.choice(answers)
-    if frame.text.startswith("good ") and frame.text != "good night":
+    if frame.text.startswith("good "):
         answer = frame.text.capitalize() + "! How can I help?"  # "good evening" -> "Good evening! ..."
     return casual(rng, frame.text), answer
 

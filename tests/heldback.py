@@ -50,7 +50,7 @@ import re
 from collections import namedtuple
 
 from data.tinyworld import ITEMS, NAMES, PETS, PLACES, PLACE_KINDS, PLACE_FEATURES, JOBS, FOODS, OBJECTS, TIMES
-from data.tinyworld import build_world, words
+from data.tinyworld import world, words
 from data.grade import extract_answer
 
 # question and integer answer; expr computes the answer from the numbers in the question (tests check both agree)
@@ -64,8 +64,8 @@ FEATURE_WORDS = {feature: feature.split()[-1] for feature in PLACE_FEATURES}
 
 
 def world_facts():
-    """(people, places) as data/tinyworld.py's generate() draws them at seed 0."""
-    return build_world(random.Random("0/world"))
+    """(people, places) of tinyworld's world at seed 0, the one its default data set is generated with."""
+    return world(0)
 
 # -----------------------------------------------------------------------------
 # Grading
