@@ -3,7 +3,7 @@ Evaluate picochat models (bits per byte, multiple choice, math) and assemble the
 
     python evaluate.py                                   # the sft model: bits per byte, multiple choice, math
     python evaluate.py --source=all                      # base, sft and rl: each stage that has a checkpoint
-    python evaluate.py --source=base --task=bpb,mc       # tasks: bpb, mc, math (comma-separated)
+    python evaluate.py --source=base --task=bpb,mc       # tasks: bpb, mc, math, chat (comma-separated)
     python evaluate.py --task=mc --dataset=arc_easy      # a downloaded set (python data/arc.py first)
     python evaluate.py --task=math --dataset=gsm8k --max_problems=200
     python evaluate.py --task=math --num_samples=8       # pass@1 and pass@8, sampled (temperature 1 unless given)
@@ -18,11 +18,19 @@ The tasks (each function below says how it scores):
 - math: word problems (built in; gsm8k, math500 with --dataset) answered with model.py's Engine (calculator
   included) and graded by data/grade.py. Greedy by default; --num_samples=K gives pass@1 and pass@K (sampled at
   temperature 1 unless given), --vote=1 also maj@K. A base model gets a few-shot prompt in the pretraining format.
+  tinyworld's test problems come in slices (data/tinyworld.py), each reported on its own: id (training's
+  patterns and shapes, new numbers), phrasing (a sentence pattern training never has), composition (a computation
+  shape training never has), length (more steps than any training problem) and arith (bare arithmetic asked in
+  held-out words); --max_problems then counts per slice.
+- chat (chat models only): chat retention, the share of tinyworld's held-out non-math prompts (identity, small
+  talk, world facts, in phrasings no training file has) a model still handles: greedy replies graded by
+  data.chat_reply_ok (no "####", no calculator call, the right fact named). Math training that turns every reply
+  into a solution shows here.
 Each run (one process, not under torchrun) prints a markdown table and writes report/eval_<source>.json: the
 checkpoint (stage, tag, step), the settings and every metric; earlier results on the same checkpoint stay unless
 measured again. The report card (--report=1) reads report/*.json and speedrun.sh's <stage>.seconds, leaves out
 whatever is missing, and prints as its last line one JSON object: {"total_min", "tokenizer_min", "pretrain_min",
-"sft_min", "rl_min", "eval_min", "bpb", "pass1_sft", "pass1_rl"}. The answer checker is data/grade.py (`from
+"sft_min", "rl_min", "eval_min", "bpb", "pass1_sft", "pass1_rl", "bpb_sft", "bpb_rl", "chat_sft", "chat_rl"}. The answer checker is data/grade.py (`from
 evaluate import grade` works too).
 """
 
@@ -45,11 +53,11 @@ from model import Engine
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
 source = "sft"              # base|sft|rl, or all: each of them that has a checkpoint
-task = "bpb,mc,math"        # comma-separated: bpb, mc, math
+task = "bpb,mc,math,chat"   # comma-separated: bpb, mc, math, chat
 dataset = ""                # comma-separated sets (each to the task it belongs to); "": the tasks' defaults
 model_tag = ""              # "": the stage's most recently saved model
 step = -1                   # -1: its latest step
-max_problems = 0            # mc items / math problems per set, the first ones (0: all)
+max_problems = 0            # mc items / math problems / chat prompts per set (per slice), the first ones (0: all)
 eval_tokens = 65536         # bpb: tokens of held-out text (pretrain.py's default, so the numbers compare; 0: all)
 num_samples = 1             # math: answers per problem
 vote = False                # math: also grade the majority answer of the num_samples answers (maj@k)
@@ -220,6 +228,7 @@ def eval_math(engine, problems, prompts, *, chat=True, num_samples=1, vote=False
     k = num_samples
     keys = ["pass@1"] + ([f"pass@{k}"] if k > 1 else []) + ([f"maj@{k}"] if vote else [])
     sums = dict.fromkeys(keys, 0.0)
+    pass1 = []  # per problem, for the slices
     t0 = time.time()
     for b in range(0, len(problems), batch_size):
         outs = engine.generate_batch(prompts[b:b + batch_size], num_samples=k, max_new_tokens=max_new_tokens,
@@ -227,7 +236,8 @@ def eval_math(engine, problems, prompts, *, chat=True, num_samples=1, vote=False
         for problem, samples in zip(problems[b:b + batch_size], outs):
             texts = [completion_text(tokens, engine.tokenizer, chat) for tokens, _ in samples]
             correct = sum(grade(text, problem["answer"]) for text in texts)
-            sums["pass@1"] += pass_at_k(k, correct, 1)
+            pass1.append(pass_at_k(k, correct, 1))
+            sums["pass@1"] += pass1[-1]
             if k > 1:
                 sums[f"pass@{k}"] += pass_at_k(k, correct, k)
             if vote:
@@ -236,12 +246,35 @@ def eval_math(engine, problems, prompts, *, chat=True, num_samples=1, vote=False
         done = min(b + batch_size, len(problems))
         print(f"{label}: {done}/{len(problems)} problems, pass@1 {sums['pass@1'] / done:.4f} "
               f"({time.time() - t0:.0f}s)", flush=True)
-    return {**{key: total / len(problems) for key, total in sums.items()}, "n": len(problems)}
+    by_slice = {}
+    for problem, p in zip(problems, pass1):
+        by_slice.setdefault(problem.get("slice"), []).append(p)
+    by_slice.pop(None, None)
+    out = {**{key: total / len(problems) for key, total in sums.items()}, "n": len(problems)}
+    if by_slice:  # problems that carry a "slice": pass@1 of each as well
+        out["slices"] = {name: {"pass@1": sum(v) / len(v), "n": len(v)} for name, v in by_slice.items()}
+    return out
+
+
+def eval_chat(engine, probes, max_new_tokens=64, batch_size=16):
+    """Chat retention: greedy replies to non-math prompts, each graded by data.chat_reply_ok. Returns the share
+    handled, overall and per kind of prompt (identity, smalltalk, fact)."""
+    handled = {}
+    for b in range(0, len(probes), batch_size):
+        chunk = probes[b:b + batch_size]
+        prompts = [engine.tokenizer.render_for_completion([{"role": "user", "content": p["prompt"]}]) for p in chunk]
+        outs = engine.generate_batch(prompts, num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
+        for probe, samples in zip(chunk, outs):
+            reply = response_text(samples[0][0], engine.tokenizer)  # calculator calls spelled as special tokens
+            handled.setdefault(probe["kind"], []).append(data.chat_reply_ok(reply, probe))
+    every = [ok for oks in handled.values() for ok in oks]
+    return {"handled": sum(every) / len(every), **{kind: sum(oks) / len(oks) for kind, oks in handled.items()},
+            "n": len(every)}
 
 # -----------------------------------------------------------------------------
 # Which sets, and their results
 
-TASKS = ("bpb", "mc", "math")
+TASKS = ("bpb", "mc", "math", "chat")
 
 
 def datasets_of(tasks, names):
@@ -263,11 +296,16 @@ def datasets_of(tasks, names):
 
 
 def load_set(kind, name, limit):
+    """The test rows of a set, the first `limit` (of each slice, for a math set with slices)."""
     try:
         rows = (data.load_mc if kind == "mc" else data.load_math)(name, "test")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    rows = rows[:limit] if limit > 0 else rows
+    if limit > 0:
+        by_slice = {}  # a set without slices is one slice
+        for r in rows:
+            by_slice.setdefault(r.get("slice"), []).append(r)
+        rows = [r for part in by_slice.values() for r in part[:limit]]
     if not rows:
         raise SystemExit(f"error: the {name} {kind} test set is empty")
     return rows
@@ -299,8 +337,9 @@ def flat_metrics(results):
 
 
 def metric_order(keys):
-    """bpb first, then multiple choice, then math; within each, the order first seen."""
-    rank = lambda k: 0 if k in ("bpb", "unigram_bpb") else 1 if k.startswith("mc/") else 2
+    """bpb first, then multiple choice, then math, then chat retention; within each, the order first seen."""
+    rank = lambda k: 0 if k in ("bpb", "unigram_bpb") else 1 if k.startswith("mc/") else 3 if k.startswith(
+        "chat/") else 2
     return sorted(dict.fromkeys(keys), key=rank)
 
 
@@ -337,7 +376,9 @@ def build_report(sections, seconds, environment_lines):
     if base_bpb is None:
         base_bpb = sections.get("base", {}).get("metrics", {}).get("val_bpb")
     summary = {"total_min": sum(seconds.values()) / 60 if seconds else None, **minutes, "bpb": base_bpb,
-               "pass1_sft": metric("sft", "math/tinyworld/pass@1"), "pass1_rl": metric("rl", "math/tinyworld/pass@1")}
+               "pass1_sft": metric("sft", "math/tinyworld/pass@1"), "pass1_rl": metric("rl", "math/tinyworld/pass@1"),
+               "bpb_sft": metric("sft", "bpb"), "bpb_rl": metric("rl", "bpb"),
+               "chat_sft": metric("sft", "chat/handled"), "chat_rl": metric("rl", "chat/handled")}
 
     out = ["# picochat report card", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", "",
            "## Environment", "", *environment_lines, ""]
@@ -439,6 +480,9 @@ if __name__ == "__main__":
         sources = [source]
     tags = {stage: common.find_model_tag(stage, model_tag) for stage in sources}
     sets = {kind: {name: load_set(kind, name, max_problems) for name in names[kind]} for kind in ("mc", "math")}
+    if "chat" in tasks:
+        probes = data.load_chat_probes("test")
+        probes = probes[:max_problems] if max_problems > 0 else probes
     _, _, _, _, device = common.setup_device(device)
     autocast_ctx = common.autocast(device, dtype)
 
@@ -473,9 +517,19 @@ if __name__ == "__main__":
                 r = eval_math(Engine(model, tokenizer), problems, prompts, chat=chat, num_samples=num_samples,
                               vote=vote, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, seed=seed, label=f"math/{name}")
+            slices = r.pop("slices", {})
             results[f"math/{name}"] = {**r, "settings": {
                 "max_problems": max_problems, "num_samples": num_samples, "vote": vote, "temperature": temperature,
                 "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "prompt": style}}
+            for slice_name, rs in slices.items():
+                results[f"math/{name}/{slice_name}"] = rs
+                print(f"math/{name}/{slice_name}: pass@1 {rs['pass@1']:.4f} ({rs['n']} problems)", flush=True)
+        if "chat" in tasks and chat:
+            with autocast_ctx:
+                r = eval_chat(Engine(model, tokenizer), probes, batch_size=batch_size)
+            results["chat"] = {**r, "settings": {"max_problems": max_problems}}
+            print("chat retention: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "n") +
+                  f" ({r['n']} prompts)", flush=True)
         all_metrics[stage] = flat_metrics(results)
         path = os.path.join(common.get_base_dir(), "report", f"eval_{stage}.json")
         if os.path.exists(path):  # earlier results on this same checkpoint stay, unless measured again now

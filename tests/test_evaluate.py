@@ -150,6 +150,26 @@ def test_greedy_math_reports_pass1_only(tok):
     assert metrics == {"pass@1": 0.5, "n": 2} and calls[0]["temperature"] == 0.0
 
 
+def test_math_slices_and_chat_retention(tok):
+    problems = [{"question": str(i), "answer": f"#### {i}", "slice": sl} for i, sl in enumerate("aabb")]
+    prompts = [tok.render_for_completion([{"role": "user", "content": p["question"]}]) for p in problems]
+    replies = ["#### 0", "#### 9", "#### 2", "#### 3"]  # slice a: 1 of 2, slice b: 2 of 2
+    engine = ScriptedEngine(tok, {tok.decode(p): [r] for p, r in zip(prompts, replies)})
+    assert evaluate.eval_math(engine, problems, prompts, batch_size=3)["slices"] == {
+        "a": {"pass@1": 0.5, "n": 2}, "b": {"pass@1": 1.0, "n": 2}}
+    probes = [{"prompt": "hi", "kind": "smalltalk", "expect": None},
+              {"prompt": "hello", "kind": "smalltalk", "expect": None},
+              {"prompt": "Who are you?", "kind": "identity", "expect": ["picochat"]},
+              {"prompt": "Where does Mia live?", "kind": "fact", "expect": ["Oakvale"]},
+              {"prompt": "What does Tom do?", "kind": "fact", "expect": ["baker"]}]
+    replies = ["Hello! How can I help?", "<<2+2=4>>4\n#### 4", "I am picochat.", "Mia lives in oakvale.",
+               "Tom is a farmer."]  # a math answer to small talk, and a wrong fact, are not handled
+    prompts = [tok.render_for_completion([{"role": "user", "content": p["prompt"]}]) for p in probes]
+    engine = ScriptedEngine(tok, {tok.decode(p): [r] for p, r in zip(prompts, replies)})
+    assert evaluate.eval_chat(engine, probes, batch_size=2) == {
+        "handled": 0.6, "smalltalk": 0.5, "identity": 1.0, "fact": 0.5, "n": 5}
+
+
 def test_base_model_prompt_and_answer_cut(tok):
     shots = [{"question": f"q{i}", "answer": f"a\n#### {i}"} for i in range(3)]
     ids = evaluate.fewshot_prompt(tok, "What?", shots, limit=1000)
@@ -204,7 +224,8 @@ def test_report_card(tmp_base_dir, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == summary == {
         "total_min": 20.0, "tokenizer_min": 0.5, "pretrain_min": 10.0, "sft_min": 2.0, "rl_min": 5.0,
-        "eval_min": 1.5, "bpb": 1.2, "pass1_sft": 0.25, "pass1_rl": 0.5}
+        "eval_min": 1.5, "bpb": 1.2, "pass1_sft": 0.25, "pass1_rl": 0.5, "bpb_sft": None, "bpb_rl": None,
+        "chat_sft": None, "chat_rl": None}
     with open(os.path.join(report, "report.md")) as f:
         md = f.read()
     assert "| metric | base | sft | rl |" in md
@@ -221,7 +242,7 @@ def test_report_card(tmp_base_dir, capsys):
 def test_report_card_with_nothing_and_with_a_broken_section(tmp_base_dir, capsys):
     assert evaluate.write_report() == dict.fromkeys(
         ["total_min", "tokenizer_min", "pretrain_min", "sft_min", "rl_min", "eval_min", "bpb", "pass1_sft",
-         "pass1_rl"])
+         "pass1_rl", "bpb_sft", "bpb_rl", "chat_sft", "chat_rl"])
     assert "## Metrics" not in open(os.path.join(tmp_base_dir, "report", "report.md")).read()
     with open(os.path.join(tmp_base_dir, "report", "sft.json"), "w") as f:
         f.write('{"config": ')
@@ -233,7 +254,7 @@ def test_report_card_with_nothing_and_with_a_broken_section(tmp_base_dir, capsys
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--task=bpb,speed"], "--task must name some of bpb, mc, math"),
+    (["--task=bpb,speed"], "--task must name some of bpb, mc, math, chat"),
     (["--source=chat"], "--source must be base, sft, rl or all"),
     (["--vote=1"], "--vote=1 takes the majority of several answers"),
     (["--max_new_tokens=0", "--batch_size=0"], "--max_new_tokens must be >= 1, got 0; --batch_size must be"),
@@ -258,12 +279,13 @@ def test_cli_end_to_end_on_a_tiny_base_model(world, one_thread, monkeypatch, cap
     out = capsys.readouterr().out
     table = out[out.index("| metric | base |"):].strip().splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == [
-        "bpb", "unigram_bpb", "mc/tinyworld/acc", "mc/tinyworld/centered", "math/tinyworld/pass@1"]
+        "bpb", "unigram_bpb", "mc/tinyworld/acc", "mc/tinyworld/centered", "math/tinyworld/pass@1",
+        *[f"math/tinyworld/{name}/pass@1" for name in ("id", "phrasing", "composition", "length", "arith")]]
     with open(os.path.join(world, "report", "eval_base.json")) as f:
         section = json.load(f)
     assert section["checkpoint"] == {"stage": "base", "model_tag": "d1", "step": 2}
     assert section["config"]["max_problems"] == 4 and section["results"]["mc/tinyworld"]["n"] == 4
-    assert section["results"]["math/tinyworld"]["n"] == 4
+    assert section["results"]["math/tinyworld"]["n"] == 20  # 4 of each slice
     m = section["metrics"]
     # two steps of training: the model is still worse than the unigram baseline, but far better than uniform
     assert 0 < m["unigram_bpb"] < m["bpb"] < 12

@@ -36,7 +36,7 @@ def test_smoke_pipeline_runs_every_stage_and_resumes_after_an_interrupt(tmp_base
         assert f"\n{stage}\n" in out
     summary = json.loads(out.strip().splitlines()[-1])  # the last line is the run's JSON summary
     assert set(summary) == {"total_min", "tokenizer_min", "pretrain_min", "sft_min", "rl_min", "eval_min", "bpb",
-                            "pass1_sft", "pass1_rl"}
+                            "pass1_sft", "pass1_rl", "bpb_sft", "bpb_rl", "chat_sft", "chat_rl"}
     report = open(os.path.join(tmp_base_dir, "report", "report.md")).read()
     assert "| metric | base | sft | rl |" in report and report.count("<svg") >= 3
     # even 20 smoke steps take the base model below the unigram baseline
