@@ -213,6 +213,22 @@ def math_conversation(problem):
     return [{"role": "user", "content": problem["question"]}, {"role": "assistant", "content": content}]
 
 
+# A plain-text request for a solution ending in \boxed{}: how reasoning-from-scratch puts MATH problems to
+# Qwen3-0.6B-Base (a base model, no chat template), worded here in picochat's own words
+BOXED_PROMPT = ("Solve the following math problem. Reason step by step, then write the final answer on a line of "
+                "its own as \\boxed{{ANSWER}}.\n\nProblem:\n{question}\n\nSolution:")
+
+
+def math_prompt(tokenizer, question, style="chat"):
+    """A word problem as prompt ids for a model to continue: "chat", a user turn up to the assistant's reply; "boxed",
+    BOXED_PROMPT as a document (after <|bos|>, as pretraining documents begin), answered in plain text."""
+    if style == "chat":
+        return tokenizer.render_for_completion([{"role": "user", "content": question}])
+    if style == "boxed":
+        return tokenizer.encode(BOXED_PROMPT.format(question=question), prepend=tokenizer.bos_id)
+    raise ValueError(f"a math prompt's style is chat or boxed, got {style!r}")
+
+
 def mc_conversation(item):
     """A multiple-choice item as a chat: the question and its lettered choices -> the right letter, e.g. "B"."""
     lines = [item["question"]] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(item["choices"])]
