@@ -23,7 +23,7 @@ import common
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 LETTERS = "ABCDEFGHIJ"  # choice letters of multiple-choice items
 TINYWORLD_MB_ENV = "PICOCHAT_TINYWORLD_MB"  # size of a tinyworld generated on demand (e.g. 1 for smoke runs)
-SCRIPT_OF = {"arc_easy": "arc", "arc_challenge": "arc"}  # otherwise data/<name>.py downloads data/<name>/
+SCRIPT_OF = {"arc_easy": "arc", "arc_challenge": "arc", "math": "hendrycks_math"}  # else data/<name>.py, data/<name>/
 
 
 def data_dir(name):
@@ -265,7 +265,8 @@ def load_conversations(split):
     return convs
 
 
-MATH_SPLITS = {"tinyworld": ("train", "test"), "gsm8k": ("train", "test"), "math500": ("test",)}
+MATH_SPLITS = {"tinyworld": ("train", "test"), "gsm8k": ("train", "test"), "math500": ("test",),
+               "math": ("train", "test")}  # math: MATH without MATH-500, and MATH-500 as its test
 MC_SPLITS = {name: ("train", "test") for name in ("tinyworld", "arc_easy", "arc_challenge", "mmlu", "hellaswag")}
 
 
@@ -277,7 +278,8 @@ def check_split(kind, splits, name, split):
 
 
 def load_math(name="tinyworld", split="test"):
-    """Word problems [{"question", "answer": "...\\n#### N", "level"}] of tinyworld, gsm8k or math500 (test only)."""
+    """Word problems [{"question", "answer": "...\\n#### N", "level"}] of tinyworld, gsm8k, math500 (test only) or
+    math (MATH: train without MATH-500, test = MATH-500)."""
     check_split("math", MATH_SPLITS, name, split)
     if name == "tinyworld":
         return read_jsonl(os.path.join(ensure_tinyworld(), f"math_{split}.jsonl"))
