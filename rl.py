@@ -45,6 +45,7 @@ num_samples = 8             # answers sampled per problem: the group its baselin
 max_new_tokens = 96         # an answer longer than this is cut (and scores what it says so far)
 temperature = 1.0           # sampling temperature, for training and for the pass@k evaluation
 top_k = 50                  # sample from the k most likely tokens (0: all)
+top_p = 1.0                 # ... and from the fewest whose probability reaches top_p (1: all)
 # rewards and advantages
 format_reward = 0.0         # bonus for ending the turn with a final "#### N" line, right or wrong (0: none)
 std_norm = False            # also divide advantages by the group's std (GRPO); off: Dr.GRPO, nanochat
@@ -139,6 +140,8 @@ if __name__ == "__main__":
     if min(prompts_per_step, num_steps, max_new_tokens, ppo_epochs, device_batch_size, eval_samples) < 1:
         errors.append("prompts_per_step, num_steps, max_new_tokens, ppo_epochs, device_batch_size and "
                       "eval_samples must be at least 1")
+    if not 0 < top_p <= 1:
+        errors.append(f"--top_p must be in (0, 1], got {top_p}")
     if prompt_style not in ("chat", "boxed"):
         errors.append(f"--prompt_style must be chat or boxed, got {prompt_style!r}")
     if not (0 <= clip_low < 1 and clip_high >= 0):
@@ -184,8 +187,8 @@ if __name__ == "__main__":
             with autocast_ctx:
                 last_eval = pass_rates(engine, test_items, num_samples=eval_samples, greedy=eval_greedy,
                                        chunk_size=my_share, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_k=top_k, seed=seed, grader=grade, rank=rank, world_size=world_size,
-                                       device=device)
+                                       top_k=top_k, top_p=top_p, seed=seed, grader=grade, rank=rank,
+                                       world_size=world_size, device=device)
             for k, v in last_eval.items():
                 log_point(k, v)
             print0(f"step {step:05d} | held-out " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()) +
@@ -203,8 +206,8 @@ if __name__ == "__main__":
         with autocast_ctx:
             groups = sample_groups(engine, [p for p, _ in problems], [a for _, a in problems],
                                    num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k, seed=common.derive_seed(seed, "train", step, rank), grader=grade,
-                                   format_bonus=format_reward)
+                                   top_k=top_k, top_p=top_p, seed=common.derive_seed(seed, "train", step, rank),
+                                   grader=grade, format_bonus=format_reward)
         t_sample = time.time() - t0
         rewards = torch.tensor([[sample.reward for sample in group] for group in groups])  # (P, G)
         advantages = group_advantages(rewards, std_norm)  # (P, G)
