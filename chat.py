@@ -448,7 +448,7 @@ if __name__ == "__main__":
             else "sft"
     _, _, _, _, torch_device = common.setup_device(device)
     # generation runs in the weights' own dtype: bf16 autocast would cast every weight at every decoded token
-    # (measured 5x slower per token than fp32 weights on a 2-core Sapphire Rapids, README.md)
+    # (measured 2.1x slower per token than fp32 weights at Qwen3-0.6B's shape on a CPU, README.md)
     weights = torch.bfloat16 if common.resolve_dtype(torch_device, dtype) == "bfloat16" else torch.float32
     model, tokenizer, meta = common.load_model(source, torch_device, model_tag, step, weights)
     engine = Engine(model, tokenizer)

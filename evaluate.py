@@ -457,7 +457,7 @@ if __name__ == "__main__":
     sets = {kind: {name: load_set(kind, name, max_problems) for name in names[kind]} for kind in ("mc", "math")}
     _, _, _, _, device = common.setup_device(device)
     # the weights in the compute dtype, no autocast: generation under bf16 autocast casts every weight at every
-    # decoded token (measured 5x slower per token than fp32 weights on a CPU, README.md)
+    # decoded token (measured 2.1x slower per token than fp32 weights at Qwen3-0.6B's shape on a CPU, README.md)
     weights = torch.bfloat16 if common.resolve_dtype(device, dtype) == "bfloat16" else torch.float32
     autocast_ctx = contextlib.nullcontext()  # for the scorers' forward passes: the weights' dtype, as above
 
