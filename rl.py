@@ -127,6 +127,7 @@ def policy_loss(logp, old_logp, advantages, weights, clip_low, clip_high, ref_lo
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
+    common.check_settings(config, positive=("lr_scale", "lr"), non_negative=("weight_decay", "kl_coef", "temperature"))
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
 
     # ---- settings that cannot work, refused before any time is spent
@@ -264,10 +265,12 @@ if __name__ == "__main__":
             if not rows:  # this rank kept nothing but others did: join the optimisers' gradient averaging
                 for p in model.parameters():
                     p.grad = torch.zeros_like(p)
+            totals = common.all_sum({**sums, "gradient": common.largest_grad(model)}, device)  # the last epoch's
+            # before the update: a diverged step never lands
+            common.check_finite(step + 1, totals, "--lr or --lr_scale")
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)
-            totals = common.all_sum(sums, device)  # the last epoch's
         step += 1
 
         # ---- 5. log

@@ -6,8 +6,6 @@ tool convention (through the OpenAI API too), none for GPT-2."""
 import json
 import os
 import re
-import runpy
-import sys
 import threading
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 
 import chat
 import common
-from conftest import REPO
+from conftest import run_main
 from model import GPT, Engine
 from test_chat import Steered
 from test_openweights import train_hf_tokenizer, transformers
@@ -25,20 +23,7 @@ REPO_ID = "org/tiny-qwen3"
 PADDING = 37  # head rows beyond the tokenizer's ids
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models only lose time to threads on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_main(monkeypatch, capsys, script, *args):
-    """`python script args` in this process (a subprocess would spend seconds importing); returns its stdout."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # setup_device then leaves the thread count alone
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    runpy.run_path(os.path.join(REPO, script), run_name="__main__")
-    return capsys.readouterr().out
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: tiny models, one thread
 
 
 @pytest.fixture
@@ -93,8 +78,9 @@ def test_engine_qwen3_calculator_and_padded_vocabulary(qwen3):
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x",
                                max_retries=0, timeout=30)
-        completion = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is 6*7?"}],
-                                                    max_tokens=len(reply) + 8, temperature=0)
+        question = [{"role": "user", "content": "What is 6*7?"}]
+        completion = client.chat.completions.create(model="tiny", messages=question, max_tokens=len(reply) + 8,
+                                                    temperature=0)
         assert completion.choices[0].message.content == shown.text
         assert completion.usage.completion_tokens == len(reply)
     finally:
@@ -123,7 +109,11 @@ def test_engine_gpt2_has_no_calculator(tmp_path):
 
 def test_open_model_through_sft_rl_evaluate_chat(qwen3, world, monkeypatch, capsys):
     source = f"--source=hf:{REPO_ID}"
-    run = lambda script, *args: run_main(monkeypatch, capsys, script, *args)  # noqa: E731
+
+    def run(script, *args):  # the script in this process (a subprocess would spend seconds importing); its stdout
+        run_main(monkeypatch, script, *args)
+        return capsys.readouterr().out
+
     tag = "org__tiny-qwen3"  # the folder's name
     # ---- sft: AdamW by default (here at a tiny random model's learning rate), the masked loss goes down
     out = run("sft.py", source, "--max_seq_len=128", "--device_batch_size=4", "--total_batch_size=1024",
