@@ -507,11 +507,34 @@ def resume_stage(resume, ckpt_dir, model, optimizers, rank, device, must_match, 
     return 0, history, None
 
 
+def hf_model_dir(repo):
+    """$PICOCHAT_DIR/models/<org>__<name>: where data/hf_model.py puts an open model's files."""
+    return os.path.join(get_base_dir(), "models", repo.replace("/", "__"))
+
+
+def open_model_dir(source):
+    """The Hugging Face model folder a stage's --source names: hf:<org>/<name> (downloaded by data/hf_model.py) or a
+    path with a "/" to a folder of config.json, tokenizer.json and safetensors. None for anything else (a
+    stage: base, mid, sft, rl)."""
+    if source.startswith("hf:"):
+        folder, hint = hf_model_dir(source[3:]), f"download it: python data/hf_model.py --model={source[3:]}"
+    elif "/" in source or os.sep in source:
+        folder, hint = os.path.abspath(source), "a Hugging Face model folder holds config.json and tokenizer.json"
+    else:
+        return None
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise SystemExit(f"error: no open model in {folder} ({hint})")
+    return folder
+
+
 def find_model_tag(stage, model_tag=""):
-    """The given tag, or the tag of the stage's most recently saved checkpoint."""
+    """The given tag, or the tag of the stage's most recently saved checkpoint (an open model: its folder's name)."""
     stage_dir = os.path.join(get_base_dir(), "checkpoints", stage)
     if model_tag:
         return model_tag
+    folder = open_model_dir(stage)
+    if folder is not None:
+        return os.path.basename(folder)
     metas = glob.glob(os.path.join(stage_dir, "*", "meta_*.json"))
     if not metas:
         raise SystemExit(f"error: no {stage} checkpoint under {stage_dir}; train one first "
@@ -519,34 +542,49 @@ def find_model_tag(stage, model_tag=""):
     return os.path.basename(os.path.dirname(max(metas, key=os.path.getmtime)))
 
 
-def load_model(stage, device="cpu", model_tag="", step=-1):
-    """Build the model of a saved stage (base/sft/rl) with its tokenizer. Returns (model, tokenizer, meta).
-    step -1: the latest intact step (a damaged one is reported, and the one before it loaded)."""
+def load_model(source, device="cpu", model_tag="", step=-1, dtype=torch.float32):
+    """The model of a saved stage (base/mid/sft/rl), or an open model (hf:<org>/<name> or a folder, see
+    open_model_dir), with its tokenizer, its weights in `dtype`. Returns (model, tokenizer, meta). step -1: the
+    latest intact step (a damaged one is reported, and the one before it loaded). An open model's meta is
+    {"step": 0, "open_model": {"source", "folder"}}; stages that train it keep "open_model" in their checkpoints'
+    meta, so those load back with the open model's tokenizer (its hash checked)."""
     from tokenizer import load_tokenizer  # here, not at the top: tokenizer.py imports this module
-    ckpt_dir = checkpoint_dir(stage, find_model_tag(stage, model_tag))
+    folder = open_model_dir(source)
+    if folder is not None:
+        try:
+            model, tokenizer = GPT.from_pretrained(folder, device, dtype), load_tokenizer(folder)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            raise SystemExit(f"error: {e}") from None
+        print0(f"loaded open model {source} from {folder} ({model.num_params() / 1e6:.0f}M parameters, {dtype})")
+        return model, tokenizer, {"step": 0, "open_model": {"source": source, "folder": folder}}
+    ckpt_dir = checkpoint_dir(source, find_model_tag(source, model_tag))
 
     built = []  # the model of the step that loads
 
     def build(model_state, _, meta):
         try:
-            model = GPT(GPTConfig(**meta["model_config"]))
+            with torch.device("meta"):  # allocated once, then filled: an open model's size is not built twice
+                model = GPT(GPTConfig(**meta["model_config"])).to(dtype)
+            model.to_empty(device=device)
+            model.tie_weights()
+            model.fill_rotary()
             model.load_state_dict(model_state)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"its weights do not fit its model config ({first_line(e)})") from None
         built.append(model)
 
     _, _, meta = load_checkpoint(ckpt_dir, step, device=device, load_rank_state=False, validate=build)
+    tokenizer_dir = open_model_dir(meta["open_model"]["source"]) if meta.get("open_model") else None
     try:
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(tokenizer_dir)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
         raise SystemExit(f"error: {ckpt_dir} was trained with another tokenizer than the one in "
-                         f"{os.path.join(get_base_dir(), 'tokenizer')}")
+                         f"{tokenizer_dir or os.path.join(get_base_dir(), 'tokenizer')}")
     model = built[-1]
-    model.to(device)
     model.eval()
-    print0(f"loaded {stage} model from {ckpt_dir} (step {meta['step']})")
+    print0(f"loaded {source} model from {ckpt_dir} (step {meta['step']})")
     return model, tokenizer, meta
 
 
@@ -587,9 +625,9 @@ def grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_siz
     return total_batch_size // tokens_per_micro_step
 
 
-def parallelize(model, zero=0, **optimizer_settings):
-    """Data parallelism for a stage's model at ZeRO level `zero`, and its optimisers (model.setup_optimizers with
-    optimizer_settings): 0 replicates everything (the optimisers average the gradients), 1 shards the optimiser
+def parallelize(model, zero=0, optimizer="muon", **optimizer_settings):
+    """Data parallelism for a stage's model at ZeRO level `zero`, and its optimisers (model.setup_optimizers, or
+    model.setup_adamw for optimizer "adamw", with optimizer_settings): 0 replicates everything (the optimisers average the gradients), 1 shards the optimiser
     states, 2 the gradients too, 3 the weights too, with FSDP2: the embedding (unless tied to the head) and each
     block are units of their own (a unit's whole weights exist only around its forward and its backward), the
     head and the rest the root's (the kernels' fused loss reads the head's weight outside its forward). model.py's Optimisers say who
@@ -607,7 +645,8 @@ def parallelize(model, zero=0, **optimizer_settings):
         for unit in ([] if tied else [model.transformer.wte]) + list(model.transformer.h):
             fully_shard(unit)
         fully_shard(model)
-    return model.setup_optimizers(**optimizer_settings, zero=zero)
+    setup = model.setup_adamw if optimizer == "adamw" else model.setup_optimizers
+    return setup(**optimizer_settings, zero=zero)
 
 
 @contextlib.contextmanager
@@ -656,6 +695,22 @@ def scale_lr(optimizers, factor):
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["initial_lr"] * factor
+
+
+def stage_optimizers(model, zero, optimizer, lr, lr_scale, weight_decay, open_model):
+    """A fine-tuning stage's data parallelism (`parallelize` at --zero) and optimisers. optimizer "muon":
+    model.setup_optimizers (AdamW + Muon) at lr_scale x its from-scratch rates; "adamw": model.setup_adamw at lr on
+    every weight; "": adamw for an open model (or a checkpoint trained from one), else muon."""
+    kind = optimizer or ("adamw" if open_model else "muon")
+    if kind not in ("muon", "adamw"):
+        raise SystemExit(f"error: --optimizer must be muon or adamw (or empty: automatic), got {optimizer!r}")
+    if kind == "adamw":
+        print0(f"optimizer: AdamW at lr {lr:g}")
+        return parallelize(model, zero, "adamw", lr=lr, weight_decay=weight_decay)
+    optimizers = parallelize(model, zero, weight_decay=weight_decay)
+    scale_lr(optimizers, lr_scale)
+    print0(f"optimizer: AdamW + Muon at {lr_scale:g} x the from-scratch learning rates")
+    return optimizers
 
 
 def set_lr(optimizers, multiplier):

@@ -33,10 +33,13 @@ from model import Engine
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
-source = "sft"              # the checkpoint to start from, which is also the frozen reference
+source = "sft"              # the model to start from, which is also the frozen reference: a stage (sft, mid,
+                            # base), or an open model: hf:<org>/<name> or a folder
 model_tag = ""              # default: the source's latest; the checkpoints go to rl/ under the same tag
 source_step = -1            # the source's step; -1: its latest
 dataset = "tinyworld"       # math problems to sample pairs from and to measure on: tinyworld or gsm8k
+prompt_style = "chat"       # how a problem is put: chat (a user turn) | boxed (plain text asking for a final
+                            # \boxed{} answer: for a base model, as reasoning-from-scratch trains Qwen3-0.6B-Base)
 # pairs
 pairs = ""                  # jsonl of {"prompt", "chosen", "rejected"}; "": derive them from sampled answers
 dpo_problems = 256          # train problems sampled (num_samples answers each) to derive pairs when pairs is ""
@@ -48,7 +51,10 @@ beta = 0.1                  # DPO's inverse temperature: how far the policy may 
 # optimisation
 prompts_per_step = 16       # pairs per step, over all ranks (each rank trains on its share)
 num_steps = 60
-lr_scale = 0.1              # multiplies the model's default learning rates
+optimizer = ""              # muon: picochat's AdamW + Muon at lr_scale x its rates | adamw: AdamW at lr on every
+                            # weight | "": adamw for an open model (or a checkpoint trained from one), else muon
+lr_scale = 0.1              # muon: multiplies the model's default learning rates
+lr = 1e-5                   # adamw: the learning rate (pretrained models fine-tune at ~1e-5)
 weight_decay = 0.0
 device_batch_size = 32      # sequences per forward/backward (memory only)
 # evaluation, checkpoints
@@ -148,7 +154,7 @@ def sequence_logprobs(model, rows, device, autocast_ctx, batch_size, grad=False)
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
-    common.check_settings(config, positive=("lr_scale", "beta"), non_negative=("weight_decay", "temperature"))
+    common.check_settings(config, positive=("lr_scale", "lr", "beta"), non_negative=("weight_decay", "temperature"))
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
 
     # ---- settings that cannot work, refused before any time is spent
@@ -158,6 +164,8 @@ if __name__ == "__main__":
     if min(prompts_per_step, num_steps, max_new_tokens, device_batch_size, eval_samples, num_samples) < 1:
         errors.append("prompts_per_step, num_steps, max_new_tokens, device_batch_size, eval_samples and "
                       "num_samples must be at least 1")
+    if prompt_style not in ("chat", "boxed"):
+        errors.append(f"--prompt_style must be chat or boxed, got {prompt_style!r}")
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
 
@@ -170,7 +178,7 @@ if __name__ == "__main__":
                          f"sequence_len={model.config.sequence_len}")
     engine = Engine(model, tokenizer)
     train_items, test_items = math_items(tokenizer, dataset, model.config.sequence_len - max_new_tokens,
-                                         eval_problems, seed)
+                                         eval_problems, seed, prompt_style)
     my_share = prompts_per_step // world_size
 
     # ---- the pairs, and the reference's log-probs of them (once: the reference never changes)
@@ -206,10 +214,10 @@ if __name__ == "__main__":
     ref_rejected = sequence_logprobs(model, rows_rejected, device, autocast_ctx, device_batch_size)  # (N,)
 
     # ---- data parallelism and optimisers, resume (on any number of ranks)
-    optimizers = common.parallelize(model, zero, weight_decay=weight_decay)
-    common.scale_lr(optimizers, lr_scale)
+    optimizers = common.stage_optimizers(model, zero, optimizer, lr, lr_scale, weight_decay,
+                                         source_meta.get("open_model"))
     step, history, _ = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
-        "prompts_per_step": prompts_per_step}, history={})
+        "prompts_per_step": prompts_per_step, "optimizer": optimizer}, history={})
 
     def log_point(name, value):
         history.setdefault(name, []).append((step, value))
@@ -217,7 +225,8 @@ if __name__ == "__main__":
     def save(step, metrics):
         common.save_stage(ckpt_dir, step, model, optimizers, rank, {
             "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
-            "source": {"stage": source, "model_tag": out_tag, "step": source_meta["step"]}})
+            "source": {"stage": source, "model_tag": out_tag, "step": source_meta["step"]},
+            "open_model": source_meta.get("open_model")})
 
     # ---- the training loop
     t_start, train_time, metrics, last_eval = time.time(), 0.0, {}, {}
@@ -254,7 +263,7 @@ if __name__ == "__main__":
         loss.backward()  # the optimisers average over ranks: each rank's share is the same size
         total = common.all_sum({"loss": loss, "reward_accuracy": accuracy, "gradient": common.largest_grad(model)},
                                device)  # the step's one host read
-        common.check_finite(step + 1, total, "--lr_scale, --beta")  # before the update: a diverged step never lands
+        common.check_finite(step + 1, total, "--lr or --lr_scale, --beta")  # before the update: a diverged step never lands
         del total["gradient"]
         for opt in optimizers:
             opt.step()

@@ -434,6 +434,21 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]
         return [adamw, muon]
 
+    def setup_adamw(self, lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999), zero=0):
+        """[AdamW] on every parameter at one learning rate: how a pretrained (open) model is fine-tuned, at ~1e-5
+        (reasoning-from-scratch's GRPO on Qwen3-0.6B: 1e-5). setup_optimizers' from-scratch rates (Muon at 0.02,
+        embeddings at 0.2) would overwrite its pretraining within steps. The group stores `initial_lr` too; zero as
+        setup_optimizers'."""
+        groups = [dict(params=list(self.parameters()), lr=lr)]
+        settings = dict(betas=betas, eps=1e-8, weight_decay=weight_decay)
+        if zero in (1, 2):
+            adamw = ZeroAdamW(groups, zero=zero, **settings)
+        else:
+            adamw = AdamW(groups, use_kernels=self.config.use_kernels, **settings)
+        for group in adamw.param_groups:
+            group["initial_lr"] = group["lr"]
+        return [adamw]
+
 # -----------------------------------------------------------------------------
 # Open models: a Hugging Face folder (config.json + safetensors) as a GPTConfig and the GPT's weights
 
@@ -987,12 +1002,15 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_tokens=(), seed=None,
-             force=None):
+             force=None, vocab_size=0):
     """Decode a batch of prompts (lists of token ids, any lengths) together. Yields once per step a list with one
-    entry per row: (token_id, forced) or None once the row has finished (right after a stop token or
+    entry per row: (token_id, forced) or None once the row has finished (right after a sampled stop token or
     max_new_tokens tokens). force(row, generated_so_far) -> list | None is called after each emitted token of a
-    row; returned tokens are fed in on the following steps instead of sampling (yielded with forced=True).
-    Each distinct prompt is prefilled once (batch 1) and its cache copied into all rows that share it."""
+    row; returned tokens are fed in on the following steps instead of sampling (yielded with forced=True). Forced
+    tokens never stop a row: Qwen3's calculator result is forced in with the <|im_end|> that ends the call's turn.
+    vocab_size > 0 samples only ids below it: Qwen3-0.6B's head has 151,936 rows for a tokenizer of 151,669
+    tokens, and the untrained rest must never come out. Each distinct prompt is prefilled once (batch 1) and its
+    cache copied into all rows that share it."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
     if max_new_tokens < 0:
@@ -1018,6 +1036,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     queued = [deque() for _ in range(B)]
     done = [max_new_tokens == 0] * B
     for _ in range(max_new_tokens):
+        if 0 < vocab_size < logits.size(-1):
+            logits = logits[:, :vocab_size]  # (B, vocab_size): the ids a token can have
         sampled = sample_next(logits, temperature, top_k, top_p, generator).tolist()
         step, next_ids = [], []
         for b in range(B):
@@ -1030,7 +1050,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
             generated[b].append(token)
             step.append((token, forced))
             next_ids.append(token)
-            if token in stop_tokens or len(generated[b]) == max_new_tokens:
+            if (token in stop_tokens and not forced) or len(generated[b]) == max_new_tokens:
                 done[b] = True
             elif force is not None:
                 queued[b].extend(force(b, generated[b]) or ())
@@ -1112,8 +1132,9 @@ def calculator(expr):
 
 # -----------------------------------------------------------------------------
 # Tool-using generation: the Engine owns the calculator. generate() above only knows that a row may have tokens
-# forced in; the Engine decides when (after <|python_end|>) and what (the sandbox's result). Every stage that
-# generates replies (sft.py's samples, rl.py, dpo.py, evaluate.py, chat.py) goes through it.
+# forced in; the Engine decides when (after <|python_end|>) and what (the sandbox's result, in the tokenizer's
+# convention). Every stage that generates replies (sft.py's samples, rl.py, dpo.py, evaluate.py, chat.py) goes
+# through it.
 
 
 class Engine:
@@ -1125,8 +1146,11 @@ class Engine:
 
     generate() streams: it yields once per decoding step a list with one entry per row (prompt-major: the
     num_samples rows of prompt 0, then of prompt 1, ...), each `(token, forced)` or None once the row has
-    finished. A row finishes after <|assistant_end|> or <|bos|>, which are yielded (and kept by generate_batch):
-    RL learns to end its answers only if the end token is among the tokens it trains on."""
+    finished. A row finishes after a sampled <|assistant_end|> or <|bos|>, which are yielded (and kept by
+    generate_batch): RL learns to end its answers only if the end token is among the tokens it trains on.
+    The calculator follows the tokenizer's family: picochat's <|python_start|>expr<|python_end|> and
+    <|output_start|>result<|output_end|>, Qwen3's <tool_call> JSON and its tool turn (tokenizer.tool_call and
+    tool_output); none for a family without tokens for it (GPT-2)."""
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -1146,22 +1170,23 @@ class Engine:
         return list(prompt)
 
     def tool_output(self, row, generated):
-        """model.generate's `force` hook: after a sampled <|python_end|>, the calculator's answer to the
-        expression since the last <|python_start|>, as tokens to force in (None: nothing to force)."""
+        """model.generate's `force` hook: after a sampled <|python_end|>, the calculator's answer to the call
+        since the last <|python_start|>, as the tokens the tokenizer's family frames it with (None: nothing)."""
         if not generated or generated[-1] != self.python_end or self.python_start not in generated:
             return None
         start = len(generated) - 1 - generated[::-1].index(self.python_start)
-        result = calculator(self.tokenizer.decode(generated[start + 1:-1]))
-        if result is None:
-            return None
-        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
+        expression = self.tokenizer.tool_call(self.tokenizer.decode(generated[start + 1:-1]))
+        result = calculator(expression)
+        return None if result is None else self.tokenizer.tool_output(result)
 
     def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                  seed=None, tools=True):
         # the samples of a prompt are identical rows, and model.generate prefills identical rows once
         rows = [ids for ids in map(self.prompt_ids, prompts) for _ in range(num_samples)]
+        tools = tools and self.python_end is not None  # a family without calculator tokens: no tool
         yield from generate(self.model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop_tokens=self.stop_tokens, seed=seed, force=self.tool_output if tools else None)
+                            stop_tokens=self.stop_tokens, seed=seed, force=self.tool_output if tools else None,
+                            vocab_size=self.tokenizer.vocab_size)
 
     def generate_batch(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                        seed=None, tools=True):

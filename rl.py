@@ -10,6 +10,7 @@ and each answer is pushed up or down by how much better it did than its group. (
     python rl.py --ppo_epochs=2 --clip_low=0.2 --clip_high=0.28 --filter_zero_std=1   # DAPO-style
     torchrun --nproc_per_node=8 rl.py --dataset=gsm8k   # each rank samples its share of every step's prompts
     torchrun --nproc_per_node=8 rl.py --zero=3      # optimiser states, gradients and weights sharded (see common.py)
+    python rl.py --source=hf:Qwen/Qwen3-0.6B-Base --dataset=gsm8k   # an open model: AdamW at 1e-5 (README.md)
     python rl.py --resume=1                         # continue the latest rl checkpoint of this model tag
 
 Defaults are nanochat's simple on-policy variant of GRPO: no reference model or KL, one gradient step per batch
@@ -32,16 +33,20 @@ from model import Engine
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
-source = "sft"              # the checkpoint to start from (and the frozen reference for kl_coef)
+source = "sft"              # the model to start from (and the frozen reference for kl_coef): a stage (sft, mid,
+                            # base), or an open model: hf:<org>/<name> or a folder
 model_tag = ""              # default: the source's latest; the rl checkpoints go to the same tag
 source_step = -1            # the source's step; -1: its latest
 dataset = "tinyworld"       # math problems: tinyworld (built in) or gsm8k (python data/gsm8k.py)
+prompt_style = "chat"       # how a problem is put: chat (a user turn) | boxed (plain text asking for a final
+                            # \boxed{} answer: for a base model, as reasoning-from-scratch trains Qwen3-0.6B-Base)
 # sampling
 prompts_per_step = 16       # problems per step, over all ranks (each rank samples its share)
 num_samples = 8             # answers sampled per problem: the group its baseline comes from
 max_new_tokens = 96         # an answer longer than this is cut (and scores what it says so far)
 temperature = 1.0           # sampling temperature, for training and for the pass@k evaluation
 top_k = 50                  # sample from the k most likely tokens (0: all)
+top_p = 1.0                 # ... and from the fewest whose probability reaches top_p (1: all)
 # rewards and advantages
 format_reward = 0.0         # bonus for ending the turn with a final "#### N" line, right or wrong (0: none)
 std_norm = False            # also divide advantages by the group's std (GRPO); off: Dr.GRPO, nanochat
@@ -55,7 +60,10 @@ clip_high = 0.28            # ... and rise to 1 + clip_high (DAPO's clip-higher 
 kl_coef = 0.0               # weight of the k3 KL estimate against the frozen source model (0: no reference)
 # optimisation
 num_steps = 60              # optimisation steps (ppo_epochs each)
-lr_scale = 0.1              # multiplies the model's default learning rates (nanochat's init_lr_frac: 0.05)
+optimizer = ""              # muon: picochat's AdamW + Muon at lr_scale x its rates | adamw: AdamW at lr on every
+                            # weight | "": adamw for an open model (or a checkpoint trained from one), else muon
+lr_scale = 0.1              # muon: multiplies the model's default learning rates (nanochat's init_lr_frac: 0.05)
+lr = 1e-5                   # adamw: the learning rate (reasoning-from-scratch's GRPO on Qwen3-0.6B: 1e-5)
 weight_decay = 0.0
 device_batch_size = 32      # sequences per forward/backward (memory only: gradients accumulate over a step)
 # evaluation, checkpoints
@@ -121,7 +129,7 @@ def policy_loss(logp, old_logp, advantages, weights, clip_low, clip_high, ref_lo
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
-    common.check_settings(config, positive=("lr_scale",), non_negative=("weight_decay", "kl_coef", "temperature"))
+    common.check_settings(config, positive=("lr_scale", "lr"), non_negative=("weight_decay", "kl_coef", "temperature"))
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
 
     # ---- settings that cannot work, refused before any time is spent
@@ -135,6 +143,10 @@ if __name__ == "__main__":
     if min(prompts_per_step, num_steps, max_new_tokens, ppo_epochs, device_batch_size, eval_samples) < 1:
         errors.append("prompts_per_step, num_steps, max_new_tokens, ppo_epochs, device_batch_size and "
                       "eval_samples must be at least 1")
+    if not 0 < top_p <= 1:
+        errors.append(f"--top_p must be in (0, 1], got {top_p}")
+    if prompt_style not in ("chat", "boxed"):
+        errors.append(f"--prompt_style must be chat or boxed, got {prompt_style!r}")
     if not (0 <= clip_low < 1 and clip_high >= 0):
         errors.append(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
     if errors:
@@ -150,14 +162,14 @@ if __name__ == "__main__":
     reference = copy.deepcopy(model).eval().requires_grad_(False) if kl_coef > 0 else None
     engine = Engine(model, tokenizer)
     train_items, test_items = math_items(tokenizer, dataset, model.config.sequence_len - max_new_tokens,
-                                         eval_problems, seed)
+                                         eval_problems, seed, prompt_style)
     my_share = prompts_per_step // world_size
 
     # ---- data parallelism and optimisers, resume (on any number of ranks: the ranks then sample other problems)
-    optimizers = common.parallelize(model, zero, weight_decay=weight_decay)
-    common.scale_lr(optimizers, lr_scale)
+    optimizers = common.stage_optimizers(model, zero, optimizer, lr, lr_scale, weight_decay,
+                                         source_meta.get("open_model"))
     step, history, _ = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
-        "prompts_per_step": prompts_per_step}, history={})
+        "prompts_per_step": prompts_per_step, "optimizer": optimizer}, history={})
 
     def log_point(name, value):
         history.setdefault(name, []).append((step, value))
@@ -165,7 +177,8 @@ if __name__ == "__main__":
     def save(step, metrics):
         common.save_stage(ckpt_dir, step, model, optimizers, rank, {
             "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
-            "source": {"stage": source, "model_tag": out_tag, "step": source_meta["step"]}})
+            "source": {"stage": source, "model_tag": out_tag, "step": source_meta["step"]},
+            "open_model": source_meta.get("open_model")})
 
     # ---- the training loop
     t_start, train_time, metrics, last_eval = time.time(), 0.0, {}, {}
@@ -178,8 +191,8 @@ if __name__ == "__main__":
             with common.unsharded(model), autocast_ctx:  # each rank generates its own answers
                 last_eval = pass_rates(engine, test_items, num_samples=eval_samples, greedy=eval_greedy,
                                        chunk_size=my_share, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_k=top_k, seed=seed, grader=grade, rank=rank, world_size=world_size,
-                                       device=device)
+                                       top_k=top_k, top_p=top_p, seed=seed, grader=grade, rank=rank,
+                                       world_size=world_size, device=device)
             for k, v in last_eval.items():
                 log_point(k, v)
             print0(f"step {step:05d} | held-out " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()) +
@@ -197,8 +210,8 @@ if __name__ == "__main__":
         with common.unsharded(model), autocast_ctx:
             groups = sample_groups(engine, [p for p, _ in problems], [a for _, a in problems],
                                    num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k, seed=common.derive_seed(seed, "train", step, rank), grader=grade,
-                                   format_bonus=format_reward)
+                                   top_k=top_k, top_p=top_p, seed=common.derive_seed(seed, "train", step, rank),
+                                   grader=grade, format_bonus=format_reward)
         t_sample = time.time() - t0
         rewards = torch.tensor([[sample.reward for sample in group] for group in groups])  # (P, G), on the host
         advantages = group_advantages(rewards, std_norm).tolist()  # (P, G) as lists, read once
@@ -260,7 +273,8 @@ if __name__ == "__main__":
                 sums["kl"] += kl
                 sums["clipped"] += clipped.sum()
             totals = common.all_sum({**sums, "gradient": common.largest_grad(model)}, device)  # the last epoch's
-            common.check_finite(step + 1, totals, "--lr_scale")  # before the update: a diverged step never lands
+            # before the update: a diverged step never lands
+            common.check_finite(step + 1, totals, "--lr or --lr_scale")
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)

@@ -6,11 +6,14 @@ The loss is taken only on what the assistant writes (its text, its calculator ca
     python sft.py --data=my_chats.jsonl          # add your own conversations ({"messages": [...]} per line)
     python sft.py --mid=1                        # mid-training: every token trained, higher LR, saves a "mid" stage
     python sft.py --source=mid                   # then SFT on top of it
+    python sft.py --source=hf:Qwen/Qwen3-0.6B-Base --device_batch_size=1 --total_batch_size=8192
+                                                 # an open model (python data/hf_model.py first): AdamW at 1e-5
     torchrun --nproc_per_node=8 sft.py
     torchrun --nproc_per_node=8 sft.py --zero=3      # optimiser states, gradients and weights sharded (as pretrain.py)
 
 The default mixture (data.load_conversations): the built-in chats and word problems, plus SmolTalk, GSM8K and MMLU
-when downloaded. Reads $PICOCHAT_DIR/checkpoints/<source>/, writes $PICOCHAT_DIR/checkpoints/sft/ (or mid/).
+when downloaded. Reads $PICOCHAT_DIR/checkpoints/<source>/ (or the open model's folder), writes
+$PICOCHAT_DIR/checkpoints/sft/<model tag>/ (or mid/); an open model's tag is its folder's name.
 """
 
 import math
@@ -27,7 +30,7 @@ from model import Engine
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
-source = "base"             # the checkpoint to start from: base or mid
+source = "base"             # the model to start from: base or mid, or an open model: hf:<org>/<name> or a folder
 model_tag = ""              # default: the source's latest
 data = ""                   # extra conversations (jsonl of {"messages": [...]}), comma-separated paths
 mid = False                 # mid-training: train on every token (no assistant mask), save as stage "mid"
@@ -36,7 +39,10 @@ device_batch_size = 8       # rows per forward/backward per process
 total_batch_size = 16384    # tokens (rows * max_seq_len) per step, over all processes and accumulation steps
 num_epochs = 1.0
 num_iterations = -1         # explicit number of steps (overrides num_epochs)
-lr_scale = 0.1              # multiplies the model's default learning rates (SFT fine-tunes gently)
+optimizer = ""              # muon: picochat's AdamW + Muon at lr_scale x its rates | adamw: AdamW at lr on every
+                            # weight | "": adamw for an open model (or a checkpoint trained from one), else muon
+lr_scale = 0.1              # muon: multiplies the model's default learning rates (SFT fine-tunes gently)
+lr = 1e-5                   # adamw: the learning rate (pretrained models fine-tune at ~1e-5)
 warmdown_ratio = 1.0        # the lr falls linearly to 0 over this last fraction of the run
 weight_decay = 0.0
 eval_every = 50             # validation loss and a few sampled answers every this many steps (and at the end)
@@ -118,15 +124,15 @@ def trainable_tokens(rows):
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
-    common.check_settings(config, positive=("lr_scale", "num_epochs"), non_negative=("weight_decay",),
+    common.check_settings(config, positive=("lr_scale", "lr", "num_epochs"), non_negative=("weight_decay",),
                           fraction=("warmdown_ratio",))
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
     stage = "mid" if mid else "sft"
 
     # ---- model, tokenizer
-    if source not in ("base", "mid"):
-        raise SystemExit(f"error: --source must be base or mid, got {source!r}")
-    model, tokenizer, source_meta = common.load_model(source, device, model_tag)
+    if source not in ("base", "mid") and common.open_model_dir(source) is None:
+        raise SystemExit(f"error: --source must be base, mid, hf:<org>/<name> or a model folder, got {source!r}")
+    model, tokenizer, source_meta = common.load_model(source, device, model_tag)  # fp32 weights (+ autocast)
     model_config = model.config
     if max_seq_len > model_config.sequence_len:
         print0(f"note: max_seq_len {max_seq_len} > the model's {model_config.sequence_len}; RoPE extends to it")
@@ -180,10 +186,10 @@ if __name__ == "__main__":
         return x, y
 
     # ---- data parallelism and optimisers; a resume may run on another number of ranks (step_rows is the same)
-    optimizers = common.parallelize(model, zero, weight_decay=weight_decay)
-    common.scale_lr(optimizers, lr_scale)
+    optimizers = common.stage_optimizers(model, zero, optimizer, lr, lr_scale, weight_decay,
+                                         source_meta.get("open_model"))
     step, history, _ = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
-        "total_batch_size": total_batch_size}, history={"loss": [], "val_loss": []})
+        "total_batch_size": total_batch_size, "optimizer": optimizer}, history={"loss": [], "val_loss": []})
 
     @torch.no_grad()
     def val_loss():
@@ -211,7 +217,7 @@ if __name__ == "__main__":
     def save(step, metrics):
         common.save_stage(ckpt_dir, step, model, optimizers, rank, {
             "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
-            "source": source})
+            "source": source, "open_model": source_meta.get("open_model")})
 
     # ---- the training loop
     t_start, metrics, last_val = time.time(), {}, None
@@ -245,7 +251,7 @@ if __name__ == "__main__":
             (loss * world_size).backward()  # the optimisers average over ranks; undo that for a sum over ranks
             loss_sum += loss.detach()
         totals = common.all_sum({"loss": loss_sum, "gradient": common.largest_grad(model)}, device)
-        common.check_finite(step + 1, totals, "--lr_scale")
+        common.check_finite(step + 1, totals, "--lr or --lr_scale")
         loss_sum = totals["loss"]  # each rank's share of the mean, summed
         for opt in optimizers:
             opt.step()
