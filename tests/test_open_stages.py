@@ -127,8 +127,8 @@ def test_open_model_through_sft_rl_evaluate_chat(qwen3, world, monkeypatch, caps
     assert tok.hash == load_tokenizer(qwen3).hash and type(tok.chat).__name__ == "Qwen3Chat"
     assert model.config == pretrained.config and model.lm_head.weight is model.transformer.wte.weight
     assert not torch.equal(model.transformer.wte.weight, pretrained.transformer.wte.weight)  # it trained
-    _, rank_state, _ = common.load_checkpoint(common.checkpoint_dir("sft", tag))
-    assert len(rank_state["optimizers"]) == 1  # one AdamW, no Muon
+    _, rank_states, _ = common.load_checkpoint(common.checkpoint_dir("sft", tag))
+    assert len(rank_states[0]["optimizers"]) == 1  # one AdamW, no Muon
 
     # ---- rl from the sft checkpoint: still the open model's, still AdamW
     out = run("rl.py", "--num_steps=2", "--prompts_per_step=2", "--num_samples=2", "--max_new_tokens=12",
