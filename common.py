@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
 
 # -----------------------------------------------------------------------------
 # The artifacts directory: everything a run produces lives under it.
@@ -326,7 +326,7 @@ def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
         if saved != ours:
             raise SystemExit(f"error: the checkpoint in {ckpt_dir} is of another {name.replace('_', ' ')} "
                              f"({saved!r}, this run {ours!r}); resume with the same settings or another --model_tag")
-    model.load_state_dict(model_state)
+    load_model_state(model, model_state, ckpt_dir)
     for opt, opt_state in zip(optimizers, rank_state["optimizers"]):
         opt.load_state_dict(opt_state)
     print0(f"resumed from {ckpt_dir} at step {meta['step']}")
@@ -356,11 +356,33 @@ def find_model_tag(stage, model_tag=""):
     return os.path.basename(os.path.dirname(max(metas, key=os.path.getmtime)))
 
 
+def load_model_state(model, state, ckpt_dir):
+    """A checkpoint's model state into the model: its adapters alone when the model has LoRA (setup_lora)."""
+    if model.lora is None:
+        if any(name.endswith(".lora_A") for name in state):
+            raise SystemExit(f"error: {ckpt_dir} holds LoRA adapters: resume with the same --lora_rank")
+        model.load_state_dict(state)
+        return
+    try:
+        load_lora_state_dict(model, state)
+    except ValueError as e:
+        raise SystemExit(f"error: {ckpt_dir}: {e}; resume with the same LoRA settings or another --model_tag") from None
+
+
 def load_model(stage, device="cpu", model_tag="", step=-1):
-    """Build the model of a saved stage (base/sft/rl) with its tokenizer. Returns (model, tokenizer, meta)."""
+    """Build the model of a saved stage (base/sft/rl) with its tokenizer. Returns (model, tokenizer, meta).
+    A checkpoint of LoRA adapters (meta "lora") loads its base (the checkpoint it names) and merges them in."""
     from tokenizer import load_tokenizer  # here, not at the top: tokenizer.py imports this module
     ckpt_dir = checkpoint_dir(stage, find_model_tag(stage, model_tag))
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device=device, load_rank_state=False)
+    if "lora" in meta:
+        lora, base = meta["lora"], meta["lora"]["base"]
+        model, tokenizer, _ = load_model(base["stage"], device, base["model_tag"], base["step"])
+        add_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
+        load_model_state(model, model_state, ckpt_dir)
+        merge_lora(model).eval()
+        print0(f"merged the {stage} LoRA adapters of {ckpt_dir} (step {meta['step']}, rank {lora['rank']})")
+        return model, tokenizer, meta
     try:
         tokenizer = load_tokenizer()
     except (FileNotFoundError, ValueError) as e:
@@ -430,13 +452,35 @@ def set_lr(optimizers, multiplier):
             group["lr"] = group["initial_lr"] * multiplier
 
 
+def setup_lora(model, rank, alpha, dropout, targets, quantize, merge, base, seed):
+    """A fine-tuning stage's LoRA (model.py's add_lora) when rank > 0; QLoRA with quantize (int8|int4: the frozen
+    base stored so). base: the checkpoint the adapters apply to ({"stage", "model_tag", "step"}). Returns what the
+    stage adds to its checkpoints' meta: {"lora": settings and base} (save_stage then saves the adapters alone,
+    load_model merges them into that base), {} without LoRA."""
+    if rank <= 0:
+        if quantize or merge:
+            raise SystemExit("error: --quantize (QLoRA) and --lora_merge need --lora_rank > 0")
+        return {}
+    total = model.num_params()
+    try:
+        config = add_lora(model, rank, alpha, dropout, targets, quantize, seed=seed)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"LoRA rank {rank} on {config.targets}" + (f" over an {quantize} base (QLoRA)" if quantize else "") +
+           f": {trained:,} trained parameters ({trained / total * 100:.2f}% of the base's {total:,})")
+    return {"lora": {**asdict(config), "base": base}}
+
+
 def save_stage(ckpt_dir, step, model, optimizers, rank, meta, rank_state=None):
-    """A stage's checkpoint at `step`: the model; each rank's optimiser states and rank_state (e.g. its data
-    position); the meta: the step, the model config and the world size (what resume checks), then `meta`."""
+    """A stage's checkpoint at `step`: the model (its adapters alone when meta has "lora": setup_lora); each
+    rank's optimiser states and rank_state (e.g. its data position); the meta: the step, the model config and the
+    world size (what resume checks), then `meta`."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     meta = {"step": step, "model_config": asdict(model.config), "world_size": world_size, **meta}
     state = {"optimizers": [opt.state_dict() for opt in optimizers], **(rank_state or {})}
-    save_checkpoint(ckpt_dir, step, model.state_dict(), state, meta, rank)
+    model_state = lora_state_dict(model) if "lora" in meta else model.state_dict()  # adapters: a small file
+    save_checkpoint(ckpt_dir, step, model_state, state, meta, rank)
     print0(f"saved checkpoint step {step} to {ckpt_dir}")
 
 
