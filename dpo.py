@@ -59,7 +59,7 @@ eval_greedy = True          # also greedy pass@1 (one more answer per problem)
 save_every = 0              # checkpoint every this many steps (0: only at the end)
 resume = False              # continue from the latest rl checkpoint of this model tag
 # LoRA: low-rank adapters on a frozen base instead of training every weight (model.py's add_lora)
-lora_rank = 0               # > 0: adapters of this rank; the checkpoints then hold the adapters alone and name their base
+lora_rank = 0               # > 0: adapters of this rank; checkpoints then hold the adapters alone and name their base
 lora_alpha = 32.0           # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0          # dropout on the adapters' input
 lora_targets = "q,k,v,o,up,down"  # attention's q, k, v and output projections; the MLP's up and down projections

@@ -1302,19 +1302,41 @@ def lora_disabled(model):
 @torch.no_grad()
 def merge_lora(model):
     """Fold each adapter into its base, W + (alpha / rank) B A, and put plain nn.Linear layers back: the model is a
-    GPT without LoRA again (every weight trainable), and as fast. A quantized base is de-quantized first (the merged layer is full
-    precision; quantize it again to serve it small). Returns the model."""
+    GPT without LoRA again (every weight trainable), and as fast. A quantized (QLoRA) base is de-quantized, all of
+    it (dequantize_model): the merged model is the very function trained, in full precision; quantize it again to
+    serve it small. Returns the model."""
     for holder, attr, _ in _block_linears(model):
         layer = getattr(holder, attr)
-        if not isinstance(layer, LoRALinear):
-            continue
-        base = layer.base
-        weight = base.dequantize(torch.float32) if isinstance(base, QuantLinear) else base.weight.float()
-        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device,
-                           dtype=base.dtype if isinstance(base, QuantLinear) else base.weight.dtype)
-        merged.weight.copy_(weight + layer.scaling * (layer.lora_B.float() @ layer.lora_A.float()))
-        if base.bias is not None:
-            merged.bias.copy_(base.bias)
-        setattr(holder, attr, merged)
+        if isinstance(layer, LoRALinear):
+            base = _plain_linear(layer.base) if isinstance(layer.base, QuantLinear) else layer.base
+            base.weight += layer.scaling * (layer.lora_B.float() @ layer.lora_A.float()).to(base.weight.dtype)
+            setattr(holder, attr, base)
     model.lora = None
-    return model.requires_grad_(True)  # as a GPT without LoRA is: ready for full fine-tuning
+    return dequantize_model(model).requires_grad_(True)  # as a GPT without LoRA is: ready for full fine-tuning
+
+
+def _plain_linear(layer):
+    """A QuantLinear as an nn.Linear of its de-quantized weight, in the dtype it had."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.weight.device,
+                       dtype=layer.dtype)
+    linear.weight.copy_(layer.dequantize())
+    if layer.bias is not None:
+        linear.bias = layer.bias
+    return linear
+
+
+@torch.no_grad()
+def dequantize_model(model):
+    """quantize_model's inverse, as far as rounding allows: plain nn.Linear and nn.Embedding layers holding the
+    de-quantized weights, in the dtype they had (a tied table stays tied). Returns the model."""
+    for holder, attr, _ in _block_linears(model):
+        if isinstance(getattr(holder, attr), QuantLinear):
+            setattr(holder, attr, _plain_linear(getattr(holder, attr)))
+    wte = model.transformer.wte
+    if isinstance(wte, QuantEmbedding):
+        table = wte.weight.to(wte.dtype) * wte.scale.to(wte.dtype)[:, None]  # (V, C)
+        model.transformer.wte = nn.Embedding.from_pretrained(table, freeze=False)
+    if isinstance(model.lm_head, QuantLinear):
+        model.lm_head = _plain_linear(model.lm_head)
+        model.tie_weights()
+    return model

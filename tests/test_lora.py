@@ -121,6 +121,7 @@ def test_merged_adapters_give_the_same_logits(quantize):
     layers = [m for b in model.transformer.h for m in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.attn.c_proj,
                                                          b.mlp.c_fc, b.mlp.c_proj)]
     assert model.lora is None and all(type(m) is nn.Linear for m in layers)  # a plain GPT (de-quantized if it was)
+    assert model.state_dict().keys() == GPT(model.config).state_dict().keys()  # and saves as one
     assert all(p.requires_grad for p in model.parameters() if p.is_floating_point())
     with torch.no_grad():
         assert torch.allclose(model(idx), unmerged, atol=1e-4)
