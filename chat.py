@@ -6,6 +6,7 @@ expression is evaluated in a sandbox and the result is forced in as <|output_sta
     python chat.py                                  # chat in the terminal (the rl model if there is one, else sft)
     python chat.py --source=sft --prompt="What is 12*7?"   # answer once and exit
     python chat.py --serve=1 --port=8000            # chat page at http://127.0.0.1:8000/, API at /v1
+    python chat.py --serve=1 --host=0.0.0.0 --api_key=KEY --allow_origin=https://app.example   # for others
     python chat.py --quantize=int8                  # weights stored int8 (int4: smaller still), de-quantized on the fly
 
 In the terminal, /clear starts a new conversation and /quit (or Ctrl-D) exits; Ctrl-C stops an answer. The server
@@ -16,6 +17,9 @@ clients:
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
     client.chat.completions.create(model="picochat", messages=[{"role": "user", "content": "Hi!"}])
 
+The server is this machine's by default: pages of other sites, other host names (DNS rebinding) and POSTs that are
+not JSON are refused (see ChatHandler).
+
 In replies, a calculator call is shown inline as <<expr=result>> (GSM8K's notation), or <<expr>> when the
 sandbox refused the expression. Assistant messages sent back to the server are read the same way, so a
 multi-turn conversation reaches the model exactly as it was generated.
@@ -25,11 +29,18 @@ The chat page is chat.html, next to this file.
 """
 
 import glob
+import hmac
+import http
+import ipaddress
 import json
 import os
+import queue
 import re
+import select
+import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -57,12 +68,17 @@ max_messages = 100
 max_message_chars = 16_000  # all messages of a request together
 max_tokens_limit = 2048
 max_temperature = 2.0
+max_connections = 64  # requests answered at once, streams included; one more gets HTTP 503 (a client still sending
+                      # its request does not count: slow senders cannot lock the others out)
+allow_origin = ""  # origins whose pages may use the server, comma-separated (https://app.example), or *; their
+                   # host names are then accepted in the Host header too. "": only this server's own page
+api_key = ""  # when set, /v1/ requests must send "Authorization: Bearer <api_key>" (the OpenAI clients' api_key)
 
 # -----------------------------------------------------------------------------
 # One reply as text, for the terminal and the server. Tool calls are shown inline as <<expr=result>>.
 
 def generation_context(device_type):
-    # autocast is per thread, so each server thread enters its own
+    # autocast is per thread, so the thread that generates enters its own
     return common.autocast(device_type, dtype)
 
 
@@ -88,10 +104,13 @@ class Reply:
     """One assistant reply being generated. Iterating yields its text piece by piece; afterwards `.text`,
     `.parts` (the message for the conversation history, from the tokens: stop strings cut only the text),
     `.num_tokens` and `.finish_reason` ("stop": the model ended its turn or a stop string appeared; "length":
-    max_new_tokens ran out) describe it."""
+    max_new_tokens ran out) describe it. abandoned() is asked before the first step and between steps: once it
+    says True (the client has gone) generation stops there."""
 
-    def __init__(self, engine, prompt_ids, max_new_tokens, temperature, top_k, top_p=1.0, seed=None, stop=()):
+    def __init__(self, engine, prompt_ids, max_new_tokens, temperature, top_k, top_p=1.0, seed=None, stop=(),
+                 abandoned=lambda: False):
         self.engine, self.prompt_ids, self.stop = engine, prompt_ids, [s for s in stop if s]
+        self.abandoned = abandoned
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=seed)
         self.text, self.parts, self.num_tokens, self.finish_reason = "", [], 0, "length"
@@ -140,7 +159,7 @@ class Reply:
         hold = max((len(s) - 1 for s in self.stop), default=0)  # text that could be the start of a stop string
         cut = False
         try:
-            for entries in steps:
+            for entries in steps if not self.abandoned() else ():
                 if entries[0] is None:
                     break
                 token = entries[0][0]
@@ -156,8 +175,10 @@ class Reply:
                 if len(self.text) - hold > sent:
                     yield self.text[sent:len(self.text) - hold]
                     sent = len(self.text) - hold
+                if self.abandoned():
+                    break
         finally:
-            steps.close()  # a client that went away stops the generation
+            steps.close()
         rest = self._close_part() + (">>" if self._in_call else "")
         if not cut:
             self.text += rest
@@ -247,27 +268,84 @@ def read_chat_request(body):
     return conversation, options
 
 
+def error_body(status, message, param=None, code=None):
+    """OpenAI's error object, the body of every error the server sends."""
+    return {"error": {"message": message, "param": param, "code": code,
+                      "type": "invalid_request_error" if status < 500 else "server_error"}}
+
+
+def allowed_origins():
+    """The --allow_origin setting as a set of origins ("scheme://host[:port]"), or {"*"}."""
+    origins = {o.strip().rstrip("/") for o in allow_origin.split(",") if o.strip()}
+    for origin in origins - {"*"}:
+        if not re.fullmatch(r"https?://[^/\s?#]+", origin):
+            raise SystemExit(f"error: --allow_origin takes origins like https://app.example or http://localhost:3000 "
+                             f"(comma-separated), or *; got {origin!r}")
+    return origins
+
+
 class ChatServer(ThreadingHTTPServer):
-    """The HTTP server around one Engine. Every request has its own thread, but generation is serialised by a
-    lock: one model serves all requests, one at a time (on a CPU, parallel requests would only share the same
-    cores; a GPU server wanting throughput would run a pool of model replicas instead). Waiting requests queue
-    on the lock, and the listen backlog is deep enough for a burst of clients."""
+    """The HTTP server around one Engine. Every request has its own thread, and one more thread runs the model:
+    it generates the replies one at a time, in order of arrival (on a CPU, parallel requests would only share the
+    same cores; a GPU server wanting throughput would run a pool of model replicas instead). A request's thread
+    waits for the pieces of its reply and writes them to its own client, so no socket write ever holds up the
+    model: a slow reader slows only itself. The model thread drops a reply whose client has gone, before it starts
+    and between two steps. The listen backlog is deep enough for a burst of clients."""
 
     request_queue_size = 128
 
     def __init__(self, engine, host="127.0.0.1", port=8000, model_name="picochat", device="cpu"):
         super().__init__((host, port), ChatHandler)
-        self.engine, self.model_name, self.device = engine, model_name, device
-        self.lock = threading.Lock()
+        self.engine, self.model_name, self.device, self.host = engine, model_name, device, host
+        self.jobs = queue.Queue()  # (Reply, the queue its pieces go to), in order of arrival; None ends the thread
+        self.answering, self.answering_lock = 0, threading.Lock()  # requests being answered, for max_connections
         with open(PAGE_PATH, encoding="utf-8") as f:
             self.page = f.read().encode()
+        threading.Thread(target=self.generate_forever, daemon=True).start()
+
+    def generate_forever(self):
+        """The model's thread: each reply's pieces go to its queue, then None; an error goes there instead."""
+        while (job := self.jobs.get()) is not None:
+            reply, pieces = job
+            try:
+                with generation_context(self.device):
+                    for piece in reply:
+                        pieces.put(piece)
+                pieces.put(None)
+            except Exception as error:  # the request's thread answers with it
+                pieces.put(error)
+
+    def server_close(self):
+        super().server_close()
+        self.jobs.put(None)
+
+    def host_allowed(self, host):
+        """Whether a Host header names this server: localhost, an IP address, --host, or the host of an allowed
+        origin. Any other name is how DNS rebinding reaches a local server (a page's own name, pointed at
+        127.0.0.1), so it is refused."""
+        name = urllib.parse.urlsplit("//" + host).hostname or ""
+        origins = allowed_origins()
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return "*" in origins or name in ("localhost", self.host.lower()) or \
+                name in {urllib.parse.urlsplit(o).hostname for o in origins}
+
+
+PATHS = ("/", "/health", "/v1/models", "/v1/chat/completions")
 
 
 class ChatHandler(BaseHTTPRequestHandler):
-    """One HTTP request. Every failure becomes a JSON error in OpenAI's shape and never reaches the server."""
+    """One HTTP request. Every failure becomes a JSON error in OpenAI's shape and never reaches the server.
+
+    Who may ask: a browser page from elsewhere may not drive the local model (its Origin must be this server's or
+    an --allow_origin one), a request must name this server as its Host (DNS rebinding), a POST must be
+    application/json (which a page cannot send elsewhere without asking first, CORS's preflight), and with
+    --api_key the API wants it as a Bearer token."""
 
     server_version = "picochat"
-    timeout = 60  # seconds a client may stall mid-request before its thread gives up on it
+    timeout = 60  # seconds a client may stall mid-request, or leave a reply unread, before its thread gives up
 
     def do_GET(self):
         self._handle({"/": self._page, "/health": self._health, "/v1/models": self._models})
@@ -275,43 +353,103 @@ class ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._handle({"/v1/chat/completions": self._chat_completions})
 
+    def do_OPTIONS(self):
+        self._handle({path: self._preflight for path in PATHS})
+
     def do_other(self):
         self._handle({})  # a JSON 405 on the known paths, 404 elsewhere (http.server would answer 501 in HTML)
 
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_other
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_TRACE = do_CONNECT = do_other
 
     def _handle(self, routes):
-        self.streaming = False
+        self.streaming, self.gone, counted = False, False, False
         try:
+            with self.server.answering_lock:
+                counted = self.server.answering < max_connections
+                self.server.answering += counted
+            if not counted:
+                raise ApiError(503, f"the server is answering {max_connections} requests already; try again later",
+                               code="server_busy")
             path = self.path.split("?", 1)[0]
+            self._check_access(path)
             if path in routes:
                 routes[path]()
-            elif path in ("/", "/health", "/v1/models", "/v1/chat/completions"):
+            elif path in PATHS:
                 raise ApiError(405, f"{self.command} is not allowed on {path}", code="method_not_allowed")
             else:
                 raise ApiError(404, f"unknown path {path}", code="not_found")
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True  # the client went away or stalled: nobody to answer
+            self.close_connection = self.gone = True  # the client went away or stalled: nobody to answer
         except Exception as error:
             if not isinstance(error, ApiError):
                 self.log_error("%s", f"{type(error).__name__}: {error}")
                 error = ApiError(500, f"internal error: {type(error).__name__}", code="internal_error")
-            body = {"error": {"message": error.message, "param": error.param, "code": error.code,
-                              "type": "invalid_request_error" if error.status < 500 else "server_error"}}
+            body = error_body(error.status, error.message, error.param, error.code)
             try:
                 if self.streaming:  # the 200 is already sent: the error travels as an event
                     self._event(body)
                 else:
                     self._json(body, error.status)
             except OSError:
-                self.close_connection = True
+                self.close_connection = self.gone = True
+        finally:
+            with self.server.answering_lock:
+                self.server.answering -= counted
+
+    def _check_access(self, path):
+        host, origin = self.headers.get("Host"), self.headers.get("Origin")
+        if host is not None and not self.server.host_allowed(host):
+            raise ApiError(403, f"Host {host!r} is not this server's name; to serve under it, start the server with "
+                                f"--allow_origin=http://{host}", code="forbidden")
+        if origin is not None and not self._origin_allowed(origin):
+            raise ApiError(403, f"pages from {origin} may not use this server; to allow them, start it with "
+                                f"--allow_origin={origin}", code="forbidden")
+        key = f"Bearer {api_key}"
+        if api_key and path.startswith("/v1/") and self.command != "OPTIONS" and \
+                not hmac.compare_digest(self.headers.get("Authorization", "").encode(), key.encode()):
+            raise ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def _origin_allowed(self, origin):
+        origins = allowed_origins()
+        return origin == f"http://{self.headers.get('Host')}" or "*" in origins or origin in origins
+
+    def _cross_origin(self):
+        """The request's Origin when it is another site that --allow_origin lets in (it gets the CORS headers)."""
+        origin = getattr(self, "headers", None) and self.headers.get("Origin")
+        if origin and origin != f"http://{self.headers.get('Host')}" and self._origin_allowed(origin):
+            return origin
+        return None
+
+    def end_headers(self):
+        if self._cross_origin():  # every answer to an allowed page carries them, errors included
+            self.send_header("Access-Control-Allow-Origin", self._cross_origin())
+            self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a malformed request line, a URI or headers too long, an unknown method, an
+        HTTP version it does not speak) in the API's JSON shape, not the standard library's HTML page."""
+        status = http.HTTPStatus(code)
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # the request line was not understood: answer in HTTP/1.0 anyway
+            self.request_version = "HTTP/1.0"
+        data = json.dumps(error_body(code, message or status.phrase, code=status.name.lower())).encode()
+        self.send_response(code, message)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _send(self, status, content_type, data):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD answer has the headers of the body, never the body
+            self.wfile.write(data)
 
     def _json(self, obj, status=200):
         self._send(status, "application/json", json.dumps(obj).encode())
@@ -330,7 +468,21 @@ class ChatHandler(BaseHTTPRequestHandler):
         self._json({"object": "list", "data": [{"id": self.server.model_name, "object": "model", "created": 0,
                                                 "owned_by": "picochat"}]})
 
+    def _preflight(self):
+        """CORS's preflight: an allowed page asks before it POSTs JSON (other origins were refused already)."""
+        self.send_response(204)
+        self.send_header("Allow", "GET, POST, OPTIONS")
+        if self._cross_origin():
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
+        self.end_headers()
+
     def _read_body(self):
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, got {content_type or 'none'}",
+                           code="unsupported_media_type")
         # the size is checked before reading: an oversize body is refused without being received
         length = self.headers.get("Content-Length")
         if length is None:
@@ -343,6 +495,27 @@ class ChatHandler(BaseHTTPRequestHandler):
                            code="request_too_large")
         return self.rfile.read(int(length))
 
+    def _client_gone(self):
+        """Whether this request's client has gone: a write to it failed, or it hung up (its socket reads as end
+        of file; its request was read in full, so nothing more is expected from it). The model thread asks between
+        two steps: a select and a peek, no waiting."""
+        if self.gone:
+            return True
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):  # reset, or already closed
+            return True
+
+    def _reply_pieces(self, reply):
+        """The reply's text pieces as the model thread makes them; an error there is raised here."""
+        pieces = queue.Queue()
+        self.server.jobs.put((reply, pieces))
+        while (piece := pieces.get()) is not None:
+            if isinstance(piece, Exception):
+                raise piece
+            yield piece
+
     def _chat_completions(self):
         conversation, options = read_chat_request(self._read_body())
         engine = self.server.engine
@@ -353,12 +526,11 @@ class ChatHandler(BaseHTTPRequestHandler):
                                 f"context of {engine.model.config.sequence_len}", "messages", "context_length_exceeded")
         stream = options.pop("stream")
         options["max_new_tokens"] = min(options["max_new_tokens"], room)
-        reply = Reply(engine, prompt_ids, top_k=top_k, **options)
+        reply = Reply(engine, prompt_ids, top_k=top_k, abandoned=self._client_gone, **options)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.server.model_name}
         if not stream:
-            with self.server.lock, generation_context(self.server.device):
-                for _ in reply:
-                    pass
+            for _ in self._reply_pieces(reply):
+                pass
             self._json({**head, "object": "chat.completion", "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": reply.text},
                  "finish_reason": reply.finish_reason}],
@@ -376,9 +548,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             self._event({**head, "object": "chat.completion.chunk",
                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
         chunk({"role": "assistant", "content": ""})
-        with self.server.lock, generation_context(self.server.device):
-            for piece in reply:
-                chunk({"content": piece})
+        for piece in self._reply_pieces(reply):
+            chunk({"content": piece})
         chunk({}, reply.finish_reason)
         self._event("[DONE]")
 
@@ -437,6 +608,9 @@ if __name__ == "__main__":
     common.configure(globals())
     if source not in ("", "base", "sft", "rl"):
         raise SystemExit(f"error: --source must be base, sft or rl, got {source!r}")
+    if not 0 <= port <= 65535:
+        raise SystemExit(f"error: --port must be from 0 to 65535 (0: any free port), got {port}")
+    allowed_origins()  # a malformed --allow_origin is refused before the model loads
     if not source:
         source = "rl" if glob.glob(os.path.join(common.get_base_dir(), "checkpoints", "rl", "*", "meta_*.json")) \
             else "sft"

@@ -19,12 +19,14 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import re
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import asdict
 from typing import NamedTuple
 
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from model import GPT, GPTConfig, add_lora, load_lora_state_dict, lora_state_dict, merge_lora, param_floor
 
 # -----------------------------------------------------------------------------
 # The artifacts directory: everything a run produces lives under it.
@@ -89,11 +91,53 @@ def parse_value(key, raw, default):
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         raise SystemExit(f"error: --{key} expects {want.__name__}, got {raw!r}") from None
-    if want is float and type(value) in (int, float):
-        return float(value)
+    return check_value(key, value, default, raw)
+
+
+def check_value(key, value, default, shown):
+    """A setting's value (a Python literal) if it has the type of the default; else exit with one line. A float
+    must be finite: `--matrix_lr=1e999` reads as inf, and a run with it writes a NaN model."""
+    want = type(default)
+    if want is bool and type(value) is int and value in (0, 1):
+        value = bool(value)  # a config file may say 1/0, as the command line does
+    if want is float and type(value) is int:
+        value = float(value)
     if type(value) is not want:  # bool is not accepted for an int: `--depth=True` is a mistake
-        raise SystemExit(f"error: --{key} expects {want.__name__}, got {raw!r}")
+        kind = "a bool (1/0/true/false)" if want is bool else want.__name__
+        raise SystemExit(f"error: --{key} expects {kind}, got {shown!r}")
+    if want is float and not math.isfinite(value):
+        raise SystemExit(f"error: --{key} must be a finite number, got {shown!r}")
     return value
+
+
+def read_config_file(path, defaults):
+    """The settings of a config file, {key: value}. The file is read as data, never run: it may hold only
+    `key = value` lines with literal values (numbers, strings, True/False), comments and blank lines."""
+    valid = ", ".join(sorted(defaults))
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        tree = ast.parse(source, filename=path)
+    except SyntaxError as e:
+        raise SystemExit(f"error: config file {path}, line {e.lineno}: {e.msg} (a config file holds "
+                         f"`key = value` lines)") from None
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, NUL bytes
+        raise SystemExit(f"error: cannot read config file {path}: {e}") from None
+    settings = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise SystemExit(f"error: config file {path}, line {node.lineno}: only `key = value` lines are allowed "
+                             f"(the file is read as data, never run)")
+        key = node.targets[0].id
+        if key not in defaults:
+            raise SystemExit(f"error: unknown config key '{key}' in {path}, line {node.lineno}; valid keys: {valid}")
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            raise SystemExit(f"error: config file {path}, line {node.lineno}: the value of {key} must be a literal "
+                             f"(a number, a string, True or False), not an expression") from None
+        settings[key] = check_value(key, value, defaults[key], ast.get_source_segment(source, node.value))
+    return settings
 
 
 def configure(g, argv=None):
@@ -108,18 +152,9 @@ def configure(g, argv=None):
                 print(f"  --{k}={defaults[k]!r}")
             raise SystemExit(0)
         if not arg.startswith("--"):
-            # a config file: plain Python assigning some of the settings
             if not os.path.isfile(arg):
                 raise SystemExit(f"error: config file {arg!r} not found (settings are given as --key=value)")
-            file_globals = {}
-            with open(arg) as f:
-                exec(f.read(), file_globals)
-            for key, value in file_globals.items():
-                if key.startswith("_"):
-                    continue
-                if key not in defaults:
-                    raise SystemExit(f"error: unknown config key '{key}' in {arg}; valid keys: {valid}")
-                g[key] = parse_value(key, repr(value) if not isinstance(value, str) else value, defaults[key])
+            g.update(read_config_file(arg, defaults))
             continue
         key, sep, raw = arg[2:].partition("=")  # partition: values may themselves contain '='
         if key not in defaults:
@@ -130,6 +165,16 @@ def configure(g, argv=None):
     config = config_keys(g)
     print0("config: " + " ".join(f"{k}={config[k]!r}" for k in sorted(config)))
     return config
+
+
+def check_settings(config, positive=(), non_negative=(), fraction=()):
+    """Refuse, in one line naming each, the settings out of their range: those that must be > 0 (learning rates,
+    sizes), >= 0 or within [0, 1] (ratios). Before anything is spent; configure has refused inf and nan already."""
+    errors = [f"--{k} must be > 0, got {config[k]}" for k in positive if not config[k] > 0]
+    errors += [f"--{k} must be >= 0, got {config[k]}" for k in non_negative if not config[k] >= 0]
+    errors += [f"--{k} must be within [0, 1], got {config[k]}" for k in fraction if not 0 <= config[k] <= 1]
+    if errors:
+        raise SystemExit("error: " + "; ".join(errors))
 
 
 # -----------------------------------------------------------------------------
@@ -146,8 +191,15 @@ def setup_device(device=""):
             device = "mps"
         else:
             device = "cpu"
-    if device not in ("cuda", "mps", "cpu") and not device.startswith("cuda:"):
+    if not re.fullmatch(r"cuda(:\d+)?|mps|cpu", device):
         raise SystemExit(f"error: --device must be cuda, mps or cpu, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={device} but this torch finds no CUDA GPU (torch {torch.__version__}); "
+                         f"use --device=cpu, or leave --device empty for the best available")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device={device} but there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device=mps but MPS (Apple GPU) is not available here; use --device=cpu")
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
@@ -266,11 +318,16 @@ def checkpoint_dir(stage, model_tag):
     return os.path.join(get_base_dir(), "checkpoints", stage, model_tag)
 
 
+def all_steps(ckpt_dir):
+    """The complete steps in ckpt_dir (those with a meta file), in order."""
+    return sorted(int(m.group(1)) for p in glob.glob(os.path.join(ckpt_dir, "meta_*.json"))
+                  if (m := re.search(r"meta_(\d+)\.json$", p)))
+
+
 def last_step(ckpt_dir):
     """The latest complete step in ckpt_dir, or None."""
-    steps = [int(m.group(1)) for p in glob.glob(os.path.join(ckpt_dir, "meta_*.json"))
-             if (m := re.search(r"meta_(\d+)\.json$", p))]
-    return max(steps) if steps else None
+    steps = all_steps(ckpt_dir)
+    return steps[-1] if steps else None
 
 
 def save_checkpoint(ckpt_dir, step, model_state, rank_state, meta, rank=0, keep=2):
@@ -285,8 +342,7 @@ def save_checkpoint(ckpt_dir, step, model_state, rank_state, meta, rank=0, keep=
         dist.barrier()  # every rank's file is on disk before the meta makes the step visible
     if rank == 0:
         atomic_write_text(os.path.join(ckpt_dir, f"meta_{step:06d}.json"), json.dumps(meta, indent=2))
-        steps = sorted(int(m.group(1)) for p in glob.glob(os.path.join(ckpt_dir, "meta_*.json"))
-                       if (m := re.search(r"meta_(\d+)\.json$", p)))
+        steps = all_steps(ckpt_dir)
         for old in steps[:-keep] if keep > 0 else []:
             os.remove(os.path.join(ckpt_dir, f"meta_{old:06d}.json"))  # meta first: the step vanishes at once
             for p in glob.glob(os.path.join(ckpt_dir, f"*_{old:06d}*.pt")):
@@ -295,47 +351,121 @@ def save_checkpoint(ckpt_dir, step, model_state, rank_state, meta, rank=0, keep=
         dist.barrier()
 
 
-def load_checkpoint(ckpt_dir, step=-1, rank=0, device="cpu", load_rank_state=True):
-    """Returns (model_state, rank_state or None, meta) of `step` (-1: the latest)."""
-    if step < 0:
-        step = last_step(ckpt_dir)
-        if step is None:
-            raise SystemExit(f"error: no checkpoint in {ckpt_dir}")
-    meta_path = os.path.join(ckpt_dir, f"meta_{step:06d}.json")
-    if not os.path.exists(meta_path):
-        raise SystemExit(f"error: no checkpoint for step {step} in {ckpt_dir}")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    model_state = torch.load(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), map_location=device)
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def read_torch_file(path, device="cpu"):
+    """A .pt file of tensors and plain data (dicts, lists, numbers, strings), as every checkpoint file is.
+    weights_only=True builds nothing else, so a file that asks for any other object (a pickle payload that would
+    run code) is refused before anything of it runs. Raises ValueError naming the file and what is wrong."""
+    name = os.path.basename(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{name} is missing")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. on a pickle protocol torch does not write: it is refused anyway
+            return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        wanted = re.search(r"GLOBAL (\S+)", str(e))
+        raise ValueError(f"{name} was refused: it holds more than tensors and plain data"
+                         + (f" (it asks for {wanted[1]})" if wanted else "") + ", as a crafted or foreign file "
+                         "does") from None
+    except Exception as e:  # anything a truncated, emptied or garbage file makes torch.load raise
+        raise ValueError(f"{name} is unreadable, truncated or not a checkpoint ({type(e).__name__}: "
+                         f"{first_line(e)})") from None
+
+
+def read_step(ckpt_dir, step, rank, device, load_rank_state):
+    """(model_state, rank_state or None, meta) of one step, each file checked; ValueError names a damaged one."""
+    name = f"meta_{step:06d}.json"
+    try:
+        with open(os.path.join(ckpt_dir, name), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name} is unreadable ({first_line(e)})") from None
+    if not isinstance(meta, dict) or meta.get("step") != step:
+        raise ValueError(f"{name} is not the meta of step {step}")
+    model_state = read_torch_file(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), device)
+    if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
+        raise ValueError(f"model_{step:06d}.pt is not a model's weights")
     rank_state = None
     if load_rank_state:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if meta.get("world_size", world_size) != world_size:  # a refusal, not damage: the meta is the same on all ranks
+            raise SystemExit(f"error: step {step} of {ckpt_dir} was saved by {meta['world_size']} processes and "
+                             f"this run has {world_size}; resume it with as many")
         path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
-        if not os.path.exists(path):
-            raise SystemExit(f"error: {path} is missing: was this checkpoint saved with another world size?")
-        rank_state = torch.load(path, map_location=device, weights_only=False)
+        rank_state = read_torch_file(path, device)
+        if not isinstance(rank_state, dict):
+            raise ValueError(f"{os.path.basename(path)} is not a rank's state")
     return model_state, rank_state, meta
 
 
+def load_checkpoint(ckpt_dir, step=-1, rank=0, device="cpu", load_rank_state=True, validate=None):
+    """Returns (model_state, rank_state or None, meta) of `step`, or of the latest intact step (-1).
+
+    Every file is checked before anything uses it (read_step), then validate(model_state, rank_state, meta) may
+    raise ValueError (e.g. weights that do not fit their model). A damaged latest step is reported in one line
+    and the step before it is tried, and so on; a damaged step asked for by number, or no intact step at all, is
+    a one-line error. With load_rank_state (a resume, which every rank does) the ranks agree on the step."""
+    steps = [step] if step >= 0 else all_steps(ckpt_dir)[::-1]
+    if not steps:
+        raise SystemExit(f"error: no checkpoint in {ckpt_dir}")
+    if not os.path.exists(os.path.join(ckpt_dir, f"meta_{steps[0]:06d}.json")):
+        raise SystemExit(f"error: no checkpoint for step {step} in {ckpt_dir}")
+    for s in steps:
+        try:
+            loaded = read_step(ckpt_dir, s, rank, device, load_rank_state)
+            if validate is not None:
+                validate(*loaded)
+            damage = ""
+        except ValueError as e:
+            damage = str(e)
+        if load_rank_state and all_sum({"damaged": bool(damage)}, device)["damaged"]:
+            damage = damage or "another rank's file of it is damaged"
+        if not damage:
+            return loaded
+        if step >= 0:
+            raise SystemExit(f"error: step {s} of {ckpt_dir} is damaged: {damage}")
+        print0(f"warning: step {s} of {ckpt_dir} is damaged ({damage}); falling back to the step before it")
+    raise SystemExit(f"error: no intact checkpoint in {ckpt_dir}: every step is damaged; train again, or delete "
+                     f"the folder")
+
+
 def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
-    """Restore the latest checkpoint of ckpt_dir into model and optimizers, after checking that the settings a
-    resume depends on agree. must_match: {name: this run's value}, compared with the meta's `name` (or its
-    config's). Returns (meta, rank_state); the caller restores what else it saved (data position, history)."""
-    model_state, rank_state, meta = load_checkpoint(ckpt_dir, rank=rank, device=device)
-    for name, ours in must_match.items():
-        saved = meta[name] if name in meta else meta["config"].get(name)
-        if saved != ours:
-            raise SystemExit(f"error: the checkpoint in {ckpt_dir} is of another {name.replace('_', ' ')} "
-                             f"({saved!r}, this run {ours!r}); resume with the same settings or another --model_tag")
-    load_model_state(model, model_state, ckpt_dir)
-    for opt, opt_state in zip(optimizers, rank_state["optimizers"]):
-        opt.load_state_dict(opt_state)
+    """Restore the latest intact checkpoint of ckpt_dir into model and optimizers, after checking that the
+    settings a resume depends on agree. must_match: {name: this run's value}, compared with the meta's `name`
+    (or its config's). Returns (meta, rank_state); the caller restores what else it saved (data position,
+    history)."""
+    def restore(model_state, rank_state, meta):
+        for name, ours in must_match.items():
+            saved = meta[name] if name in meta else meta.get("config", {}).get(name)
+            if saved != ours:
+                raise SystemExit(f"error: the checkpoint in {ckpt_dir} is of another {name.replace('_', ' ')} "
+                                 f"({saved!r}, this run {ours!r}); resume with the same settings or another "
+                                 f"--model_tag")
+        try:  # a damaged step may leave the model half-loaded: the step before it then loads over all of it
+            load_model_state(model, model_state, ckpt_dir)
+            for opt, opt_state in zip(optimizers, rank_state["optimizers"], strict=True):
+                ours = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+                opt.load_state_dict(opt_state)
+                # load_state_dict brings back the saved learning rates too; this run's settings win, so that a
+                # run that diverged can resume with a lower one (the same settings give the same values)
+                for group, settings in zip(opt.param_groups, ours, strict=True):
+                    group.update(settings)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"it does not fit this model and its optimisers ({first_line(e)})") from None
+
+    _, rank_state, meta = load_checkpoint(ckpt_dir, rank=rank, device=device, validate=restore)
     print0(f"resumed from {ckpt_dir} at step {meta['step']}")
     return meta, rank_state
 
 
 def resume_stage(resume, ckpt_dir, model, optimizers, rank, device, must_match, history):
     """Where a stage's loop starts: (step, history, rank_state). With resume and a checkpoint in ckpt_dir, those of
-    the latest one, restored into model and optimizers by resume_checkpoint; else step 0 and the given history."""
+    the latest intact one, restored into model and optimizers by resume_checkpoint; else step 0 and the given
+    history."""
     if resume and last_step(ckpt_dir) is not None:
         meta, rank_state = resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match)
         return meta["step"], meta["history"], rank_state
@@ -371,18 +501,29 @@ def load_model_state(model, state, ckpt_dir):
 
 def load_model(stage, device="cpu", model_tag="", step=-1):
     """Build the model of a saved stage (base/sft/rl) with its tokenizer. Returns (model, tokenizer, meta).
-    A checkpoint of LoRA adapters (meta "lora") loads its base (the checkpoint it names) and merges them in."""
+    step -1: the latest intact step (a damaged one is reported, and the one before it loaded). A checkpoint of LoRA
+    adapters (meta "lora") loads the base it names and merges them in."""
     from tokenizer import load_tokenizer  # here, not at the top: tokenizer.py imports this module
     ckpt_dir = checkpoint_dir(stage, find_model_tag(stage, model_tag))
-    model_state, _, meta = load_checkpoint(ckpt_dir, step, device=device, load_rank_state=False)
-    if "lora" in meta:
-        lora, base = meta["lora"], meta["lora"]["base"]
-        model, tokenizer, _ = load_model(base["stage"], device, base["model_tag"], base["step"])
-        add_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
-        load_model_state(model, model_state, ckpt_dir)
-        merge_lora(model).eval()
-        print0(f"merged the {stage} LoRA adapters of {ckpt_dir} (step {meta['step']}, rank {lora['rank']})")
-        return model, tokenizer, meta
+
+    built = []  # the model of the step that loads
+
+    def build(model_state, _, meta):
+        if "lora" in meta:
+            lora, base = meta["lora"], meta["lora"]["base"]
+            model, _, _ = load_model(base["stage"], device, base["model_tag"], base["step"])
+            add_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
+            load_model_state(model, model_state, ckpt_dir)
+            built.append(merge_lora(model))
+            return
+        try:
+            model = GPT(GPTConfig(**meta["model_config"]))
+            model.load_state_dict(model_state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"its weights do not fit its model config ({first_line(e)})") from None
+        built.append(model)
+
+    _, _, meta = load_checkpoint(ckpt_dir, step, device=device, load_rank_state=False, validate=build)
     try:
         tokenizer = load_tokenizer()
     except (FileNotFoundError, ValueError) as e:
@@ -390,11 +531,11 @@ def load_model(stage, device="cpu", model_tag="", step=-1):
     if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
         raise SystemExit(f"error: {ckpt_dir} was trained with another tokenizer than the one in "
                          f"{os.path.join(get_base_dir(), 'tokenizer')}")
-    model = GPT(GPTConfig(**meta["model_config"]))
-    model.load_state_dict(model_state)
+    model = built[-1]
     model.to(device)
     model.eval()
-    print0(f"loaded {stage} model from {ckpt_dir} (step {meta['step']})")
+    print0(f"loaded {stage} model from {ckpt_dir} (step {meta['step']})" +
+           (f": LoRA adapters of rank {meta['lora']['rank']}, merged into their base" if "lora" in meta else ""))
     return model, tokenizer, meta
 
 
@@ -424,6 +565,10 @@ def start_stage(device="", dtype="", seed=0):
 def grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size):
     """Micro-batches per rank and step, so that a step is total_batch_size tokens whatever the number of
     processes; a total that does not divide is a one-line error."""
+    sizes = {"total_batch_size": total_batch_size, "device_batch_size": device_batch_size, "max_seq_len": max_seq_len}
+    for name, value in sizes.items():
+        if value < 1:  # 0 divides by zero, a negative size makes a negative number of micro-batches
+            raise SystemExit(f"error: --{name} must be at least 1, got {value}")
     tokens_per_micro_step = device_batch_size * max_seq_len * world_size
     if total_batch_size % tokens_per_micro_step:
         raise SystemExit(f"error: --total_batch_size={total_batch_size} is not a multiple of device_batch_size * "
@@ -457,7 +602,7 @@ def setup_lora(model, rank, alpha, dropout, targets, quantize, merge, base, seed
     base stored so). base: the checkpoint the adapters apply to ({"stage", "model_tag", "step"}). Returns what the
     stage adds to its checkpoints' meta: {"lora": settings and base} (save_stage then saves the adapters alone,
     load_model merges them into that base), {} without LoRA."""
-    if rank <= 0:
+    if rank == 0:
         if quantize or merge:
             raise SystemExit("error: --quantize (QLoRA) and --lora_merge need --lora_rank > 0")
         return {}
@@ -472,10 +617,49 @@ def setup_lora(model, rank, alpha, dropout, targets, quantize, merge, base, seed
     return {"lora": {**asdict(config), "base": base}}
 
 
+def largest_grad(model):
+    """The largest gradient entry in absolute value, a 0-dim tensor on the gradients' device (no host sync):
+    inf or nan when any entry is. The max norm cannot overflow as a sum of squares of large gradients would."""
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None], float("inf"))
+
+
+def check_finite(step, totals, settings):
+    """Stop a diverged run. totals: the step's numbers after all_sum (e.g. {"loss": ..., "gradient":
+    largest_grad}): a sum is inf or nan when any rank's is, so every rank stops at the same step. A run that
+    went on would save a NaN model, and pruning would delete the good checkpoints before it. settings: the
+    stage's learning-rate settings, to name in the error."""
+    bad = [f"the {name} is {value}" for name, value in totals.items() if not math.isfinite(value)]
+    if bad:
+        raise SystemExit(f"error: step {step}: the run diverged ({', '.join(bad)}); nothing was saved. Try lower "
+                         f"learning rates ({settings}) or --dtype=float32, then --resume=1 continues from the last "
+                         f"checkpoint")
+
+
+def check_model_fits(model_config, device):
+    """Refuse a model too large for the device before allocating it (GPT(...) would fail deep in torch, or the
+    machine would swap)."""
+    num_params = param_floor(model_config)
+    needed = 12 * num_params  # fp32 weights, their gradients and at least one optimiser state
+    device = torch.device(device)
+    if device.type == "cuda":
+        memory, where = torch.cuda.get_device_properties(device).total_memory, f"{device} has"
+    else:
+        memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+    if needed > memory:
+        raise SystemExit(f"error: the model has at least {num_params:.3g} parameters (n_layer={model_config.n_layer}, "
+                         f"n_embd={model_config.n_embd}): training it needs at least {needed / 2**30:,.0f} GiB and "
+                         f"{where} {memory / 2**30:,.0f} GiB; choose a smaller --depth")
+    return num_params
+
+
 def save_stage(ckpt_dir, step, model, optimizers, rank, meta, rank_state=None):
     """A stage's checkpoint at `step`: the model (its adapters alone when meta has "lora": setup_lora); each
     rank's optimiser states and rank_state (e.g. its data position); the meta: the step, the model config and the
-    world size (what resume checks), then `meta`."""
+    world size (what resume checks), then `meta`.
+    Weights that are not finite are never saved (the ranks hold the same weights, so all of them refuse)."""
+    if not math.isfinite(torch.nn.utils.get_total_norm(list(model.parameters()), float("inf")).item()):
+        raise SystemExit(f"error: step {step}: the model's weights are not finite (the run diverged); nothing was "
+                         f"saved. Try lower learning rates")
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     meta = {"step": step, "model_config": asdict(model.config), "world_size": world_size, **meta}
     state = {"optimizers": [opt.state_dict() for opt in optimizers], **(rank_state or {})}

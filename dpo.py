@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import common
 from common import print0
-from data import read_jsonl
+from data import iter_jsonl
 from data.grade import grade, pass_rates, sample_groups
 from data.loader import collate, make_row, math_items, step_indices, token_logprobs
 from model import Engine, lora_disabled, merge_lora
@@ -106,11 +106,14 @@ def load_pairs(path, tokenizer):
     if not os.path.exists(path):
         raise SystemExit(f"error: --pairs file {path} not found")
     out = []
-    for i, row in enumerate(read_jsonl(path)):
-        try:
-            out.append(pair_from_json(row, tokenizer))
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"error: {path} line {i + 1}: {e}") from None
+    try:
+        for i, row in iter_jsonl(path):
+            try:
+                out.append(pair_from_json(row, tokenizer))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}, line {i}: {e}") from None
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON, not a pair
+        raise SystemExit(f"error: {e}") from None
     if not out:
         raise SystemExit(f"error: {path} holds no pairs")
     return out
@@ -151,6 +154,7 @@ def sequence_logprobs(model, rows, device, autocast_ctx, batch_size, grad=False)
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
+    common.check_settings(config, positive=("lr_scale", "beta"), non_negative=("weight_decay", "temperature"))
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
 
     # ---- settings that cannot work, refused before any time is spent
@@ -256,11 +260,14 @@ if __name__ == "__main__":
                                             device_batch_size, grad=True)  # (P,)
         loss, accuracy = dpo_loss(policy_chosen, policy_rejected, ref_chosen[idx], ref_rejected[idx], beta)
         loss.backward()  # the optimisers average over ranks: each rank's share is the same size
+        total = common.all_sum({"loss": loss.item(), "reward_accuracy": accuracy.item(),
+                                "gradient": common.largest_grad(model)}, device)
+        common.check_finite(step + 1, total, "--lr_scale, --beta")  # before the update: a diverged step never lands
+        del total["gradient"]
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
         step += 1
-        total = common.all_sum({"loss": loss.item(), "reward_accuracy": accuracy.item()}, device)
         metrics = {name: value / world_size for name, value in total.items()}  # the means over ranks
         for k, v in metrics.items():
             log_point(k, v)

@@ -98,6 +98,16 @@ def config_from_depth(depth, vocab_size, sequence_len, aspect_ratio=64, head_dim
                      n_kv_head=n_kv_head or n_head, n_embd=n_embd, head_dim=head_dim, **kwargs)
 
 
+def param_floor(config):
+    """A lower bound of GPT(config).num_params() without building it: the matrices every variant has (the token
+    embedding, the head unless tied, attention, the MLP's two); norm gains, biases and position tables are left
+    out. Exact for nanochat's default architecture. A config whose floor cannot fit in memory is refused before
+    anything is allocated (common.check_model_fits)."""
+    C, D, hidden = config.n_embd, config.head_dim, config.mlp_hidden or 4 * config.n_embd
+    attention = C * D * (2 * config.n_head + 2 * config.n_kv_head)  # q and proj, k and v
+    return (1 if config.tie_embeddings else 2) * config.vocab_size * C + config.n_layer * (attention + 2 * C * hidden)
+
+
 # the adapters' AdamW learning rate at width 768 (scaled with width as the other AdamW groups; stages multiply it by
 # their lr_scale). Tuned on the CPU pipeline's depth-4 model, LoRA sft from base for 40 steps at lr_scale 0.2:
 # val loss 2.68 at an effective 0.002, 2.22 at 0.01, 5.49 at 0.03 (unstable)
@@ -784,10 +794,15 @@ class KVCache:
         self.length = int(self.pos.max())
 
 
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (vLLM's _SAMPLING_EPS): logits / 1e-40 overflow to inf and
+                        # 5e-324 is 0 in float32, so softmax would give NaN probabilities
+
+
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token id per row from logits (B, V): greedy at temperature 0, else softmax(logits / temperature)
-    restricted to the top_k tokens (0: all) and to the smallest set whose probability reaches top_p."""
-    if temperature == 0.0:
+    """One token id per row from logits (B, V): greedy at temperature 0 (and below MIN_TEMPERATURE), else
+    softmax(logits / temperature) restricted to the top_k tokens (0: all) and to the smallest set whose
+    probability reaches top_p (the most likely token always stays, however small top_p)."""
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits.float() / temperature
     if top_k and top_k < logits.size(-1):
@@ -796,8 +811,10 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the top token always stays)
+        # drop a token when the tokens before it already reach top_p; the top token always stays, also when
+        # top_p is 0 in float32 (1e-46) and the comparison alone would drop every token
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[:, 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
@@ -1253,9 +1270,10 @@ def add_lora(model, rank, alpha=32.0, dropout=0.0, targets=",".join(LORA_TARGETS
     an adapter of `rank` on each target layer of every block. The adapters' init comes from `seed` alone, so every
     rank of a DDP run starts identical. Returns the LoRAConfig (also kept as model.lora)."""
     names = [t.strip() for t in targets.split(",") if t.strip()]
-    if rank < 1 or not names or set(names) - set(LORA_TARGETS) or not 0 <= dropout < 1:
-        raise ValueError(f"LoRA needs rank >= 1, 0 <= dropout < 1 and targets among {','.join(LORA_TARGETS)}; got "
-                         f"rank {rank}, dropout {dropout}, targets {targets!r}")
+    if rank < 1 or not alpha > 0 or not names or set(names) - set(LORA_TARGETS) or not 0 <= dropout < 1:
+        raise ValueError(f"LoRA needs rank >= 1, alpha > 0, 0 <= dropout < 1 and targets among "
+                         f"{','.join(LORA_TARGETS)}; got rank {rank}, alpha {alpha}, dropout {dropout}, "
+                         f"targets {targets!r}")
     if lora_layers(model):
         raise ValueError("the model already has LoRA adapters: merge them first (merge_lora)")
     model.requires_grad_(False)

@@ -109,6 +109,8 @@ def measure_peak_flops(device, dtype_name):
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
+    common.check_settings(config, positive=("embedding_lr", "unembedding_lr", "matrix_lr", "target_param_data_ratio"),
+                          non_negative=("weight_decay",), fraction=("warmup_ratio", "warmdown_ratio", "final_lr_frac"))
     # the same seed on every rank: the same initial weights; ranks differ by the data they read
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
     model_tag = model_tag or f"d{depth}"
@@ -129,6 +131,7 @@ if __name__ == "__main__":
                                          head_dim=head_dim, n_kv_head=n_kv_head, use_kernels=kernels)
     except ValueError as e:  # a bad depth/head setting: one line, no traceback
         raise SystemExit(f"error: {e}") from None
+    common.check_model_fits(model_config, device)
     triton_kernels.enable(kernels)  # impl="auto" inside the model then picks Triton on CUDA
     model = GPT(model_config).to(device)
     model.init_weights()
@@ -210,11 +213,15 @@ if __name__ == "__main__":
                 loss = train_model(x, y)
             loss_sum += loss.item()
             (loss / grad_accum_steps).backward()
+        # a diverged step stops the run before its update: the gradients here are this rank's own, and the sums
+        # over ranks are inf or nan when any rank's is
+        totals = common.all_sum({"loss": loss_sum / grad_accum_steps, "gradient": common.largest_grad(model)}, device)
+        common.check_finite(step + 1, totals, "--matrix_lr, --embedding_lr, --unembedding_lr")
         for opt in optimizers:
             opt.step()  # the optimisers average gradients over ranks themselves (see model.py)
         model.zero_grad(set_to_none=True)
         step += 1
-        loss_value = common.all_sum({"loss": loss_sum / grad_accum_steps}, device)["loss"] / world_size
+        loss_value = totals["loss"] / world_size
         dt = time.time() - t0
         if step > 1:  # the first step pays for warm-up (and compilation)
             train_time += dt

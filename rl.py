@@ -127,6 +127,7 @@ def policy_loss(logp, old_logp, advantages, weights, clip_low, clip_high, ref_lo
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
+    common.check_settings(config, positive=("lr_scale",), non_negative=("weight_decay", "kl_coef", "temperature"))
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
 
     # ---- settings that cannot work, refused before any time is spent
@@ -264,10 +265,11 @@ if __name__ == "__main__":
                 for p in model.parameters():
                     if p.requires_grad:  # not the frozen base of LoRA
                         p.grad = torch.zeros_like(p)
+            totals = common.all_sum({**sums, "gradient": common.largest_grad(model)}, device)  # the last epoch's
+            common.check_finite(step + 1, totals, "--lr_scale")  # before the update: a diverged step never lands
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)
-            totals = common.all_sum(sums, device)  # the last epoch's
         step += 1
 
         # ---- 5. log

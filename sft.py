@@ -22,7 +22,7 @@ import torch
 
 import common
 from common import print0
-from data import load_conversations, read_jsonl
+from data import iter_jsonl, load_conversations
 from model import Engine, merge_lora
 
 # -----------------------------------------------------------------------------
@@ -98,6 +98,25 @@ def pack_rows(examples, row_len, pad_id, window=32):
         rows.append((ids[:-1], targets))
 
 
+def read_chats(path, tokenizer):
+    """A user's conversations ({"messages": [...]} per line). Each is checked as the tokenizer renders it: a row
+    that is not a conversation is a one-line error naming its line, not a skip (a mistake in a file would
+    otherwise lose its data silently)."""
+    conversations = []
+    try:
+        for i, row in iter_jsonl(path):
+            messages = row.get("messages") if isinstance(row, dict) else None
+            try:
+                tokenizer.render_conversation(messages, max_len=1 << 30)
+            except ValueError as e:
+                raise ValueError(f'{path}, line {i}: {e} (a line is {{"messages": [{{"role": ..., "content": '
+                                 f'...}}, ...]}})') from None
+            conversations.append(messages)
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON, not a conversation
+        raise SystemExit(f"error: {e}") from None
+    return conversations
+
+
 def trainable_tokens(rows):
     return sum(sum(t >= 0 for t in targets) for _, targets in rows)
 
@@ -105,6 +124,8 @@ def trainable_tokens(rows):
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
+    common.check_settings(config, positive=("lr_scale", "num_epochs"), non_negative=("weight_decay",),
+                          fraction=("warmdown_ratio",))
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
     stage = "mid" if mid else "sft"
 
@@ -125,7 +146,7 @@ if __name__ == "__main__":
     for path in filter(None, data.split(",")):
         if not os.path.exists(path):
             raise SystemExit(f"error: --data file {path} not found")
-        train_convs += [row["messages"] for row in read_jsonl(path)]
+        train_convs += read_chats(path, tokenizer)
     random.Random(seed).shuffle(train_convs)
     row_len = max_seq_len + 1
     train_examples, skipped = render_all(tokenizer, train_convs, row_len, mid)
@@ -229,7 +250,9 @@ if __name__ == "__main__":
                 loss = model(x, y, loss_reduction="none").sum() / max(n_train, 1)  # this rank's share of the mean
             (loss * world_size).backward()  # the optimisers average over ranks; undo that for a sum over ranks
             loss_sum += loss.item()
-        loss_sum = common.all_sum({"loss": loss_sum}, device)["loss"]  # each rank's share of the mean, summed
+        totals = common.all_sum({"loss": loss_sum, "gradient": common.largest_grad(model)}, device)
+        common.check_finite(step + 1, totals, "--lr_scale")
+        loss_sum = totals["loss"]  # each rank's share of the mean, summed
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)

@@ -281,14 +281,22 @@ def load_tokenizer(directory=None):
     if missing:
         raise FileNotFoundError(f"no tokenizer in {directory} (missing {', '.join(map(os.path.basename, missing))}); "
                                 f"train one with: python tokenizer.py")
-    with open(paths["tokenizer.tiktoken"], encoding="ascii") as f:
-        rank_text = f.read()
-    with open(paths["tokenizer.json"], encoding="utf-8") as f:
-        meta = json.load(f)
+    redo = "; train one again with: python tokenizer.py"
+    try:
+        with open(paths["tokenizer.tiktoken"], encoding="ascii") as f:
+            rank_text = f.read()
+        with open(paths["tokenizer.json"], encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not text, not JSON
+        raise ValueError(f"{directory}: cannot read the tokenizer ({type(e).__name__}: {e}){redo}") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("pattern"), str) and isinstance(meta.get("vocab_size"), int)
+            and isinstance(meta.get("special_tokens"), dict)):
+        raise ValueError(f"{paths['tokenizer.json']} is not a picochat tokenizer.json (an object with pattern, "
+                         f"special_tokens, vocab_size and hash){redo}")
     saved_hash = meta.pop("hash", None)
     if saved_hash != _file_hash(rank_text, meta):
         raise ValueError(f"{directory}: tokenizer.tiktoken and tokenizer.json do not match their hash (a partial "
-                         f"or edited copy?); retrain with: python tokenizer.py")
+                         f"or edited copy?){redo}")
     mergeable_ranks = {}
     for line in rank_text.splitlines():
         token, rank = line.split()
@@ -296,7 +304,14 @@ def load_tokenizer(directory=None):
     enc = tiktoken.Encoding(name=f"picochat-{saved_hash[:8]}", pat_str=meta["pattern"],
                             mergeable_ranks=mergeable_ranks, special_tokens=meta["special_tokens"],
                             explicit_n_vocab=meta["vocab_size"])
-    return Tokenizer(enc, np.load(paths["token_bytes.npy"]), saved_hash)
+    try:
+        token_bytes = np.load(paths["token_bytes.npy"], allow_pickle=False)  # never a pickle: it could run code
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{paths['token_bytes.npy']} is unreadable ({e}){redo}") from None
+    if token_bytes.shape != (meta["vocab_size"],) or token_bytes.dtype.kind not in "iu":
+        raise ValueError(f"{paths['token_bytes.npy']} holds {token_bytes.shape} {token_bytes.dtype}, not the "
+                         f"{meta['vocab_size']} integer byte lengths of the vocabulary{redo}")
+    return Tokenizer(enc, token_bytes, saved_hash)
 
 # -----------------------------------------------------------------------------
 # The tokenizer used by every stage: tiktoken for the heavy lifting, plus chat rendering through a chat format
@@ -377,6 +392,8 @@ class Tokenizer:
         """-> (ids, mask), at most max_len tokens, mask 1 on exactly what the assistant writes. Raises ValueError
         when nothing trainable is left (no assistant turn, or truncation cut all of it): callers skip those."""
         ids, mask = self._pieces_to_ids(self.chat.render(self, check_roles(messages)))
+        if not any(mask):
+            raise ValueError("no assistant token to train on: the conversation has no assistant message")
         ids, mask = ids[:max_len], mask[:max_len]
         if not any(mask):
             raise ValueError(f"no assistant token to train on within max_len={max_len} "
@@ -398,8 +415,13 @@ class Tokenizer:
 def check_roles(messages):
     """An optional system message, then user and assistant turns alternating from a user's; user and system
     contents are strings. Returns the messages as a list."""
-    if not messages:
-        raise ValueError("a conversation needs at least one message")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("a conversation needs a list of at least one message")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and message.get("role") in ("system", "user", "assistant")
+                and "content" in message):
+            raise ValueError(f"message {i} must be an object with a role (system, user or assistant) and a content, "
+                             f"got {message!r:.80}")
     messages = list(messages)
     start = 1 if messages[0]["role"] == "system" else 0
     if start and (len(messages) < 2 or messages[1]["role"] != "user"):
@@ -418,10 +440,14 @@ def check_roles(messages):
 
 def assistant_parts(i, content):
     """An assistant's content as a list of parts {"type": "text"|"python"|"python_output", "text"}."""
+    if not isinstance(content, (str, list)):
+        raise ValueError(f"message {i}: an assistant's content must be a string or a list of parts")
     parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
     for part in parts:
-        if part["type"] not in ("text", "python", "python_output"):
-            raise ValueError(f"message {i}: unknown part type {part['type']!r} (text, python, python_output)")
+        if not (isinstance(part, dict) and isinstance(part.get("text"), str)):
+            raise ValueError(f"message {i}: a part must be an object with a type and a text string, got {part!r:.80}")
+        if part.get("type") not in ("text", "python", "python_output"):
+            raise ValueError(f"message {i}: unknown part type {part.get('type')!r} (text, python, python_output)")
     return parts
 
 # -----------------------------------------------------------------------------
@@ -731,4 +757,8 @@ def main(config):
 
 
 if __name__ == "__main__":
-    main(common.configure(globals()))
+    config = common.configure(globals())
+    try:
+        main(config)
+    except (FileNotFoundError, ValueError) as e:  # no or unreadable data, a damaged tokenizer: each names its file
+        raise SystemExit(f"error: {e}") from None

@@ -34,16 +34,29 @@ def data_dir(name):
 # jsonl
 
 
+def lines(path):
+    """(line number, text) of a UTF-8 text file's lines; a line that is not UTF-8 (a binary file) is a ValueError
+    naming the file and the line."""
+    with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error then knows its line
+        for i, raw in enumerate(f, 1):
+            try:
+                yield i, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}, line {i}: not UTF-8 text (a binary file?)") from None
+
+
+def iter_jsonl(path):
+    """(line number, row) of every non-blank line of a jsonl file; ValueError names a line that is not JSON."""
+    for i, line in lines(path):
+        if line.strip():
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {i}: not JSON ({e})") from None
+
+
 def read_jsonl(path):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {i}: not JSON ({e})") from None
-    return rows
+    return [row for _, row in iter_jsonl(path)]
 
 
 def write_jsonl(path, rows):
@@ -160,26 +173,28 @@ def pretrain_files(split, data_path=""):
 
 
 def iter_texts(path):
-    """Yield the documents of a file: .txt split on blank lines, .jsonl "text" fields, .parquet "text" column."""
+    """Yield the documents of a file: .txt split on blank lines, .jsonl "text" fields, .parquet "text" column.
+    A line that is not UTF-8 or not JSON, or a row without a "text" string, is a ValueError naming the line."""
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:  # line by line: a user's .txt may be large
-            lines = []
-            for line in f:
-                if line.strip():
-                    lines.append(line)
-                elif lines:
-                    yield "".join(lines).strip()
-                    lines = []
-            if lines:
-                yield "".join(lines).strip()
+        paragraph = []  # line by line: a user's .txt may be large
+        for _, line in lines(path):
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield "".join(paragraph).strip()
+                paragraph = []
+        if paragraph:
+            yield "".join(paragraph).strip()
     elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)["text"]
+        for i, row in iter_jsonl(path):
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f'{path}, line {i}: expected an object with a "text" string, like {{"text": "..."}}')
+            yield row["text"]
     elif path.endswith(".parquet"):
         from data.download import iter_parquet
-        for row in iter_parquet(path, ["text"]):
+        for i, row in enumerate(iter_parquet(path, ["text"])):
+            if not isinstance(row["text"], str):
+                raise ValueError(f"{path}, row {i}: the text is {row['text']!r}, not a string")
             yield row["text"]
     else:
         raise ValueError(f"{path}: expected a .txt, .jsonl or .parquet file")

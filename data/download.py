@@ -200,7 +200,13 @@ def iter_parquet(path, columns=None):
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError("reading .parquet files needs pyarrow: pip install pyarrow") from None
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's errors on a file that is not parquet, or a truncated one
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    missing = sorted(set(columns or ()) - set(pf.schema_arrow.names))
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(missing)} (its columns: {', '.join(pf.schema_arrow.names)})")
     for i in range(pf.num_row_groups):
         yield from pf.read_row_group(i, columns=columns).to_pylist()
 

@@ -25,9 +25,12 @@ from data import iter_texts
 # documents; when nothing fits the remaining space, the oldest document is cropped to fill it.
 #
 # Sharding is by micro-batch *slot*, not by rank: a step has num_slots = total_batch_size / (B * T) micro-batches,
-# and document i feeds slot i % num_slots. Rank r owns slots r*A .. r*A+A-1 (A = accumulation steps). So the batches
-# of a step do not depend on how its micro-batches are spread over processes: 2 ranks x 2 accumulation steps train
-# on exactly what 1 process x 4 accumulation steps does, and ranks still read disjoint documents.
+# and the i-th document of the stream (counted over files and passes) feeds slot i % num_slots. Rank r owns slots
+# r*A .. r*A+A-1 (A = accumulation steps). So the batches of a step do not depend on how its micro-batches are
+# spread over processes: 2 ranks x 2 accumulation steps train on exactly what 1 process x 4 accumulation steps
+# does, and ranks still read disjoint documents. Counting over passes, not within a file, is what lets data with
+# fewer documents than slots (one small .txt, a large --total_batch_size) fill every slot: its documents come
+# round again, each time to the next slot, where a count restarting at each pass left a slot waiting forever.
 
 
 class TokenRows:
@@ -37,7 +40,7 @@ class TokenRows:
         self.tokenizer, self.files = tokenizer, files
         self.batch_size, self.row_len = batch_size, seq_len + 1
         self.num_slots, self.buffer_docs, self.loop = num_slots, buffer_docs, loop
-        self.position = {"epoch": 0, "file": 0, "doc": 0}  # the next document to read
+        self.position = {"epoch": 0, "file": 0, "doc": 0, "index": 0}  # the next document to read, and its number
         self.buffers = {slot: [] for slot in slots}  # per slot: its tokenised documents, in order
         self.reader = None  # the document iterator, started at self.position on first use
 
@@ -50,16 +53,25 @@ class TokenRows:
         self.reader = None
 
     def documents(self):
-        """(index, text) of every document from the saved position on, one epoch after another; the position
-        always names the next document, so a saved state resumes exactly."""
+        """(index, text) of every document from the saved position on, one pass over the files after another;
+        index counts the documents of the stream. The position always names the next document, so a saved state
+        resumes exactly. Data without any text, or a file that cannot be read, ends the run with one line."""
+        p = self.position
         while True:
-            p = self.position
-            while p["file"] < len(self.files):
-                for i, text in enumerate(iter_texts(self.files[p["file"]])):
-                    if i >= p["doc"]:
-                        p["doc"] = i + 1
-                        yield i, text
-                p.update(file=p["file"] + 1, doc=0)
+            whole_pass, any_text = p["file"] == 0 and p["doc"] == 0, False
+            try:
+                while p["file"] < len(self.files):
+                    for i, text in enumerate(iter_texts(self.files[p["file"]])):
+                        if i >= p["doc"]:
+                            p.update(doc=i + 1, index=p["index"] + 1)
+                            any_text = any_text or bool(text.strip())
+                            yield p["index"] - 1, text
+                    p.update(file=p["file"] + 1, doc=0)
+            except (OSError, ValueError) as e:  # a missing, binary or malformed file (iter_texts names the line)
+                raise SystemExit(f"error: {e}") from None
+            if whole_pass and not any_text:  # otherwise an endless stream would loop over nothing forever
+                where = self.files[0] if len(self.files) == 1 else f"the {len(self.files)} files {self.files[0]} ..."
+                raise SystemExit(f"error: {where} holds no text: training needs at least one non-empty document")
             if not self.loop:
                 return
             p.update(epoch=p["epoch"] + 1, file=0, doc=0)

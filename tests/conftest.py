@@ -1,5 +1,7 @@
 """Shared test fixtures. Tests never touch ~/.cache/picochat: every test gets its own $PICOCHAT_DIR."""
 import os
+import runpy
+import sys
 
 import pytest
 
@@ -69,3 +71,22 @@ def world(_prepared_world, tmp_base_dir):
     import shutil
     shutil.copytree(_prepared_world, tmp_base_dir, dirs_exist_ok=True)
     return tmp_base_dir
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models only lose time to OpenMP threads on a busy machine (many times slower); and the thread count
+    setup_device picks must not outlive a script run in this process."""
+    import torch
+    threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+    set_threads(1)
+    torch.set_num_threads = lambda n: None
+    yield
+    torch.set_num_threads = set_threads
+    set_threads(threads)
+
+
+def run_main(monkeypatch, script, *args):
+    """`python SCRIPT ARGS`, run in this process: the interpreter and torch are already up (seconds saved)."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(os.path.join(REPO, script), run_name="__main__")

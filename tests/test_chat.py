@@ -19,6 +19,7 @@ import pytest
 import chat
 import model
 from model import Engine
+from conftest import run_main
 from test_engine import BOS, FakeTokenizer, fake, fake_generate, script  # noqa: F401  (fake: a fixture)
 
 # -----------------------------------------------------------------------------
@@ -172,8 +173,10 @@ def server(fake, monkeypatch):
 
 
 def call(srv, method, path, body=None, headers=None):
+    """One request, as a JSON API client sends it (a POST says its body is JSON); returns (status, type, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
-    conn.request(method, path, body=body, headers=headers or {})
+    conn.request(method, path, body=body, headers={**({"Content-Type": "application/json"} if method == "POST"
+                                                       else {}), **(headers or {})})
     response = conn.getresponse()
     data = response.read()
     conn.close()
@@ -215,10 +218,12 @@ def test_server_bad_requests(server, monkeypatch):
     assert_api_error(*post(b"x" * 5000), 413)
     # the size is refused from the header alone: the body is never sent
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 999999999999\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.0 413")
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.0 411")
     assert_api_error(*post(b"{}", headers={"Content-Length": "-5"}), 400)
     assert_api_error(*post(b"{}", headers={"Content-Length": "²"}), 400)
@@ -300,7 +305,8 @@ def test_server_survives_failures(server, monkeypatch):
     # a client that leaves mid-stream stops its generation and frees the model for the next one
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         body = request(stream=True)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         assert s.recv(20).startswith(b"HTTP/1.0 200")
     assert call(server, "POST", "/v1/chat/completions", body=request())[0] == 200
 
@@ -313,6 +319,172 @@ def test_server_survives_failures(server, monkeypatch):
     error = json.loads(data.decode().split("\n\n")[1][len("data: "):])["error"]
     assert status == 200 and error["type"] == "server_error"
     assert call(server, "GET", "/health")[0] == 200
+
+# -----------------------------------------------------------------------------
+# Abandoned work, slow readers, the connection cap
+
+
+@pytest.fixture
+def endless_server(fake, monkeypatch):
+    """A ChatServer whose model writes "word " until max_tokens runs out, 2 ms a step; .steps counts the steps."""
+    steps = []
+
+    def slow_generate(*args, **kwargs):
+        for step in fake_generate(*args, **kwargs):
+            time.sleep(0.002)
+            steps.append(1)
+            yield step
+    monkeypatch.setattr(model, "generate", slow_generate)
+    srv = chat.ChatServer(fake("word "), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    srv.port, srv.steps = srv.server_address[1], steps
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def raw_post(port, body, receive_buffer=None):
+    """A POST sent on a socket of our own (left open): the caller decides whether to read the answer."""
+    s = socket.socket()
+    if receive_buffer:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return s
+
+
+def timed_answer(srv):
+    t0 = time.time()
+    status, _, data = call(srv, "POST", "/v1/chat/completions", body=request(max_tokens=5))
+    assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == "word "
+    return time.time() - t0
+
+
+def test_abandoned_requests_are_dropped(endless_server):
+    # 20 clients ask for 2048 tokens each and hang up at once, streaming or not: 80 s of generation if the server
+    # went through with them (it once did: 300 of them made the next request wait 49 s)
+    for i in range(20):
+        raw_post(endless_server.port, request(max_tokens=2048, stream=i % 2 == 1)).close()
+    assert timed_answer(endless_server) < 10
+    assert len(endless_server.steps) < 2048  # all of them together, less than one reply went through
+
+
+def test_a_slow_reader_holds_up_nobody(endless_server, monkeypatch):
+    # a streaming client that reads nothing: with small socket buffers the server's writes to it block at once
+    setup = chat.ChatHandler.setup
+
+    def small_send_buffer(handler):
+        setup(handler)
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    monkeypatch.setattr(chat.ChatHandler, "setup", small_send_buffer)
+    slow = raw_post(endless_server.port, request(max_tokens=600, stream=True), receive_buffer=4096)
+    try:
+        time.sleep(0.5)  # its reply (~100 KB of events) is under way and stuck in its socket
+        assert timed_answer(endless_server) < 10  # the model went on without waiting for the slow reader's writes
+    finally:
+        slow.close()
+
+
+def test_requests_beyond_the_cap_get_503(endless_server, monkeypatch):
+    monkeypatch.setattr(chat, "max_connections", 2)
+    streams = [raw_post(endless_server.port, request(max_tokens=2048, stream=True)) for _ in range(2)]
+    for s in streams:
+        assert s.recv(20).startswith(b"HTTP/1.0 200")
+    assert_api_error(*call(endless_server, "GET", "/health"), 503)
+    for s in streams:  # they hang up: their generation stops and their places free up
+        s.close()
+    deadline = time.time() + 10
+    while call(endless_server, "GET", "/health")[0] != 200:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    timed_answer(endless_server)
+
+# -----------------------------------------------------------------------------
+# A local server, safe by default: who may ask, and what every error looks like
+
+
+def answer(srv, method, path, headers, body=None):
+    """(status, response headers as a dict) of one request with exactly these headers."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response.status, dict(response.getheaders())
+
+
+def test_pages_and_names_of_other_sites_are_refused(server, monkeypatch):
+    json_post = lambda **headers: call(server, "POST", "/v1/chat/completions", body=request(), headers=headers)
+    own, port = f"http://127.0.0.1:{server.port}", server.port
+    # another site's page: a text/plain POST needs no preflight, so it is the Origin that refuses it
+    assert_api_error(*json_post(Origin="http://evil.example", **{"Content-Type": "text/plain"}), 403)
+    assert_api_error(*json_post(**{"Content-Type": "text/plain"}), 415)
+    assert_api_error(*json_post(**{"Content-Type": "application/x-www-form-urlencoded"}), 415)
+    # DNS rebinding: a page's own name pointed at 127.0.0.1 is same-origin to the browser, but not this server's
+    assert_api_error(*call(server, "GET", "/v1/models", headers={"Host": f"evil.example:{port}"}), 403)
+    assert_api_error(*json_post(Host=f"evil.example:{port}", Origin=f"http://evil.example:{port}"), 403)
+    assert answer(server, "OPTIONS", "/v1/chat/completions", {"Origin": "http://evil.example",
+                                                              "Access-Control-Request-Method": "POST"})[0] == 403
+    # this server's own page, and its names
+    assert json_post(Origin=own)[0] == 200
+    for host in (f"localhost:{port}", f"[::1]:{port}", f"127.0.0.1:{port}"):
+        assert call(server, "GET", "/health", headers={"Host": host})[0] == 200
+    # --allow_origin lets a site's pages in, with CORS: the preflight, then the POST with its headers
+    monkeypatch.setattr(chat, "allow_origin", "https://app.example, http://localhost:3000")
+    status, headers = answer(server, "OPTIONS", "/v1/chat/completions", {
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert set(headers["Access-Control-Allow-Headers"].lower().split(", ")) == {"authorization", "content-type"}
+    status, headers = answer(server, "POST", "/v1/chat/completions", {
+        "Origin": "http://localhost:3000", "Content-Type": "application/json"}, request())
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert headers["Vary"] == "Origin"
+    assert call(server, "GET", "/health", headers={"Host": "app.example"})[0] == 200  # behind its proxy
+    assert_api_error(*json_post(Origin="http://evil.example"), 403)
+    assert "Access-Control-Allow-Origin" not in answer(server, "GET", "/health", {"Origin": own})[1]
+
+
+def test_api_key(server, monkeypatch):
+    openai = pytest.importorskip("openai")
+    monkeypatch.setattr(chat, "api_key", "sesame")
+    client = lambda key: openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0,
+                                       timeout=30)
+    messages = [{"role": "user", "content": "What is 6*7?"}]
+    assert client("sesame").chat.completions.create(model="m", messages=messages).choices[0].message.content \
+        == REPLY_TEXT
+    with pytest.raises(openai.AuthenticationError):
+        client("sesame!").chat.completions.create(model="m", messages=messages)
+    with pytest.raises(openai.AuthenticationError):
+        client("sesame").with_options(default_headers={"Authorization": ""}).models.list()
+    assert call(server, "GET", "/")[0] == call(server, "GET", "/health")[0] == 200  # the page asks for the key
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"HEAD /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405),
+    (b"TRACE / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405),
+    (b"BREW /pot HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nX-A: " + b"b" * 70000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/2.0\r\n\r\n", 505),
+    (b"garbage\r\n\r\n", 400),
+], ids=["HEAD", "TRACE", "unknown method", "URI too long", "too many headers", "header too long", "HTTP/2.0",
+        "not HTTP"])
+def test_every_error_is_json(server, raw, status):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(raw)
+        head, _, body = s.makefile("rb").read().partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0].startswith(f"HTTP/1.0 {status} ") and "Content-Type: application/json" in lines
+    if raw.startswith(b"HEAD"):
+        assert body == b""  # a HEAD answer never has a body
+    else:
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
 
 # -----------------------------------------------------------------------------
 # The real thing: the tokenizer trained on a few KB, a tiny random GPT saved as a checkpoint
@@ -413,6 +585,11 @@ def test_real_server_openai_client(tiny_chat_model):
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 6*7?"}]
         completion = client.chat.completions.create(model="picochat", messages=messages, max_tokens=5, seed=0)
         assert isinstance(completion.choices[0].message.content, str)
+        # the smallest temperature and top_p the API accepts round to 0 in float32: greedy, not NaN and HTTP 500
+        tiny = client.chat.completions.create(model="picochat", messages=messages, max_tokens=5, temperature=5e-324,
+                                              top_p=1e-46)
+        greedy = client.chat.completions.create(model="picochat", messages=messages, max_tokens=5, temperature=0)
+        assert tiny.choices[0].message.content == greedy.choices[0].message.content
         assert 1 <= completion.usage.completion_tokens <= 5
         chunks = list(client.chat.completions.create(model="picochat", messages=messages, max_tokens=5,
                                                      temperature=0, stream=True))
@@ -429,21 +606,13 @@ def test_real_terminal_chat_subprocess(tiny_chat_model, tmp_base_dir):
     assert "(new conversation)" in r.stdout
 
 
-def run_main(monkeypatch, *args):
-    """`python chat.py args` in this process (a subprocess costs seconds of imports)."""
-    import runpy
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # setup_device leaves the thread count alone
-    monkeypatch.setattr(sys, "argv", ["chat.py", "--device=cpu", *args])
-    runpy.run_path(os.path.join(REPO, "chat.py"), run_name="__main__")
-
-
-def test_real_one_shot_prompt_and_source(tiny_chat_model, tmp_base_dir, monkeypatch, capsys):
+def test_real_one_shot_prompt_and_source(tiny_chat_model, tmp_base_dir, one_thread, monkeypatch, capsys):
     # with an rl checkpoint present, the default source is rl; --prompt answers once and exits
     import shutil
     shutil.copytree(os.path.join(tmp_base_dir, "checkpoints", "sft"), os.path.join(tmp_base_dir, "checkpoints", "rl"))
-    run_main(monkeypatch, "--prompt=What is 6*7?", "--max_new_tokens=5", "--temperature=0")
+    run_main(monkeypatch, "chat.py", "--device=cpu", "--prompt=What is 6*7?", "--max_new_tokens=5", "--temperature=0")
     assert "loaded rl model" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: --source must be base, sft or rl"):
-        run_main(monkeypatch, "--source=gpt4")
+        run_main(monkeypatch, "chat.py", "--source=gpt4")
     with pytest.raises(SystemExit, match="no base checkpoint"):
-        run_main(monkeypatch, "--source=base")
+        run_main(monkeypatch, "chat.py", "--device=cpu", "--source=base")

@@ -1,6 +1,6 @@
 """chat.py's chat page in a real browser: headless Chromium, driven through chromedriver's WebDriver HTTP API, types a
 question into the page and sends it; the page's script asks the streaming API, and the reply appears piece by
-piece. A fake model writes the reply slowly enough that the pieces arrive apart. tests/run.sh installs Debian's
+piece. Then the server wants an API key: the page asks for it once and sends it. A fake model writes the reply slowly enough that the pieces arrive apart. tests/run.sh installs Debian's
 chromium and chromium-driver when they are missing; without them this test is skipped."""
 import shutil
 import socket
@@ -71,6 +71,18 @@ class WebDriver:
         return self.do("POST", "/execute/sync", {"script": js, "args": []})
 
 
+def wait_for_reply(browser, seconds=30):
+    """The page's state once a reply has come in (the send button is enabled again)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        state = browser.run("""return {seen: window.seen, sending: document.getElementById("send").disabled,
+            log: [...document.querySelectorAll(".msg")].map(d => [d.className, d.textContent])};""")
+        if state["log"] and not state["sending"]:
+            break
+        time.sleep(0.1)
+    return state
+
+
 @pytest.mark.skipif(BROWSER is None or DRIVER is None, reason="no Chromium and chromedriver installed")
 def test_chat_page_in_browser(monkeypatch, tmp_path):
     monkeypatch.setattr(model, "generate", slow_generate)
@@ -92,13 +104,21 @@ def test_chat_page_in_browser(monkeypatch, tmp_path):
             browser.run(RECORD)
             browser.do("POST", f"/element/{browser.element('#input')}/value", {"text": "What is 6*7?"})
             browser.do("POST", f"/element/{browser.element('#send')}/click")
-            deadline = time.time() + 30
-            while time.time() < deadline:
-                state = browser.run("""return {seen: window.seen, sending: document.getElementById("send").disabled,
-                    log: [...document.querySelectorAll(".msg")].map(d => [d.className, d.textContent])};""")
-                if state["log"] and not state["sending"]:
+            state = wait_for_reply(browser)
+            # started with --api_key, the server answers 401: the page asks for the key once, then sends it
+            monkeypatch.setattr(chat, "api_key", "sesame")
+            browser.do("POST", f"/element/{browser.element('#clear')}/click")
+            browser.do("POST", f"/element/{browser.element('#input')}/value", {"text": "And 6*8?"})
+            browser.do("POST", f"/element/{browser.element('#send')}/click")
+            for _ in range(300):
+                try:
+                    question = browser.do("GET", "/alert/text")
                     break
-                time.sleep(0.1)
+                except AssertionError:  # no prompt yet
+                    time.sleep(0.1)
+            browser.do("POST", "/alert/text", {"text": "sesame"})
+            browser.do("POST", "/alert/accept")
+            keyed = wait_for_reply(browser)
         finally:
             browser.do("DELETE", "")
     finally:
@@ -107,6 +127,7 @@ def test_chat_page_in_browser(monkeypatch, tmp_path):
         server.shutdown()
         server.server_close()
     assert state["log"] == [["msg user", "What is 6*7?"], ["msg assistant", REPLY_TEXT]]
+    assert "API key" in question and keyed["log"] == [["msg user", "And 6*8?"], ["msg assistant", REPLY_TEXT]]
     # streamed: the bubble showed growing parts of the reply before the whole of it
     shown = [t for t in state["seen"] if t]
     assert shown[-1] == REPLY_TEXT

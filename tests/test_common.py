@@ -1,13 +1,20 @@
 """The configurator, atomic writes and checkpoints of common.py."""
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
+from dataclasses import asdict
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import common
+from model import GPT, config_from_depth
 
 
 def settings():
@@ -98,3 +105,147 @@ def test_svg_chart_draws_each_series_and_skips_missing_points():
     assert svg.startswith("<svg") and svg.endswith("</svg>")
     assert svg.count("<polyline") == 2 and ">train<" in svg and ">val<" in svg
     assert "no data" in common.svg_chart({"x": [(1, None)]}, "empty")
+
+
+def test_config_file_is_data(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("# a comment\ndepth = -2\nlr = 3\ncompile = 1\nsource = 'x=y'\n")
+    g = settings()
+    common.configure(g, [str(cfg)])
+    assert (g["depth"], g["lr"], g["compile"], g["source"]) == (-2, 3.0, True, "x=y")
+    marker = tmp_path / "ran"
+    for text, fragment in [(f"import os\ndepth = 2\n", "line 1: only `key = value` lines"),
+                           (f"depth = open({str(marker)!r}, 'w') and 2\n", "line 1: the value of depth must be a literal"),
+                           (f"depht = 2\nopen({str(marker)!r}, 'w')\n", "unknown config key 'depht' in"),
+                           ("lr = 1e999\n", "--lr must be a finite number, got '1e999'"),
+                           ("depth = 2.5\n", "--depth expects int, got '2.5'"),
+                           ("depth = (\n", "line 1: '(' was never closed")]:
+        cfg.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            common.configure(settings(), [str(cfg)])
+        assert fragment in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+def test_settings_must_be_finite_and_in_range():
+    for arg in ("--lr=inf", "--lr=1e999", "--lr=-1e999", "--lr=nan"):
+        with pytest.raises(SystemExit, match="--lr"):
+            common.configure(settings(), [arg])
+    common.check_settings({"a": 1e-9, "b": 0.0, "c": 1.0}, positive=("a",), non_negative=("b",), fraction=("c",))
+    with pytest.raises(SystemExit) as e:
+        common.check_settings({"a": 0.0, "b": -1, "c": 1.5}, positive=("a",), non_negative=("b",), fraction=("c",))
+    assert str(e.value) == "error: --a must be > 0, got 0.0; --b must be >= 0, got -1; --c must be within [0, 1], got 1.5"
+
+
+class Payload:
+    """A pickle that runs code when it is loaded: it creates the file `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').close()",)
+
+
+@pytest.fixture
+def two_steps(tmp_base_dir):
+    """A tiny model and its optimisers, saved at steps 10 and 20 (steps 10's weights differ from step 20's)."""
+    torch.manual_seed(0)
+    config = config_from_depth(1, 64, 16, aspect_ratio=32, head_dim=16)
+    model = GPT(config)
+    model.init_weights()
+    optimizers = model.setup_optimizers()
+    d = common.checkpoint_dir("base", "tiny")
+    for step in (10, 20):
+        x = torch.randint(0, 64, (2, 16))
+        model(x, x).backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        common.save_checkpoint(d, step, model.state_dict(), {"optimizers": [o.state_dict() for o in optimizers]},
+                               {"step": step, "model_config": asdict(config), "world_size": 1, "history": {}})
+    return d, model, optimizers
+
+
+def damage(path, kind, marker):
+    data = open(path, "rb").read()
+    content = {"payload": None, "truncated": data[:len(data) // 2], "emptied": b"", "garbage": os.urandom(len(data)),
+               "not JSON": b"{oops", "[]": b"[]", "another step": b'{"step": 7}'}[kind]
+    if content is None:
+        torch.save({"weights": Payload(str(marker))}, path)
+    else:
+        open(path, "wb").write(content)
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("model_000020.pt", "payload"), ("optim_000020_rank0.pt", "payload"), ("model_000020.pt", "truncated"),
+    ("model_000020.pt", "emptied"), ("model_000020.pt", "garbage"), ("optim_000020_rank0.pt", "truncated"),
+    ("meta_000020.json", "not JSON"), ("meta_000020.json", "[]"), ("meta_000020.json", "another step"),
+])
+def test_a_damaged_latest_step_falls_back_and_a_payload_never_runs(two_steps, tmp_path, capsys, name, kind):
+    d, model, optimizers = two_steps
+    marker = tmp_path / "payload_ran"
+    damage(os.path.join(d, name), kind, marker)
+    meta, _ = common.resume_checkpoint(d, model, optimizers, 0, "cpu", {})  # resume never continues from step 20
+    assert meta["step"] == 10
+    warning = capsys.readouterr().out.splitlines()[0]
+    assert warning.startswith(f"warning: step 20 of {d} is damaged (") and warning.endswith("falling back to the "
+                                                                                              "step before it")
+    assert name in warning
+    if kind == "payload":
+        assert "was refused: it holds more than tensors and plain data (it asks for exec)" in warning
+    loaded, _, _ = common.load_checkpoint(d, 10, load_rank_state=False)
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())  # step 10's weights, restored
+    # asked for by number, a damaged step is refused; with no intact step left, so is the latest
+    with pytest.raises(SystemExit, match=f"^error: step 20 of {d} is damaged: {name}"):
+        common.load_checkpoint(d, 20)
+    damage(os.path.join(d, name.replace("20", "10")), kind, marker)
+    with pytest.raises(SystemExit, match=f"^error: no intact checkpoint in {d}"):
+        common.resume_checkpoint(d, model, optimizers, 0, "cpu", {})
+    assert not marker.exists()
+
+
+def test_a_model_whose_weights_do_not_fit_its_config_falls_back(two_steps, tmp_base_dir, capsys):
+    from tokenizer import save_tokenizer
+    d, _, _ = two_steps
+    save_tokenizer({bytes([i]): i for i in range(256)})
+    meta = json.load(open(os.path.join(d, "meta_000020.json")))
+    meta["model_config"]["vocab_size"] = 65  # a changed vocabulary
+    common.atomic_write_text(os.path.join(d, "meta_000020.json"), json.dumps(meta))
+    model, _, meta = common.load_model("base", model_tag="tiny")
+    assert meta["step"] == 10 and model.config.vocab_size == 64
+    assert "its weights do not fit its model config (Error(s) in loading state_dict" in capsys.readouterr().out
+
+
+def _resume_rank(rank, port, ckpt_dir, out):
+    """One of two gloo ranks resuming from ckpt_dir; writes the step it resumed at to out/rank<r>."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = GPT(config_from_depth(1, 64, 16, aspect_ratio=32, head_dim=16))
+    meta, _ = common.resume_checkpoint(ckpt_dir, model, model.setup_optimizers(), rank, "cpu", {})
+    with open(os.path.join(out, f"rank{rank}"), "w") as f:
+        f.write(str(meta["step"]))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_step_when_only_one_ranks_file_is_damaged(two_steps, tmp_path):
+    # a resume where rank 1's file of the latest step is damaged: rank 0 alone would take step 20 and rank 1 step
+    # 10, and the run would go on with two different models (or hang in its first collective)
+    d, _, _ = two_steps
+    for step in (10, 20):
+        meta = json.load(open(os.path.join(d, f"meta_{step:06d}.json")))
+        common.atomic_write_text(os.path.join(d, f"meta_{step:06d}.json"), json.dumps({**meta, "world_size": 2}))
+        shutil.copy(os.path.join(d, f"optim_{step:06d}_rank0.pt"), os.path.join(d, f"optim_{step:06d}_rank1.pt"))
+    open(os.path.join(d, "optim_000020_rank1.pt"), "wb").write(b"truncated")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = mp.spawn(_resume_rank, args=(port, d, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.time() + 120
+    while not ranks.join(timeout=1):
+        if time.time() > deadline:
+            for p in ranks.processes:
+                p.kill()
+            pytest.fail("the ranks hung")
+    assert [open(tmp_path / f"rank{r}").read() for r in range(2)] == ["10", "10"]

@@ -7,11 +7,13 @@ import random
 import re
 import runpy
 import sys
+import threading
 
 import pytest
 
 import data
 from data import arc, download, gsm8k, hellaswag, math500, mmlu, smoltalk, tinyworld
+from data.loader import TokenRows
 from tests.conftest import REPO, shared_data
 
 SMALL = dict(seed=3, pretrain_mb=0.3, shard_mb=0.1, num_chat=300, num_math_train=400, num_math_test=80,
@@ -307,6 +309,84 @@ def test_user_data_path_and_iter_texts(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(ValueError, match="line 2"):
         data.read_jsonl(str(tmp_path / "bad.jsonl"))
+
+
+def test_bad_parquet_files_name_themselves(tmp_path):
+    import pyarrow
+    import pyarrow.parquet as pq
+    pq.write_table(pyarrow.table({"content": ["x"]}), str(tmp_path / "no_text.parquet"))
+    (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"no_text.parquet: no column text \(its columns: content\)"):
+        list(data.iter_texts(str(tmp_path / "no_text.parquet")))
+    with pytest.raises(ValueError, match="fake.parquet: not a readable parquet file"):
+        list(data.iter_texts(str(tmp_path / "fake.parquet")))
+
+# -----------------------------------------------------------------------------
+# The pretraining token stream on small data: never a hang
+
+
+@pytest.fixture
+def byte_tokenizer(tmp_base_dir):
+    from tokenizer import load_tokenizer, save_tokenizer
+    return load_tokenizer(save_tokenizer({bytes([i]): i for i in range(256)}))
+
+
+def within(seconds, fn):
+    """fn() in a thread: its result or its exception, or a failure when it still runs after `seconds` (a hang)."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # SystemExit included: it is what is being tested
+            out["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds}s: a hang"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def first_batches(tokenizer, files, slots, num_slots, batches=2):
+    """{slot: its first (B, T) input batches as lists} of a reader owning `slots` of num_slots."""
+    stream = TokenRows(tokenizer, files, batch_size=2, seq_len=16, slots=slots, num_slots=num_slots)
+    return {slot: [stream.next_batch(slot, "cpu")[0].tolist() for _ in range(batches)] for slot in slots}
+
+
+def test_token_rows_fill_every_slot_from_fewer_documents(tmp_path, byte_tokenizer):
+    one = tmp_path / "one.txt"
+    one.write_text("a single short document\n")
+    few = tmp_path / "few.jsonl"
+    data.write_jsonl(str(few), [{"text": f"doc{i} words"} for i in range(3)])
+    for path in (one, few):
+        # 1 process with 8 accumulation slots reads what 2 ranks with 4 slots each read
+        whole = within(60, lambda: first_batches(byte_tokenizer, [str(path)], range(8), 8))
+        halves = within(60, lambda: {**first_batches(byte_tokenizer, [str(path)], range(4), 8),
+                                     **first_batches(byte_tokenizer, [str(path)], range(4, 8), 8)})
+        assert whole == halves
+    # the documents come round to every slot in turn: slot s opens with document s % 3 (all of one length)
+    for slot, batches in whole.items():
+        assert byte_tokenizer.decode(batches[0][0]).startswith(f"<|bos|>doc{slot % 3} words<|bos|>")
+    # and the stream resumes exactly from a saved state, repeats and all
+    stream = TokenRows(byte_tokenizer, [str(few)], batch_size=2, seq_len=16, slots=[5], num_slots=8)
+    stream.next_batch(5, "cpu")
+    again = TokenRows(byte_tokenizer, [str(few)], batch_size=2, seq_len=16, slots=[5], num_slots=8)
+    again.load_state(stream.state())
+    assert again.next_batch(5, "cpu")[0].tolist() == stream.next_batch(5, "cpu")[0].tolist()
+
+
+@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.txt", "\n   \n\n"),
+                                           ("empty_texts.jsonl", '{"text": ""}\n{"text": "  "}\n')])
+def test_token_rows_refuse_data_without_text(tmp_path, byte_tokenizer, name, content):
+    (tmp_path / name).write_text(content)
+    for loop in (True, False):
+        stream = TokenRows(byte_tokenizer, [str(tmp_path / name)], batch_size=2, seq_len=16, slots=[0, 1],
+                           num_slots=2, loop=loop)
+        with pytest.raises(SystemExit, match=f"^error: {tmp_path / name} holds no text: training needs at least "
+                                             f"one non-empty document$"):
+            within(60, lambda: stream.next_batch(1, "cpu"))
 
 
 def test_conversation_mixture(tmp_base_dir):

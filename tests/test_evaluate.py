@@ -4,16 +4,13 @@ sections, bad settings, and one end-to-end run on a tiny pretrained checkpoint. 
 import json
 import math
 import os
-import runpy
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import evaluate
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_main
 
 
 @pytest.fixture
@@ -226,35 +223,17 @@ def test_report_card_with_nothing_and_with_a_broken_section(tmp_base_dir, capsys
 ])
 def test_bad_settings_are_one_clear_error(one_thread, monkeypatch, args, message):
     with pytest.raises(SystemExit) as e:
-        run_main(monkeypatch, args)
+        run_main(monkeypatch, "evaluate.py", *args)
     assert message in str(e.value)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models only lose time to OpenMP threads on a busy machine (many times slower); and the thread count
-    setup_device picks must not outlive a script run in this process."""
-    threads, set_threads = torch.get_num_threads(), torch.set_num_threads
-    set_threads(1)
-    torch.set_num_threads = lambda n: None
-    yield
-    torch.set_num_threads = set_threads
-    set_threads(threads)
-
-
-def run_main(monkeypatch, args, script="evaluate.py"):
-    """`python SCRIPT ARGS`, run in this process: the interpreter and torch are already up (seconds saved)."""
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    runpy.run_path(os.path.join(REPO, script), run_name="__main__")
-
-
 def test_cli_end_to_end_on_a_tiny_base_model(world, one_thread, monkeypatch, capsys):
-    run_main(monkeypatch, ["--depth=1", "--aspect_ratio=32", "--head_dim=16", "--max_seq_len=64",
-                           "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=2", "--eval_every=0",
-                           "--dtype=float32"], script="pretrain.py")
+    run_main(monkeypatch, "pretrain.py", "--depth=1", "--aspect_ratio=32", "--head_dim=16", "--max_seq_len=64",
+             "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=2", "--eval_every=0",
+             "--dtype=float32")
     capsys.readouterr()
-    run_main(monkeypatch, ["--source=base", "--task=bpb,mc,math", "--max_problems=4", "--max_new_tokens=16",
-                           "--eval_tokens=8192"])
+    run_main(monkeypatch, "evaluate.py", "--source=base", "--task=bpb,mc,math", "--max_problems=4",
+             "--max_new_tokens=16", "--eval_tokens=8192")
     out = capsys.readouterr().out
     table = out[out.index("| metric | base |"):].strip().splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == [

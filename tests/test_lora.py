@@ -5,9 +5,7 @@ with adapters off, DDP), and a quantized model served through the OpenAI API."""
 import copy
 import dataclasses
 import os
-import runpy
 import socket
-import sys
 import threading
 
 import pytest
@@ -17,20 +15,17 @@ import torch.nn as nn
 
 import chat
 import common
-from conftest import REPO
+from conftest import run_main
 from model import (GPT, AdamW, KVCache, LoRALinear, QuantLinear, _packed_kernel_ok, add_lora, config_from_depth,
                    lora_disabled, lora_state_dict, merge_lora, pack_int4, quantize_int4, quantize_int8,
                    quantize_model, unpack_int4, weight_bytes)
-from test_chat import run_main, tiny_chat_model  # noqa: F401  (tiny_chat_model: a fixture)
+from test_chat import tiny_chat_model  # noqa: F401  (a fixture)
 from test_rl import rl_weights, run_rl, sft_model  # noqa: F401  (sft_model: a fixture)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add waiting on a shared machine
-    yield
-    torch.set_num_threads(threads)
+def tiny_models_one_thread(one_thread):
+    """conftest's one_thread for every test here: the models are tiny."""
 
 
 def tiny(depth=1, width=64, vocab=96, seed=0):
@@ -165,7 +160,8 @@ def test_qlora_loss_decreases(quantize):
 def test_bad_lora_settings():
     model = tiny()
     for kwargs, message in [(dict(rank=0), "rank >= 1"), (dict(rank=2, targets="q,x"), "targets"),
-                            (dict(rank=2, dropout=1.0), "dropout"), (dict(rank=2, quantize="int3"), "quantize")]:
+                            (dict(rank=2, dropout=1.0), "dropout"), (dict(rank=2, alpha=0.0), "alpha"),
+                            (dict(rank=2, quantize="int3"), "quantize")]:
         with pytest.raises(ValueError, match=message):
             add_lora(copy.deepcopy(model), **kwargs)
     add_lora(model, 2)
@@ -279,21 +275,19 @@ def test_quantized_model_serves_through_the_openai_api(tiny_chat_model, monkeypa
         server.shutdown()
         server.server_close()
     # the command line: chat.py --quantize loads the checkpoint and quantizes it; a bad format is one line
-    run_main(monkeypatch, "--source=sft", "--quantize=int8", "--prompt=What is 6*7?", "--max_new_tokens=4",
-             "--temperature=0")
+    run_main(monkeypatch, "chat.py", "--device=cpu", "--source=sft", "--quantize=int8", "--prompt=What is 6*7?",
+             "--max_new_tokens=4", "--temperature=0")
     assert "loaded sft model" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--quantize must be int8 or int4"):
-        run_main(monkeypatch, "--quantize=int3")
+        run_main(monkeypatch, "chat.py", "--quantize=int3")
 
 # -----------------------------------------------------------------------------
 # The stages with --lora_rank
 
 
 def run_sft(monkeypatch, *args):
-    """python sft.py ARGS, in this process (a subprocess costs seconds of imports)."""
-    monkeypatch.setattr(sys, "argv", ["sft.py", "--device=cpu", *args])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # setup_device leaves the thread count alone
-    runpy.run_path(os.path.join(REPO, "sft.py"), run_name="__main__")
+    run_main(monkeypatch, "sft.py", "--device=cpu", *args)
 
 
 def test_sft_qlora_saves_adapters_resumes_exactly_and_loads_merged(world, monkeypatch, capsys):

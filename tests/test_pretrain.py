@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, run_main, run_script
 
 TINY = ["--depth=1", "--aspect_ratio=32", "--head_dim=16", "--max_seq_len=64", "--device_batch_size=2",
         "--dtype=float32", "--eval_tokens=256", "--seed=7"]
@@ -99,3 +99,21 @@ def test_resuming_a_checkpoint_of_another_config_is_refused(world):
     r = run_script(["python", "pretrain.py"] + TINY + ["--num_iterations=2", "--eval_every=0", "--model_tag=x",
                                                        "--aspect_ratio=16", "--resume=1"], world, check=False)
     assert r.returncode != 0 and "of another model config" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_diverging_run_stops_at_once_and_saves_nothing(world, one_thread, monkeypatch, capsys):
+    args = TINY + ["--device=cpu", "--total_batch_size=256", "--eval_every=0", "--model_tag=x"]
+    run_main(monkeypatch, "pretrain.py", *args, "--num_iterations=2")  # a good checkpoint at step 2
+    d = os.path.join(world, "checkpoints", "base", "x")
+    files = {f: open(os.path.join(d, f), "rb").read() for f in os.listdir(d)}
+    # an embedding lr of 1e39 is finite, but the update it makes is not (float32 ends at 3.4e38)
+    diverge = args + ["--num_iterations=6", "--resume=1", "--embedding_lr=1e39"]
+    with pytest.raises(SystemExit) as e:  # step 3's update makes the weights inf, so step 4's loss is nan
+        run_main(monkeypatch, "pretrain.py", *diverge)
+    assert str(e.value).startswith("error: step 4: the run diverged (the loss is nan") and "\n" not in str(e.value)
+    assert "Try lower learning rates (--matrix_lr, --embedding_lr, --unembedding_lr)" in str(e.value)
+    with pytest.raises(SystemExit, match="^error: step 3: the model's weights are not finite"):
+        run_main(monkeypatch, "pretrain.py", *diverge, "--save_every=1")  # a save comes first: it is refused
+    # neither run saved or pruned anything: step 2 is still the latest, as it was
+    assert {f: open(os.path.join(d, f), "rb").read() for f in os.listdir(d)} == files
+    assert "step 00003/00006" in capsys.readouterr().out
