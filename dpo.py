@@ -10,6 +10,7 @@ a right and a wrong answer (graded by data/grade.py) gives one pair. (The GRPO f
     torchrun --nproc_per_node=8 dpo.py              # each rank samples and trains on its share
     python dpo.py --resume=1                        # continue the latest checkpoint of this model tag
     torchrun --nproc_per_node=8 dpo.py --zero=2     # optimiser states and gradients sharded (3: weights too)
+    python dpo.py --lora_rank=16                    # LoRA; the reference is the base, adapters off
 
 DPO is the other way through the post-training stage: like rl.py it reads $PICOCHAT_DIR/checkpoints/<source>/ and
 writes $PICOCHAT_DIR/checkpoints/rl/<model tag>/ and report/rl.json, so evaluate.py and chat.py take its model as
@@ -29,7 +30,7 @@ from common import print0
 from data import iter_jsonl
 from data.grade import grade, pass_rates, sample_groups
 from data.loader import collate, make_row, math_items, step_indices, token_logprobs
-from model import Engine
+from model import Engine, lora_disabled, merge_lora
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
@@ -64,6 +65,13 @@ eval_samples = 4            # answers per problem: pass@1 averages them, pass@k 
 eval_greedy = True          # also greedy pass@1 (one more answer per problem)
 save_every = 0              # checkpoint every this many steps (0: only at the end)
 resume = False              # continue from the latest rl checkpoint of this model tag
+# LoRA: low-rank adapters on a frozen base instead of training every weight (model.py's add_lora)
+lora_rank = 0               # > 0: adapters of this rank; checkpoints then hold the adapters alone and name their base
+lora_alpha = 32.0           # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0          # dropout on the adapters' input
+lora_targets = "q,k,v,o,up,down"  # attention's q, k, v and output projections; the MLP's up and down projections
+lora_merge = False          # the last checkpoint: the full model, the adapters merged into the base
+quantize = ""               # QLoRA: the frozen base stored as int8 (per channel) or int4 (per group of 64 inputs)
 # system
 device = ""                 # cuda|mps|cpu; "": the best available
 dtype = ""                  # bfloat16|float32; "": bfloat16 on CUDA and AMX CPUs, else float32
@@ -173,6 +181,8 @@ if __name__ == "__main__":
     model, tokenizer, source_meta = common.load_model(source, device, model_tag, source_step)
     out_tag = model_tag or common.find_model_tag(source)
     ckpt_dir = common.checkpoint_dir("rl", out_tag)
+    lora_meta = common.setup_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets, quantize, lora_merge,
+                                  {"stage": source, "model_tag": out_tag, "step": source_meta["step"]}, seed)
     if max_new_tokens >= model.config.sequence_len:
         raise SystemExit(f"error: --max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                          f"sequence_len={model.config.sequence_len}")
@@ -210,8 +220,9 @@ if __name__ == "__main__":
                              "(try more --dpo_problems, another --temperature, or give --pairs)")
     rows_chosen = [make_row(pair.prompt, *pair.chosen) for pair in pair_list]
     rows_rejected = [make_row(pair.prompt, *pair.rejected) for pair in pair_list]
-    ref_chosen = sequence_logprobs(model, rows_chosen, device, autocast_ctx, device_batch_size)  # (N,)
-    ref_rejected = sequence_logprobs(model, rows_rejected, device, autocast_ctx, device_batch_size)  # (N,)
+    with lora_disabled(model):  # with LoRA the reference is the base, adapters off: no second copy
+        ref_chosen = sequence_logprobs(model, rows_chosen, device, autocast_ctx, device_batch_size)  # (N,)
+        ref_rejected = sequence_logprobs(model, rows_rejected, device, autocast_ctx, device_batch_size)  # (N,)
 
     # ---- data parallelism and optimisers, resume (on any number of ranks)
     optimizers = common.stage_optimizers(model, zero, optimizer, lr, lr_scale, weight_decay,
@@ -226,7 +237,7 @@ if __name__ == "__main__":
         common.save_stage(ckpt_dir, step, model, optimizers, rank, {
             "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
             "source": {"stage": source, "model_tag": out_tag, "step": source_meta["step"]},
-            "open_model": source_meta.get("open_model")})
+            "open_model": source_meta.get("open_model"), **lora_meta})
 
     # ---- the training loop
     t_start, train_time, metrics, last_eval = time.time(), 0.0, {}, {}
@@ -282,6 +293,9 @@ if __name__ == "__main__":
     metrics = {**metrics, **last_eval, "train_minutes": train_time / 60, "wall_minutes": (time.time() - t_start) / 60}
     first = {k: v[0][1] for k, v in history.items() if k in last_eval and v and v[0][0] == 0}
     metrics.update({f"{k}_start": v for k, v in first.items()})
+    if lora_merge:  # the last checkpoint: the full model, the adapters folded into the base
+        merge_lora(model)
+        lora_meta = {"merged_lora": lora_meta["lora"]}
     save(step, metrics)
     common.finish_stage("rl", {"stage": "rl", "algo": "dpo", "config": config, "metrics": metrics,
                                "history": history, "checkpoint": ckpt_dir}, rank)

@@ -8,6 +8,7 @@ Evaluate picochat models (bits per byte, multiple choice, math) and assemble the
     python evaluate.py --task=math --dataset=gsm8k --max_problems=200
     python evaluate.py --task=math --num_samples=8       # pass@1 and pass@8, sampled (temperature 1 unless given)
     python evaluate.py --task=math --num_samples=8 --vote=1   # and maj@8: the samples' majority answer, graded
+    python evaluate.py --quantize=int8                   # the model with its weights quantized (int8, int4)
     python evaluate.py --report=1                        # $PICOCHAT_DIR/report/report.md from the stages' sections
     python evaluate.py --source=hf:Qwen/Qwen3-0.6B-Base --task=math --dataset=math500 --prompt_style=boxed \
         --max_new_tokens=2048                           # an open model (python data/hf_model.py first; README.md)
@@ -22,9 +23,9 @@ The tasks (each function below says how it scores):
   temperature 1 unless given), --vote=1 also maj@K. A base model gets a few-shot prompt in the pretraining
   format, a chat model a user turn, and --prompt_style=boxed asks in plain text for a final \boxed{} answer (as
   reasoning-from-scratch evaluates Qwen3-0.6B-Base).
-Each run (one process, not under torchrun) prints a markdown table and writes report/eval_<source>.json: the
-checkpoint (stage, tag, step), the settings and every metric; earlier results on the same checkpoint stay unless
-measured again. The report card (--report=1) reads report/*.json and speedrun.sh's <stage>.seconds, leaves out
+Each run (one process, not under torchrun) prints a markdown table and writes report/eval_<source>.json (with
+--quantize=int8: eval_<source>_int8.json, which the report card leaves out): the checkpoint (stage, tag, step),
+the settings and every metric; earlier results on the same checkpoint stay unless measured again. The report card (--report=1) reads report/*.json and speedrun.sh's <stage>.seconds, leaves out
 whatever is missing, and prints as its last line one JSON object: {"total_min", "tokenizer_min", "pretrain_min",
 "sft_min", "rl_min", "eval_min", "bpb", "pass1_sft", "pass1_rl"}. The answer checker is data/grade.py (`from
 evaluate import grade` works too).
@@ -45,7 +46,7 @@ import data
 from data import LETTERS, MATH_SPLITS, MC_SPLITS, data_dir, mc_conversation
 from data.grade import extract_answer, grade, majority_vote, pass_at_k, response_text  # noqa: F401  (users)
 from data.loader import TokenRows, evaluate_bpb
-from model import Engine
+from model import QUANT_FORMATS, Engine, quantize_model
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
@@ -67,6 +68,7 @@ top_k = 0                   # math: sample from the k likeliest tokens (0: all)
 max_new_tokens = 256        # math: longest answer
 batch_size = 16             # problems per generation batch; rows per forward for bpb and mc
 dtype = "float32"           # the weights: float32|bfloat16 (no autocast; "": bfloat16 on CUDA and AMX CPUs)
+quantize = ""               # int8|int4: the weights stored quantized at load time (what it costs in quality)
 device = ""                 # cuda|mps|cpu; "": the best available
 report = False              # assemble the report card instead of evaluating
 seed = 0
@@ -135,7 +137,7 @@ def mc_loglik_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, 
                 ids, start = ids[cut:], max(1, start - cut)
             rows.append((ids, start))
             owners.append(i)
-    device = next(model.parameters()).device
+    device = model.lm_head.weight.device
     losses = []
     for b in range(0, len(rows), rows_per_batch):
         chunk = rows[b:b + rows_per_batch]
@@ -172,7 +174,7 @@ def mc_letter_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, 
             raise ValueError(f"a multiple-choice item needs 2 to {len(LETTERS)} choices: {item['question'][:60]!r}")
         ids = tokenizer.render_for_completion(mc_conversation(item)[:1])
         prompts.append(ids[len(ids) - max_len:] if max_len and len(ids) > max_len else ids)
-    device = next(model.parameters()).device
+    device = model.lm_head.weight.device
     chosen = []
     for b in range(0, len(prompts), rows_per_batch):
         chunk, chunk_items = prompts[b:b + rows_per_batch], items[b:b + rows_per_batch]
@@ -435,6 +437,8 @@ if __name__ == "__main__":
             errors.append(f"--{name} must be >= {low}, got {value}")
     if temperature < 0:
         errors.append(f"--temperature must be >= 0, got {temperature}")
+    if quantize not in ("", *QUANT_FORMATS):
+        errors.append(f"--quantize must be {' or '.join(QUANT_FORMATS)}, got {quantize!r}")
     if vote and num_samples < 2:
         errors.append("--vote=1 takes the majority of several answers: give --num_samples=K with K > 1")
     if errors:
@@ -466,7 +470,12 @@ if __name__ == "__main__":
     for stage in sources:
         common.seed_everything(seed)
         model, tokenizer, meta = common.load_model(stage, device, tags[stage], step, weights)
-        checkpoint = {"stage": stage, "model_tag": tags[stage], "step": meta["step"]}
+        if quantize:
+            try:
+                quantize_model(model, quantize)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+        checkpoint = {"stage": stage, "model_tag": tags[stage], "step": meta["step"], "quantize": quantize}
         print(f"== {stage} (tag {tags[stage]}, step {meta['step']}): {', '.join(tasks)}", flush=True)
         style = prompt_style or ("chat" if stage in ("sft", "rl") else "base")
         t0, results, chat = time.time(), {}, style == "chat"
@@ -497,7 +506,8 @@ if __name__ == "__main__":
                 "max_problems": max_problems, "num_samples": num_samples, "vote": vote, "temperature": temperature,
                 "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "prompt": made, "dtype": str(weights)}}
         all_metrics[stage] = flat_metrics(results)
-        section_name = f"eval_{stage if stage in STAGES else tags[stage]}"  # an open model: its folder's name
+        # an open model's section is named by its folder; a quantized model's goes beside, not instead
+        section_name = f"eval_{stage if stage in STAGES else tags[stage]}" + (f"_{quantize}" if quantize else "")
         path = os.path.join(common.get_base_dir(), "report", f"{section_name}.json")
         if os.path.exists(path):  # earlier results on this same checkpoint stay, unless measured again now
             with open(path, encoding="utf-8") as f:

@@ -12,6 +12,7 @@ and each answer is pushed up or down by how much better it did than its group. (
     torchrun --nproc_per_node=8 rl.py --zero=3      # optimiser states, gradients and weights sharded (see common.py)
     python rl.py --source=hf:Qwen/Qwen3-0.6B-Base --dataset=gsm8k   # an open model: AdamW at 1e-5 (README.md)
     python rl.py --resume=1                         # continue the latest rl checkpoint of this model tag
+    python rl.py --lora_rank=16 --kl_coef=0.04      # LoRA; the KL reference is the base, adapters off
 
 Defaults are nanochat's simple on-policy variant of GRPO: no reference model or KL, one gradient step per batch
 (so no ratio clipping), advantage = reward - group mean without std division, DAPO's token-level normalisation.
@@ -29,7 +30,7 @@ import common
 from common import print0
 from data.grade import grade, pass_rates, sample_groups
 from data.loader import collate, make_row, math_items, step_indices, token_logprobs
-from model import Engine
+from model import Engine, lora_disabled, merge_lora
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
@@ -73,6 +74,13 @@ eval_samples = 4            # answers per problem: pass@1 averages them, pass@k 
 eval_greedy = True          # also greedy pass@1 (one more answer per problem)
 save_every = 0              # checkpoint every this many steps (0: only at the end)
 resume = False              # continue from the latest rl checkpoint of this model tag
+# LoRA: low-rank adapters on a frozen base instead of training every weight (model.py's add_lora)
+lora_rank = 0               # > 0: adapters of this rank; checkpoints then hold the adapters alone and name their base
+lora_alpha = 32.0           # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0          # dropout on the adapters' input
+lora_targets = "q,k,v,o,up,down"  # attention's q, k, v and output projections; the MLP's up and down projections
+lora_merge = False          # the last checkpoint: the full model, the adapters merged into the base
+quantize = ""               # QLoRA: the frozen base stored as int8 (per channel) or int4 (per group of 64 inputs)
 # system
 device = ""                 # cuda|mps|cpu; "": the best available
 dtype = ""                  # bfloat16|float32; "": bfloat16 on CUDA and AMX CPUs, else float32
@@ -159,7 +167,10 @@ if __name__ == "__main__":
     if max_new_tokens >= model.config.sequence_len:
         raise SystemExit(f"error: --max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                          f"sequence_len={model.config.sequence_len}")
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if kl_coef > 0 else None
+    lora_meta = common.setup_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets, quantize, lora_merge,
+                                  {"stage": source, "model_tag": out_tag, "step": source_meta["step"]}, seed)
+    # with LoRA the reference is the model itself with its adapters off (lora_disabled): no second copy
+    reference = (model if lora_meta else copy.deepcopy(model).eval().requires_grad_(False)) if kl_coef > 0 else None
     engine = Engine(model, tokenizer)
     train_items, test_items = math_items(tokenizer, dataset, model.config.sequence_len - max_new_tokens,
                                          eval_problems, seed, prompt_style)
@@ -178,7 +189,7 @@ if __name__ == "__main__":
         common.save_stage(ckpt_dir, step, model, optimizers, rank, {
             "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
             "source": {"stage": source, "model_tag": out_tag, "step": source_meta["step"]},
-            "open_model": source_meta.get("open_model")})
+            "open_model": source_meta.get("open_model"), **lora_meta})
 
     # ---- the training loop
     t_start, train_time, metrics, last_eval = time.time(), 0.0, {}, {}
@@ -247,7 +258,7 @@ if __name__ == "__main__":
         # ---- 3. the reference's log-probs (for the KL term), before any update
         ref_logps = []
         if reference is not None:
-            with torch.no_grad(), autocast_ctx:
+            with torch.no_grad(), autocast_ctx, lora_disabled(reference):
                 ref_logps = [token_logprobs(reference, x, y) for (x, y, _), _ in batches]  # each (B, T)
 
         # ---- 4. ppo_epochs optimiser steps on these samples
@@ -301,6 +312,9 @@ if __name__ == "__main__":
     metrics = {**metrics, **last_eval, "train_minutes": train_time / 60, "wall_minutes": (time.time() - t_start) / 60}
     first = {k: v[0][1] for k, v in history.items() if k in last_eval and v and v[0][0] == 0}
     metrics.update({f"{k}_start": v for k, v in first.items()})
+    if lora_merge:  # the last checkpoint: the full model, the adapters folded into the base
+        merge_lora(model)
+        lora_meta = {"merged_lora": lora_meta["lora"]}
     save(step, metrics)
     common.finish_stage("rl", {"stage": "rl", "algo": "grpo", "config": config, "metrics": metrics,
                                "history": history, "checkpoint": ckpt_dir}, rank)

@@ -8,6 +8,7 @@ The loss is taken only on what the assistant writes (its text, its calculator ca
     python sft.py --source=mid                   # then SFT on top of it
     python sft.py --source=hf:Qwen/Qwen3-0.6B-Base --device_batch_size=1 --total_batch_size=8192
                                                  # an open model (python data/hf_model.py first): AdamW at 1e-5
+    python sft.py --lora_rank=16                 # LoRA: adapters on the frozen base (--quantize=int4: QLoRA)
     torchrun --nproc_per_node=8 sft.py
     torchrun --nproc_per_node=8 sft.py --zero=3      # optimiser states, gradients and weights sharded (as pretrain.py)
 
@@ -26,7 +27,7 @@ import torch
 import common
 from common import print0
 from data import iter_jsonl, load_conversations
-from model import Engine
+from model import Engine, merge_lora
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
@@ -49,6 +50,13 @@ eval_every = 50             # validation loss and a few sampled answers every th
 eval_rows = 64              # validation rows per evaluation
 save_every = 0              # checkpoint every this many steps (0: only at the end)
 resume = False
+# LoRA: low-rank adapters on a frozen base instead of training every weight (model.py's add_lora)
+lora_rank = 0               # > 0: adapters of this rank; checkpoints then hold the adapters alone and name their base
+lora_alpha = 32.0           # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0          # dropout on the adapters' input
+lora_targets = "q,k,v,o,up,down"  # attention's q, k, v and output projections; the MLP's up and down projections
+lora_merge = False          # the last checkpoint: the full model, the adapters merged into the base
+quantize = ""               # QLoRA: the frozen base stored as int8 (per channel) or int4 (per group of 64 inputs)
 device = ""
 dtype = ""                  # bfloat16 | float32 | "": bfloat16 on CUDA and AMX CPUs, else float32
 zero = 0                    # data parallelism: 0 replicated, 1 optimiser states sharded, 2 + gradients, 3 + weights
@@ -138,6 +146,8 @@ if __name__ == "__main__":
         print0(f"note: max_seq_len {max_seq_len} > the model's {model_config.sequence_len}; RoPE extends to it")
     out_tag = model_tag or common.find_model_tag(source)
     ckpt_dir = common.checkpoint_dir(stage, out_tag)
+    lora_meta = common.setup_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets, quantize, lora_merge,
+                                  {"stage": source, "model_tag": out_tag, "step": source_meta["step"]}, seed)
 
     # ---- data
     train_convs, val_convs = load_conversations("train"), load_conversations("val")
@@ -217,7 +227,7 @@ if __name__ == "__main__":
     def save(step, metrics):
         common.save_stage(ckpt_dir, step, model, optimizers, rank, {
             "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
-            "source": source, "open_model": source_meta.get("open_model")})
+            "source": source, "open_model": source_meta.get("open_model"), **lora_meta})
 
     # ---- the training loop
     t_start, metrics, last_val = time.time(), {}, None
@@ -266,6 +276,9 @@ if __name__ == "__main__":
             save(step, metrics)
 
     metrics.update(val_loss=last_val, minutes=(time.time() - t_start) / 60, skipped_conversations=skipped)
+    if lora_merge:  # the last checkpoint: the full model, the adapters folded into the base
+        merge_lora(model)
+        lora_meta = {"merged_lora": lora_meta["lora"]}
     save(step, metrics)
     common.finish_stage(stage, {"stage": stage, "config": config, "metrics": metrics, "history": history,
                                 "checkpoint": ckpt_dir}, rank)
