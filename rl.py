@@ -75,7 +75,7 @@ ent_coef = 0.001            # weight of the policy's mean entropy, a bonus that 
 num_minibatches = 4         # optimiser steps per pass over the step's answers (each rank takes a share of each)
 critic_lr_scale = 0.1       # lr_scale of the critic's optimisers
 # optimisation
-num_steps = 60              # optimisation steps (ppo_epochs each)
+num_steps = 60              # steps: each samples, then makes ppo_epochs optimiser steps (PPO: x num_minibatches)
 lr_scale = 0.1              # multiplies the model's default learning rates (nanochat's init_lr_frac: 0.05)
 weight_decay = 0.0
 device_batch_size = 32      # sequences per forward/backward (memory only: gradients accumulate over a step)
