@@ -13,11 +13,19 @@ generation with the calculator tool (the Engine).
 Architecture (as nanochat's gpt.py): token embedding, parameter-free RMSNorm, rotary embeddings (RoPE), QK-norm,
 grouped-query attention, ReLU^2 MLP, untied head, tanh logit softcap, no biases, zero-initialised output
 projections. `mlp="swiglu"` and `norm_weight=True` give the Qwen3-style variant (gated MLP, learnable norm gains).
+
+The same GPT, switched by its config, is also Qwen3 and GPT-2, and loads their Hugging Face weights:
+
+    model = GPT.from_pretrained("path/to/Qwen3-0.6B-Base", device="cpu", dtype=torch.bfloat16)
+    # the folder of config.json + model.safetensors (or shards + model.safetensors.index.json); see data/hf_model.py
 """
 
 import ast
+import contextlib
 import functools
+import json
 import math
+import os
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -40,12 +48,21 @@ class GPTConfig:
     n_kv_head: int = 6           # key/value heads (GQA when < n_head)
     n_embd: int = 768
     head_dim: int = 128
-    mlp: str = "relu2"           # "relu2": relu(x W1)^2 W2 | "swiglu": (silu(x Wg) * x Wu) W2
+    mlp: str = "relu2"           # "relu2": relu(x W1)^2 W2 | "swiglu": (silu(x Wg) * x Wu) W2 |
+                                 # "gelu_tanh": gelu(x W1) W2, tanh approximation (GPT-2's "gelu_new")
     mlp_hidden: int = 0          # 0 -> 4 * n_embd
     norm_weight: bool = False    # learnable RMSNorm gains (Qwen3 style); nanochat's norms are parameter-free
     rope_theta: float = 10000.0
     softcap: float = 15.0        # logits = softcap * tanh(logits / softcap); 0 disables
     use_kernels: bool = False    # attention / optimiser steps through kernels/ (Triton, CUDA) when importable
+    # switches for the open models (the defaults are nanochat's; see config_from_hf for Qwen3 and GPT-2)
+    norm: str = "rmsnorm"        # "rmsnorm" | "layernorm" (with gain and bias, GPT-2)
+    norm_eps: float = 0.0        # 0: the dtype's machine epsilon (F.rms_norm's default); Qwen3 1e-6, GPT-2 1e-5
+    embed_norm: bool = True      # normalise the token embedding before the first block (nanochat; not Qwen3, GPT-2)
+    qk_norm: bool = True         # per-head RMSNorm of queries and keys (nanochat, Qwen3; not GPT-2)
+    positions: str = "rope"      # "rope" | "learned": a table of sequence_len position embeddings (GPT-2)
+    bias: bool = False           # biases on the blocks' linear layers (GPT-2)
+    tie_embeddings: bool = False  # the head is the token embedding matrix (Qwen3-0.6B, GPT-2)
 
     def __post_init__(self):
         checks = [
@@ -56,7 +73,12 @@ class GPTConfig:
              f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head} (grouped-query attention)"),
             (self.head_dim >= 2 and self.head_dim % 2 == 0, f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}"),
             (self.n_embd >= 1, f"n_embd must be >= 1, got {self.n_embd}"),
-            (self.mlp in ("relu2", "swiglu"), f"mlp must be 'relu2' or 'swiglu', got {self.mlp!r}"),
+            (self.mlp in ("relu2", "swiglu", "gelu_tanh"),
+             f"mlp must be 'relu2', 'swiglu' or 'gelu_tanh', got {self.mlp!r}"),
+            (self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}"),
+            (self.norm_eps >= 0 and (self.norm == "rmsnorm" or self.norm_eps > 0),
+             f"norm_eps must be >= 0 (> 0 for layernorm), got {self.norm_eps}"),
+            (self.positions in ("rope", "learned"), f"positions must be 'rope' or 'learned', got {self.positions!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -112,17 +134,24 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim (eps: the dtype's machine epsilon, as F.rms_norm); parameter-free unless `weight`
-    (a learnable gain, Qwen3 style)."""
+    """RMSNorm over the last dim; parameter-free unless `weight` (a learnable gain, Qwen3 style). eps 0: the dtype's
+    machine epsilon (as F.rms_norm)."""
 
-    def __init__(self, dim, weight):
+    def __init__(self, dim, weight, eps=0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+        self.eps = eps
 
     def forward(self, x):
-        if self.weight is None:
+        if self.weight is None and not self.eps:
             return _RMSNormFunction.apply(x)
-        return F.rms_norm(x, (x.size(-1),), self.weight)
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps or None)
+
+
+def make_norm(config, dim):
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, config.norm_weight, config.norm_eps)
 
 
 def apply_rotary(x, cos, sin):
@@ -140,12 +169,13 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.use_kernels = config.use_kernels
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.norm_weight)
-        self.k_norm = RMSNorm(self.head_dim, config.norm_weight)
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=config.bias)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        # QK-norm is always an RMSNorm over the head dim (Qwen3: with gains and the config's eps)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_weight, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_weight, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x, cos, sin, kv_cache, attn_mask):
         B, T, C = x.shape
@@ -154,7 +184,10 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         # QK-norm bounds the attention logits (stabler training at high lr); norm then rotate as Qwen3 does
         # (for parameter-free norms the order does not matter: a rotation keeps the RMS)
-        q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:  # None: learned positions, added to the embedding instead
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, Tk, D): the cache up to the newest token
@@ -173,16 +206,18 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         hidden = config.mlp_hidden or 4 * config.n_embd
-        self.swiglu = config.mlp == "swiglu"
-        # swiglu: one matmul computes [gate | up] (a Qwen3 loader concatenates gate_proj and up_proj)
-        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=False)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
+        self.kind = config.mlp
+        # swiglu: one matmul computes [gate | up] (from_pretrained concatenates Qwen3's gate_proj and up_proj)
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x):
         h = self.c_fc(x)  # (B, T, hidden or 2*hidden)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up  # (B, T, hidden)
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's activation, so its weights load unchanged
         else:
             h = F.relu(h).square()  # ReLU^2 (So et al. 2021, "Primer"): sparse, and better than GELU per FLOP
         return self.c_proj(h)  # (B, T, C)
@@ -191,9 +226,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.norm_1 = RMSNorm(config.n_embd, config.norm_weight)
+        self.norm_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.norm_2 = RMSNorm(config.n_embd, config.norm_weight)
+        self.norm_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, kv_cache, attn_mask):
@@ -208,17 +243,49 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            norm_in=RMSNorm(config.n_embd, config.norm_weight),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            norm_f=RMSNorm(config.n_embd, config.norm_weight),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte
-        # RoPE for 10x the training context, so inference may run longer (as nanochat); beyond it: an error
-        cos, sin = self._rotary(10 * config.sequence_len)
-        self.register_buffer("cos", cos, persistent=False)  # (10*T, D/2)
-        self.register_buffer("sin", sin, persistent=False)
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.positions == "learned":
+            modules["wpe"] = nn.Embedding(config.sequence_len, config.n_embd)
+        if config.embed_norm:
+            modules["norm_in"] = make_norm(config, config.n_embd)
+        modules["h"] = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        modules["norm_f"] = make_norm(config, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        # RoPE for 10x the training context, so inference may run longer (as nanochat); beyond it: an error.
+        # Learned positions end where their table does.
+        self.context_len = 10 * config.sequence_len if config.positions == "rope" else config.sequence_len
+        if config.positions == "rope":
+            cos, sin = self._rotary(self.context_len)
+            self.register_buffer("cos", cos, persistent=False)  # (10*T, D/2)
+            self.register_buffer("sin", sin, persistent=False)
+
+    def tie_weights(self):
+        """With tie_embeddings, the head's weight is the token embedding's: one parameter, two keys in the state
+        dict. Called again after anything that may replace parameters (from_pretrained's meta-device build)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @staticmethod
+    def from_pretrained(path, device="cpu", dtype=torch.float32, sequence_len=4096):
+        """A GPT with the weights of a Hugging Face model folder (config.json, model.safetensors or shards with
+        their index; Qwen3 or GPT-2), in `dtype` on `device`, in eval mode. Built on the meta device, allocated
+        once and filled tensor by tensor, so the weights never exist twice in memory. sequence_len: see
+        config_from_hf."""
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            hf = json.load(f)
+        try:
+            config = config_from_hf(hf, sequence_len)
+        except KeyError as e:
+            raise ValueError(f"{path}/config.json has no {e.args[0]!r}") from None
+        with torch.device("meta"):
+            model = GPT(config).to(dtype)
+        model.to_empty(device=device)
+        model.tie_weights()  # to_empty may give the two modules separate tensors
+        model.fill_rotary()
+        load_hf_weights(model, path, hf["model_type"])
+        return model.eval()
 
     def _rotary(self, length, device=None):
         c = self.config
@@ -230,10 +297,14 @@ class GPT(nn.Module):
     def init_weights(self):
         """nanochat's init: embedding N(0, 1); head N(0, 0.001) (near-uniform first predictions); input
         projections U(-a, a) with a = sqrt(3 / n_embd) (std 1/sqrt(fan_in)); output projections zero, so
-        every block starts as the identity and the residual stream is just the embedding."""
+        every block starts as the identity and the residual stream is just the embedding. A tied head keeps the
+        embedding's init; learned positions N(0, 0.02) (GPT-2's); norm gains one, biases zero."""
         c = self.config
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
-        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        if not c.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        if c.positions == "learned":
+            nn.init.normal_(self.transformer.wpe.weight, mean=0.0, std=0.02)
         a = (3.0 / c.n_embd) ** 0.5
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
@@ -241,11 +312,19 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
         for module in self.modules():
-            if isinstance(module, RMSNorm) and module.weight is not None:
+            if isinstance(module, (RMSNorm, nn.LayerNorm)) and module.weight is not None:
                 nn.init.ones_(module.weight)
-        cos, sin = self._rotary(self.cos.size(0), self.cos.device)
-        self.cos.copy_(cos)
-        self.sin.copy_(sin)
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        self.fill_rotary()
+
+    @torch.no_grad()
+    def fill_rotary(self):
+        """(Re)compute the RoPE tables, which are not saved: after init, or a build on the meta device."""
+        if self.config.positions == "rope":
+            cos, sin = self._rotary(self.cos.size(0), self.cos.device)
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -255,8 +334,13 @@ class GPT(nn.Module):
         is a lookup, not a matmul) plus attention's QK^T and AV, 2 * 2 * H * D * T forward, x3 with backward,
         counted over the full context T (as nanochat; causal masking halves the real work)."""
         c = self.config
-        n_matmul = sum(p.numel() for p in self.parameters() if p.dim() == 2) - self.transformer.wte.weight.numel()
+        n_matmul = sum(p.numel() for p in self.transformer.h.parameters() if p.dim() == 2) + self.lm_head.weight.numel()
         return 6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    def _positions(self):
+        if self.config.positions == "rope":
+            return f"rotary cache of {self.context_len} (10 x sequence_len={self.config.sequence_len})"
+        return f"position table of {self.context_len}"
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx: (B, T) token ids. Returns float32 logits (B, T, V) when targets is None, else the cross-entropy
@@ -265,20 +349,28 @@ class GPT(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
+        c = self.config
         attn_mask = None
         if kv_cache is None:
-            if T > self.cos.size(0):
-                raise ValueError(f"sequence of {T} tokens is longer than the rotary cache of {self.cos.size(0)} "
-                                 f"(10 x sequence_len={self.config.sequence_len})")
-            cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]  # (1, T, 1, D/2)
+            if T > self.context_len:
+                raise ValueError(f"sequence of {T} tokens is longer than the {self._positions()}")
+            pos = torch.arange(T, device=idx.device)[None]  # (1, T)
         else:
-            if kv_cache.length + T > min(self.cos.size(0), kv_cache.max_len):
-                raise ValueError(f"KV cache of {kv_cache.max_len} positions (rotary cache {self.cos.size(0)}) "
+            if kv_cache.length + T > min(self.context_len, kv_cache.max_len):
+                raise ValueError(f"KV cache of {kv_cache.max_len} positions ({self._positions()}) "
                                  f"cannot take {T} more tokens after {kv_cache.length}")
             pos = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T) per-row positions
-            cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (B, T, 1, D/2)
             attn_mask = kv_cache.attn_mask(T)  # (B, 1, T, Tk) or None when plain causal is exact
-        x = self.transformer.norm_in(self.transformer.wte(idx))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        cos = sin = None
+        if c.positions == "learned":
+            x = x + self.transformer.wpe(pos)  # (B or 1, T, C) broadcast over rows
+        elif kv_cache is None:
+            cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]  # (1, T, 1, D/2)
+        else:
+            cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (B, T, 1, D/2)
+        if c.embed_norm:
+            x = self.transformer.norm_in(x)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache, attn_mask)
         if kv_cache is not None:
@@ -309,9 +401,13 @@ class GPT(nn.Module):
         themselves when torch.distributed is initialised (see AdamW, Muon)."""
         scale = (self.config.n_embd / 768) ** -0.5
         matrices = [p for p in self.transformer.h.parameters() if p.dim() == 2]
-        gains = [p for p in self.parameters() if p.dim() == 1]
-        adam_groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * scale),
-                       dict(params=[self.transformer.wte.weight], lr=embedding_lr * scale)]
+        gains = [p for p in self.parameters() if p.dim() == 1]  # norm gains and biases
+        # a tied embedding is the head too: it learns at the head's (lower) rate
+        embeddings = [m.weight for name, m in self.transformer.items() if name in ("wte", "wpe")
+                      and m.weight is not self.lm_head.weight]
+        adam_groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * scale)]
+        if embeddings:
+            adam_groups.append(dict(params=embeddings, lr=embedding_lr * scale))
         if gains:
             adam_groups.append(dict(params=gains, lr=unembedding_lr * scale))
         adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay,
@@ -322,6 +418,142 @@ class GPT(nn.Module):
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
         return [adamw, muon]
+
+# -----------------------------------------------------------------------------
+# Open models: a Hugging Face folder (config.json + safetensors) as a GPTConfig and the GPT's weights
+
+
+def config_from_hf(hf, sequence_len=4096):
+    """GPTConfig of a Hugging Face config.json (a dict) for model_type "qwen3" or "gpt2". sequence_len: the
+    context picochat's stages work in (rows, prompt room), capped at the model's own; RoPE then reaches 10x it.
+    GPT-2's learned position table fixes its context at n_positions."""
+    kind = hf.get("model_type")
+    if kind == "qwen3":
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers >= 5 | older files
+        unsupported = [(hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r}"),
+                       (hf.get("attention_bias", False), "attention_bias"),
+                       (hf.get("use_sliding_window", False), "use_sliding_window"),
+                       (rope.get("rope_type", rope.get("type", "default")) != "default",
+                        f"rope type {rope.get('rope_type', rope.get('type'))!r}")]
+        if any(bad for bad, _ in unsupported):
+            raise ValueError(f"qwen3 config with unsupported {', '.join(w for bad, w in unsupported if bad)}")
+        n_head = hf["num_attention_heads"]
+        return GPTConfig(
+            sequence_len=min(sequence_len, hf["max_position_embeddings"]), vocab_size=hf["vocab_size"],
+            n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+            n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, mlp="swiglu",
+            mlp_hidden=hf["intermediate_size"], norm_weight=True, norm_eps=hf["rms_norm_eps"],
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), softcap=0.0,
+            embed_norm=False, tie_embeddings=hf.get("tie_word_embeddings", False))
+    if kind == "gpt2":
+        unsupported = [(hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+                        f"activation_function {hf.get('activation_function')!r}"),
+                       (hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx"),
+                       (not hf.get("scale_attn_weights", True), "scale_attn_weights false"),
+                       (not hf.get("tie_word_embeddings", True), "untied embeddings")]
+        if any(bad for bad, _ in unsupported):
+            raise ValueError(f"gpt2 config with unsupported {', '.join(w for bad, w in unsupported if bad)}")
+        n_embd, n_head = hf["n_embd"], hf["n_head"]
+        return GPTConfig(
+            sequence_len=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=n_head,
+            n_kv_head=n_head, n_embd=n_embd, head_dim=n_embd // n_head, mlp="gelu_tanh",
+            mlp_hidden=hf.get("n_inner") or 4 * n_embd, softcap=0.0, norm="layernorm",
+            norm_eps=hf["layer_norm_epsilon"], embed_norm=False, qk_norm=False, positions="learned", bias=True,
+            tie_embeddings=True)
+    raise ValueError(f"model_type {kind!r} is not supported (qwen3, gpt2)")
+
+
+def _hf_weight_map(kind, config):
+    """{our parameter: (its Hugging Face keys, fn(tensors) -> our tensor)}, and the predicate of file keys that
+    are known not to be weights. Qwen3's gate and up projections become our one [gate | up] matrix; GPT-2's
+    Conv1D layers store (in, out), the transpose of a Linear, and its c_attn holds q, k and v side by side."""
+    same = lambda ts: ts[0]  # noqa: E731
+    weights = {}
+    if kind == "qwen3":
+        weights["transformer.wte.weight"] = (["model.embed_tokens.weight"], same)
+        for i in range(config.n_layer):
+            ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+            for a, b in [("norm_1", "input_layernorm"), ("norm_2", "post_attention_layernorm"),
+                         ("attn.c_q", "self_attn.q_proj"), ("attn.c_k", "self_attn.k_proj"),
+                         ("attn.c_v", "self_attn.v_proj"), ("attn.c_proj", "self_attn.o_proj"),
+                         ("attn.q_norm", "self_attn.q_norm"), ("attn.k_norm", "self_attn.k_norm"),
+                         ("mlp.c_proj", "mlp.down_proj")]:
+                weights[ours + a + ".weight"] = ([theirs + b + ".weight"], same)
+            weights[ours + "mlp.c_fc.weight"] = ([theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"],
+                                                 lambda ts: torch.cat(ts, dim=0))
+        weights["transformer.norm_f.weight"] = (["model.norm.weight"], same)
+        if not config.tie_embeddings:
+            weights["lm_head.weight"] = (["lm_head.weight"], same)
+        # a tied model's file may still carry the head (a copy of the embedding): not a weight of ours
+        return weights, lambda key: config.tie_embeddings and key == "lm_head.weight"
+    # gpt2, keys without the "transformer." prefix (see _read_hf_weights)
+    C = config.n_embd
+    weights["transformer.wte.weight"] = (["wte.weight"], same)
+    weights["transformer.wpe.weight"] = (["wpe.weight"], same)
+    for i in range(config.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"h.{i}."
+        for part in ("weight", "bias"):
+            weights[ours + f"norm_1.{part}"] = ([theirs + f"ln_1.{part}"], same)
+            weights[ours + f"norm_2.{part}"] = ([theirs + f"ln_2.{part}"], same)
+        for j, name in enumerate(("c_q", "c_k", "c_v")):
+            weights[ours + f"attn.{name}.weight"] = ([theirs + "attn.c_attn.weight"],
+                                                     lambda ts, j=j: ts[0][:, j * C:(j + 1) * C].t())
+            weights[ours + f"attn.{name}.bias"] = ([theirs + "attn.c_attn.bias"],
+                                                   lambda ts, j=j: ts[0][j * C:(j + 1) * C])
+        for a in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            weights[ours + a + ".weight"] = ([theirs + a + ".weight"], lambda ts: ts[0].t())
+            weights[ours + a + ".bias"] = ([theirs + a + ".bias"], same)
+    for part in ("weight", "bias"):
+        weights[f"transformer.norm_f.{part}"] = ([f"ln_f.{part}"], same)
+    # the causal-mask buffers of older GPT-2 files, and the tied head some files repeat
+    return weights, lambda key: key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight"
+
+
+def _safetensors_files(path):
+    """The weight files of a Hugging Face model folder: the shards its index names, or model.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    missing = [name for name in files if not os.path.exists(os.path.join(path, name))]
+    if missing:
+        raise FileNotFoundError(f"{path}: missing {', '.join(missing)} (an interrupted download? rerun it)")
+    return [os.path.join(path, name) for name in files]
+
+
+@torch.no_grad()
+def load_hf_weights(model, path, kind):
+    """Copy the weights of the Hugging Face folder `path` into `model` (a GPT of config_from_hf's config), one
+    tensor at a time from the memory-mapped files: besides the model, memory holds one converted tensor."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ImportError("loading Hugging Face weights needs safetensors: pip install safetensors") from None
+    weights, ignored = _hf_weight_map(kind, model.config)
+    with contextlib.ExitStack() as stack:
+        handles = {}  # their key (gpt2: without "transformer.") -> (open file, key in the file)
+        for file in _safetensors_files(path):
+            f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+            for key in f.keys():
+                handles[key.removeprefix("transformer.") if kind == "gpt2" else key] = (f, key)
+        wanted = {key for keys, _ in weights.values() for key in keys}
+        missing = sorted(wanted - handles.keys())
+        unexpected = sorted(k for k in handles.keys() - wanted if not ignored(k))
+        if missing or unexpected:
+            show = lambda keys: ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")  # noqa
+            raise ValueError(f"{path}: the weights do not fit a {kind} model of its config.json: "
+                             + "; ".join(f"{what} keys: {show(keys)}" for what, keys in
+                                         (("missing", missing), ("unexpected", unexpected)) if keys))
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name, (keys, combine) in weights.items():
+            tensor = combine([handles[k][0].get_tensor(handles[k][1]) for k in keys])
+            if tensor.shape != params[name].shape:
+                raise ValueError(f"{path}: {', '.join(keys)} has shape {tuple(tensor.shape)}, the config.json "
+                                 f"makes {name} {tuple(params[name].shape)}")
+            params[name].copy_(tensor)  # converts to the model's dtype and device
+
 
 # -----------------------------------------------------------------------------
 # Optimisers

@@ -15,6 +15,9 @@ encoding and decoding run in tiktoken's Rust core:
     tokenizer/token_bytes.npy      int32 byte length of every token id, 0 for specials (for bits per byte)
 
 In Python: tok = load_tokenizer(); tok.encode("hi"); tok.render_conversation(messages) -> (ids, mask).
+
+An open model's tokenizer loads from its Hugging Face folder (tokenizer.json + config.json), with its family's
+own chat format behind the same methods: load_tokenizer("path/to/Qwen3-0.6B-Base").
 """
 
 import base64
@@ -27,6 +30,7 @@ import multiprocessing
 import os
 import re
 import time
+import unicodedata
 
 import numpy as np
 import regex
@@ -266,7 +270,11 @@ def save_tokenizer(mergeable_ranks, directory=None):
 
 
 def load_tokenizer(directory=None):
+    """picochat's tokenizer (default: the trained one), or an open model's from its Hugging Face folder."""
     directory = directory or default_dir()
+    if not os.path.exists(os.path.join(directory, "tokenizer.tiktoken")) and \
+            os.path.exists(os.path.join(directory, "config.json")):
+        return load_hf_tokenizer(directory)
     names = ("tokenizer.tiktoken", "tokenizer.json", "token_bytes.npy")
     paths = {name: os.path.join(directory, name) for name in names}
     missing = [p for p in paths.values() if not os.path.exists(p)]
@@ -291,22 +299,34 @@ def load_tokenizer(directory=None):
     return Tokenizer(enc, np.load(paths["token_bytes.npy"]), saved_hash)
 
 # -----------------------------------------------------------------------------
-# The tokenizer used by every stage: tiktoken for the heavy lifting, plus chat rendering
+# The tokenizer used by every stage: tiktoken for the heavy lifting, plus chat rendering through a chat format
 
 
 class Tokenizer:
-    def __init__(self, enc, token_bytes, hash):
+    """What the stages use. Which model family it serves shows nowhere in its interface: `chat` (a chat format,
+    below) decides how conversations become tokens and what picochat's special token names stand for."""
+
+    def __init__(self, enc, token_bytes, hash, chat=None, nfc=False):
         self.enc = enc  # the tiktoken.Encoding
         self.token_bytes = token_bytes  # (vocab_size,) int32 bytes per token, 0 for specials
         self.hash = hash
+        self.chat = chat or PicochatChat()
+        self.nfc = nfc  # normalise text to NFC before encoding (as the Hugging Face tokenizer does)
         self.vocab_size = enc.n_vocab
         self.special_tokens = {name: enc.encode_single_token(name) for name in enc.special_tokens_set}
         self.bos_id = self.special("<|bos|>")
 
     def special(self, name):
-        if name not in self.special_tokens:
-            raise KeyError(f"{name!r} is not a special token; they are: {', '.join(SPECIAL_TOKENS)}")
-        return self.special_tokens[name]
+        """The id of a special token: picochat's names (<|bos|>, <|assistant_end|>, <|python_start|>, ...) stand for
+        the family's counterpart, or None where it has none (then that feature is off: e.g. GPT-2's calculator).
+        The family's own names (<|im_end|>) work too."""
+        token = self.chat.aliases.get(name, name)
+        if token is None:
+            return None
+        if token not in self.special_tokens:
+            raise KeyError(f"{name!r} is not a special token; they are: "
+                           f"{', '.join(sorted(self.special_tokens, key=self.special_tokens.get))}")
+        return self.special_tokens[token]
 
     def _id(self, token):
         return self.special(token) if isinstance(token, str) else int(token)
@@ -317,59 +337,46 @@ class Tokenizer:
         head = [] if prepend is None else [self._id(prepend)]
         tail = [] if append is None else [self._id(append)]
         if isinstance(text, str):
-            return head + self.enc.encode_ordinary(text) + tail
-        return [head + ids + tail for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
+            return head + self.enc.encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text) + tail
+        texts = [unicodedata.normalize("NFC", t) for t in text] if self.nfc else list(text)
+        return [head + ids + tail for ids in self.enc.encode_ordinary_batch(texts, num_threads=num_threads)]
 
     def decode(self, ids):
         return self.enc.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))  # also numpy / torch
 
-    def _render(self, messages):
-        """All of a conversation's tokens and the training mask (1 where the assistant writes), untruncated."""
-        if not messages:
-            raise ValueError("a conversation needs at least one message")
-        messages = list(messages)
-        if messages[0]["role"] == "system":
-            # no system role in the token stream: the system prompt leads the first user turn
-            if len(messages) < 2 or messages[1]["role"] != "user":
-                raise ValueError("a system message must be followed by a user message")
-            merged = messages[0]["content"] + "\n\n" + messages[1]["content"]
-            messages = [{"role": "user", "content": merged}] + messages[2:]
-        ids, mask = [self.bos_id], [0]
+    def tool_call(self, text):
+        """The calculator expression in the decoded tokens between <|python_start|> and <|python_end|> (in this
+        family's convention), or None when they are not a calculator call."""
+        return self.chat.tool_call(text)
 
-        def add(tokens, m):
-            ids.extend(tokens)
-            mask.extend([m] * len(tokens))
+    def tool_output(self, result):
+        """The tokens forced after a calculator call: its result, in this family's convention."""
+        return self.chat.tool_output(self, result)
 
-        s = self.special
-        for i, message in enumerate(messages):
-            role, content = message["role"], message["content"]
-            expected = "user" if i % 2 == 0 else "assistant"
-            if role != expected:
-                raise ValueError(f"message {i} has role {role!r} but roles must alternate user/assistant, "
-                                 f"starting with user (after an optional system message)")
-            if role == "user":
-                if not isinstance(content, str):
-                    raise ValueError(f"message {i}: a user's content must be a string")
-                add([s("<|user_start|>")] + self.encode(content) + [s("<|user_end|>")], 0)
-                continue
-            add([s("<|assistant_start|>")], 0)
-            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-                kind, text = part["type"], part["text"]
-                if kind == "text":
-                    add(self.encode(text), 1)
-                elif kind == "python":  # the assistant writes the call: trained on
-                    add([s("<|python_start|>")] + self.encode(text) + [s("<|python_end|>")], 1)
-                elif kind == "python_output":  # the calculator writes the result: not trained on
-                    add([s("<|output_start|>")] + self.encode(text) + [s("<|output_end|>")], 0)
-                else:
-                    raise ValueError(f"message {i}: unknown part type {kind!r} (text, python, python_output)")
-            add([s("<|assistant_end|>")], 1)
+    def _pieces_to_ids(self, pieces):
+        """[(str | token id, mask)] -> (ids, mask). Adjacent strings of one mask are encoded as one text, so they
+        get the tokens of the whole (Hugging Face's tokenizer, too, sees a rendered chat as runs of text between
+        special tokens); the text of one mask never shares a token with the next."""
+        ids, mask, run = [], [], []  # run: the strings being joined, all of mask run_mask
+        run_mask = 0
+        for piece, m in pieces + [(None, 0)]:
+            if run and (not isinstance(piece, str) or m != run_mask):
+                tokens = self.encode("".join(run))
+                ids.extend(tokens)
+                mask.extend([run_mask] * len(tokens))
+                run = []
+            if isinstance(piece, str):
+                run.append(piece)
+                run_mask = m
+            elif piece is not None:
+                ids.append(piece)
+                mask.append(m)
         return ids, mask
 
     def render_conversation(self, messages, max_len=2048):
         """-> (ids, mask), at most max_len tokens, mask 1 on exactly what the assistant writes. Raises ValueError
         when nothing trainable is left (no assistant turn, or truncation cut all of it): callers skip those."""
-        ids, mask = self._render(messages)
+        ids, mask = self._pieces_to_ids(self.chat.render(self, check_roles(messages)))
         ids, mask = ids[:max_len], mask[:max_len]
         if not any(mask):
             raise ValueError(f"no assistant token to train on within max_len={max_len} "
@@ -377,15 +384,292 @@ class Tokenizer:
         return ids, mask
 
     def render_for_completion(self, messages):
-        """-> ids of the conversation up to and including <|assistant_start|>, for the model to continue. A
-        trailing assistant turn (the reference answer in eval data) is dropped."""
+        """-> ids of the conversation up to the assistant's turn, for the model to continue (picochat: up to and
+        including <|assistant_start|>). A trailing assistant turn (the reference answer in eval data) is dropped."""
         messages = list(messages)
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages or messages[-1]["role"] != "user":
             raise ValueError("render_for_completion needs messages ending with a user turn")
-        ids, _ = self._render(messages)
-        return ids + [self.special("<|assistant_start|>")]
+        pieces = self.chat.render(self, check_roles(messages)) + self.chat.generation_prompt(self)
+        return self._pieces_to_ids(pieces)[0]
+
+
+def check_roles(messages):
+    """An optional system message, then user and assistant turns alternating from a user's; user and system
+    contents are strings. Returns the messages as a list."""
+    if not messages:
+        raise ValueError("a conversation needs at least one message")
+    messages = list(messages)
+    start = 1 if messages[0]["role"] == "system" else 0
+    if start and (len(messages) < 2 or messages[1]["role"] != "user"):
+        raise ValueError("a system message must be followed by a user message")
+    for i, message in enumerate(messages[start:], start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise ValueError(f"message {i} has role {message['role']!r} but roles must alternate user/assistant, "
+                             f"starting with user (after an optional system message)")
+        if expected == "user" and not isinstance(message["content"], str):
+            raise ValueError(f"message {i}: a user's content must be a string")
+    if start and not isinstance(messages[0]["content"], str):
+        raise ValueError("message 0: a system prompt must be a string")
+    return messages
+
+
+def assistant_parts(i, content):
+    """An assistant's content as a list of parts {"type": "text"|"python"|"python_output", "text"}."""
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+    for part in parts:
+        if part["type"] not in ("text", "python", "python_output"):
+            raise ValueError(f"message {i}: unknown part type {part['type']!r} (text, python, python_output)")
+    return parts
+
+# -----------------------------------------------------------------------------
+# Chat formats: how one model family lays a conversation out in tokens. render(tok, messages) returns pieces
+# [(text or token id, mask)], mask 1 on what the assistant writes; generation_prompt(tok) the pieces that open the
+# assistant's turn; aliases maps picochat's special token names onto the family's (None: it has none).
+
+
+class PicochatChat:
+    """picochat's own format (nanochat's): <|bos|>, then <|user_start|>…<|user_end|> and <|assistant_start|>…
+    <|assistant_end|> turns. There is no system role in the token stream: a system prompt leads the first user turn.
+    The calculator: <|python_start|>expr<|python_end|> (written by the assistant), then the result
+    <|output_start|>value<|output_end|> (forced in by the engine, so not trained on)."""
+    aliases = {}
+
+    def render(self, tok, messages):
+        s = tok.special
+        if messages[0]["role"] == "system":
+            merged = messages[0]["content"] + "\n\n" + messages[1]["content"]
+            messages = [{"role": "user", "content": merged}] + messages[2:]
+        pieces = [(tok.bos_id, 0)]
+        for i, message in enumerate(messages):
+            if message["role"] == "user":
+                pieces += [(s("<|user_start|>"), 0), (message["content"], 0), (s("<|user_end|>"), 0)]
+                continue
+            pieces.append((s("<|assistant_start|>"), 0))
+            for part in assistant_parts(i, message["content"]):
+                if part["type"] == "text":
+                    pieces.append((part["text"], 1))
+                elif part["type"] == "python":  # the assistant writes the call: trained on
+                    pieces += [(s("<|python_start|>"), 1), (part["text"], 1), (s("<|python_end|>"), 1)]
+                else:  # the calculator writes the result: not trained on
+                    pieces += [(s("<|output_start|>"), 0), (part["text"], 0), (s("<|output_end|>"), 0)]
+            pieces.append((s("<|assistant_end|>"), 1))
+        return pieces
+
+    def generation_prompt(self, tok):
+        return [(tok.special("<|assistant_start|>"), 0)]
+
+    def tool_call(self, text):
+        return text
+
+    def tool_output(self, tok, result):
+        return [tok.special("<|output_start|>"), *tok.encode(result), tok.special("<|output_end|>")]
+
+
+class Qwen3Chat:
+    """Qwen3's chat template (ChatML), token for token: "<|im_start|>role\n…<|im_end|>\n" per message, no BOS.
+    Thinking as the template does it: an assistant message's "<think>…</think>" (in its text) is its reasoning;
+    the assistant messages after the last user message open with "<think>\nreasoning\n</think>\n\n" (empty
+    for the final one without reasoning: Qwen3 learned to write it), earlier ones lose their reasoning.
+    The calculator is a Qwen3 tool: the call `<tool_call>\n{"name": "calculator", "arguments": {"expression":
+    "…"}}\n</tool_call>` ends the assistant's message, the result comes back as a user turn
+    "<tool_response>\n…\n</tool_response>" and a new assistant message goes on (all forced by the engine)."""
+    aliases = {"<|bos|>": "<|endoftext|>", "<|assistant_end|>": "<|im_end|>",
+               "<|python_start|>": "<tool_call>", "<|python_end|>": "</tool_call>",
+               "<|output_start|>": "<tool_response>", "<|output_end|>": "</tool_response>",
+               "<|user_start|>": None, "<|user_end|>": None, "<|assistant_start|>": None}
+
+    def render(self, tok, messages):
+        s = tok.special
+        # the template's messages: our assistant message splits at each calculator result into assistant
+        # messages (text and calls) and tool messages (results)
+        flat = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                flat.append(dict(message))
+                continue
+            flat.append({"role": "assistant", "content": "", "calls": []})
+            for part in assistant_parts(i, message["content"]):
+                if part["type"] == "python_output":
+                    flat += [{"role": "tool", "content": part["text"]},
+                             {"role": "assistant", "content": "", "calls": []}]
+                elif part["type"] == "python":
+                    flat[-1]["calls"].append([part["text"], ""])  # the expression, text written after it
+                elif flat[-1]["calls"]:  # text after a call that got no result: it goes on in the same message
+                    flat[-1]["calls"][-1][1] += part["text"]
+                else:
+                    flat[-1]["content"] += part["text"]
+        last_query = max(i for i, m in enumerate(flat) if m["role"] == "user")
+        pieces = []
+        for i, m in enumerate(flat):
+            role, content = m["role"], m["content"]
+            last = i == len(flat) - 1
+            if role in ("user", "system"):
+                pieces += [(s("<|im_start|>"), 0), (f"{role}\n{content}", 0), (s("<|im_end|>"), 0), ("\n", 0)]
+            elif role == "tool":
+                if flat[i - 1]["role"] != "tool":
+                    pieces += [(s("<|im_start|>"), 0), ("user", 0)]
+                pieces += [("\n", 0), (s("<tool_response>"), 0), (f"\n{content}\n", 0), (s("</tool_response>"), 0)]
+                if flat[i + 1]["role"] != "tool":
+                    pieces += [(s("<|im_end|>"), 0), ("\n", 0)]
+            else:
+                reasoning = ""
+                if "</think>" in content:
+                    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                    content = content.split("</think>")[-1].lstrip("\n")
+                pieces += [(s("<|im_start|>"), 0), ("assistant\n", 0)]
+                if i > last_query and (last or reasoning):
+                    pieces += [(s("<think>"), 1), ("\n" + reasoning.strip("\n") + "\n", 1), (s("</think>"), 1),
+                               ("\n\n" + content.lstrip("\n"), 1)]
+                else:
+                    pieces.append((content, 1))
+                for j, (call, after) in enumerate(m["calls"]):
+                    if j or content:
+                        pieces.append(("\n", 1))
+                    arguments = json.dumps({"expression": call}, ensure_ascii=False)
+                    pieces += [(s("<tool_call>"), 1), (f'\n{{"name": "calculator", "arguments": {arguments}}}\n', 1),
+                               (s("</tool_call>"), 1), (after, 1)]
+                # a call's <|im_end|> is the engine's (forced with the result), not the model's
+                ends_in_call = not last and flat[i + 1]["role"] == "tool"
+                pieces += [(s("<|im_end|>"), 0 if ends_in_call else 1), ("\n", 0)]
+        return pieces
+
+    def generation_prompt(self, tok):
+        return [(tok.special("<|im_start|>"), 0), ("assistant\n", 0)]
+
+    def tool_call(self, text):
+        try:
+            call = json.loads(text)
+            expression = call["arguments"]["expression"] if call["name"] == "calculator" else None
+        except (ValueError, TypeError, KeyError):
+            return None
+        return expression if isinstance(expression, str) else None
+
+    def tool_output(self, tok, result):
+        s = tok.special
+        pieces = [(s("<|im_end|>"), 0), ("\n", 0), (s("<|im_start|>"), 0), ("user\n", 0), (s("<tool_response>"), 0),
+                  (f"\n{result}\n", 0), (s("</tool_response>"), 0), (s("<|im_end|>"), 0), ("\n", 0)]
+        return tok._pieces_to_ids(pieces + self.generation_prompt(tok))[0]
+
+
+class GPT2Chat:
+    """GPT-2 has no chat format: this one is plain text that a base GPT-2 continues sensibly, with its only
+    special token, <|endoftext|>, as the document start and the end of each assistant turn (DialoGPT, GPT-2
+    fine-tuned for chat, also ends turns with it):
+        <|endoftext|>System: …\nUser: …\nAssistant: …<|endoftext|>\nUser: …\nAssistant:
+    No calculator: a call and its result are written out as text, "<<expr=result>>" (GSM8K's own notation), so
+    the model learns to compute them itself."""
+    aliases = {"<|bos|>": "<|endoftext|>", "<|assistant_end|>": "<|endoftext|>", "<|user_start|>": None,
+               "<|user_end|>": None, "<|assistant_start|>": None, "<|python_start|>": None, "<|python_end|>": None,
+               "<|output_start|>": None, "<|output_end|>": None}
+
+    def render(self, tok, messages):
+        pieces = [(tok.bos_id, 0)]
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                pieces.append((f"{message['role'].capitalize()}: {message['content']}\n", 0))
+                continue
+            text = "".join(part["text"] if part["type"] == "text" else
+                           f"<<{part['text']}=" if part["type"] == "python" else f"{part['text']}>>"
+                           for part in assistant_parts(i, message["content"]))
+            # the space after "Assistant:" is the answer's: GPT-2's words carry their leading space
+            pieces += [("Assistant:", 0), (" " + text, 1), (tok.bos_id, 1), ("\n", 0)]
+        return pieces
+
+    def generation_prompt(self, tok):
+        return [("Assistant:", 0)]
+
+    def tool_call(self, text):
+        return None
+
+    def tool_output(self, tok, result):
+        return []
+
+# -----------------------------------------------------------------------------
+# An open model's tokenizer: its Hugging Face tokenizer.json (byte-level BPE) as a tiktoken Encoding
+
+CHAT_FORMATS = {"qwen3": Qwen3Chat, "gpt2": GPT2Chat}  # config.json's model_type -> chat format
+# the split regex of a ByteLevel pre-tokenizer with use_regex (GPT-2's)
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def byte_level_alphabet():
+    """{char: byte} of byte-level BPE (GPT-2's bytes_to_unicode): printable bytes stand for themselves, the
+    others for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def _split_pattern(pre):
+    """The split regex of a byte-level pre-tokenizer: ByteLevel(use_regex) alone, or Split(regex) + ByteLevel."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
+    levels = [p for p in steps if p and p.get("type") == "ByteLevel"]
+    splits = [p for p in steps if p and p.get("type") == "Split"]
+    if len(levels) != 1 or len(steps) != len(levels) + len(splits) or levels[0].get("add_prefix_space"):
+        raise ValueError(f"unsupported pre_tokenizer {json.dumps(pre)[:200]} (byte-level BPE without a prefix space)")
+    if not splits and levels[0].get("use_regex", True):
+        return GPT2_SPLIT_PATTERN
+    if len(splits) == 1 and not levels[0].get("use_regex", True) and "Regex" in splits[0]["pattern"] \
+            and splits[0].get("behavior") == "Isolated" and not splits[0].get("invert"):
+        return splits[0]["pattern"]["Regex"]
+    raise ValueError(f"unsupported pre_tokenizer {json.dumps(pre)[:200]}")
+
+
+def load_hf_tokenizer(directory):
+    """The tokenizer of a Hugging Face model folder: tokenizer.json (a byte-level BPE: vocabulary, merges,
+    pre-tokenizer regex, added tokens) run by tiktoken, and the chat format of config.json's model_type.
+    tiktoken merges the pair whose result has the lowest id, so the ids must follow the merge order (true of
+    GPT-2's and Qwen's vocabularies, which tiktoken itself was first built from). Unlike the Hugging Face
+    tokenizer, plain text never yields added tokens (<|im_end|>, <think>): only the chat format writes them."""
+    paths = {name: os.path.join(directory, name) for name in ("tokenizer.json", "config.json")}
+    missing = [name for name, p in paths.items() if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"no Hugging Face tokenizer in {directory} (missing {', '.join(missing)})")
+    with open(paths["tokenizer.json"], "rb") as f:
+        raw = f.read()
+    spec = json.loads(raw)
+    with open(paths["config.json"], encoding="utf-8") as f:
+        kind = json.load(f).get("model_type")
+    if kind not in CHAT_FORMATS:
+        raise ValueError(f"{directory}: no chat format for model_type {kind!r} ({', '.join(CHAT_FORMATS)})")
+    bpe = spec["model"]
+    if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or bpe.get("dropout") \
+            or bpe.get("continuing_subword_prefix") or bpe.get("end_of_word_suffix"):
+        raise ValueError(f"{directory}/tokenizer.json: not a plain byte-level BPE model")
+    normalizer = spec.get("normalizer") or {"type": "Sequence", "normalizers": []}
+    steps = normalizer.get("normalizers", [normalizer]) if normalizer["type"] == "Sequence" else [normalizer]
+    if any(step["type"] != "NFC" for step in steps):
+        raise ValueError(f"{directory}/tokenizer.json: unsupported normalizer {json.dumps(normalizer)[:200]}")
+    pattern = _split_pattern(spec.get("pre_tokenizer"))
+    alphabet = byte_level_alphabet()
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    try:
+        ranks = {bytes(alphabet[c] for c in token): i for token, i in bpe["vocab"].items() if token not in added}
+    except KeyError as e:
+        raise ValueError(f"{directory}/tokenizer.json: token with a character {e} outside the byte-level "
+                         f"alphabet") from None
+    if len(ranks) < len(bpe["vocab"]) - len(added) or not all(bytes([b]) in ranks for b in range(256)):
+        raise ValueError(f"{directory}/tokenizer.json: the vocabulary lacks some of the 256 bytes or repeats a token")
+    made, last = set(), -1
+    for merge in bpe["merges"]:
+        token = "".join(merge.split(" ") if isinstance(merge, str) else merge)
+        if token in made:  # a second pair spelling the same token: its rank is the first one's
+            continue
+        made.add(token)
+        if bpe["vocab"].get(token, -1) <= last:
+            raise ValueError(f"{directory}/tokenizer.json: token ids do not follow the merge order (at {merge!r}), "
+                             f"which tiktoken's rank-based BPE needs")
+        last = bpe["vocab"][token]
+    specials = {name: t["id"] for name, t in added.items()}
+    enc = tiktoken.Encoding(name=f"hf-{kind}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    token_bytes = np.zeros(enc.n_vocab, dtype=np.int32)
+    for token, i in ranks.items():
+        token_bytes[i] = len(token)
+    return Tokenizer(enc, token_bytes, hashlib.sha256(raw + kind.encode()).hexdigest(), CHAT_FORMATS[kind](),
+                     nfc=bool(steps))
 
 # -----------------------------------------------------------------------------
 # Reading documents for training and evaluation

@@ -14,9 +14,12 @@ iter_parquet() reads them row group by row group. pyarrow is needed only for tho
 Where from: the hub is $HF_ENDPOINT (the variable the Hugging Face tools read; default https://huggingface.co) and
 the datasets-server is $HF_DATASETS_SERVER (default https://datasets-server.huggingface.co), so a mirror, or the
 tests' loopback hub (tests/loopback_hub.py), serves every download without a change to the code.
+download_hf_model() fetches an open model's files (config, tokenizer, safetensors) from $HF_ENDPOINT.
 """
 import hashlib
+import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -222,3 +225,49 @@ def convert_hf(name, dataset, config, splits, normalise):
         paths = download_hf_split(dataset, config, theirs, raw, allow_partial=ours != "test")
         write_split(name, ours, [normalise(r) for path in paths for r in iter_parquet(path)],
                     f"{dataset} {config}/{theirs}")
+
+
+# -----------------------------------------------------------------------------
+# Open models: the files of a Hugging Face model repository (what GPT.from_pretrained and load_tokenizer read)
+
+HF_MODEL_FILES = ["config.json", "tokenizer.json"]
+# the chat template (in tokenizer_config.json, or on its own), sampling defaults: for other tools, picochat renders
+# chats in code (tokenizer.py's chat formats)
+HF_OPTIONAL_FILES = ["tokenizer_config.json", "chat_template.jinja", "generation_config.json"]
+
+
+def hf_model_dir(repo):
+    """$PICOCHAT_DIR/models/<org>__<name>: where download_hf_model puts a repository's files."""
+    import common
+    return os.path.join(common.get_base_dir(), "models", repo.replace("/", "__"))
+
+
+def hf_file_exists(url):
+    """Whether the hub has the file (HEAD: 404 means no; other failures are retried, then raised)."""
+    def probe():
+        r = requests.head(url, allow_redirects=True, timeout=TIMEOUT)
+        if r.status_code == 404:
+            return False
+        check_status(r, url)
+        return True
+    return with_retries(url.rpartition("/")[2], probe)
+
+
+def download_hf_model(repo, revision="main"):
+    """Download config.json, the tokenizer files and the safetensors weights (one model.safetensors, or the shards
+    its model.safetensors.index.json names) of a Hugging Face model repository from $HF_ENDPOINT (default the public
+    hub) into hf_model_dir(repo), each file with download()'s retries, resume and atomic rename. Returns the folder."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise ValueError(f"a Hugging Face model is named <org>/<name>, got {repo!r}")
+    url = lambda name: hub_url(f"/{repo}/resolve/{revision}/{name}")  # noqa: E731
+    directory = hf_model_dir(repo)
+    names = HF_MODEL_FILES + [name for name in HF_OPTIONAL_FILES if hf_file_exists(url(name))]
+    index = "model.safetensors.index.json"
+    if hf_file_exists(url(index)):
+        download(url(index), os.path.join(directory, index))
+        with open(os.path.join(directory, index), encoding="utf-8") as f:
+            names += sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        names.append("model.safetensors")
+    download_many([(url(name), os.path.join(directory, name), None) for name in names], workers=4)
+    return directory

@@ -4,9 +4,11 @@
 #   bash tests/run.sh -m slow    # only the slow ones
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# openai: a test client; triton: kernels in the interpreter; pyarrow: the downloads' parquet files
-python3 -c "import torch, numpy, tiktoken, regex, requests, sympy, pytest, openai, triton, pyarrow" 2>/dev/null \
-  || python3 -m pip install -q -r requirements.txt pytest openai triton
+# openai: a test client; triton: kernels in the interpreter; pyarrow: the downloads' parquet files;
+# transformers, tokenizers: the references for open models
+python3 -c "import torch, numpy, tiktoken, regex, requests, sympy, safetensors, pytest, openai, triton, pyarrow, \
+transformers, tokenizers" 2>/dev/null \
+  || python3 -m pip install -q -r requirements.txt pytest openai triton transformers tokenizers
 # the chat page's browser test drives headless Chromium through chromedriver (Debian's packages)
 if ! command -v chromedriver >/dev/null || ! { command -v chromium || command -v chromium-browser; } >/dev/null; then
   if command -v apt-get >/dev/null && { [ "$(id -u)" -eq 0 ] || command -v sudo >/dev/null; }; then
