@@ -3,11 +3,13 @@ Benchmark: the post-training methods side by side, each from the same sft model 
 (rl.py), PPO (rl.py --algo=ppo), DPO (dpo.py) and distillation (sft.py --distill_from: expert iteration, the sft
 model trained on its own verified answers). Every resulting model, and the sft model, is then measured here alike:
 - held-out pass@1 on the test word problems (sampled at temperature 1, and greedy), and per slice when the data
-  has slices (tinyworld's math_test "slice": id, phrasing, composition, length, arith);
-- chat retention: the loss on the val conversations' assistant tokens (sft.py's val loss), and the share of non-math
-  prompts answered as chat (no "####" line, no calculator call; with the data's chat probe set,
-  chat_probe_test.jsonl, its held-out phrasings graded by data.chat_reply_ok, which also wants the fact asked for;
-  without one, the first turns of the val chats whose answer is not math).
+  has slices (tinyworld's math_test "slice": id, phrasing, composition, length, arith); `reworded`: greedy pass@1 on
+  the 300 reworded word problems of tests/heldback.py (phrasings and shapes the generator does not know);
+- chat retention: `chat_ok`, the share of non-math prompts answered as chat (no "####" line, no calculator call;
+  with the data's chat probe set, chat_probe_test.jsonl, its held-out phrasings graded by data.chat_reply_ok, which
+  also wants the fact asked for; without one, the first turns of the val chats whose answer is not math);
+  `held_chat`, the share of tests/heldback.py's 48 chat probes handled (its grade_chat); `chat_loss`, the loss on
+  the val conversations' assistant tokens (sft.py's val loss).
 
     python tests/bench_rl.py                        # the sft model in $PICOCHAT_DIR, or builds a small one first
     PICOCHAT_DIR=/tmp/pc python tests/bench_rl.py --grpo_steps=20 --methods=ppo   # GRPO always runs
@@ -39,7 +41,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import common  # noqa: E402
 import data  # noqa: E402
-from data.grade import grade, pass_rates, response_text  # noqa: E402
+from bench_generalise import shown_text  # noqa: E402
+from tests import heldback  # noqa: E402
+from data.grade import grade, pass_rates  # noqa: E402
 from data.loader import Row, collate, token_logprobs  # noqa: E402
 from model import Engine  # noqa: E402
 
@@ -152,8 +156,20 @@ def chat_probes(tinyworld):
               if c[0]["role"] == "user" and isinstance(c[1]["content"], str) and "####" not in c[1]["content"]]
 
     def as_chat(reply, probe):
-        return "####" not in reply and "<|python_start|>" not in reply
+        return "####" not in reply and "<<" not in reply
     return probes[:chat_prompts], as_chat
+
+
+def share_right(engine, probes, questions, grader, batch=64):
+    """The share of probes whose greedy reply to their one-turn question the grader accepts, the reply as chat.py
+    shows it (calculator calls as <<expr=result>>)."""
+    right = 0
+    for i in range(0, len(questions), batch):
+        prompts = [engine.tokenizer.render_for_completion([{"role": "user", "content": q}])
+                   for q in questions[i:i + batch]]
+        outs = engine.generate_batch(prompts, num_samples=1, max_new_tokens=256, temperature=0.0)
+        right += sum(grader(p, shown_text(o[0][0], engine.tokenizer)) for p, o in zip(probes[i:i + batch], outs))
+    return right / len(questions)
 
 
 def chat_loss(model, tokenizer):
@@ -175,7 +191,7 @@ def chat_loss(model, tokenizer):
 
 
 def measure(base, stage, tag):
-    """The numbers of one model: pass@1 overall and per slice, greedy pass@1, chat loss, chat replies' share."""
+    """The numbers of one model: pass@1 overall and per slice, greedy pass@1, reworded pass@1, the chat measures."""
     os.environ["PICOCHAT_DIR"] = base
     model, tokenizer, _ = common.load_model(stage, "cpu", tag)
     engine = Engine(model, tokenizer)
@@ -193,10 +209,12 @@ def measure(base, stage, tag):
         out["greedy_pass1"] += rates["greedy_pass1"] * len(items) / n
         if len(by_slice) > 1:
             out[f"pass1_{name}"] = rates["pass1"]
+    held = heldback.word_problems()
+    out["reworded"] = share_right(engine, held, [p.question for p in held], heldback.grade_math)
     probes, reply_ok = chat_probes(data.ensure_tinyworld())
-    prompts = [tokenizer.render_for_completion([{"role": "user", "content": p["prompt"]}]) for p in probes]
-    replies = [r[0][0] for r in engine.generate_batch(prompts, num_samples=1, max_new_tokens=64, temperature=0.0)]
-    out["chat_ok"] = sum(reply_ok(response_text(r, tokenizer), p) for r, p in zip(replies, probes)) / len(probes)
+    out["chat_ok"] = share_right(engine, probes, [p["prompt"] for p in probes], reply_ok)
+    held = heldback.chat_probes()
+    out["held_chat"] = share_right(engine, held, [p.question for p in held], heldback.grade_chat)
     out["chat_loss"] = chat_loss(model, tokenizer)
     print(f"measured {stage}/{tag} in {base}: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()) +
           f" ({time.time() - t0:.0f}s)", flush=True)
