@@ -147,22 +147,23 @@ def test_problems():
 
 
 def chat_probes(tinyworld):
-    """(probes, grader): the data's held-out chat probes, else the non-math first turns of its val chats."""
+    """(probes, grader(probe, reply)): the data's held-out chat probes, else the non-math first turns of its val
+    chats."""
     path = os.path.join(tinyworld, "chat_probe_test.jsonl")
     if os.path.exists(path):
-        return data.read_jsonl(path)[:chat_prompts], data.chat_reply_ok
+        return data.read_jsonl(path)[:chat_prompts], lambda probe, reply: data.chat_reply_ok(reply, probe)
     chats = [row["messages"] for row in data.read_jsonl(os.path.join(tinyworld, "chat_val.jsonl"))]
     probes = [{"prompt": c[0]["content"], "kind": "chat", "expect": None} for c in chats
               if c[0]["role"] == "user" and isinstance(c[1]["content"], str) and "####" not in c[1]["content"]]
 
-    def as_chat(reply, probe):
+    def as_chat(probe, reply):
         return "####" not in reply and "<<" not in reply
     return probes[:chat_prompts], as_chat
 
 
 def share_right(engine, probes, questions, grader, batch=64):
-    """The share of probes whose greedy reply to their one-turn question the grader accepts, the reply as chat.py
-    shows it (calculator calls as <<expr=result>>)."""
+    """The share of probes whose greedy reply to their one-turn question grader(probe, reply) accepts, the reply as
+    chat.py shows it (calculator calls as <<expr=result>>)."""
     right = 0
     for i in range(0, len(questions), batch):
         prompts = [engine.tokenizer.render_for_completion([{"role": "user", "content": q}])
