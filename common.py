@@ -649,13 +649,13 @@ def grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_siz
 
 def parallelize(model, zero=0, optimizer="muon", **optimizer_settings):
     """Data parallelism for a stage's model at ZeRO level `zero`, and its optimisers (model.setup_optimizers, or
-    model.setup_adamw for optimizer "adamw", with optimizer_settings): 0 replicates everything (the optimisers average the gradients), 1 shards the optimiser
-    states, 2 the gradients too, 3 the weights too, with FSDP2: the embedding (unless tied to the head) and each
-    block are units of their own (a unit's whole weights exist only around its forward and its backward), the
-    head and the rest the root's (the kernels' fused loss reads the head's weight outside its forward). model.py's Optimisers say who
-    holds what. Every rank runs as many forward/backward passes from level 2 on (each is a collective), and
-    evaluation or generation that differs by rank runs inside `unsharded(model)`. One process has nothing to
-    shard: the level changes nothing."""
+    model.setup_adamw for optimizer "adamw", with optimizer_settings): 0 replicates everything (the optimisers
+    average the gradients), 1 shards the optimiser states, 2 the gradients too, 3 the weights too, with FSDP2: the
+    embedding (unless tied to the head) and each block are units of their own (a unit's whole weights exist only
+    around its forward and its backward), the head and the rest the root's (the kernels' fused loss reads the head's
+    weight outside its forward). model.py's Optimisers say who holds what. Every rank runs as many forward/backward
+    passes from level 2 on (each is a collective), and evaluation or generation that differs by rank runs inside
+    `unsharded(model)`. One process has nothing to shard: the level changes nothing."""
     if zero not in (0, 1, 2, 3):
         raise SystemExit(f"error: --zero must be 0, 1, 2 or 3, got {zero}")
     if zero and not dist.is_initialized():

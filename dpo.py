@@ -274,7 +274,8 @@ if __name__ == "__main__":
         loss.backward()  # the optimisers average over ranks: each rank's share is the same size
         total = common.all_sum({"loss": loss, "reward_accuracy": accuracy, "gradient": common.largest_grad(model)},
                                device)  # the step's one host read
-        common.check_finite(step + 1, total, "--lr or --lr_scale, --beta")  # before the update: a diverged step never lands
+        # before the update: a diverged step never lands
+        common.check_finite(step + 1, total, "--lr or --lr_scale, --beta")
         del total["gradient"]
         for opt in optimizers:
             opt.step()

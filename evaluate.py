@@ -24,11 +24,11 @@ The tasks (each function below says how it scores):
   format, a chat model a user turn, and --prompt_style=boxed asks in plain text for a final \boxed{} answer (as
   reasoning-from-scratch evaluates Qwen3-0.6B-Base).
 Each run (one process, not under torchrun) prints a markdown table and writes report/eval_<source>.json (with
---quantize=int8: eval_<source>_int8.json, which the report card leaves out): the checkpoint (stage, tag, step),
-the settings and every metric; earlier results on the same checkpoint stay unless measured again. The report card (--report=1) reads report/*.json and speedrun.sh's <stage>.seconds, leaves out
-whatever is missing, and prints as its last line one JSON object: {"total_min", "tokenizer_min", "pretrain_min",
-"sft_min", "rl_min", "eval_min", "bpb", "pass1_sft", "pass1_rl"}. The answer checker is data/grade.py (`from
-evaluate import grade` works too).
+--quantize=int8: eval_<source>_int8.json, which the report card leaves out): the checkpoint (stage, tag, step), the
+settings and every metric; earlier results on the same checkpoint stay unless measured again. The report card
+(--report=1) reads report/*.json and speedrun.sh's <stage>.seconds, leaves out whatever is missing, and prints as its
+last line one JSON object: {"total_min", "tokenizer_min", "pretrain_min", "sft_min", "rl_min", "eval_min", "bpb",
+"pass1_sft", "pass1_rl"}. The answer checker is data/grade.py (`from evaluate import grade` works too).
 """
 
 import contextlib

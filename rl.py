@@ -436,7 +436,8 @@ if __name__ == "__main__":
         rewards = torch.tensor([[sample.reward for sample in group] for group in groups])  # (P, G), on the host
         zero_std = [len({sample.reward for sample in group}) == 1 for group in groups]  # (P,)
         samples = [sample for group in groups for sample in group]
-        rollout = common.all_sum({"reward": float(rewards.sum()), "correct": sum(s.correct for s in samples),
+        rollout = common.all_sum({"reward": sum(s.reward for s in samples),
+                                  "correct": sum(s.correct for s in samples),
                                   "length": sum(len(s.tokens) for s in samples), "flat": sum(zero_std)},
                                  device)  # the whole step's, over all ranks
 
