@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig, is_dtensor, param_floor
+from model import GPT, GPTConfig, add_lora, is_dtensor, load_lora_state_dict, lora_state_dict, merge_lora, param_floor
 
 # -----------------------------------------------------------------------------
 # The artifacts directory: everything a run produces lives under it.
@@ -475,11 +475,7 @@ def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
                                  f"({saved!r}, this run {ours!r}); resume with the same settings or another "
                                  f"--model_tag")
         try:  # a damaged step may leave the model half-loaded: the step before it then loads over all of it
-            if is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gives each rank its slices
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-                set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
-            else:
-                model.load_state_dict(model_state)
+            load_model_state(model, model_state, ckpt_dir)
             for opt, opt_state in zip(optimizers, rank_states[0]["optimizers"], strict=True):
                 ours = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
                 opt.load_state_dict(opt_state)
@@ -507,11 +503,34 @@ def resume_stage(resume, ckpt_dir, model, optimizers, rank, device, must_match, 
     return 0, history, None
 
 
+def hf_model_dir(repo):
+    """$PICOCHAT_DIR/models/<org>__<name>: where data/hf_model.py puts an open model's files."""
+    return os.path.join(get_base_dir(), "models", repo.replace("/", "__"))
+
+
+def open_model_dir(source):
+    """The Hugging Face model folder a stage's --source names: hf:<org>/<name> (downloaded by data/hf_model.py) or a
+    path with a "/" to a folder of config.json, tokenizer.json and safetensors. None for anything else (a
+    stage: base, mid, sft, rl)."""
+    if source.startswith("hf:"):
+        folder, hint = hf_model_dir(source[3:]), f"download it: python data/hf_model.py --model={source[3:]}"
+    elif "/" in source or os.sep in source:
+        folder, hint = os.path.abspath(source), "a Hugging Face model folder holds config.json and tokenizer.json"
+    else:
+        return None
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise SystemExit(f"error: no open model in {folder} ({hint})")
+    return folder
+
+
 def find_model_tag(stage, model_tag=""):
-    """The given tag, or the tag of the stage's most recently saved checkpoint."""
+    """The given tag, or the tag of the stage's most recently saved checkpoint (an open model: its folder's name)."""
     stage_dir = os.path.join(get_base_dir(), "checkpoints", stage)
     if model_tag:
         return model_tag
+    folder = open_model_dir(stage)
+    if folder is not None:
+        return os.path.basename(folder)
     metas = glob.glob(os.path.join(stage_dir, "*", "meta_*.json"))
     if not metas:
         raise SystemExit(f"error: no {stage} checkpoint under {stage_dir}; train one first "
@@ -519,34 +538,75 @@ def find_model_tag(stage, model_tag=""):
     return os.path.basename(os.path.dirname(max(metas, key=os.path.getmtime)))
 
 
-def load_model(stage, device="cpu", model_tag="", step=-1):
-    """Build the model of a saved stage (base/sft/rl) with its tokenizer. Returns (model, tokenizer, meta).
-    step -1: the latest intact step (a damaged one is reported, and the one before it loaded)."""
+def load_model_state(model, state, ckpt_dir):
+    """A checkpoint's model state into the model: its adapters alone when the model has LoRA (setup_lora)."""
+    if model.lora is None:
+        if any(name.endswith(".lora_A") for name in state):
+            raise SystemExit(f"error: {ckpt_dir} holds LoRA adapters: resume with the same --lora_rank")
+        if is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gives each rank its slices
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(state)
+        return
+    try:
+        load_lora_state_dict(model, state)
+    except ValueError as e:
+        raise SystemExit(f"error: {ckpt_dir}: {e}; resume with the same LoRA settings or another --model_tag") from None
+
+
+def load_model(source, device="cpu", model_tag="", step=-1, dtype=torch.float32):
+    """The model of a saved stage (base/mid/sft/rl), or an open model (hf:<org>/<name> or a folder, see
+    open_model_dir), with its tokenizer, its weights in `dtype`. Returns (model, tokenizer, meta). step -1: the
+    latest intact step (a damaged one is reported, and the one before it loaded). An open model's meta is
+    {"step": 0, "open_model": {"source", "folder"}}; stages that train it keep "open_model" in their checkpoints'
+    meta, so those load back with the open model's tokenizer (its hash checked). A checkpoint of LoRA adapters (meta
+    "lora") loads the base it names and merges them in."""
     from tokenizer import load_tokenizer  # here, not at the top: tokenizer.py imports this module
-    ckpt_dir = checkpoint_dir(stage, find_model_tag(stage, model_tag))
+    folder = open_model_dir(source)
+    if folder is not None:
+        try:
+            model, tokenizer = GPT.from_pretrained(folder, device, dtype), load_tokenizer(folder)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            raise SystemExit(f"error: {e}") from None
+        print0(f"loaded open model {source} from {folder} ({model.num_params() / 1e6:.0f}M parameters, {dtype})")
+        return model, tokenizer, {"step": 0, "open_model": {"source": source, "folder": folder}}
+    ckpt_dir = checkpoint_dir(source, find_model_tag(source, model_tag))
 
     built = []  # the model of the step that loads
 
     def build(model_state, _, meta):
+        if "lora" in meta:
+            lora, base = meta["lora"], meta["lora"]["base"]
+            model, _, _ = load_model(base["stage"], device, base["model_tag"], base["step"], dtype)
+            add_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
+            load_model_state(model, model_state, ckpt_dir)
+            built.append(merge_lora(model))
+            return
         try:
-            model = GPT(GPTConfig(**meta["model_config"]))
+            with torch.device("meta"):  # allocated once, then filled: an open model's size is not built twice
+                model = GPT(GPTConfig(**meta["model_config"])).to(dtype)
+            model.to_empty(device=device)
+            model.tie_weights()
+            model.fill_rotary()
             model.load_state_dict(model_state)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"its weights do not fit its model config ({first_line(e)})") from None
         built.append(model)
 
     _, _, meta = load_checkpoint(ckpt_dir, step, device=device, load_rank_state=False, validate=build)
+    tokenizer_dir = open_model_dir(meta["open_model"]["source"]) if meta.get("open_model") else None
     try:
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(tokenizer_dir)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
         raise SystemExit(f"error: {ckpt_dir} was trained with another tokenizer than the one in "
-                         f"{os.path.join(get_base_dir(), 'tokenizer')}")
+                         f"{tokenizer_dir or os.path.join(get_base_dir(), 'tokenizer')}")
     model = built[-1]
-    model.to(device)
     model.eval()
-    print0(f"loaded {stage} model from {ckpt_dir} (step {meta['step']})")
+    print0(f"loaded {source} model from {ckpt_dir} (step {meta['step']})" +
+           (f": LoRA adapters of rank {meta['lora']['rank']}, merged into their base" if "lora" in meta else ""))
     return model, tokenizer, meta
 
 
@@ -587,15 +647,15 @@ def grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_siz
     return total_batch_size // tokens_per_micro_step
 
 
-def parallelize(model, zero=0, **optimizer_settings):
-    """Data parallelism for a stage's model at ZeRO level `zero`, and its optimisers (model.setup_optimizers with
-    optimizer_settings): 0 replicates everything (the optimisers average the gradients), 1 shards the optimiser
-    states, 2 the gradients too, 3 the weights too, with FSDP2: the embedding (unless tied to the head) and each
-    block are units of their own (a unit's whole weights exist only around its forward and its backward), the
-    head and the rest the root's (the kernels' fused loss reads the head's weight outside its forward). model.py's Optimisers say who
-    holds what. Every rank runs as many forward/backward passes from level 2 on (each is a collective), and
-    evaluation or generation that differs by rank runs inside `unsharded(model)`. One process has nothing to
-    shard: the level changes nothing."""
+def parallelize(model, zero=0, optimizer="muon", **optimizer_settings):
+    """Data parallelism for a stage's model at ZeRO level `zero`, and its optimisers (model.setup_optimizers, or
+    model.setup_adamw for optimizer "adamw", with optimizer_settings): 0 replicates everything (the optimisers
+    average the gradients), 1 shards the optimiser states, 2 the gradients too, 3 the weights too, with FSDP2: the
+    embedding (unless tied to the head) and each block are units of their own (a unit's whole weights exist only
+    around its forward and its backward), the head and the rest the root's (the kernels' fused loss reads the head's
+    weight outside its forward). model.py's Optimisers say who holds what. Every rank runs as many forward/backward
+    passes from level 2 on (each is a collective), and evaluation or generation that differs by rank runs inside
+    `unsharded(model)`. One process has nothing to shard: the level changes nothing."""
     if zero not in (0, 1, 2, 3):
         raise SystemExit(f"error: --zero must be 0, 1, 2 or 3, got {zero}")
     if zero and not dist.is_initialized():
@@ -607,7 +667,8 @@ def parallelize(model, zero=0, **optimizer_settings):
         for unit in ([] if tied else [model.transformer.wte]) + list(model.transformer.h):
             fully_shard(unit)
         fully_shard(model)
-    return model.setup_optimizers(**optimizer_settings, zero=zero)
+    setup = model.setup_adamw if optimizer == "adamw" else model.setup_optimizers
+    return setup(**optimizer_settings, zero=zero)
 
 
 @contextlib.contextmanager
@@ -658,11 +719,48 @@ def scale_lr(optimizers, factor):
             group["initial_lr"] = group["initial_lr"] * factor
 
 
+def stage_optimizers(model, zero, optimizer, lr, lr_scale, weight_decay, open_model):
+    """A fine-tuning stage's data parallelism (`parallelize` at --zero) and optimisers. optimizer "muon":
+    model.setup_optimizers (AdamW + Muon) at lr_scale x its from-scratch rates; "adamw": model.setup_adamw at lr on
+    every weight; "": adamw for an open model (or a checkpoint trained from one), else muon."""
+    kind = optimizer or ("adamw" if open_model else "muon")
+    if kind not in ("muon", "adamw"):
+        raise SystemExit(f"error: --optimizer must be muon or adamw (or empty: automatic), got {optimizer!r}")
+    if kind == "adamw":
+        print0(f"optimizer: AdamW at lr {lr:g}")
+        return parallelize(model, zero, "adamw", lr=lr, weight_decay=weight_decay)
+    optimizers = parallelize(model, zero, weight_decay=weight_decay)
+    scale_lr(optimizers, lr_scale)
+    print0(f"optimizer: AdamW on the LoRA adapters at {lr_scale:g} x model.LORA_LR" if model.lora is not None else
+           f"optimizer: AdamW + Muon at {lr_scale:g} x the from-scratch learning rates")
+    return optimizers
+
+
 def set_lr(optimizers, multiplier):
     """One step of a schedule: every param group's lr is its initial_lr times the multiplier."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
+
+
+def setup_lora(model, rank, alpha, dropout, targets, quantize, merge, base, seed):
+    """A fine-tuning stage's LoRA (model.py's add_lora) when rank > 0; QLoRA with quantize (int8|int4: the frozen
+    base stored so). base: the checkpoint the adapters apply to ({"stage", "model_tag", "step"}). Returns what the
+    stage adds to its checkpoints' meta: {"lora": settings and base} (save_stage then saves the adapters alone,
+    load_model merges them into that base), {} without LoRA."""
+    if rank == 0:
+        if quantize or merge:
+            raise SystemExit("error: --quantize (QLoRA) and --lora_merge need --lora_rank > 0")
+        return {}
+    total = model.num_params()
+    try:
+        config = add_lora(model, rank, alpha, dropout, targets, quantize, seed=seed)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"LoRA rank {rank} on {config.targets}" + (f" over an {quantize} base (QLoRA)" if quantize else "") +
+           f": {trained:,} trained parameters ({trained / total * 100:.2f}% of the base's {total:,})")
+    return {"lora": {**asdict(config), "base": base}}
 
 
 def largest_grad(model):
@@ -708,8 +806,9 @@ def check_model_fits(model_config, device):
 
 
 def save_stage(ckpt_dir, step, model, optimizers, rank, meta, rank_state=None):
-    """A stage's checkpoint at `step`: the model and the optimiser states whole, as one process holds them (gathered
-    onto rank 0 at every --zero level, so that a run resumes at any level on any number of ranks); each rank's
+    """A stage's checkpoint at `step`: the model (its adapters alone when meta has "lora": setup_lora) and the
+    optimiser states whole, as one process holds them (gathered onto rank 0 at every --zero level, so that a run
+    resumes at any level on any number of ranks); each rank's
     rank_state (e.g. its data position); the meta: the step, the model config, the world size and each rank's
     optimiser-state bytes, then `meta`. Every rank must call it. Weights that are not finite are never saved
     (the ranks agree: at --zero=3 each holds other slices)."""
@@ -722,7 +821,7 @@ def save_stage(ckpt_dir, step, model, optimizers, rank, meta, rank_state=None):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
-        model_state = model.state_dict()
+        model_state = lora_state_dict(model) if "lora" in meta else model.state_dict()  # adapters: a small file
     optimizer_states = [opt.full_state_dict() for opt in optimizers]
     held = optimizer_state_bytes(optimizers)
     held = all_sum({r: held if r == rank else 0 for r in range(world_size)}, device)

@@ -109,6 +109,12 @@ def param_floor(config):
     return (1 if config.tie_embeddings else 2) * config.vocab_size * C + config.n_layer * (attention + 2 * C * hidden)
 
 
+# the adapters' AdamW learning rate at width 768 (scaled with width as the other AdamW groups; stages multiply it by
+# their lr_scale). Tuned on the CPU pipeline's depth-4 model, LoRA sft from base for 40 steps at lr_scale 0.2:
+# val loss 2.68 at an effective 0.002, 2.22 at 0.01, 5.49 at 0.03 (unstable)
+LORA_LR = 0.02
+
+
 @functools.cache
 def _kernels():
     """The kernels package (kernels/__init__.py) when importable, else None: the pure-PyTorch paths. Its entry
@@ -264,6 +270,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
+        self.lora = None  # a LoRAConfig once add_lora has put adapters on the model
         # RoPE for 10x the training context, so inference may run longer (as nanochat); beyond it: an error.
         # Learned positions end where their table does.
         self.context_len = 10 * config.sequence_len if config.positions == "rope" else config.sequence_len
@@ -387,7 +394,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.transformer.norm_f(x)
-        if targets is not None and loss_reduction != "none" and self.config.use_kernels and _kernels() is not None:
+        if (targets is not None and loss_reduction != "none" and self.config.use_kernels and _kernels() is not None
+                and isinstance(self.lm_head, nn.Linear)):  # not a quantized head
             # the kernels' fused head + softcap + cross-entropy never materialises the (B*T, V) logits
             return _kernels().linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
                                                    softcap=self.config.softcap, reduction=loss_reduction)
@@ -404,14 +412,21 @@ class GPT(nn.Module):
     # ---- optimisers
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         adam_betas=(0.8, 0.95), zero=0):
+                         adam_betas=(0.8, 0.95), zero=0, lora_lr=LORA_LR):
         """[AdamW, Muon] as nanochat: Muon for the 2-D matrices of the blocks; AdamW for the embedding, the head
         and the norm gains (at unembedding_lr). AdamW lrs scale with width as (n_embd / 768) ** -0.5 (tuned at
         768); Muon's update is already width-independent (orthogonal, aspect-scaled). Each param group stores
         `initial_lr`, which learning-rate schedules multiply. Both optimisers average gradients over ranks
         themselves when torch.distributed is initialised; zero: the data-parallel level they run at (see
-        Optimisers below; common.parallelize sets it up, sharding the model first at level 3)."""
+        Optimisers below; common.parallelize sets it up, sharding the model first at level 3). With LoRA: [AdamW]
+        of the adapters."""
         scale = (self.config.n_embd / 768) ** -0.5
+        if self.lora is not None:
+            # only the adapters learn, and with AdamW, not Muon: Muon sets every singular value of a matrix's update
+            # to ~1, which is meant for a full weight matrix; on the thin factors A and B of a low-rank product it
+            # would throw away the gradient's own spectrum, the little a rank-r update has to go on
+            lr = lora_lr * scale
+            return self.setup_adamw(lr, weight_decay, adam_betas, zero, eps=1e-10)
         matrices = [p for p in self.transformer.h.parameters() if p.dim() == 2]
         gains = [p for p in self.parameters() if p.dim() == 1]  # norm gains and biases
         # a tied embedding is the head too: it learns at the head's (lower) rate
@@ -433,6 +448,21 @@ class GPT(nn.Module):
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
         return [adamw, muon]
+
+    def setup_adamw(self, lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999), zero=0, eps=1e-8):
+        """[AdamW] on every parameter at one learning rate: how a pretrained (open) model is fine-tuned, at ~1e-5
+        (reasoning-from-scratch's GRPO on Qwen3-0.6B: 1e-5). setup_optimizers' from-scratch rates (Muon at 0.02,
+        embeddings at 0.2) would overwrite its pretraining within steps. The group stores `initial_lr` too; zero as
+        setup_optimizers'. Frozen weights (LoRA's base) are left out."""
+        groups = [dict(params=[p for p in self.parameters() if p.requires_grad], lr=lr)]
+        settings = dict(betas=betas, eps=eps, weight_decay=weight_decay)
+        if zero in (1, 2):
+            adamw = ZeroAdamW(groups, zero=zero, **settings)
+        else:
+            adamw = AdamW(groups, use_kernels=self.config.use_kernels, **settings)
+        for group in adamw.param_groups:
+            group["initial_lr"] = group["lr"]
+        return [adamw]
 
 # -----------------------------------------------------------------------------
 # Open models: a Hugging Face folder (config.json + safetensors) as a GPTConfig and the GPT's weights
@@ -987,12 +1017,15 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_tokens=(), seed=None,
-             force=None):
+             force=None, vocab_size=0):
     """Decode a batch of prompts (lists of token ids, any lengths) together. Yields once per step a list with one
-    entry per row: (token_id, forced) or None once the row has finished (right after a stop token or
+    entry per row: (token_id, forced) or None once the row has finished (right after a sampled stop token or
     max_new_tokens tokens). force(row, generated_so_far) -> list | None is called after each emitted token of a
-    row; returned tokens are fed in on the following steps instead of sampling (yielded with forced=True).
-    Each distinct prompt is prefilled once (batch 1) and its cache copied into all rows that share it."""
+    row; returned tokens are fed in on the following steps instead of sampling (yielded with forced=True). Forced
+    tokens never stop a row: Qwen3's calculator result is forced in with the <|im_end|> that ends the call's turn.
+    vocab_size > 0 samples only ids below it: Qwen3-0.6B's head has 151,936 rows for a tokenizer of 151,669
+    tokens, and the untrained rest must never come out. Each distinct prompt is prefilled once (batch 1) and its
+    cache copied into all rows that share it."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
     if max_new_tokens < 0:
@@ -1018,6 +1051,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     queued = [deque() for _ in range(B)]
     done = [max_new_tokens == 0] * B
     for _ in range(max_new_tokens):
+        if 0 < vocab_size < logits.size(-1):
+            logits = logits[:, :vocab_size]  # (B, vocab_size): the ids a token can have
         sampled = sample_next(logits, temperature, top_k, top_p, generator).tolist()
         step, next_ids = [], []
         for b in range(B):
@@ -1030,7 +1065,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
             generated[b].append(token)
             step.append((token, forced))
             next_ids.append(token)
-            if token in stop_tokens or len(generated[b]) == max_new_tokens:
+            if (token in stop_tokens and not forced) or len(generated[b]) == max_new_tokens:
                 done[b] = True
             elif force is not None:
                 queued[b].extend(force(b, generated[b]) or ())
@@ -1112,8 +1147,9 @@ def calculator(expr):
 
 # -----------------------------------------------------------------------------
 # Tool-using generation: the Engine owns the calculator. generate() above only knows that a row may have tokens
-# forced in; the Engine decides when (after <|python_end|>) and what (the sandbox's result). Every stage that
-# generates replies (sft.py's samples, rl.py, dpo.py, evaluate.py, chat.py) goes through it.
+# forced in; the Engine decides when (after <|python_end|>) and what (the sandbox's result, in the tokenizer's
+# convention). Every stage that generates replies (sft.py's samples, rl.py, dpo.py, evaluate.py, chat.py) goes
+# through it.
 
 
 class Engine:
@@ -1125,8 +1161,11 @@ class Engine:
 
     generate() streams: it yields once per decoding step a list with one entry per row (prompt-major: the
     num_samples rows of prompt 0, then of prompt 1, ...), each `(token, forced)` or None once the row has
-    finished. A row finishes after <|assistant_end|> or <|bos|>, which are yielded (and kept by generate_batch):
-    RL learns to end its answers only if the end token is among the tokens it trains on."""
+    finished. A row finishes after a sampled <|assistant_end|> or <|bos|>, which are yielded (and kept by
+    generate_batch): RL learns to end its answers only if the end token is among the tokens it trains on.
+    The calculator follows the tokenizer's family: picochat's <|python_start|>expr<|python_end|> and
+    <|output_start|>result<|output_end|>, Qwen3's <tool_call> JSON and its tool turn (tokenizer.tool_call and
+    tool_output); none for a family without tokens for it (GPT-2)."""
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -1146,22 +1185,23 @@ class Engine:
         return list(prompt)
 
     def tool_output(self, row, generated):
-        """model.generate's `force` hook: after a sampled <|python_end|>, the calculator's answer to the
-        expression since the last <|python_start|>, as tokens to force in (None: nothing to force)."""
+        """model.generate's `force` hook: after a sampled <|python_end|>, the calculator's answer to the call
+        since the last <|python_start|>, as the tokens the tokenizer's family frames it with (None: nothing)."""
         if not generated or generated[-1] != self.python_end or self.python_start not in generated:
             return None
         start = len(generated) - 1 - generated[::-1].index(self.python_start)
-        result = calculator(self.tokenizer.decode(generated[start + 1:-1]))
-        if result is None:
-            return None
-        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
+        expression = self.tokenizer.tool_call(self.tokenizer.decode(generated[start + 1:-1]))
+        result = calculator(expression)
+        return None if result is None else self.tokenizer.tool_output(result)
 
     def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                  seed=None, tools=True):
         # the samples of a prompt are identical rows, and model.generate prefills identical rows once
         rows = [ids for ids in map(self.prompt_ids, prompts) for _ in range(num_samples)]
+        tools = tools and self.python_end is not None  # a family without calculator tokens: no tool
         yield from generate(self.model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop_tokens=self.stop_tokens, seed=seed, force=self.tool_output if tools else None)
+                            stop_tokens=self.stop_tokens, seed=seed, force=self.tool_output if tools else None,
+                            vocab_size=self.tokenizer.vocab_size)
 
     def generate_batch(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                        seed=None, tools=True):
@@ -1175,3 +1215,351 @@ class Engine:
                     tokens.append(entry[0])
                     mask.append(0 if entry[1] else 1)
         return [rows[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+# -----------------------------------------------------------------------------
+# Small hardware: weight-only quantisation and LoRA. Both replace modules of a built GPT in place, so the
+# architecture stays one: quantize_model stores the linear layers' weights as int8 (per output channel) or int4
+# (per group of inputs), de-quantized on the fly; add_lora freezes every weight and puts trainable low-rank adapters
+# beside the chosen linear layers (QLoRA when the frozen base is quantized first).
+
+QUANT_FORMATS = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel takes
+# Up to this many rows (tokens) per matmul, torch's packed kernels (decoding: memory-bound, so fewer bytes read is
+# faster); beyond, de-quantize the weight once and one ordinary matmul (prefill, training: compute-bound). Measured
+# on a (3072, 1024) weight, 1 thread, Sapphire Rapids: the int8 kernel takes 0.4 ms at 1 row (fp32 matmul 0.7),
+# 2.5 ms at 16 rows, 58 ms at 128, where de-quantize + bf16 matmul takes 10 ms.
+KERNEL_MAX_ROWS = 32
+
+
+def _bf16_round_up(x):
+    """x (fp32, > 0) as bf16, rounded up: a scale never below the exact one, so no weight falls outside the grid."""
+    y = x.to(torch.bfloat16)
+    return torch.where(y.float() < x, torch.nextafter(y, torch.full_like(y, math.inf)), y)
+
+
+def quantize_int8(w):
+    """Symmetric per output channel: w (N, K) ~ q * scale[:, None], q int8 in [-127, 127], scale (N,) bf16 =
+    max |row| / 127 rounded up. Every weight is within scale / 2 of its de-quantized value."""
+    w = w.detach().float()
+    scale = _bf16_round_up(w.abs().amax(dim=1).clamp(min=1e-12) / 127)  # (N,)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
+    return q, scale
+
+
+def pack_int4(codes):
+    """(N, K) codes 0..15 -> (N, K/2) uint8 in the layout of torch's CPU int4 kernel
+    (_convert_weight_to_int4pack_for_cpu, for N a multiple of 64): blocks of 64 rows stored column by column, byte j
+    of a column holding row j of the block in its low nibble and row j + 32 in its high one."""
+    N, K = codes.shape
+    b = codes.to(torch.uint8).view(N // 64, 64, K).transpose(1, 2)  # (N/64, K, 64)
+    return (b[..., :32] | (b[..., 32:] << 4)).contiguous().view(N, K // 2)  # the kernel reads the memory as is
+
+
+def unpack_int4(packed):
+    """pack_int4's inverse: (N, K/2) uint8 -> (N, K) codes 0..15 (uint8)."""
+    N, K = packed.shape[0], 2 * packed.shape[1]
+    b = packed.view(N // 64, K, 32)
+    return torch.cat((b & 15, b >> 4), dim=-1).transpose(1, 2).reshape(N, K)  # via (N/64, K, 64)
+
+
+def quantize_int4(w, group_size):
+    """Asymmetric per group of group_size inputs of a row, torch's int4 convention: w ~ (q - 8) * scale + zero,
+    q in 0..15 (packed two per byte, pack_int4), scale and zero bf16. zero is the group's min + 8 scales, rounded to
+    bf16; the scale is then the least that keeps the whole group on the grid, rounded up, so every weight is within
+    scale / 2 of its de-quantized value. Returns (packed (N, K/2), scale_zero (K/group_size, N, 2))."""
+    N, K = w.shape
+    g = w.detach().float().view(N, K // group_size, group_size)  # (N, G, g)
+    lo, hi = g.amin(-1), g.amax(-1)  # (N, G)
+    zero = (lo + 8 * ((hi - lo) / 15)).to(torch.bfloat16)
+    z = zero.float()
+    scale = _bf16_round_up(torch.maximum((hi - z) / 7, (z - lo) / 8).clamp(min=1e-12))  # (N, G)
+    q = torch.round((g - z[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)  # (N, G, g)
+    return pack_int4(q.view(N, K)), torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()
+
+
+@functools.cache
+def _packed_kernel_ok(device_type, fmt):
+    """Whether torch's packed kernel for fmt runs on this device and agrees with de-quantize + matmul, tried once on
+    a small random case (the ops are private: they differ by build and device). On a CPU only with native bf16:
+    the kernels take bf16 activations, and their fp32 path measured 20x slower than an fp32 matmul here."""
+    device = torch.device(device_type)
+    if device.type == "cpu" and not _fast_bf16(device):
+        return False
+    try:
+        layer = QuantLinear(nn.Linear(128, 64, bias=False, device=device), fmt, 32, use_kernel=False)
+        x = torch.randn(2, 128, device=device, dtype=torch.bfloat16)
+        want = F.linear(x.float(), layer.dequantize(torch.float32))
+        got = layer.kernel_matmul(x).float()
+        return bool(torch.allclose(got, want, atol=0.02 * want.abs().max().item()))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """x @ W^T for a QuantLinear's frozen W, differentiable in x only. The backward de-quantizes W again instead of
+    saving it: a saved copy per layer would hold the whole model in full precision until the backward (QLoRA's
+    point is not to)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantize(grad.dtype), None  # (..., N) @ (N, K)
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer with its weight stored quantized: "int8" per output channel or "int4" per group of
+    group_size inputs (quantize_int8, quantize_int4). `weight` holds the codes, `scale` the scales (int8: (N,);
+    int4: scales and zeros (K/group_size, N, 2)). The bias, if any, stays as it was."""
+
+    def __init__(self, linear, fmt, group_size=64, use_kernel=True):
+        super().__init__()
+        N, K = linear.out_features, linear.in_features
+        if fmt not in QUANT_FORMATS:
+            raise ValueError(f"quantize must be one of {', '.join(QUANT_FORMATS)}, got {fmt!r}")
+        if fmt == "int4" and (group_size not in INT4_GROUP_SIZES or K % group_size or N % 64):
+            raise ValueError(f"int4 needs a group size in {INT4_GROUP_SIZES} that divides the inputs and outputs in "
+                             f"multiples of 64; a ({N}, {K}) layer with group size {group_size} has not")
+        self.fmt, self.group_size, self.in_features, self.out_features = fmt, group_size, K, N
+        self.dtype = linear.weight.dtype  # what dequantize() gives by default
+        q, scale = quantize_int8(linear.weight) if fmt == "int8" else quantize_int4(linear.weight, group_size)
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
+        self.bias = linear.bias
+        self.use_kernel = use_kernel  # where _packed_kernel_ok says the kernel works
+
+    def dequantize(self, dtype=None):
+        """The weight (N, K) in dtype (default: the original's)."""
+        dtype = dtype or self.dtype
+        if self.fmt == "int8":
+            return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
+        N, K, G = self.out_features, self.in_features, self.in_features // self.group_size
+        scale, zero = self.scale.to(dtype).permute(2, 1, 0)  # each (N, G)
+        q = unpack_int4(self.weight).view(N, G, self.group_size).to(dtype)  # (N, G, g)
+        return ((q - 8) * scale[..., None] + zero[..., None]).view(N, K)
+
+    def kernel_matmul(self, x):
+        """x (M, K) bf16 @ W^T through torch's packed kernel -> (M, N) bf16."""
+        if self.fmt == "int8":
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale.to(x.dtype))
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scale.to(x.dtype))
+
+    def matmul(self, x):
+        """x (..., K) @ W^T -> (..., N) in x's dtype."""
+        rows = x.numel() // self.in_features
+        if self.use_kernel and rows <= KERNEL_MAX_ROWS and _packed_kernel_ok(x.device.type, self.fmt):
+            y = self.kernel_matmul(x.reshape(rows, self.in_features).to(torch.bfloat16))  # (M, N)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        device = x.device.type
+        # under autocast the matmul runs in bf16 anyway: de-quantize straight into it
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
+
+    def forward(self, x):
+        y = _QuantMatmul.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else self.matmul(x)
+        return y if self.bias is None else y + self.bias
+
+
+class QuantEmbedding(nn.Module):
+    """A frozen embedding table stored int8 per row (per token), so a lookup de-quantizes only the rows it reads.
+    A tied model's table is its head's QuantLinear weight and scale, shared."""
+
+    def __init__(self, weight, scale, dtype):
+        super().__init__()
+        self.register_buffer("weight", weight)  # (V, C) int8
+        self.register_buffer("scale", scale)  # (V,) bf16
+        self.dtype = dtype
+
+    def forward(self, idx):
+        return self.weight[idx].to(self.dtype) * self.scale[idx].to(self.dtype)[..., None]  # (B, T, C)
+
+
+def _block_linears(model):
+    """(module that holds it, attribute name, short name) of every linear layer of the blocks."""
+    short = {"attn": {"c_q": "q", "c_k": "k", "c_v": "v", "c_proj": "o"}, "mlp": {"c_fc": "up", "c_proj": "down"}}
+    for block in model.transformer.h:
+        for part, names in short.items():
+            for attr, name in names.items():
+                yield getattr(block, part), attr, name
+
+
+def quantize_model(model, fmt, group_size=64):
+    """Weight-only quantisation in place, at load time and calibration-free: the blocks' linear layers in fmt (int8
+    per output channel, int4 per group of group_size inputs); the head and the token embedding in int8 per row,
+    whatever fmt: the head is the layer most sensitive to rounding, and a tied head is also the embedding table,
+    which must serve lookups. Norm gains, biases and learned positions stay as they are. Returns the model."""
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANT_FORMATS)}, got {fmt!r}")
+    with torch.no_grad():
+        for holder, attr, _ in _block_linears(model):
+            layer = getattr(holder, attr)
+            if isinstance(layer, LoRALinear):
+                layer.base = QuantLinear(layer.base, fmt, group_size)
+            elif isinstance(layer, nn.Linear):
+                setattr(holder, attr, QuantLinear(layer, fmt, group_size))
+        if isinstance(model.lm_head, nn.Linear):
+            wte = model.transformer.wte
+            head = QuantLinear(model.lm_head, "int8")
+            table = (head.weight, head.scale) if model.config.tie_embeddings else quantize_int8(wte.weight)
+            model.transformer.wte = QuantEmbedding(*table, wte.weight.dtype)
+            model.lm_head = head
+    return model
+
+
+def weight_bytes(model):
+    """Bytes of the model's weights: parameters and buffers, each stored tensor once (a tied table counts once),
+    leaving out the RoPE tables (recomputed, never saved)."""
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in ("cos", "sin") or t.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(t.untyped_storage().data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "up", "down")  # attention's q, k, v and output projections; the MLP's up
+                                                   # (with swiglu: [gate | up], one adapter) and down projections
+
+
+@dataclass
+class LoRAConfig:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: str  # comma-separated LORA_TARGETS
+    quantize: str = ""  # the frozen base stored int8 or int4 (QLoRA); "": as loaded
+    group_size: int = 64  # int4's group
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / rank) * B A dropout(x) (Hu et al. 2021, "LoRA"): the base (nn.Linear, or QuantLinear
+    for QLoRA) frozen; A (rank, in) uniform in +-1/sqrt(in) (PEFT's Kaiming init), B (out, rank) zero, so training
+    starts exactly from the base. The adapters are fp32 (under autocast they compute in bf16). `enabled` False: the
+    base alone (the reference model of KL and DPO, with no second copy)."""
+
+    def __init__(self, base, rank, alpha, dropout, generator):
+        super().__init__()
+        self.base = base
+        device = base.weight.device
+        bound = 1 / math.sqrt(base.in_features)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features).uniform_(-bound, bound, generator=generator)
+                                   .to(device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., rank)
+        return y + F.linear(h, self.lora_B.to(h.dtype)) * self.scaling
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def add_lora(model, rank, alpha=32.0, dropout=0.0, targets=",".join(LORA_TARGETS), quantize="", group_size=64,
+             seed=0):
+    """LoRA in place: every weight frozen, the base quantized first when `quantize` (QLoRA: quantize_model), then
+    an adapter of `rank` on each target layer of every block. The adapters' init comes from `seed` alone, so every
+    rank of a DDP run starts identical. Returns the LoRAConfig (also kept as model.lora)."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if rank < 1 or not alpha > 0 or not names or set(names) - set(LORA_TARGETS) or not 0 <= dropout < 1:
+        raise ValueError(f"LoRA needs rank >= 1, alpha > 0, 0 <= dropout < 1 and targets among "
+                         f"{','.join(LORA_TARGETS)}; got rank {rank}, alpha {alpha}, dropout {dropout}, "
+                         f"targets {targets!r}")
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA adapters: merge them first (merge_lora)")
+    model.requires_grad_(False)
+    if quantize:
+        quantize_model(model, quantize, group_size)
+    generator = torch.Generator().manual_seed(seed)
+    for holder, attr, name in _block_linears(model):
+        if name in names:
+            setattr(holder, attr, LoRALinear(getattr(holder, attr), rank, alpha, dropout, generator))
+    model.lora = LoRAConfig(rank, alpha, dropout, ",".join(names), quantize, group_size)
+    return model.lora
+
+
+def lora_state_dict(model):
+    """The adapters alone: {name: tensor}, a small checkpoint (torch.load(weights_only=True) reads it)."""
+    return {name: p.detach() for name, p in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model, state):
+    """Copy saved adapters into the model's; a checkpoint of other adapters (targets, rank, depth) is refused."""
+    own = lora_state_dict(model)
+    shapes = lambda d: {k: tuple(v.shape) for k, v in d.items()}  # noqa: E731
+    if shapes(own) != shapes(state):
+        raise ValueError(f"the saved adapters ({len(state)} tensors) do not fit this model's "
+                         f"({len(own)}, rank {model.lora.rank}, targets {model.lora.targets})")
+    for name, p in own.items():
+        p.copy_(state[name])
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """The model without its adapters while inside: the base it started from (a no-op without LoRA)."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold each adapter into its base, W + (alpha / rank) B A, and put plain nn.Linear layers back: the model is a
+    GPT without LoRA again (every weight trainable), and as fast. A quantized (QLoRA) base is de-quantized, all of
+    it (dequantize_model): the merged model is the very function trained, in full precision; quantize it again to
+    serve it small. Returns the model."""
+    for holder, attr, _ in _block_linears(model):
+        layer = getattr(holder, attr)
+        if isinstance(layer, LoRALinear):
+            base = _plain_linear(layer.base) if isinstance(layer.base, QuantLinear) else layer.base
+            base.weight += layer.scaling * (layer.lora_B.float() @ layer.lora_A.float()).to(base.weight.dtype)
+            setattr(holder, attr, base)
+    model.lora = None
+    return dequantize_model(model).requires_grad_(True)  # as a GPT without LoRA is: ready for full fine-tuning
+
+
+def _plain_linear(layer):
+    """A QuantLinear as an nn.Linear of its de-quantized weight, in the dtype it had."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.weight.device,
+                       dtype=layer.dtype)
+    linear.weight.copy_(layer.dequantize())
+    if layer.bias is not None:
+        linear.bias = layer.bias
+    return linear
+
+
+@torch.no_grad()
+def dequantize_model(model):
+    """quantize_model's inverse, as far as rounding allows: plain nn.Linear and nn.Embedding layers holding the
+    de-quantized weights, in the dtype they had (a tied table stays tied). Returns the model."""
+    for holder, attr, _ in _block_linears(model):
+        if isinstance(getattr(holder, attr), QuantLinear):
+            setattr(holder, attr, _plain_linear(getattr(holder, attr)))
+    wte = model.transformer.wte
+    if isinstance(wte, QuantEmbedding):
+        table = wte.weight.to(wte.dtype) * wte.scale.to(wte.dtype)[:, None]  # (V, C)
+        model.transformer.wte = nn.Embedding.from_pretrained(table, freeze=False)
+    if isinstance(model.lm_head, QuantLinear):
+        model.lm_head = _plain_linear(model.lm_head)
+        model.tie_weights()
+    return model

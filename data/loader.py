@@ -155,17 +155,18 @@ def evaluate_bpb(model, batches, token_bytes, autocast_ctx):
 # and a prompt plus an answer as one training row.
 
 
-def math_items(tokenizer, dataset, max_prompt_len, eval_problems, seed):
-    """(train items, held-out items) of a math dataset, each item (prompt ids, reference answer): the question as a
-    user turn, kept only when its prompt is at most max_prompt_len tokens; eval_problems test problems drawn at
-    random (the same ones at every evaluation)."""
+def math_items(tokenizer, dataset, max_prompt_len, eval_problems, seed, prompt="chat"):
+    """(train items, held-out items) of a math dataset, each item (prompt ids, reference answer): the question as
+    data.math_prompt puts it (prompt: chat, a user turn; boxed, plain text asking for \\boxed{}), kept only when
+    its prompt is at most max_prompt_len tokens; eval_problems test problems drawn at random (the same ones at
+    every evaluation)."""
     try:
         train_set, test_set = data.load_math(dataset, "train"), data.load_math(dataset, "test")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     test_set = random.Random(common.derive_seed(seed, "heldout")).sample(test_set, min(eval_problems, len(test_set)))
-    items = [[(tokenizer.render_for_completion([{"role": "user", "content": p["question"]}]), p["answer"])
-              for p in problems] for problems in (train_set, test_set)]
+    items = [[(data.math_prompt(tokenizer, p["question"], prompt), p["answer"]) for p in problems]
+             for problems in (train_set, test_set)]
     train_items, test_items = [[(ids, answer) for ids, answer in part if len(ids) <= max_prompt_len] for part in items]
     print0(f"data: {dataset}, {len(train_items)} train problems, {len(test_items)} held-out problems per evaluation")
     if not train_items:

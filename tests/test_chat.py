@@ -114,7 +114,7 @@ def test_terminal_chat(fake, monkeypatch, capsys):
                         raising=False)
     lines = iter(["What is 6*7?", "", "thanks", "/clear", "again", "/quit", "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    chat.terminal_chat(engine, "cpu")
+    chat.terminal_chat(engine)
     out = capsys.readouterr().out
     assert out.count("Assistant: " + REPLY_TEXT + "\n") == 3 and "(new conversation)" in out
     assert next(lines) == "never read"
@@ -135,7 +135,7 @@ def test_terminal_chat_eof_and_full_context(fake, monkeypatch, capsys):
         except StopIteration:
             raise EOFError from None
     monkeypatch.setattr("builtins.input", read)
-    chat.terminal_chat(engine, "cpu")  # returns at end of input
+    chat.terminal_chat(engine)  # returns at end of input
     out = capsys.readouterr().out
     assert "Assistant: It is \n" in out and "no longer fits" in out  # the reply stopped where the context ends
 
@@ -638,7 +638,7 @@ def test_real_one_shot_prompt_and_source(tiny_chat_model, tmp_base_dir, one_thre
     shutil.copytree(os.path.join(tmp_base_dir, "checkpoints", "sft"), os.path.join(tmp_base_dir, "checkpoints", "rl"))
     run_main(monkeypatch, "chat.py", "--device=cpu", "--prompt=What is 6*7?", "--max_new_tokens=5", "--temperature=0")
     assert "loaded rl model" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="error: --source must be base, sft or rl"):
+    with pytest.raises(SystemExit, match="error: --source must be base, sft, rl, hf:"):
         run_main(monkeypatch, "chat.py", "--source=gpt4")
     with pytest.raises(SystemExit, match="no base checkpoint"):
         run_main(monkeypatch, "chat.py", "--device=cpu", "--source=base")

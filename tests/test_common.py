@@ -123,8 +123,8 @@ def test_a_save_interrupted_after_any_file_keeps_the_previous_step(tmp_base_dir,
         monkeypatch.setattr(os, "replace", rename)
         if files_landed < 3:  # not all there: the latest complete step is still 1, and it loads whole
             assert common.last_step(d) == 1, landed
-            model_state, rank_state, meta = common.load_checkpoint(d)
-            assert model_state["w"].tolist() == [1.0, 1.0] and rank_state == {"pos": 1} and meta == {"step": 1}
+            model_state, rank_states, meta = common.load_checkpoint(d)
+            assert model_state["w"].tolist() == [1.0, 1.0] and rank_states == [{"pos": 1}] and meta == {"step": 1}
     assert landed == ["model_000002.pt", "optim_000002_rank0.pt", "meta_000002.json"]  # the meta makes it a step
     assert common.last_step(d) == 2 and common.load_checkpoint(d)[0]["w"].tolist() == [2.0, 2.0]
 

@@ -172,12 +172,14 @@ def test_math_slices_and_chat_retention(tok):
 
 def test_base_model_prompt_and_answer_cut(tok):
     shots = [{"question": f"q{i}", "answer": f"a\n#### {i}"} for i in range(3)]
-    ids = evaluate.fewshot_prompt(tok, "What?", shots, limit=1000)
-    assert tok.decode(ids) == ("<|bos|>Question: q0\nAnswer: a\n#### 0<|bos|>Question: q1\nAnswer: a\n#### 1"
-                               "<|bos|>Question: q2\nAnswer: a\n#### 2<|bos|>Question: What?\nAnswer:")
-    short = evaluate.fewshot_prompt(tok, "What?", shots, limit=60)  # only as many shots as fit
-    assert len(short) <= 60 and tok.decode(short).count("Question:") == 2
-    assert tok.decode(evaluate.fewshot_prompt(tok, "What?", shots, limit=1)) == "<|bos|>Question: What?\nAnswer:"
+    ids, k = evaluate.fewshot_prompt(tok, "What?", shots, limit=1000)
+    assert k == 3 and tok.decode(ids) == (
+        "<|bos|>Question: q0\nAnswer: a\n#### 0<|bos|>Question: q1\nAnswer: a\n#### 1"
+        "<|bos|>Question: q2\nAnswer: a\n#### 2<|bos|>Question: What?\nAnswer:")
+    short, k = evaluate.fewshot_prompt(tok, "What?", shots, limit=60)  # only as many shots as fit
+    assert len(short) <= 60 and tok.decode(short).count("Question:") == 2 and k == 1
+    ids, k = evaluate.fewshot_prompt(tok, "What?", shots, limit=1)
+    assert tok.decode(ids) == "<|bos|>Question: What?\nAnswer:" and k == 0
     # a base model goes on writing the next document: only its first answer counts
     text = " 3 + 4 = 7\n#### 7\nQuestion: and 2 + 2?\nAnswer: 4\n#### 4"
     assert evaluate.completion_text(tok.encode(text) + [tok.bos_id], tok, chat=False) == " 3 + 4 = 7\n#### 7"
@@ -255,7 +257,7 @@ def test_report_card_with_nothing_and_with_a_broken_section(tmp_base_dir, capsys
 
 @pytest.mark.parametrize("args, message", [
     (["--task=bpb,speed"], "--task must name some of bpb, mc, math, chat"),
-    (["--source=chat"], "--source must be base, sft, rl or all"),
+    (["--source=chat"], "--source must be base, sft, rl, all, hf:"),
     (["--vote=1"], "--vote=1 takes the majority of several answers"),
     (["--max_new_tokens=0", "--batch_size=0"], "--max_new_tokens must be >= 1, got 0; --batch_size must be"),
     (["--task=mc", "--dataset=gsm8k"], "--dataset=gsm8k is a math set, but --task has no math"),

@@ -217,9 +217,12 @@ def test_generate_with_forced_tokens_and_stop():
     row0 = [s[0] for s in steps]
     assert [e[1] for e in row0[:4]] == [False, True, True, True]
     assert [e[0] for e in row0[1:4]] == [7, 8, stop]
-    assert all(e is None for e in row0[4:])  # finished right after the stop token
+    # a forced stop token does not end the row (Qwen3's tool result is forced in with its end of turn)
+    assert all(e is not None and not e[1] and e[0] != stop for e in row0[4:])
     row1 = [s[1] for s in steps]
     assert len(steps) == 8 and all(e is not None and not e[1] for e in row1)
+    # a sampled one does, right after it
+    assert list(generate(model, [[3, 4, 5]], 8, temperature=0.0, stop_tokens=[row1[0][0]])) == [[(row1[0][0], False)]]
     # the forced tokens were really fed in: row 0's next logits follow from the prompt plus them
     greedy = list(generate(model, [[1, 2, row0[0][0], 7, 8]], 1, temperature=0.0))
     assert greedy[0][0][0] == model(torch.tensor([[1, 2, row0[0][0], 7, 8]]))[0, -1].argmax().item()
