@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 import common
 from common import print0
-from data import iter_jsonl, load_conversations, load_math, write_jsonl
+from data import iter_jsonl, iter_texts, load_conversations, load_math, pretrain_files, write_jsonl
 from data.grade import grade, response_text, sample_groups
 from model import Engine, merge_lora
 
@@ -59,6 +59,8 @@ distill_keep = 2            # m: at most this many distinct right answers kept p
 distill_max_new_tokens = 96     # the teacher's longest answer (one cut short is never kept)
 distill_temperature = 1.0
 mid = False                 # mid-training: train on every token (no assistant mask), save as stage "mid"
+text_mix = 0.0              # share of the trained tokens that are pretraining text (every token trained): chats
+                            # alone make the model forget its text (InstructGPT's ptx mixes pretraining data back in)
 max_seq_len = 512
 device_batch_size = 8       # rows per forward/backward per process
 total_batch_size = 16384    # tokens (rows * max_seq_len) per step, over all processes and accumulation steps
@@ -104,6 +106,20 @@ def render_all(tokenizer, conversations, row_len, train_everything):
             continue
         examples.append((ids, [1] * len(ids) if train_everything else mask))
     return examples, skipped
+
+
+def text_examples(tokenizer, num_tokens, row_len):
+    """Pretraining documents as (ids, mask) examples with every token trained, num_tokens or a little more in all,
+    from the first training file on: each after <|bos|> as pretraining reads it, cut to one row."""
+    examples, total = [], 0
+    for path in pretrain_files("train"):
+        for text in iter_texts(path):
+            if total >= num_tokens:
+                return examples
+            ids = tokenizer.encode(text, prepend=tokenizer.bos_id)[:row_len]
+            examples.append((ids, [1] * len(ids)))
+            total += len(ids) - 1  # the first token is no target
+    return examples
 
 
 def pack_rows(examples, row_len, pad_id, window=32):
@@ -229,7 +245,9 @@ def distill_conversations(teacher, tokenizer, problems, autocast_ctx, rank, worl
 if __name__ == "__main__":
     config = common.configure(globals())
     common.check_settings(config, positive=("lr_scale", "lr", "num_epochs"), non_negative=("weight_decay",),
-                          fraction=("warmdown_ratio",))
+                          fraction=("warmdown_ratio", "text_mix"))
+    if text_mix == 1:
+        raise SystemExit("error: --text_mix=1 leaves no room for conversations (it is their share of text, < 1)")
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
     stage = "mid" if mid else "sft"
 
@@ -288,10 +306,17 @@ if __name__ == "__main__":
     if not train_examples:
         raise SystemExit(f"error: none of the {len(train_convs)} conversations has a trainable token within "
                          f"max_seq_len={max_seq_len}")
+    num_texts = 0
+    if text_mix > 0:
+        chat_tokens = sum(sum(mask[1:]) for _, mask in train_examples)
+        texts = text_examples(tokenizer, round(chat_tokens * text_mix / (1 - text_mix)), row_len)
+        num_texts = len(texts)
+        train_examples += texts
+        random.Random(seed).shuffle(train_examples)  # texts spread over the whole run
     train_rows = pack_rows(train_examples, row_len, tokenizer.bos_id)
     val_rows = pack_rows(val_examples, row_len, tokenizer.bos_id)[:eval_rows]
-    print0(f"data: {len(train_examples)} train conversations ({skipped} skipped: nothing trainable within "
-           f"max_seq_len) -> {len(train_rows)} rows, {trainable_tokens(train_rows):,} trainable tokens; "
+    print0(f"data: {len(train_examples) - num_texts} train conversations ({skipped} skipped: nothing trainable within "
+           f"max_seq_len) + {num_texts} pretraining documents -> {len(train_rows)} rows, {trainable_tokens(train_rows):,} trainable tokens; "
            f"{len(val_rows)} val rows")
 
     # ---- batch geometry and horizon

@@ -9,8 +9,8 @@ import torch
 
 import common
 from conftest import run_script
-from data import load_conversations
-from sft import pack_rows, render_all, trainable_tokens
+from data import iter_texts, load_conversations, pretrain_files
+from sft import pack_rows, render_all, text_examples, trainable_tokens
 from tokenizer import load_tokenizer, save_tokenizer
 
 TINY = ["--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256", "--dtype=float32", "--eval_rows=8"]
@@ -66,6 +66,16 @@ def test_an_all_masked_micro_batch_gives_zero_gradient_not_nan():
     assert all(p.grad is None or (torch.isfinite(p.grad).all() and p.grad.abs().sum() == 0) for p in model.parameters())
 
 
+def test_text_mix_examples_are_pretraining_documents_trained_whole(world):
+    tok = load_tokenizer(save_tokenizer({bytes([i]): i for i in range(256)}))  # every byte one token
+    examples = text_examples(tok, 3000, row_len=65)
+    docs = list(iter_texts(pretrain_files("train")[0]))[:len(examples)]
+    assert [ids for ids, _ in examples] == [[tok.bos_id] + list(d.encode())[:64] for d in docs]  # in order, cut
+    assert all(mask == [1] * len(ids) for ids, mask in examples)
+    targets = sum(len(ids) - 1 for ids, _ in examples)
+    assert 3000 <= targets < 3000 + 64  # stops at the first document past the budget
+
+
 def test_sft_lowers_the_masked_loss_and_skips_conversations_too_long_to_train(world, tmp_path):
     run_script(["python", "pretrain.py", "--depth=1", "--aspect_ratio=32", "--head_dim=16", "--max_seq_len=64",
                 "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=4", "--eval_every=0",
@@ -75,9 +85,10 @@ def test_sft_lowers_the_masked_loss_and_skips_conversations_too_long_to_train(wo
     extra = tmp_path / "extra.jsonl"
     extra.write_text(json.dumps(long_user) + "\n")
     out = run_script(["python", "sft.py"] + TINY + ["--num_iterations=16", "--eval_every=8", "--lr_scale=1.0",
-                                                     f"--data={extra}"], world).stdout
+                                                     f"--data={extra}", "--text_mix=0.2"], world).stdout
     skipped = int(re.search(r"\((\d+) skipped", out).group(1))
     assert skipped >= 1
+    assert int(re.search(r"\+ (\d+) pretraining documents", out).group(1)) > 0  # text mixed in
     val = [float(v) for v in re.findall(r"val loss ([\d.]+)", out)]
     losses = [float(v) for v in re.findall(r"\| loss ([\d.a-z]+)", out)]
     assert len(val) == 3 and val[-1] < val[0]
