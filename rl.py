@@ -14,6 +14,7 @@ group of answers per problem with the KV-cache engine (calculator included), the
     python rl.py --source=hf:Qwen/Qwen3-0.6B-Base --dataset=gsm8k   # an open model: AdamW at 1e-5 (README.md)
     python rl.py --resume=1                         # continue the latest rl checkpoint of this model tag
     python rl.py --lora_rank=16 --kl_coef=0.04      # LoRA; the KL reference is the base, adapters off
+    python rl.py --ptx_coef=0.5                     # keep the chat model: the SFT loss on SFT chats at every step
 
 Defaults are nanochat's simple on-policy variant of GRPO: no reference model or KL, one gradient step per batch
 (so no ratio clipping), advantage = reward - group mean without std division, DAPO's token-level normalisation.
@@ -41,8 +42,9 @@ from torch.nn.utils.rnn import pad_sequence
 
 import common
 from common import print0
+from data import load_conversations
 from data.grade import grade, pass_rates, sample_groups
-from data.loader import collate, make_row, math_items, step_indices, token_logprobs
+from data.loader import Row, collate, make_row, math_items, step_indices, token_logprobs
 from model import Engine, lora_disabled, merge_lora
 
 # -----------------------------------------------------------------------------
@@ -73,6 +75,11 @@ ppo_epochs = 1              # optimiser steps on each batch of samples; > 1 reus
 clip_low = 0.2              # the ratio may fall to 1 - clip_low before its gradient stops (PPO)
 clip_high = 0.28            # ... and rise to 1 + clip_high (DAPO's clip-higher keeps rare tokens explorable)
 kl_coef = 0.0               # GRPO: weight of the k3 KL estimate against the frozen source model (0: no reference)
+# keeping the chat model (GRPO): rewards on math alone teach the model to answer everything with a solution, and a
+# KL on math answers does not stop that (it constrains only the math prompts)
+ptx_coef = 0.0              # weight of the SFT loss on ptx_rows conversations of the SFT mixture, added to every
+                            # optimiser step (InstructGPT's PPO-ptx, with SFT chats where it mixed pretraining text)
+ptx_rows = 16               # those conversations per step, over all ranks
 # PPO (--algo=ppo): a critic, per-token advantages, minibatches; ppo_epochs, clip_low/high and loss_norm apply too
 gamma = 1.0                 # discount per token: 1 values a right answer the same however long it is
 gae_lambda = 0.95           # GAE: 1 is the plain return (unbiased, noisy), 0 trusts the critic's next value
@@ -334,8 +341,11 @@ if __name__ == "__main__":
         errors.append(f"--loss_norm must be token, sequence or constant, got {loss_norm!r}")
     if algo == "grpo" and num_samples < 2:
         errors.append("--num_samples must be at least 2: the group mean is the baseline")
-    if algo == "ppo" and (std_norm or filter_zero_std or kl_coef):
-        errors.append("--std_norm, --filter_zero_std and --kl_coef are GRPO's (PPO's KL is --kl_penalty)")
+    if algo == "ppo" and (std_norm or filter_zero_std or kl_coef or ptx_coef):
+        errors.append("--std_norm, --filter_zero_std, --kl_coef and --ptx_coef are GRPO's (PPO's KL is "
+                      "--kl_penalty)")
+    if ptx_coef and (ptx_rows < 1 or ptx_rows % world_size):
+        errors.append(f"--ptx_rows={ptx_rows} must be a positive multiple of the {world_size} processes")
     if algo == "ppo" and (zero >= 2 or lora_rank):
         errors.append("--algo=ppo runs at --zero 0 or 1 and without --lora_rank (its critic is a second whole "
                       "model, not sharded or adapted yet)")
@@ -374,6 +384,23 @@ if __name__ == "__main__":
     train_items, test_items = math_items(tokenizer, dataset, model.config.sequence_len - max_new_tokens,
                                          eval_problems, seed, prompt_style)
     my_share = prompts_per_step // world_size
+    ptx_convs = load_conversations("train") if ptx_coef > 0 else []
+
+    def ptx_batches(step):
+        """This rank's share of the step's SFT conversations as batches of rows that train the assistant's tokens,
+        and the step's trained tokens over all ranks. A conversation with nothing trainable within the model's
+        context becomes a blank row, so every rank makes as many passes."""
+        share = ptx_rows // world_size
+        idx = step_indices(step, ptx_rows, len(ptx_convs), seed)[rank * share:(rank + 1) * share]
+        rows = []
+        for i in idx:
+            try:
+                ids, mask = tokenizer.render_conversation(ptx_convs[i], max_len=model.config.sequence_len)
+                rows.append(Row(ids[:-1], ids[1:], mask[1:]))
+            except ValueError:
+                rows.append(make_row([tokenizer.bos_id], [tokenizer.bos_id], [0]))
+        tokens = common.all_sum({"tokens": sum(sum(r.trained) for r in rows)}, device)["tokens"]
+        return [collate(rows[i:i + device_batch_size], device) for i in range(0, len(rows), device_batch_size)], tokens
 
     # ---- data parallelism and optimisers, resume (on any number of ranks: the ranks then sample other problems).
     # PPO's critic is saved with the ranks' own state: the model file stays the policy alone, which evaluate.py and
@@ -478,12 +505,13 @@ if __name__ == "__main__":
                 with torch.no_grad(), autocast_ctx, lora_disabled(reference):
                     ref_logps = [token_logprobs(reference, x, y) for (x, y, _), _ in batches]  # each (B, T)
 
-            # ---- 4. ppo_epochs optimiser steps on these samples
+            # ---- 4. ppo_epochs optimiser steps on these samples (each with the SFT loss of the ptx batch)
+            ptx, ptx_tokens = ptx_batches(step) if ptx_coef > 0 else ([], 0)
             model.train()
-            old_logps, totals = [], {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
-            for epoch in range(ppo_epochs if counts["rows"] > 0 else 0):
+            old_logps, totals = [], {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "ptx": 0.0}
+            for epoch in range(ppo_epochs if counts["rows"] > 0 or ptx else 0):
                 # on the device: all_sum below is the optimiser step's one host read
-                sums = {name: torch.zeros((), device=device) for name in ("loss", "kl", "clipped")}
+                sums = {name: torch.zeros((), device=device) for name in ("loss", "kl", "clipped", "ptx")}
                 for b, ((x, y, m), adv) in enumerate(batches):
                     weights = token_weights(m, loss_norm, counts["answers"], counts["tokens"],
                                             max_new_tokens)  # (B, T)
@@ -501,6 +529,11 @@ if __name__ == "__main__":
                     sums["loss"] += loss.detach()
                     sums["kl"] += kl
                     sums["clipped"] += clipped.sum()
+                for x, y, m in ptx:
+                    with autocast_ctx:
+                        nll = -(token_logprobs(model, x, y) * m).sum() / max(ptx_tokens, 1)  # this rank's share
+                    (ptx_coef * nll * world_size).backward()
+                    sums["ptx"] += nll.detach()
                 # the last epoch's totals; checked before the update: a diverged step never lands
                 totals = common.all_sum({**sums, "gradient": common.largest_grad(model)}, device)
                 common.check_finite(step + 1, totals, "--lr or --lr_scale")
@@ -510,6 +543,8 @@ if __name__ == "__main__":
             update = {"loss": totals["loss"]}
             if kl_coef > 0:
                 update["kl"] = totals["kl"]
+            if ptx_coef > 0:
+                update["ptx"] = totals["ptx"]
             if ppo_epochs > 1:
                 update["clipped"] = totals["clipped"] / max(counts["tokens"], 1)
         step += 1

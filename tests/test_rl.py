@@ -15,8 +15,10 @@ import torch
 import common
 import data.grade
 import rl
-from data.loader import collate, make_row, step_indices, token_logprobs
+from data import load_conversations
+from data.loader import Row, collate, make_row, step_indices, token_logprobs
 from model import GPT, GPTConfig
+from tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -288,7 +290,6 @@ def sft_model(world):
     import dataclasses
 
     from model import config_from_depth
-    from tokenizer import load_tokenizer
     tok = load_tokenizer()
     config = config_from_depth(1, tok.vocab_size, 256, aspect_ratio=64, head_dim=32)
     torch.manual_seed(0)
@@ -391,6 +392,30 @@ def test_one_grpo_step_raises_the_logprob_of_rewarded_answers(sft_model, monkeyp
     assert_rewarded_answers_became_likelier(prompts, groups, sft_model, rl_weights(1))
 
 
+def test_ptx_alone_makes_the_steps_sft_conversations_likelier(sft_model, monkeypatch):
+    # every answer scores 0, so the policy gradient is exactly zero and the step is the SFT loss's alone
+    monkeypatch.setattr(data.grade, "grade", lambda text, reference: False)
+    report = run_here(monkeypatch, "rl.py", ["--max_new_tokens=12", "--prompts_per_step=2", "--num_samples=4",
+                                             "--num_steps=1", "--eval_every=0", "--ptx_coef=1", "--ptx_rows=4"], "rl")
+    assert report["history"]["ptx"][0][1] > 0
+    tok = load_tokenizer()
+    convs = load_conversations("train")
+    rows = []
+    for i in step_indices(0, 4, len(convs), 42):  # the step's conversations, as rl.py draws them
+        ids, mask = tok.render_conversation(convs[i], max_len=256)
+        rows.append(Row(ids[:-1], ids[1:], mask[1:]))
+    x, y, m = collate(rows, "cpu")
+    nll = {}
+    for name, state in (("sft", sft_model), ("rl", rl_weights(1))):
+        model = GPT(GPTConfig(**common.load_checkpoint(common.checkpoint_dir("sft", "tiny"),
+                                                       load_rank_state=False)[2]["model_config"]))
+        model.load_state_dict(state)
+        with torch.no_grad():
+            nll[name] = -(token_logprobs(model, x, y) * m).sum() / m.sum()
+    assert nll["rl"] < nll["sft"] - 0.01
+    assert report["history"]["ptx"][0][1] == pytest.approx(nll["sft"].item(), rel=1e-4)  # the loss it trained on
+
+
 def test_ppo_trains_policy_and_critic_saves_the_critic_apart_and_resume_restores_it(sft_model, monkeypatch):
     report = run_rl(monkeypatch, "--algo=ppo", "--num_steps=2", "--eval_every=2", "--ppo_epochs=2",
                     "--num_minibatches=2", "--kl_penalty=0.1")
@@ -433,6 +458,7 @@ def test_a_zero_variance_group_gives_exactly_zero_gradient(sft_model):
     (["--pairs=x.jsonl"], "unknown config key 'pairs'"),  # DPO's setting: dpo.py
     (["--dataset=nope"], "unknown math dataset"), (["--max_new_tokens=300"], "leaves no room"),
     (["--algo=sac"], "algo must be grpo or ppo"), (["--algo=ppo", "--kl_coef=0.1"], "are GRPO's"),
+    (["--algo=ppo", "--ptx_coef=0.5"], "are GRPO's"), (["--ptx_coef=0.5", "--ptx_rows=0"], "ptx_rows=0 must be"),
     (["--algo=ppo", "--num_minibatches=9"], "num_minibatches <= the answers"),  # 2 problems x 4 answers
 ])
 def test_bad_settings_are_one_clear_error(sft_model, monkeypatch, extra, message):
