@@ -27,32 +27,39 @@ echo "preset: $PRESET ($NGPU GPUs)"
 # ---- presets: the knobs of each stage
 case "$PRESET" in
   cpu)
-    # sized on 2 AVX2 cores: pretrain ~4 min at ~10k tok/s (compiled), sft ~4.5 min, rl ~2.5 min, eval ~1.5 min.
-    # rl needs an sft model that already solves some problems (all-zero reward groups teach nothing): we measured
-    # 150 sft steps -> pass@1 0.10 and rl gained nothing; 300 steps -> 0.42 and 20 rl steps took it to 0.64.
+    # sized for <= 15 minutes on 2 AVX2 cores in float32 (bf16 is emulated there, ~70x slower; fp32 gives the same
+    # figures on every CPU): measured times are in README.md. What the stages are for:
+    # - rl needs an sft model that already solves some problems (all-zero reward groups teach nothing): 150 sft
+    #   steps gave pass@1 0.10 and rl gained nothing; 300 steps 0.42, and 20 rl steps took it to 0.64.
+    # - sft mixes 10% pretraining text into its tokens (--text_mix) so the text model survives it, and rl adds the
+    #   SFT loss on SFT chats to every step (--ptx_coef) so that math rewards do not turn every reply into math.
     DEPTH="${DEPTH:-4}"
+    DTYPE="${DTYPE:-float32}"
     DATA=(python3 data/tinyworld.py)
     TOK=(--vocab_size=4096 --max_chars=20000000)
     PRE=(--depth="$DEPTH" --aspect_ratio=32 --head_dim=64 --max_seq_len=256 --device_batch_size=32
-         --total_batch_size=8192 --num_iterations=250 --eval_every=125 --eval_tokens=16384 --save_every=50 --compile=1)
+         --total_batch_size=8192 --num_iterations=300 --eval_every=150 --eval_tokens=16384 --save_every=50 --compile=1
+         --dtype="$DTYPE")
     SFT=(--max_seq_len=256 --device_batch_size=32 --total_batch_size=8192 --num_iterations=250 --lr_scale=0.2
-         --eval_every=125 --eval_rows=32)
-    RL=(--num_steps=30 --eval_every=15)
-    EVAL=(--task=bpb,mc,math --eval_tokens=16384 --max_new_tokens=128)
+         --text_mix=0.1 --eval_every=125 --eval_rows=32 --dtype="$DTYPE")
+    RL=(--num_steps=30 --eval_every=30 --eval_problems=64 --eval_samples=2 --ptx_coef=1 --ptx_rows=16
+        --dtype="$DTYPE")
+    EVAL=(--task=bpb,mc,math,chat --eval_tokens=16384 --max_new_tokens=128 --max_problems=50 --dtype="$DTYPE")
     LAUNCH=(python3)
     ;;
   smoke)
     DEPTH=1
+    DTYPE=float32
     DATA=(python3 data/tinyworld.py --pretrain_mb=0.3 --num_chat=400 --num_math_train=400 --num_math_test=40
           --num_mc_train=100 --num_mc_test=40 --num_probe_train=50 --num_probe_test=30)
     TOK=(--vocab_size=400 --max_chars=300000)
     PRE=(--depth=1 --aspect_ratio=32 --head_dim=16 --max_seq_len=128 --device_batch_size=2 --total_batch_size=256
          --num_iterations=20 --eval_every=10 --eval_tokens=512 --save_every=10 --dtype=float32)
     SFT=(--max_seq_len=128 --device_batch_size=2 --total_batch_size=256 --num_iterations=10 --eval_every=5
-         --eval_rows=8 --dtype=float32)
+         --eval_rows=8 --text_mix=0.1 --dtype=float32)
     RL=(--num_steps=2 --eval_every=1 --prompts_per_step=2 --num_samples=4 --max_new_tokens=24 --eval_problems=8
-        --dtype=float32)
-    EVAL=(--task=bpb,mc,math --max_problems=8 --max_new_tokens=32 --eval_tokens=2048 --dtype=float32)
+        --ptx_coef=1 --ptx_rows=2 --dtype=float32)
+    EVAL=(--task=bpb,mc,math,chat --max_problems=8 --max_new_tokens=32 --eval_tokens=2048 --dtype=float32)
     LAUNCH=(python3)
     ;;
   gpu)
@@ -112,5 +119,7 @@ stage base "${LAUNCH[@]}" pretrain.py "${PRE[@]}" --resume=1
 stage sft "${LAUNCH[@]}" sft.py "${SFT[@]}"
 stage rl "${LAUNCH[@]}" rl.py "${RL[@]}"
 stage eval python3 evaluate.py --source=all "${EVAL[@]}"
-python3 chat.py --prompt="Hello! Who are you?" --max_new_tokens=48
+# the model people meet (chat.py serves the rl model): asked who it is, and a sum in words it was not trained on
+python3 chat.py --prompt="Hi! Could you tell me a bit about what you are?" --max_new_tokens=48 ${DTYPE:+--dtype=$DTYPE}
+python3 chat.py --prompt="How much is 17 multiplied by 6, plus 29?" --max_new_tokens=48 ${DTYPE:+--dtype=$DTYPE}
 python3 evaluate.py --report=1
