@@ -315,9 +315,9 @@ if __name__ == "__main__":
         random.Random(seed).shuffle(train_examples)  # texts spread over the whole run
     train_rows = pack_rows(train_examples, row_len, tokenizer.bos_id)
     val_rows = pack_rows(val_examples, row_len, tokenizer.bos_id)[:eval_rows]
-    print0(f"data: {len(train_examples) - num_texts} train conversations ({skipped} skipped: nothing trainable within "
-           f"max_seq_len) + {num_texts} pretraining documents -> {len(train_rows)} rows, {trainable_tokens(train_rows):,} trainable tokens; "
-           f"{len(val_rows)} val rows")
+    print0(f"data: {len(train_examples) - num_texts} train conversations ({skipped} skipped: nothing trainable "
+           f"within max_seq_len) + {num_texts} pretraining documents -> {len(train_rows)} rows, "
+           f"{trainable_tokens(train_rows):,} trainable tokens; {len(val_rows)} val rows")
 
     # ---- batch geometry and horizon
     grad_accum_steps = common.grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size)

@@ -27,8 +27,9 @@ value asked for is a computation graph over the story's numbers (1 to 6 steps of
 non-negative results); its shape is that graph with the numbers left out, e.g. "((n*n)+n)". Stories also carry
 numbers to ignore (other people, other items, ages), numbers in words, pronouns and varied sentence order; a
 story states each number once, and no value worked out equals one it states (so which number feeds which step is
-never ambiguous). The answer restates the question, then works the graph one step per line, in story order, each line restating its
-clause and calling the calculator in GSM8K's marks (data.math_conversation turns them into calculator calls for chat):
+never ambiguous). The answer restates the question, then works the graph one step per line, in story order, each
+line restating its clause and calling the calculator in GSM8K's marks (data.math_conversation turns them into
+calculator calls for chat):
     Find Mia's apples.
     Mia has 3 groups of 4: <<3*4=12>>12
     Mia gives 5 to Tom: <<12-5=7>>7
@@ -843,7 +844,8 @@ def math_problem(rng, people, slice_, steps=0):
 
 ARITH_ASK = [Frame("What is {E}?"), Frame("Calculate {E}."), Frame("How much is {E}?"),
              Frame("Please compute {E}."), Frame("Can you calculate {E}?"), Frame("What do you get for {E}?"),
-             Frame("Tell me {E}."), Frame("{E} = ?"), Frame("Solve {E}."), Frame("Give me the result of {E}.", held=True),
+             Frame("Tell me {E}."), Frame("{E} = ?"), Frame("Solve {E}."),
+             Frame("Give me the result of {E}.", held=True),
              Frame("Find the value of {E}.", held=True), Frame("What number is {E}?", held=True)]
 # asks that only ever take symbols: their word forms ("What is 3 times 4?") and "Compute 3 * 4." are phrasings of
 # tests/heldback.py, which no generated set may contain (tests/test_heldback.py)
