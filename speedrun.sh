@@ -42,8 +42,7 @@ case "$PRESET" in
          --dtype="$DTYPE")
     SFT=(--max_seq_len=256 --device_batch_size=32 --total_batch_size=8192 --num_iterations=250 --lr_scale=0.2
          --text_mix=0.1 --eval_every=125 --eval_rows=32 --dtype="$DTYPE")
-    RL=(--num_steps=30 --eval_every=30 --eval_problems=64 --eval_samples=2 --ptx_coef=1 --ptx_rows=16
-        --dtype="$DTYPE")
+    RL=(--num_steps=30 --eval_every=0 --ptx_coef=1 --ptx_rows=16 --dtype="$DTYPE")  # evaluate.py measures sft and rl
     EVAL=(--task=bpb,mc,math,chat --eval_tokens=16384 --max_new_tokens=128 --max_problems=50 --dtype="$DTYPE")
     LAUNCH=(python3)
     ;;
