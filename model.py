@@ -1321,8 +1321,9 @@ class QuantLinear(nn.Module):
         if fmt not in QUANT_FORMATS:
             raise ValueError(f"quantize must be one of {', '.join(QUANT_FORMATS)}, got {fmt!r}")
         if fmt == "int4" and (group_size not in INT4_GROUP_SIZES or K % group_size or N % 64):
-            raise ValueError(f"int4 needs a group size in {INT4_GROUP_SIZES} that divides the inputs and outputs in "
-                             f"multiples of 64; a ({N}, {K}) layer with group size {group_size} has not")
+            raise ValueError(f"int4 needs outputs in multiples of 64 (torch's packed layout) and inputs in groups of "
+                             f"{group_size} (one of {INT4_GROUP_SIZES}); a ({N}, {K}) layer has not: int8 takes any "
+                             f"shape")
         self.fmt, self.group_size, self.in_features, self.out_features = fmt, group_size, K, N
         self.dtype = linear.weight.dtype  # what dequantize() gives by default
         q, scale = quantize_int8(linear.weight) if fmt == "int8" else quantize_int4(linear.weight, group_size)
