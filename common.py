@@ -817,11 +817,13 @@ def save_stage(ckpt_dir, step, model, optimizers, rank, meta, rank_state=None):
         raise SystemExit(f"error: step {step}: the model's weights are not finite (the run diverged); nothing was "
                          f"saved. Try lower learning rates")
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    if is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gathers the slices onto rank 0
+    if "lora" in meta:
+        model_state = lora_state_dict(model)  # the adapters alone, a small file (gathered whole at --zero=3)
+    elif is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gathers the slices onto rank 0
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
-        model_state = lora_state_dict(model) if "lora" in meta else model.state_dict()  # adapters: a small file
+        model_state = model.state_dict()
     optimizer_states = [opt.full_state_dict() for opt in optimizers]
     held = optimizer_state_bytes(optimizers)
     held = all_sum({r: held if r == rank else 0 for r in range(world_size)}, device)

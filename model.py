@@ -1493,21 +1493,33 @@ def add_lora(model, rank, alpha=32.0, dropout=0.0, targets=",".join(LORA_TARGETS
     return model.lora
 
 
+def _adapters(model):
+    """{name: parameter} of the LoRA adapters (DTensors of slices at --zero=3)."""
+    return {name: p for name, p in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+
+
 def lora_state_dict(model):
-    """The adapters alone: {name: tensor}, a small checkpoint (torch.load(weights_only=True) reads it)."""
-    return {name: p.detach() for name, p in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+    """The adapters alone, whole: {name: tensor}, a small checkpoint (torch.load(weights_only=True) reads it). At
+    --zero=3 each is gathered from the ranks' slices (a collective: every rank calls it), the base left alone."""
+    return {name: (p.full_tensor() if is_dtensor(p) else p).detach() for name, p in _adapters(model).items()}
 
 
 @torch.no_grad()
 def load_lora_state_dict(model, state):
-    """Copy saved adapters into the model's; a checkpoint of other adapters (targets, rank, depth) is refused."""
-    own = lora_state_dict(model)
-    shapes = lambda d: {k: tuple(v.shape) for k, v in d.items()}  # noqa: E731
+    """Copy saved adapters (whole) into the model's, each rank taking its slice at --zero=3; a checkpoint of other
+    adapters (targets, rank, depth) is refused."""
+    own = _adapters(model)
+    shapes = lambda d: {k: tuple(v.shape) for k, v in d.items()}  # noqa: E731  (a DTensor's shape is the whole's)
     if shapes(own) != shapes(state):
         raise ValueError(f"the saved adapters ({len(state)} tensors) do not fit this model's "
                          f"({len(own)}, rank {model.lora.rank}, targets {model.lora.targets})")
     for name, p in own.items():
-        p.copy_(state[name])
+        if is_dtensor(p):  # every rank holds the whole saved tensor: it takes its own slice, no communication
+            from torch.distributed.tensor import distribute_tensor
+            p.copy_(distribute_tensor(state[name].to(p.device, p.dtype), p.device_mesh, p.placements,
+                                      src_data_rank=None))
+        else:
+            p.copy_(state[name])
 
 
 @contextlib.contextmanager
