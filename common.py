@@ -561,7 +561,7 @@ def load_model(source, device="cpu", model_tag="", step=-1, dtype=torch.float32)
     latest intact step (a damaged one is reported, and the one before it loaded). An open model's meta is
     {"step": 0, "open_model": {"source", "folder"}}; stages that train it keep "open_model" in their checkpoints'
     meta, so those load back with the open model's tokenizer (its hash checked). A checkpoint of LoRA adapters (meta
-    "lora") loads the base it names and merges them in."""
+    "lora") loads the base it names (quantized as it was trained, for QLoRA) and merges them in."""
     from tokenizer import load_tokenizer  # here, not at the top: tokenizer.py imports this module
     folder = open_model_dir(source)
     if folder is not None:
@@ -579,7 +579,9 @@ def load_model(source, device="cpu", model_tag="", step=-1, dtype=torch.float32)
         if "lora" in meta:
             lora, base = meta["lora"], meta["lora"]["base"]
             model, _, _ = load_model(base["stage"], device, base["model_tag"], base["step"], dtype)
-            add_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
+            # QLoRA's adapters go on the base as it trained them, quantized (then de-quantized whole by the
+            # merge): the function trained, as --lora_merge=1 saves it, not its adapters on the unrounded base
+            add_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"], lora["quantize"], lora["group_size"])
             load_model_state(model, model_state, ckpt_dir)
             built.append(merge_lora(model))
             return
@@ -606,7 +608,8 @@ def load_model(source, device="cpu", model_tag="", step=-1, dtype=torch.float32)
     model = built[-1]
     model.eval()
     print0(f"loaded {source} model from {ckpt_dir} (step {meta['step']})" +
-           (f": LoRA adapters of rank {meta['lora']['rank']}, merged into their base" if "lora" in meta else ""))
+           (f": LoRA adapters of rank {meta['lora']['rank']}, merged into their "
+            f"{meta['lora']['quantize'] + ' ' if meta['lora']['quantize'] else ''}base" if "lora" in meta else ""))
     return model, tokenizer, meta
 
 

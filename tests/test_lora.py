@@ -343,16 +343,20 @@ def test_sft_qlora_saves_adapters_resumes_exactly_and_loads_merged(world, monkey
     assert "resumed from" in capsys.readouterr().out
     again, _, _ = common.load_checkpoint(ckpt, 4, load_rank_state=False)
     assert all(torch.equal(again[k], state[k]) for k in state)  # bit-exact
-    # load_model merges the adapters into the (full-precision) base they name
+    # load_model merges the adapters into the base they name, int4 as trained (the function trained, de-quantized)
     merged, _, _ = common.load_model("sft")
     plain, _, _ = common.load_model("base")
-    add_lora(plain, 4, meta["lora"]["alpha"])
+    unrounded = copy.deepcopy(plain)
+    for model, quantize in ((plain, "int4"), (unrounded, "")):
+        add_lora(model, 4, meta["lora"]["alpha"], quantize=quantize)
     with torch.no_grad():
-        for name, p in plain.named_parameters():
-            if name in state:
-                p.copy_(state[name])
-        idx = torch.randint(0, config.vocab_size, (1, 16))
+        for model in (plain, unrounded):
+            for name, p in model.named_parameters():
+                if name in state:
+                    p.copy_(state[name])
+        idx = torch.randint(0, config.vocab_size, (2, 24))  # 48 rows: de-quantize + matmul, not the bf16 kernels
         assert torch.allclose(merged(idx), plain(idx), atol=1e-4)
+        assert not torch.allclose(merged(idx), unrounded(idx), atol=1e-3)  # not the adapters on the unrounded base
     # resuming adapters without LoRA is one clear line
     with pytest.raises(SystemExit, match="holds LoRA adapters"):
         common.resume_checkpoint(ckpt, common.load_model("base")[0], [], 0, "cpu", {})
