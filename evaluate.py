@@ -137,7 +137,7 @@ def mc_loglik_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, 
                 ids, start = ids[cut:], max(1, start - cut)
             rows.append((ids, start))
             owners.append(i)
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device
     losses = []
     for b in range(0, len(rows), rows_per_batch):
         chunk = rows[b:b + rows_per_batch]
@@ -174,7 +174,7 @@ def mc_letter_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, 
             raise ValueError(f"a multiple-choice item needs 2 to {len(LETTERS)} choices: {item['question'][:60]!r}")
         ids = tokenizer.render_for_completion(mc_conversation(item)[:1])
         prompts.append(ids[len(ids) - max_len:] if max_len and len(ids) > max_len else ids)
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device
     chosen = []
     for b in range(0, len(prompts), rows_per_batch):
         chunk, chunk_items = prompts[b:b + rows_per_batch], items[b:b + rows_per_batch]
@@ -475,7 +475,8 @@ if __name__ == "__main__":
                 quantize_model(model, quantize)
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
-        checkpoint = {"stage": stage, "model_tag": tags[stage], "step": meta["step"], "quantize": quantize}
+        checkpoint = {"stage": stage, "model_tag": tags[stage], "step": meta["step"],
+                      **({"quantize": quantize} if quantize else {})}
         weights_note = f", {quantize} weights" if quantize else ""
         print(f"== {stage} (tag {tags[stage]}, step {meta['step']}{weights_note}): {', '.join(tasks)}", flush=True)
         style = prompt_style or ("chat" if stage in ("sft", "rl") else "base")

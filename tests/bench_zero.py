@@ -109,12 +109,14 @@ def rank_main():
 # one fp32 momentum per whole matrix it owns (deal_matrices, at every level), ZeRO's partition of AdamW's tensors
 # (torch's: per param group, the largest first, onto the least loaded rank), FSDP2's dim-0 slices (ceil(rows / N)).
 
-COMPUTED_MODELS = {
-    "d20": config_from_depth(20, 32768, 2048, head_dim=64),  # pretrain.py --depth=20, tokenizer.py's vocabulary
-    # as config_from_hf reads Qwen3-0.6B's config.json: the head tied to the embedding
-    "Qwen3-0.6B": GPTConfig(sequence_len=4096, vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024,
-                            head_dim=128, mlp="swiglu", mlp_hidden=3072, norm_weight=True, norm_eps=1e-6,
-                            rope_theta=1e6, softcap=0.0, embed_norm=False, tie_embeddings=True),
+COMPUTED_MODELS = {  # name: (config, the optimisers its stage trains it with)
+    # pretrain.py --depth=20, tokenizer.py's vocabulary: AdamW + Muon
+    "d20": (config_from_depth(20, 32768, 2048, head_dim=64), "muon"),
+    # as config_from_hf reads Qwen3-0.6B's config.json (the head tied to the embedding), fine-tuned by sft.py or
+    # rl.py as open models are by default: AdamW on every weight (common.stage_optimizers)
+    "Qwen3-0.6B": (GPTConfig(sequence_len=4096, vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024,
+                             head_dim=128, mlp="swiglu", mlp_hidden=3072, norm_weight=True, norm_eps=1e-6,
+                             rope_theta=1e6, softcap=0.0, embed_norm=False, tie_embeddings=True), "adamw"),
 }
 
 
@@ -128,13 +130,14 @@ def zero_partition(groups, world_size):
     return load
 
 
-def computed_bytes(config, world_size):
-    """{level: (weights, grads, optimiser states) bytes on the fullest rank}, and the number of parameters."""
+def computed_bytes(config, world_size, optimizer):
+    """{level: (weights, grads, optimiser states) bytes on the fullest rank}, the number of parameters, and the
+    elements of level 3's root and largest other unit. optimizer: "muon" (setup_optimizers) or "adamw" (setup_adamw)."""
     with torch.device("meta"):
         model = GPT(config)
-        adamw, muon = model.setup_optimizers()  # which tensors each optimiser steps
-    adam = [group["params"] for group in adamw.param_groups]
-    matrices = [p for group in muon.param_groups for p in group["params"]]
+        optimizers = model.setup_adamw() if optimizer == "adamw" else model.setup_optimizers()  # who steps what
+    adam = [group["params"] for group in optimizers[0].param_groups]
+    matrices = [p for opt in optimizers[1:] for group in opt.param_groups for p in group["params"]]
     _, owner = deal_matrices(matrices, world_size)
     muon = [sum(p.numel() for p in matrices if owner[p] == r) for r in range(world_size)]
     zero = zero_partition([[p.numel() for p in group] for group in adam], world_size)
@@ -156,10 +159,11 @@ def computed_bytes(config, world_size):
 
 def computed_table(world_size):
     lines = []
-    for name, config in COMPUTED_MODELS.items():
-        levels, total, root, unit = computed_bytes(config, world_size)
-        lines += [f"{name}: {total / 1e6:.0f}M parameters, {world_size} ranks; the fullest rank, in bytes per parameter "
-                  f"of the model (GB):", "",
+    for name, (config, optimizer) in COMPUTED_MODELS.items():
+        levels, total, root, unit = computed_bytes(config, world_size, optimizer)
+        trained_by = "AdamW on every weight" if optimizer == "adamw" else "AdamW + Muon"
+        lines += [f"{name}: {total / 1e6:.0f}M parameters, {trained_by}, {world_size} ranks; the fullest rank, in "
+                  f"bytes per parameter of the model (GB):", "",
                   "| --zero | weights | gradients | optimiser states | total | vs level 0 |", "|---|---|---|---|---|---|"]
         for z, parts in levels.items():
             cells = [f"{b / total:.2f} ({b / 1e9:.2f})" for b in (*parts, sum(parts))]

@@ -371,10 +371,10 @@ def test_token_rows_fill_every_slot_from_fewer_documents(tmp_path, byte_tokenize
     for slot, batches in whole.items():
         assert byte_tokenizer.decode(batches[0][0]).startswith(f"<|bos|>doc{slot % 3} words<|bos|>")
     # and the stream resumes exactly from a saved state, repeats and all
-    stream = TokenRows(byte_tokenizer, [str(few)], batch_size=2, seq_len=16, slots=[5], num_slots=8)
+    stream = TokenRows(byte_tokenizer, [str(few)], batch_size=2, seq_len=16, slots=range(8), num_slots=8)
     stream.next_batch(5, "cpu")
-    again = TokenRows(byte_tokenizer, [str(few)], batch_size=2, seq_len=16, slots=[5], num_slots=8)
-    again.load_state(stream.state())
+    again = TokenRows(byte_tokenizer, [str(few)], batch_size=2, seq_len=16, slots=range(8), num_slots=8)
+    again.load_state([stream.state()])  # every saved rank's state: here one
     assert again.next_batch(5, "cpu")[0].tolist() == stream.next_batch(5, "cpu")[0].tolist()
 
 

@@ -60,7 +60,7 @@ def test_bpb_and_unigram_baseline_on_a_known_text(tok, tmp_path, monkeypatch):
     path.write_text('{"text": "ab"}\n' * 12)
     monkeypatch.setattr(evaluate.data, "pretrain_files", lambda split, data_path="": [str(path)])
     uniform = Bigram(tok.vocab_size, {})
-    uniform.config = type("config", (), {"sequence_len": 8})
+    uniform.config = type("config", (), {"sequence_len": 8, "vocab_size": tok.vocab_size})
     result = evaluate.eval_bpb(uniform, tok, "cpu", NO_AUTOCAST, max_tokens=1000, rows_per_batch=2)
     assert result == {"bpb": pytest.approx(math.log2(tok.vocab_size)), "unigram_bpb": pytest.approx(1.0),
                       "tokens": 4 * 6}  # 12 documents make 4 rows
