@@ -7,6 +7,7 @@ Nothing here knows about a particular stage. A training stage (pretrain.py, sft.
     config = common.configure(globals())          # module globals <- config file and --key=value
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
     grad_accum_steps = common.grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size)
+    optimizers = common.parallelize(model, zero, ...)  # data parallelism at --zero level 0-3, the optimisers
     ...                                           # its training loop: common.set_lr, common.all_sum
     common.save_stage(ckpt_dir, step, model, optimizers, rank, meta)
     common.finish_stage("base", report_section, rank)
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig, param_floor
+from model import GPT, GPTConfig, add_lora, is_dtensor, load_lora_state_dict, lora_state_dict, merge_lora, param_floor
 
 # -----------------------------------------------------------------------------
 # The artifacts directory: everything a run produces lives under it.
@@ -255,6 +256,15 @@ def to_device(tensor, device):
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def all_max(numbers, device):
+    """The largest of named numbers over ranks: {name: number} -> {name: float}, as all_sum."""
+    if not dist.is_initialized():
+        return {name: float(value) for name, value in numbers.items()}
+    t = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device)  # (N,)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(numbers, t.tolist()))
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -393,7 +403,9 @@ def read_torch_file(path, device="cpu"):
 
 
 def read_step(ckpt_dir, step, rank, device, load_rank_state):
-    """(model_state, rank_state or None, meta) of one step, each file checked; ValueError names a damaged one."""
+    """(model_state, rank_states or None, meta) of one step, each file checked; ValueError names a damaged one.
+    rank_states: every saved rank's own state, in rank order (rank 0's also holds the whole optimiser states), on
+    the CPU (each rank moves only its share onto its device); the saved run may have had another number of ranks."""
     name = f"meta_{step:06d}.json"
     try:
         with open(os.path.join(ckpt_dir, name), encoding="utf-8") as f:
@@ -405,21 +417,20 @@ def read_step(ckpt_dir, step, rank, device, load_rank_state):
     model_state = read_torch_file(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), device)
     if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
         raise ValueError(f"model_{step:06d}.pt is not a model's weights")
-    rank_state = None
+    rank_states = None
     if load_rank_state:
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
-        if meta.get("world_size", world_size) != world_size:  # a refusal, not damage: the meta is the same on all ranks
-            raise SystemExit(f"error: step {step} of {ckpt_dir} was saved by {meta['world_size']} processes and "
-                             f"this run has {world_size}; resume it with as many")
-        path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
-        rank_state = read_torch_file(path, device)
-        if not isinstance(rank_state, dict):
-            raise ValueError(f"{os.path.basename(path)} is not a rank's state")
-    return model_state, rank_state, meta
+        rank_states = []
+        for r in range(meta.get("world_size", 1)):
+            path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{r}.pt")
+            rank_states.append(read_torch_file(path))
+            if not isinstance(rank_states[-1], dict):
+                raise ValueError(f"{os.path.basename(path)} is not a rank's state")
+    return model_state, rank_states, meta
 
 
 def load_checkpoint(ckpt_dir, step=-1, rank=0, device="cpu", load_rank_state=True, validate=None):
-    """Returns (model_state, rank_state or None, meta) of `step`, or of the latest intact step (-1).
+    """Returns (model_state, rank_states or None, meta) of `step`, or of the latest intact step (-1); rank_states:
+    every saved rank's own state (read_step).
 
     Every file is checked before anything uses it (read_step), then validate(model_state, rank_state, meta) may
     raise ValueError (e.g. weights that do not fit their model). A damaged latest step is reported in one line
@@ -452,9 +463,11 @@ def load_checkpoint(ckpt_dir, step=-1, rank=0, device="cpu", load_rank_state=Tru
 def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
     """Restore the latest intact checkpoint of ckpt_dir into model and optimizers, after checking that the
     settings a resume depends on agree. must_match: {name: this run's value}, compared with the meta's `name`
-    (or its config's). Returns (meta, rank_state); the caller restores what else it saved (data position,
-    history)."""
-    def restore(model_state, rank_state, meta):
+    (or its config's). The model and optimizers may be sharded at any --zero level, on another number of ranks
+    than the saved run: the checkpoint holds them whole and each rank takes its share. Returns (meta,
+    rank_states): every saved rank's own state, from which the caller restores what else it saved (data
+    position)."""
+    def restore(model_state, rank_states, meta):
         for name, ours in must_match.items():
             saved = meta[name] if name in meta else meta.get("config", {}).get(name)
             if saved != ours:
@@ -462,8 +475,8 @@ def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
                                  f"({saved!r}, this run {ours!r}); resume with the same settings or another "
                                  f"--model_tag")
         try:  # a damaged step may leave the model half-loaded: the step before it then loads over all of it
-            model.load_state_dict(model_state)
-            for opt, opt_state in zip(optimizers, rank_state["optimizers"], strict=True):
+            load_model_state(model, model_state, ckpt_dir)
+            for opt, opt_state in zip(optimizers, rank_states[0]["optimizers"], strict=True):
                 ours = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
                 opt.load_state_dict(opt_state)
                 # load_state_dict brings back the saved learning rates too; this run's settings win, so that a
@@ -473,28 +486,51 @@ def resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match):
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"it does not fit this model and its optimisers ({first_line(e)})") from None
 
-    _, rank_state, meta = load_checkpoint(ckpt_dir, rank=rank, device=device, validate=restore)
+    _, rank_states, meta = load_checkpoint(ckpt_dir, rank=rank, device=device, validate=restore)
     print0(f"resumed from {ckpt_dir} at step {meta['step']}")
-    return meta, rank_state
+    return meta, rank_states
 
 
 def resume_stage(resume, ckpt_dir, model, optimizers, rank, device, must_match, history):
-    """Where a stage's loop starts: (step, history, rank_state). With resume and a checkpoint in ckpt_dir, those of
-    the latest intact one, restored into model and optimizers by resume_checkpoint; else step 0 and the given
-    history."""
+    """Where a stage's loop starts: (step, history, rank_states). With resume and a checkpoint in ckpt_dir, those of
+    the latest one, restored into model and optimizers by resume_checkpoint (rank_states: every saved rank's own
+    state, see there); else step 0, the given history and None."""
     if resume and last_step(ckpt_dir) is not None:
-        meta, rank_state = resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match)
-        return meta["step"], meta["history"], rank_state
+        meta, rank_states = resume_checkpoint(ckpt_dir, model, optimizers, rank, device, must_match)
+        return meta["step"], meta["history"], rank_states
     if resume:
         print0(f"nothing to resume in {ckpt_dir}: starting from step 0")
     return 0, history, None
 
 
+def hf_model_dir(repo):
+    """$PICOCHAT_DIR/models/<org>__<name>: where data/hf_model.py puts an open model's files."""
+    return os.path.join(get_base_dir(), "models", repo.replace("/", "__"))
+
+
+def open_model_dir(source):
+    """The Hugging Face model folder a stage's --source names: hf:<org>/<name> (downloaded by data/hf_model.py) or a
+    path with a "/" to a folder of config.json, tokenizer.json and safetensors. None for anything else (a
+    stage: base, mid, sft, rl)."""
+    if source.startswith("hf:"):
+        folder, hint = hf_model_dir(source[3:]), f"download it: python data/hf_model.py --model={source[3:]}"
+    elif "/" in source or os.sep in source:
+        folder, hint = os.path.abspath(source), "a Hugging Face model folder holds config.json and tokenizer.json"
+    else:
+        return None
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise SystemExit(f"error: no open model in {folder} ({hint})")
+    return folder
+
+
 def find_model_tag(stage, model_tag=""):
-    """The given tag, or the tag of the stage's most recently saved checkpoint."""
+    """The given tag, or the tag of the stage's most recently saved checkpoint (an open model: its folder's name)."""
     stage_dir = os.path.join(get_base_dir(), "checkpoints", stage)
     if model_tag:
         return model_tag
+    folder = open_model_dir(stage)
+    if folder is not None:
+        return os.path.basename(folder)
     metas = glob.glob(os.path.join(stage_dir, "*", "meta_*.json"))
     if not metas:
         raise SystemExit(f"error: no {stage} checkpoint under {stage_dir}; train one first "
@@ -502,34 +538,75 @@ def find_model_tag(stage, model_tag=""):
     return os.path.basename(os.path.dirname(max(metas, key=os.path.getmtime)))
 
 
-def load_model(stage, device="cpu", model_tag="", step=-1):
-    """Build the model of a saved stage (base/sft/rl) with its tokenizer. Returns (model, tokenizer, meta).
-    step -1: the latest intact step (a damaged one is reported, and the one before it loaded)."""
+def load_model_state(model, state, ckpt_dir):
+    """A checkpoint's model state into the model: its adapters alone when the model has LoRA (setup_lora)."""
+    if model.lora is None:
+        if any(name.endswith(".lora_A") for name in state):
+            raise SystemExit(f"error: {ckpt_dir} holds LoRA adapters: resume with the same --lora_rank")
+        if is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gives each rank its slices
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(state)
+        return
+    try:
+        load_lora_state_dict(model, state)
+    except ValueError as e:
+        raise SystemExit(f"error: {ckpt_dir}: {e}; resume with the same LoRA settings or another --model_tag") from None
+
+
+def load_model(source, device="cpu", model_tag="", step=-1, dtype=torch.float32):
+    """The model of a saved stage (base/mid/sft/rl), or an open model (hf:<org>/<name> or a folder, see
+    open_model_dir), with its tokenizer, its weights in `dtype`. Returns (model, tokenizer, meta). step -1: the
+    latest intact step (a damaged one is reported, and the one before it loaded). An open model's meta is
+    {"step": 0, "open_model": {"source", "folder"}}; stages that train it keep "open_model" in their checkpoints'
+    meta, so those load back with the open model's tokenizer (its hash checked). A checkpoint of LoRA adapters (meta
+    "lora") loads the base it names and merges them in."""
     from tokenizer import load_tokenizer  # here, not at the top: tokenizer.py imports this module
-    ckpt_dir = checkpoint_dir(stage, find_model_tag(stage, model_tag))
+    folder = open_model_dir(source)
+    if folder is not None:
+        try:
+            model, tokenizer = GPT.from_pretrained(folder, device, dtype), load_tokenizer(folder)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            raise SystemExit(f"error: {e}") from None
+        print0(f"loaded open model {source} from {folder} ({model.num_params() / 1e6:.0f}M parameters, {dtype})")
+        return model, tokenizer, {"step": 0, "open_model": {"source": source, "folder": folder}}
+    ckpt_dir = checkpoint_dir(source, find_model_tag(source, model_tag))
 
     built = []  # the model of the step that loads
 
     def build(model_state, _, meta):
+        if "lora" in meta:
+            lora, base = meta["lora"], meta["lora"]["base"]
+            model, _, _ = load_model(base["stage"], device, base["model_tag"], base["step"], dtype)
+            add_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
+            load_model_state(model, model_state, ckpt_dir)
+            built.append(merge_lora(model))
+            return
         try:
-            model = GPT(GPTConfig(**meta["model_config"]))
+            with torch.device("meta"):  # allocated once, then filled: an open model's size is not built twice
+                model = GPT(GPTConfig(**meta["model_config"])).to(dtype)
+            model.to_empty(device=device)
+            model.tie_weights()
+            model.fill_rotary()
             model.load_state_dict(model_state)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"its weights do not fit its model config ({first_line(e)})") from None
         built.append(model)
 
     _, _, meta = load_checkpoint(ckpt_dir, step, device=device, load_rank_state=False, validate=build)
+    tokenizer_dir = open_model_dir(meta["open_model"]["source"]) if meta.get("open_model") else None
     try:
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(tokenizer_dir)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
         raise SystemExit(f"error: {ckpt_dir} was trained with another tokenizer than the one in "
-                         f"{os.path.join(get_base_dir(), 'tokenizer')}")
+                         f"{tokenizer_dir or os.path.join(get_base_dir(), 'tokenizer')}")
     model = built[-1]
-    model.to(device)
     model.eval()
-    print0(f"loaded {stage} model from {ckpt_dir} (step {meta['step']})")
+    print0(f"loaded {source} model from {ckpt_dir} (step {meta['step']})" +
+           (f": LoRA adapters of rank {meta['lora']['rank']}, merged into their base" if "lora" in meta else ""))
     return model, tokenizer, meta
 
 
@@ -570,6 +647,64 @@ def grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_siz
     return total_batch_size // tokens_per_micro_step
 
 
+def parallelize(model, zero=0, optimizer="muon", **optimizer_settings):
+    """Data parallelism for a stage's model at ZeRO level `zero`, and its optimisers (model.setup_optimizers, or
+    model.setup_adamw for optimizer "adamw", with optimizer_settings): 0 replicates everything (the optimisers
+    average the gradients), 1 shards the optimiser states, 2 the gradients too, 3 the weights too, with FSDP2: the
+    embedding (unless tied to the head) and each block are units of their own (a unit's whole weights exist only
+    around its forward and its backward), the head and the rest the root's (the kernels' fused loss reads the head's
+    weight outside its forward). model.py's Optimisers say who holds what. Every rank runs as many forward/backward
+    passes from level 2 on (each is a collective), and evaluation or generation that differs by rank runs inside
+    `unsharded(model)`. One process has nothing to shard: the level changes nothing."""
+    if zero not in (0, 1, 2, 3):
+        raise SystemExit(f"error: --zero must be 0, 1, 2 or 3, got {zero}")
+    if zero and not dist.is_initialized():
+        print0(f"note: --zero={zero} shards over processes (torchrun); one process holds everything")
+        zero = 0
+    if zero == 3:  # imported here: torch's sharding engines cost about 1 s of CPU to import (model.py, Optimisers)
+        from torch.distributed.fsdp import fully_shard
+        tied = model.config.tie_embeddings  # a tied embedding is the head too: it stays the root's
+        for unit in ([] if tied else [model.transformer.wte]) + list(model.transformer.h):
+            fully_shard(unit)
+        fully_shard(model)
+    setup = model.setup_adamw if optimizer == "adamw" else model.setup_optimizers
+    return setup(**optimizer_settings, zero=zero)
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """The model's whole weights on every rank for a while, so that ranks may run different forward passes (each
+    its own generations, or rank 0 alone its samples) without the all-gathers of --zero=3, at the memory of one
+    whole model; a no-op at the other levels. Every rank must enter it."""
+    if not is_dtensor(next(model.parameters())):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)  # fully_shard's defaults: the blocks reshard, the root keeps its own
+        model.set_reshard_after_forward(False, recurse=False)
+        for unit in units:
+            unit.reshard()
+
+
+def optimizer_state_bytes(optimizers):
+    """Bytes of optimiser state this rank holds (its share from --zero=1 on)."""
+    total = 0
+    for opt in optimizers:
+        for state in opt.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    value = value.to_local() if is_dtensor(value) else value  # a slice: --zero=3
+                    total += value.numel() * value.element_size()
+    return total
+
+
 def derive_seed(seed, purpose, step=0, rank=0):
     """The one seed rule: the seed of one random stream (what it is for, at which step, on which rank), a hash of
     them and the run's seed. Streams never share a seed, and each is the same after a resume."""
@@ -584,6 +719,23 @@ def scale_lr(optimizers, factor):
             group["initial_lr"] = group["initial_lr"] * factor
 
 
+def stage_optimizers(model, zero, optimizer, lr, lr_scale, weight_decay, open_model):
+    """A fine-tuning stage's data parallelism (`parallelize` at --zero) and optimisers. optimizer "muon":
+    model.setup_optimizers (AdamW + Muon) at lr_scale x its from-scratch rates; "adamw": model.setup_adamw at lr on
+    every weight; "": adamw for an open model (or a checkpoint trained from one), else muon."""
+    kind = optimizer or ("adamw" if open_model else "muon")
+    if kind not in ("muon", "adamw"):
+        raise SystemExit(f"error: --optimizer must be muon or adamw (or empty: automatic), got {optimizer!r}")
+    if kind == "adamw":
+        print0(f"optimizer: AdamW at lr {lr:g}")
+        return parallelize(model, zero, "adamw", lr=lr, weight_decay=weight_decay)
+    optimizers = parallelize(model, zero, weight_decay=weight_decay)
+    scale_lr(optimizers, lr_scale)
+    print0(f"optimizer: AdamW on the LoRA adapters at {lr_scale:g} x model.LORA_LR" if model.lora is not None else
+           f"optimizer: AdamW + Muon at {lr_scale:g} x the from-scratch learning rates")
+    return optimizers
+
+
 def set_lr(optimizers, multiplier):
     """One step of a schedule: every param group's lr is its initial_lr times the multiplier."""
     for opt in optimizers:
@@ -591,10 +743,37 @@ def set_lr(optimizers, multiplier):
             group["lr"] = group["initial_lr"] * multiplier
 
 
+def setup_lora(model, rank, alpha, dropout, targets, quantize, merge, base, seed):
+    """A fine-tuning stage's LoRA (model.py's add_lora) when rank > 0; QLoRA with quantize (int8|int4: the frozen
+    base stored so). base: the checkpoint the adapters apply to ({"stage", "model_tag", "step"}). Returns what the
+    stage adds to its checkpoints' meta: {"lora": settings and base} (save_stage then saves the adapters alone,
+    load_model merges them into that base), {} without LoRA."""
+    if rank == 0:
+        if quantize or merge:
+            raise SystemExit("error: --quantize (QLoRA) and --lora_merge need --lora_rank > 0")
+        return {}
+    total = model.num_params()
+    try:
+        config = add_lora(model, rank, alpha, dropout, targets, quantize, seed=seed)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"LoRA rank {rank} on {config.targets}" + (f" over an {quantize} base (QLoRA)" if quantize else "") +
+           f": {trained:,} trained parameters ({trained / total * 100:.2f}% of the base's {total:,})")
+    return {"lora": {**asdict(config), "base": base}}
+
+
 def largest_grad(model):
     """The largest gradient entry in absolute value, a 0-dim tensor on the gradients' device (no host sync):
-    inf or nan when any entry is. The max norm cannot overflow as a sum of squares of large gradients would."""
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None], float("inf"))
+    inf or nan when any entry is. The max norm cannot overflow as a sum of squares of large gradients would. From
+    --zero=2 on, of this rank's share of the gradients: summed over ranks (all_sum) it is still finite only when
+    every entry is."""
+    return largest_entry(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def largest_entry(tensors):
+    """The largest entry in absolute value of tensors (their local slices at --zero=3), a 0-dim tensor."""
+    return torch.nn.utils.get_total_norm([t.to_local() if is_dtensor(t) else t for t in tensors], float("inf"))
 
 
 def check_finite(step, totals, settings):
@@ -627,16 +806,29 @@ def check_model_fits(model_config, device):
 
 
 def save_stage(ckpt_dir, step, model, optimizers, rank, meta, rank_state=None):
-    """A stage's checkpoint at `step`: the model; each rank's optimiser states and rank_state (e.g. its data
-    position); the meta: the step, the model config and the world size (what resume checks), then `meta`.
-    Weights that are not finite are never saved (the ranks hold the same weights, so all of them refuse)."""
-    if not math.isfinite(torch.nn.utils.get_total_norm(list(model.parameters()), float("inf")).item()):
+    """A stage's checkpoint at `step`: the model (its adapters alone when meta has "lora": setup_lora) and the
+    optimiser states whole, as one process holds them (gathered onto rank 0 at every --zero level, so that a run
+    resumes at any level on any number of ranks); each rank's
+    rank_state (e.g. its data position); the meta: the step, the model config, the world size and each rank's
+    optimiser-state bytes, then `meta`. Every rank must call it. Weights that are not finite are never saved
+    (the ranks agree: at --zero=3 each holds other slices)."""
+    device = next(model.parameters()).device
+    if not math.isfinite(all_sum({"largest": largest_entry(model.parameters())}, device)["largest"]):
         raise SystemExit(f"error: step {step}: the model's weights are not finite (the run diverged); nothing was "
                          f"saved. Try lower learning rates")
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    meta = {"step": step, "model_config": asdict(model.config), "world_size": world_size, **meta}
-    state = {"optimizers": [opt.state_dict() for opt in optimizers], **(rank_state or {})}
-    save_checkpoint(ckpt_dir, step, model.state_dict(), state, meta, rank)
+    if is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gathers the slices onto rank 0
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        model_state = lora_state_dict(model) if "lora" in meta else model.state_dict()  # adapters: a small file
+    optimizer_states = [opt.full_state_dict() for opt in optimizers]
+    held = optimizer_state_bytes(optimizers)
+    held = all_sum({r: held if r == rank else 0 for r in range(world_size)}, device)
+    meta = {"step": step, "model_config": asdict(model.config), "world_size": world_size,
+            "optimizer_state_bytes": [int(held[r]) for r in range(world_size)], **meta}
+    state = {**(rank_state or {}), **({"optimizers": optimizer_states} if rank == 0 else {})}
+    save_checkpoint(ckpt_dir, step, model_state, state, meta, rank)
     print0(f"saved checkpoint step {step} to {ckpt_dir}")
 
 

@@ -9,6 +9,8 @@ a right and a wrong answer (graded by data/grade.py) gives one pair. (The GRPO f
     python dpo.py --dataset=gsm8k --max_new_tokens=256   # pairs from GSM8K (after python data/gsm8k.py)
     torchrun --nproc_per_node=8 dpo.py              # each rank samples and trains on its share
     python dpo.py --resume=1                        # continue the latest checkpoint of this model tag
+    torchrun --nproc_per_node=8 dpo.py --zero=2     # optimiser states and gradients sharded (3: weights too)
+    python dpo.py --lora_rank=16                    # LoRA; the reference is the base, adapters off
 
 DPO is the other way through the post-training stage: like rl.py it reads $PICOCHAT_DIR/checkpoints/<source>/ and
 writes $PICOCHAT_DIR/checkpoints/rl/<model tag>/ and report/rl.json, so evaluate.py and chat.py take its model as
@@ -28,14 +30,17 @@ from common import print0
 from data import iter_jsonl
 from data.grade import grade, pass_rates, sample_groups
 from data.loader import collate, make_row, math_items, step_indices, token_logprobs
-from model import Engine
+from model import Engine, lora_disabled, merge_lora
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
-source = "sft"              # the checkpoint to start from, which is also the frozen reference
+source = "sft"              # the model to start from, which is also the frozen reference: a stage (sft, mid,
+                            # base), or an open model: hf:<org>/<name> or a folder
 model_tag = ""              # default: the source's latest; the checkpoints go to rl/ under the same tag
 source_step = -1            # the source's step; -1: its latest
 dataset = "tinyworld"       # math problems to sample pairs from and to measure on: tinyworld or gsm8k
+prompt_style = "chat"       # how a problem is put: chat (a user turn) | boxed (plain text asking for a final
+                            # \boxed{} answer: for a base model, as reasoning-from-scratch trains Qwen3-0.6B-Base)
 # pairs
 pairs = ""                  # jsonl of {"prompt", "chosen", "rejected"}; "": derive them from sampled answers
 dpo_problems = 256          # train problems sampled (num_samples answers each) to derive pairs when pairs is ""
@@ -47,7 +52,10 @@ beta = 0.1                  # DPO's inverse temperature: how far the policy may 
 # optimisation
 prompts_per_step = 16       # pairs per step, over all ranks (each rank trains on its share)
 num_steps = 60
-lr_scale = 0.1              # multiplies the model's default learning rates
+optimizer = ""              # muon: picochat's AdamW + Muon at lr_scale x its rates | adamw: AdamW at lr on every
+                            # weight | "": adamw for an open model (or a checkpoint trained from one), else muon
+lr_scale = 0.1              # muon: multiplies the model's default learning rates
+lr = 1e-5                   # adamw: the learning rate (pretrained models fine-tune at ~1e-5)
 weight_decay = 0.0
 device_batch_size = 32      # sequences per forward/backward (memory only)
 # evaluation, checkpoints
@@ -57,9 +65,17 @@ eval_samples = 4            # answers per problem: pass@1 averages them, pass@k 
 eval_greedy = True          # also greedy pass@1 (one more answer per problem)
 save_every = 0              # checkpoint every this many steps (0: only at the end)
 resume = False              # continue from the latest rl checkpoint of this model tag
+# LoRA: low-rank adapters on a frozen base instead of training every weight (model.py's add_lora)
+lora_rank = 0               # > 0: adapters of this rank; checkpoints then hold the adapters alone and name their base
+lora_alpha = 32.0           # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0          # dropout on the adapters' input
+lora_targets = "q,k,v,o,up,down"  # attention's q, k, v and output projections; the MLP's up and down projections
+lora_merge = False          # the last checkpoint: the full model, the adapters merged into the base
+quantize = ""               # QLoRA: the frozen base stored as int8 (per channel) or int4 (per group of 64 inputs)
 # system
 device = ""                 # cuda|mps|cpu; "": the best available
 dtype = ""                  # bfloat16|float32; "": bfloat16 on CUDA and AMX CPUs, else float32
+zero = 0                    # data parallelism: 0 replicated, 1 optimiser states sharded, 2 + gradients, 3 + weights
 seed = 42
 
 # -----------------------------------------------------------------------------
@@ -146,7 +162,7 @@ def sequence_logprobs(model, rows, device, autocast_ctx, batch_size, grad=False)
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = common.configure(globals())
-    common.check_settings(config, positive=("lr_scale", "beta"), non_negative=("weight_decay", "temperature"))
+    common.check_settings(config, positive=("lr_scale", "lr", "beta"), non_negative=("weight_decay", "temperature"))
     rank, world_size, device, dtype, autocast_ctx = common.start_stage(device, dtype, seed)
 
     # ---- settings that cannot work, refused before any time is spent
@@ -156,6 +172,8 @@ if __name__ == "__main__":
     if min(prompts_per_step, num_steps, max_new_tokens, device_batch_size, eval_samples, num_samples) < 1:
         errors.append("prompts_per_step, num_steps, max_new_tokens, device_batch_size, eval_samples and "
                       "num_samples must be at least 1")
+    if prompt_style not in ("chat", "boxed"):
+        errors.append(f"--prompt_style must be chat or boxed, got {prompt_style!r}")
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
 
@@ -163,12 +181,14 @@ if __name__ == "__main__":
     model, tokenizer, source_meta = common.load_model(source, device, model_tag, source_step)
     out_tag = model_tag or common.find_model_tag(source)
     ckpt_dir = common.checkpoint_dir("rl", out_tag)
+    lora_meta = common.setup_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets, quantize, lora_merge,
+                                  {"stage": source, "model_tag": out_tag, "step": source_meta["step"]}, seed)
     if max_new_tokens >= model.config.sequence_len:
         raise SystemExit(f"error: --max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                          f"sequence_len={model.config.sequence_len}")
     engine = Engine(model, tokenizer)
     train_items, test_items = math_items(tokenizer, dataset, model.config.sequence_len - max_new_tokens,
-                                         eval_problems, seed)
+                                         eval_problems, seed, prompt_style)
     my_share = prompts_per_step // world_size
 
     # ---- the pairs, and the reference's log-probs of them (once: the reference never changes)
@@ -200,14 +220,15 @@ if __name__ == "__main__":
                              "(try more --dpo_problems, another --temperature, or give --pairs)")
     rows_chosen = [make_row(pair.prompt, *pair.chosen) for pair in pair_list]
     rows_rejected = [make_row(pair.prompt, *pair.rejected) for pair in pair_list]
-    ref_chosen = sequence_logprobs(model, rows_chosen, device, autocast_ctx, device_batch_size)  # (N,)
-    ref_rejected = sequence_logprobs(model, rows_rejected, device, autocast_ctx, device_batch_size)  # (N,)
+    with lora_disabled(model):  # with LoRA the reference is the base, adapters off: no second copy
+        ref_chosen = sequence_logprobs(model, rows_chosen, device, autocast_ctx, device_batch_size)  # (N,)
+        ref_rejected = sequence_logprobs(model, rows_rejected, device, autocast_ctx, device_batch_size)  # (N,)
 
-    # ---- optimisers, resume
-    optimizers = model.setup_optimizers(weight_decay=weight_decay)
-    common.scale_lr(optimizers, lr_scale)
+    # ---- data parallelism and optimisers, resume (on any number of ranks)
+    optimizers = common.stage_optimizers(model, zero, optimizer, lr, lr_scale, weight_decay,
+                                         source_meta.get("open_model"))
     step, history, _ = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
-        "world_size": world_size, "prompts_per_step": prompts_per_step}, history={})
+        "prompts_per_step": prompts_per_step, "optimizer": optimizer}, history={})
 
     def log_point(name, value):
         history.setdefault(name, []).append((step, value))
@@ -215,7 +236,8 @@ if __name__ == "__main__":
     def save(step, metrics):
         common.save_stage(ckpt_dir, step, model, optimizers, rank, {
             "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
-            "source": {"stage": source, "model_tag": out_tag, "step": source_meta["step"]}})
+            "source": {"stage": source, "model_tag": out_tag, "step": source_meta["step"]},
+            "open_model": source_meta.get("open_model"), **lora_meta})
 
     # ---- the training loop
     t_start, train_time, metrics, last_eval = time.time(), 0.0, {}, {}
@@ -225,7 +247,7 @@ if __name__ == "__main__":
         if eval_every > 0 and (step % eval_every == 0 or last) and test_items and not evaluated:
             model.eval()
             t0 = time.time()
-            with autocast_ctx:
+            with common.unsharded(model), autocast_ctx:  # each rank generates its own answers
                 last_eval = pass_rates(engine, test_items, num_samples=eval_samples, greedy=eval_greedy,
                                        chunk_size=my_share, max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_k=top_k, seed=seed, grader=grade, rank=rank, world_size=world_size,
@@ -252,7 +274,8 @@ if __name__ == "__main__":
         loss.backward()  # the optimisers average over ranks: each rank's share is the same size
         total = common.all_sum({"loss": loss, "reward_accuracy": accuracy, "gradient": common.largest_grad(model)},
                                device)  # the step's one host read
-        common.check_finite(step + 1, total, "--lr_scale, --beta")  # before the update: a diverged step never lands
+        # before the update: a diverged step never lands
+        common.check_finite(step + 1, total, "--lr or --lr_scale, --beta")
         del total["gradient"]
         for opt in optimizers:
             opt.step()
@@ -271,6 +294,9 @@ if __name__ == "__main__":
     metrics = {**metrics, **last_eval, "train_minutes": train_time / 60, "wall_minutes": (time.time() - t_start) / 60}
     first = {k: v[0][1] for k, v in history.items() if k in last_eval and v and v[0][0] == 0}
     metrics.update({f"{k}_start": v for k, v in first.items()})
+    if lora_merge:  # the last checkpoint: the full model, the adapters folded into the base
+        merge_lora(model)
+        lora_meta = {"merged_lora": lora_meta["lora"]}
     save(step, metrics)
     common.finish_stage("rl", {"stage": "rl", "algo": "dpo", "config": config, "metrics": metrics,
                                "history": history, "checkpoint": ckpt_dir}, rank)

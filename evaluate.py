@@ -8,7 +8,10 @@ Evaluate picochat models (bits per byte, multiple choice, math) and assemble the
     python evaluate.py --task=math --dataset=gsm8k --max_problems=200
     python evaluate.py --task=math --num_samples=8       # pass@1 and pass@8, sampled (temperature 1 unless given)
     python evaluate.py --task=math --num_samples=8 --vote=1   # and maj@8: the samples' majority answer, graded
+    python evaluate.py --quantize=int8                   # the model with its weights quantized (int8, int4)
     python evaluate.py --report=1                        # $PICOCHAT_DIR/report/report.md from the stages' sections
+    python evaluate.py --source=hf:Qwen/Qwen3-0.6B-Base --task=math --dataset=math500 --prompt_style=boxed \
+        --max_new_tokens=2048                           # an open model (python data/hf_model.py first; README.md)
 
 The tasks (each function below says how it scores):
 - bpb: bits per byte on held-out pretraining text (pretrain.py's measure), next to a unigram baseline.
@@ -17,15 +20,18 @@ The tasks (each function below says how it scores):
   continuation (nanochat's CORE), a chat model the letter it finds likeliest as its reply's first token.
 - math: word problems (built in; gsm8k, math500 with --dataset) answered with model.py's Engine (calculator
   included) and graded by data/grade.py. Greedy by default; --num_samples=K gives pass@1 and pass@K (sampled at
-  temperature 1 unless given), --vote=1 also maj@K. A base model gets a few-shot prompt in the pretraining format.
-Each run (one process, not under torchrun) prints a markdown table and writes report/eval_<source>.json: the
-checkpoint (stage, tag, step), the settings and every metric; earlier results on the same checkpoint stay unless
-measured again. The report card (--report=1) reads report/*.json and speedrun.sh's <stage>.seconds, leaves out
-whatever is missing, and prints as its last line one JSON object: {"total_min", "tokenizer_min", "pretrain_min",
-"sft_min", "rl_min", "eval_min", "bpb", "pass1_sft", "pass1_rl"}. The answer checker is data/grade.py (`from
-evaluate import grade` works too).
+  temperature 1 unless given), --vote=1 also maj@K. A base model gets a few-shot prompt in the pretraining
+  format, a chat model a user turn, and --prompt_style=boxed asks in plain text for a final \boxed{} answer (as
+  reasoning-from-scratch evaluates Qwen3-0.6B-Base).
+Each run (one process, not under torchrun) prints a markdown table and writes report/eval_<source>.json (with
+--quantize=int8: eval_<source>_int8.json, which the report card leaves out): the checkpoint (stage, tag, step), the
+settings and every metric; earlier results on the same checkpoint stay unless measured again. The report card
+(--report=1) reads report/*.json and speedrun.sh's <stage>.seconds, leaves out whatever is missing, and prints as its
+last line one JSON object: {"total_min", "tokenizer_min", "pretrain_min", "sft_min", "rl_min", "eval_min", "bpb",
+"pass1_sft", "pass1_rl"}. The answer checker is data/grade.py (`from evaluate import grade` works too).
 """
 
+import contextlib
 import glob
 import json
 import math
@@ -40,11 +46,15 @@ import data
 from data import LETTERS, MATH_SPLITS, MC_SPLITS, data_dir, mc_conversation
 from data.grade import extract_answer, grade, majority_vote, pass_at_k, response_text  # noqa: F401  (users)
 from data.loader import TokenRows, evaluate_bpb
-from model import Engine
+from model import QUANT_FORMATS, Engine, quantize_model
 
 # -----------------------------------------------------------------------------
 # Settings (override with --key=value)
-source = "sft"              # base|sft|rl, or all: each of them that has a checkpoint
+source = "sft"              # base|sft|rl, or all: each of them that has a checkpoint; or an open model:
+                            # hf:<org>/<name> (python data/hf_model.py) or the path of a Hugging Face model folder
+prompt_style = ""           # how questions are put: chat (user turns; MC: the letter the reply starts with) | base
+                            # (math: few-shot documents; MC: likeliest continuation) | boxed (math: a plain-text
+                            # instruction to end with \boxed{answer}; MC as base) | "": chat for sft and rl, else base
 task = "bpb,mc,math"        # comma-separated: bpb, mc, math
 dataset = ""                # comma-separated sets (each to the task it belongs to); "": the tasks' defaults
 model_tag = ""              # "": the stage's most recently saved model
@@ -57,7 +67,8 @@ temperature = 0.0           # math: 0 is greedy
 top_k = 0                   # math: sample from the k likeliest tokens (0: all)
 max_new_tokens = 256        # math: longest answer
 batch_size = 16             # problems per generation batch; rows per forward for bpb and mc
-dtype = "float32"           # float32|bfloat16
+dtype = "float32"           # the weights: float32|bfloat16 (no autocast; "": bfloat16 on CUDA and AMX CPUs)
+quantize = ""               # int8|int4: the weights stored quantized at load time (what it costs in quality)
 device = ""                 # cuda|mps|cpu; "": the best available
 report = False              # assemble the report card instead of evaluating
 seed = 0
@@ -65,12 +76,17 @@ seed = 0
 # -----------------------------------------------------------------------------
 # Task: bits per byte
 
+LOGITS_PER_BATCH = 2**28  # 1 GiB of fp32 logits; Qwen3's rows of 4,096 tokens x 151,936 take 2.3 GiB each
+
 
 def eval_bpb(model, tokenizer, device, autocast_ctx, max_tokens=65536, rows_per_batch=16):
     """Bits per byte on the held-out pretraining text (pretrain.py's measure, on the same stream of rows), and the
     unigram baseline on the same tokens. The baseline is fitted to the very tokens it is scored on, so it is a
     slightly optimistic bar; how far below it a model gets is what it learned from context."""
     seq_len = model.config.sequence_len
+    # at most LOGITS_PER_BATCH logits a forward pass: an open model's rows are long and its vocabulary large (the
+    # rows come in the same order whatever the batch, so the measure stays the same)
+    rows_per_batch = max(1, min(rows_per_batch, LOGITS_PER_BATCH // (seq_len * model.config.vocab_size)))
     rows = TokenRows(tokenizer, data.pretrain_files("val"), rows_per_batch, seq_len, slots=[0], num_slots=1, loop=False)
     num_batches = max(1, max_tokens // (rows_per_batch * seq_len)) if max_tokens > 0 else math.inf
     counts = torch.zeros(tokenizer.vocab_size, dtype=torch.float64)  # how often each token is a target
@@ -121,7 +137,7 @@ def mc_loglik_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, 
                 ids, start = ids[cut:], max(1, start - cut)
             rows.append((ids, start))
             owners.append(i)
-    device = next(model.parameters()).device
+    device = model.lm_head.weight.device
     losses = []
     for b in range(0, len(rows), rows_per_batch):
         chunk = rows[b:b + rows_per_batch]
@@ -158,7 +174,7 @@ def mc_letter_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, 
             raise ValueError(f"a multiple-choice item needs 2 to {len(LETTERS)} choices: {item['question'][:60]!r}")
         ids = tokenizer.render_for_completion(mc_conversation(item)[:1])
         prompts.append(ids[len(ids) - max_len:] if max_len and len(ids) > max_len else ids)
-    device = next(model.parameters()).device
+    device = model.lm_head.weight.device
     chosen = []
     for b in range(0, len(prompts), rows_per_batch):
         chunk, chunk_items = prompts[b:b + rows_per_batch], items[b:b + rows_per_batch]
@@ -190,14 +206,14 @@ def fewshot_prompt(tokenizer, question, shots, limit):
     """A base model's prompt: solved problems as separate documents in the pretraining format (data/tinyworld.py's
     doc_problem: "Question: ...\\nAnswer: ...\\n#### N"), then the question. Each document begins with <|bos|>,
     as in pretraining, so a model that learned the format ends its answer with <|bos|> (a stop token). As many
-    shots as keep the prompt within `limit` tokens."""
+    shots as keep the prompt within `limit` tokens. Returns (ids, the number of shots)."""
     for k in range(len(shots), -1, -1):
         ids = []
         for shot in shots[:k]:
             ids += tokenizer.encode(f"Question: {shot['question']}\nAnswer: {shot['answer']}", prepend=tokenizer.bos_id)
         ids += tokenizer.encode(f"Question: {question}\nAnswer:", prepend=tokenizer.bos_id)
         if len(ids) <= limit or k == 0:
-            return ids
+            return ids, k
 
 
 def completion_text(tokens, tokenizer, chat=True):
@@ -273,19 +289,19 @@ def load_set(kind, name, limit):
     return rows
 
 
-def math_prompts(tokenizer, name, problems, chat, limit):
-    """The prompts of a math set and how they were made: a chat model gets each question as a user turn; a base
-    model solved problems of the same set (its train split, when on disk) before each, as many as fit in `limit`
-    tokens."""
-    if chat:
-        return [tokenizer.render_for_completion([{"role": "user", "content": p["question"]}]) for p in problems], "chat"
+def math_prompts(tokenizer, name, problems, style, limit):
+    """The prompts of a math set and how they were made: chat puts each question as a user turn; base puts solved
+    problems of the same set (its train split, when on disk) before each, as many as fit in `limit` tokens; boxed
+    is data.boxed_prompt's plain-text instruction."""
+    if style in ("chat", "boxed"):
+        return [data.math_prompt(tokenizer, p["question"], style) for p in problems], style
     try:
         shots = data.load_math(name, "train")[:BASE_SHOTS]
     except (FileNotFoundError, ValueError):
         shots = []
-    prompts = [fewshot_prompt(tokenizer, p["question"], shots, limit) for p in problems]
-    used = sorted({ids.count(tokenizer.bos_id) - 1 for ids in prompts})  # one <|bos|> per document
-    return prompts, f"{used[0]}-shot" if len(used) == 1 else f"{used[0]}- to {used[-1]}-shot"
+    prompts, used = zip(*(fewshot_prompt(tokenizer, p["question"], shots, limit) for p in problems))
+    used = sorted(set(used))
+    return list(prompts), f"{used[0]}-shot" if len(used) == 1 else f"{used[0]}- to {used[-1]}-shot"
 
 
 def flat_metrics(results):
@@ -410,8 +426,10 @@ if __name__ == "__main__":
     errors = []
     if not tasks or set(tasks) - set(TASKS):
         errors.append(f"--task must name some of {', '.join(TASKS)} (comma-separated), got {task!r}")
-    if source not in (*STAGES, "all"):
-        errors.append(f"--source must be base, sft, rl or all, got {source!r}")
+    if source not in (*STAGES, "all") and common.open_model_dir(source) is None:
+        errors.append(f"--source must be base, sft, rl, all, hf:<org>/<name> or a model folder, got {source!r}")
+    if prompt_style not in ("", "chat", "base", "boxed"):
+        errors.append(f"--prompt_style must be chat, base or boxed (or empty: automatic), got {prompt_style!r}")
     for name, value, low in (("num_samples", num_samples, 1), ("max_new_tokens", max_new_tokens, 1),
                              ("batch_size", batch_size, 1), ("max_problems", max_problems, 0),
                              ("eval_tokens", eval_tokens, 0), ("top_k", top_k, 0)):
@@ -419,6 +437,8 @@ if __name__ == "__main__":
             errors.append(f"--{name} must be >= {low}, got {value}")
     if temperature < 0:
         errors.append(f"--temperature must be >= 0, got {temperature}")
+    if quantize not in ("", *QUANT_FORMATS):
+        errors.append(f"--quantize must be {' or '.join(QUANT_FORMATS)}, got {quantize!r}")
     if vote and num_samples < 2:
         errors.append("--vote=1 takes the majority of several answers: give --num_samples=K with K > 1")
     if errors:
@@ -440,17 +460,26 @@ if __name__ == "__main__":
     tags = {stage: common.find_model_tag(stage, model_tag) for stage in sources}
     sets = {kind: {name: load_set(kind, name, max_problems) for name in names[kind]} for kind in ("mc", "math")}
     _, _, _, _, device = common.setup_device(device)
-    autocast_ctx = common.autocast(device, dtype)
+    # the weights in the compute dtype, no autocast: generation under bf16 autocast casts every weight at every
+    # decoded token (measured 2.1x slower per token than fp32 weights at Qwen3-0.6B's shape on a CPU, README.md)
+    weights = torch.bfloat16 if common.resolve_dtype(device, dtype) == "bfloat16" else torch.float32
+    autocast_ctx = contextlib.nullcontext()  # for the scorers' forward passes: the weights' dtype, as above
 
     # ---- evaluate each, and leave its report section
     all_metrics = {}
     for stage in sources:
         common.seed_everything(seed)
-        model, tokenizer, meta = common.load_model(stage, device, tags[stage], step)
-        checkpoint = {"stage": stage, "model_tag": tags[stage], "step": meta["step"]}
+        model, tokenizer, meta = common.load_model(stage, device, tags[stage], step, weights)
+        if quantize:
+            try:
+                quantize_model(model, quantize)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+        checkpoint = {"stage": stage, "model_tag": tags[stage], "step": meta["step"], "quantize": quantize}
         print(f"== {stage} (tag {tags[stage]}, step {meta['step']}): {', '.join(tasks)}", flush=True)
-        t0, results, chat = time.time(), {}, stage != "base"
-        context = model.cos.size(0)  # the longest sequence the model can take (its rotary cache)
+        style = prompt_style or ("chat" if stage in ("sft", "rl") else "base")
+        t0, results, chat = time.time(), {}, style == "chat"
+        context = model.context_len  # the longest sequence the model can take
         if "bpb" in tasks:
             r = eval_bpb(model, tokenizer, device, autocast_ctx, eval_tokens, batch_size)
             results["bpb"] = {**r, "settings": {"eval_tokens": eval_tokens}}
@@ -464,20 +493,22 @@ if __name__ == "__main__":
             print(f"mc/{name}: acc {r['acc']:.4f}, centred {r['centered']:.4f} ({r['n']} items)", flush=True)
         for name, problems in sets["math"].items():
             # a base model's shots only as far as its trained context allows
-            prompts, style = math_prompts(tokenizer, name, problems, chat, model.config.sequence_len - max_new_tokens)
+            prompts, made = math_prompts(tokenizer, name, problems, style, model.config.sequence_len - max_new_tokens)
             longest = max(map(len, prompts))
             if longest + max_new_tokens > context:
                 raise SystemExit(f"error: a {name} prompt of {longest} tokens + --max_new_tokens={max_new_tokens} "
                                  f"is more than the model can take ({context} tokens); lower --max_new_tokens")
-            with autocast_ctx:
-                r = eval_math(Engine(model, tokenizer), problems, prompts, chat=chat, num_samples=num_samples,
-                              vote=vote, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, seed=seed, label=f"math/{name}")
+            # a base model's answer ends at its first "#### N" line; others are graded whole (their last answer)
+            r = eval_math(Engine(model, tokenizer), problems, prompts, chat=style != "base", num_samples=num_samples,
+                          vote=vote, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, seed=seed, label=f"math/{name}")
             results[f"math/{name}"] = {**r, "settings": {
                 "max_problems": max_problems, "num_samples": num_samples, "vote": vote, "temperature": temperature,
-                "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "prompt": style}}
+                "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "prompt": made, "dtype": str(weights)}}
         all_metrics[stage] = flat_metrics(results)
-        path = os.path.join(common.get_base_dir(), "report", f"eval_{stage}.json")
+        # an open model's section is named by its folder; a quantized model's goes beside, not instead
+        section_name = f"eval_{stage if stage in STAGES else tags[stage]}" + (f"_{quantize}" if quantize else "")
+        path = os.path.join(common.get_base_dir(), "report", f"{section_name}.json")
         if os.path.exists(path):  # earlier results on this same checkpoint stay, unless measured again now
             with open(path, encoding="utf-8") as f:
                 previous = json.load(f)
@@ -485,7 +516,7 @@ if __name__ == "__main__":
                 results = {**previous.get("results", {}), **results}
         section = {"stage": "eval", "checkpoint": checkpoint, "config": config, "results": results,
                    "metrics": flat_metrics(results), "minutes": (time.time() - t0) / 60}
-        print(f"report section: {common.write_report_section(f'eval_{stage}', section)}")
+        print(f"report section: {common.write_report_section(section_name, section)}")
         del model
 
     # ---- the summary table

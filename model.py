@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import sys
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -106,6 +107,12 @@ def param_floor(config):
     C, D, hidden = config.n_embd, config.head_dim, config.mlp_hidden or 4 * config.n_embd
     attention = C * D * (2 * config.n_head + 2 * config.n_kv_head)  # q and proj, k and v
     return (1 if config.tie_embeddings else 2) * config.vocab_size * C + config.n_layer * (attention + 2 * C * hidden)
+
+
+# the adapters' AdamW learning rate at width 768 (scaled with width as the other AdamW groups; stages multiply it by
+# their lr_scale). Tuned on the CPU pipeline's depth-4 model, LoRA sft from base for 40 steps at lr_scale 0.2:
+# val loss 2.68 at an effective 0.002, 2.22 at 0.01, 5.49 at 0.03 (unstable)
+LORA_LR = 0.02
 
 
 @functools.cache
@@ -263,6 +270,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
+        self.lora = None  # a LoRAConfig once add_lora has put adapters on the model
         # RoPE for 10x the training context, so inference may run longer (as nanochat); beyond it: an error.
         # Learned positions end where their table does.
         self.context_len = 10 * config.sequence_len if config.positions == "rope" else config.sequence_len
@@ -386,7 +394,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.transformer.norm_f(x)
-        if targets is not None and loss_reduction != "none" and self.config.use_kernels and _kernels() is not None:
+        if (targets is not None and loss_reduction != "none" and self.config.use_kernels and _kernels() is not None
+                and isinstance(self.lm_head, nn.Linear)):  # not a quantized head
             # the kernels' fused head + softcap + cross-entropy never materialises the (B*T, V) logits
             return _kernels().linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
                                                    softcap=self.config.softcap, reduction=loss_reduction)
@@ -403,13 +412,21 @@ class GPT(nn.Module):
     # ---- optimisers
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         adam_betas=(0.8, 0.95)):
+                         adam_betas=(0.8, 0.95), zero=0, lora_lr=LORA_LR):
         """[AdamW, Muon] as nanochat: Muon for the 2-D matrices of the blocks; AdamW for the embedding, the head
         and the norm gains (at unembedding_lr). AdamW lrs scale with width as (n_embd / 768) ** -0.5 (tuned at
         768); Muon's update is already width-independent (orthogonal, aspect-scaled). Each param group stores
         `initial_lr`, which learning-rate schedules multiply. Both optimisers average gradients over ranks
-        themselves when torch.distributed is initialised (see AdamW, Muon)."""
+        themselves when torch.distributed is initialised; zero: the data-parallel level they run at (see
+        Optimisers below; common.parallelize sets it up, sharding the model first at level 3). With LoRA: [AdamW]
+        of the adapters."""
         scale = (self.config.n_embd / 768) ** -0.5
+        if self.lora is not None:
+            # only the adapters learn, and with AdamW, not Muon: Muon sets every singular value of a matrix's update
+            # to ~1, which is meant for a full weight matrix; on the thin factors A and B of a low-rank product it
+            # would throw away the gradient's own spectrum, the little a rank-r update has to go on
+            lr = lora_lr * scale
+            return self.setup_adamw(lr, weight_decay, adam_betas, zero, eps=1e-10)
         matrices = [p for p in self.transformer.h.parameters() if p.dim() == 2]
         gains = [p for p in self.parameters() if p.dim() == 1]  # norm gains and biases
         # a tied embedding is the head too: it learns at the head's (lower) rate
@@ -420,14 +437,32 @@ class GPT(nn.Module):
             adam_groups.append(dict(params=embeddings, lr=embedding_lr * scale))
         if gains:
             adam_groups.append(dict(params=gains, lr=unembedding_lr * scale))
-        adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay,
-                      use_kernels=self.config.use_kernels)
+        adam_settings = dict(betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
+        if zero in (1, 2):
+            adamw = ZeroAdamW(adam_groups, zero=zero, **adam_settings)
+        else:
+            adamw = AdamW(adam_groups, use_kernels=self.config.use_kernels, **adam_settings)
         muon = Muon(matrices, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
-                    use_kernels=self.config.use_kernels)
+                    use_kernels=self.config.use_kernels, zero=zero)
         for opt in (adamw, muon):
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
         return [adamw, muon]
+
+    def setup_adamw(self, lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999), zero=0, eps=1e-8):
+        """[AdamW] on every parameter at one learning rate: how a pretrained (open) model is fine-tuned, at ~1e-5
+        (reasoning-from-scratch's GRPO on Qwen3-0.6B: 1e-5). setup_optimizers' from-scratch rates (Muon at 0.02,
+        embeddings at 0.2) would overwrite its pretraining within steps. The group stores `initial_lr` too; zero as
+        setup_optimizers'. Frozen weights (LoRA's base) are left out."""
+        groups = [dict(params=[p for p in self.parameters() if p.requires_grad], lr=lr)]
+        settings = dict(betas=betas, eps=eps, weight_decay=weight_decay)
+        if zero in (1, 2):
+            adamw = ZeroAdamW(groups, zero=zero, **settings)
+        else:
+            adamw = AdamW(groups, use_kernels=self.config.use_kernels, **settings)
+        for group in adamw.param_groups:
+            group["initial_lr"] = group["lr"]
+        return [adamw]
 
 # -----------------------------------------------------------------------------
 # Open models: a Hugging Face folder (config.json + safetensors) as a GPTConfig and the GPT's weights
@@ -567,11 +602,36 @@ def load_hf_weights(model, path, kind):
 
 # -----------------------------------------------------------------------------
 # Optimisers
+#
+# Data parallelism by --zero level (common.parallelize sets it up; the optimisers do the communication). What a rank
+# holds of the weights / gradients / optimiser states:
+#   0  all / all / all of AdamW's, its own matrices' of Muon's: step() all-reduces the gradients (no DDP wrapper)
+#   1  all / all / its share: AdamW is torch's ZeroRedundancyOptimizer
+#   2  all / its share / its share: each gradient is reduced onto its owner during backward (_reduce_to_owners)
+#   3  its slices / its slices / its share: FSDP2 (fully_shard) shards the weights as dim-0 slices (DTensors)
+# Muon's state and work are split by whole matrices at every level, AdamW's by ZeRO's whole tensors (1, 2) or
+# FSDP2's slices (3): see Muon for why. Checkpoints hold the whole states (full_state_dict), so a run resumes at
+# any level on any number of ranks. torch's sharding engines are imported where a level uses them: importing them
+# (torch.distributed.tensor underneath) costs about 1 s of CPU per process, measured, which level 0 is spared.
+
+
+def _world():
+    """(rank, world size); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_dtensor(x):
+    """Whether x is a DTensor (FSDP2's slices), without importing torch.distributed.tensor: none exists before
+    something has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def _average_gradients(params):
     """All-reduce (mean) the gradients of params over ranks, in one flat bucket (fewer, larger messages)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world()[1] == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -583,19 +643,41 @@ def _average_gradients(params):
         g.copy_(chunk.view_as(g))
 
 
+def _reduce_to_owners(params, owner):
+    """--zero=2's gradient reduce-scatter, by whole parameters: after every backward each gradient is summed onto
+    the rank that owns its parameter (owner: {param: rank}) and dropped by the others, so a rank holds the gradients
+    of what it updates only (plus the one in flight). Written by hand because torch has no engine for it: its ZeRO
+    leaves gradients to DDP, whose all-reduce leaves every rank all of them, and FSDP2 shards the weights as well.
+    The minimum: one reduce per parameter as soon as its gradient is ready (no buckets). Every backward is then a
+    collective, so every rank must run as many; the owner's gradient is a sum over ranks, step() divides it."""
+    rank, _ = _world()
+
+    def hook(p):
+        dist.reduce(p.grad, dst=owner[p])
+        if owner[p] != rank:
+            p.grad = None
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+
+
 class AdamW(torch.optim.AdamW):
     """torch's AdamW (its fused kernel), made DDP-aware: when torch.distributed is initialised, step() first
     averages the gradients over ranks (all-reduce), so pretrain.py needs no DDP wrapper and every rank applies the
-    identical update. With use_kernels on CUDA the update runs in kernels.adamw_step (one Triton launch)."""
+    identical update. With use_kernels on CUDA the update runs in kernels.adamw_step (one Triton launch).
+    At --zero=3 the parameters are FSDP2's slices (DTensors), whose gradients FSDP2 has already averaged: the fused
+    step runs on each rank's slices, so the moments are sliced like the weights."""
 
     def __init__(self, param_groups, use_kernels=False, **kwargs):
-        device = next(iter(param_groups[0]["params"])).device
-        self.kernels = _kernels() if use_kernels and device.type == "cuda" else None
-        super().__init__(param_groups, fused=device.type in ("cpu", "cuda") and self.kernels is None, **kwargs)
+        first = next(iter(param_groups[0]["params"]))
+        self.sliced = is_dtensor(first)
+        self.kernels = _kernels() if use_kernels and first.device.type == "cuda" and not self.sliced else None
+        super().__init__(param_groups, fused=first.device.type in ("cpu", "cuda") and self.kernels is None, **kwargs)
 
     @torch.no_grad()
     def step(self, closure=None):
-        _average_gradients([p for group in self.param_groups for p in group["params"]])
+        if not self.sliced:
+            _average_gradients([p for group in self.param_groups for p in group["params"]])
         if self.kernels is None:
             return super().step(closure)
         k = self.kernels
@@ -611,6 +693,76 @@ class AdamW(torch.optim.AdamW):
                 k.adamw_step(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
                              [self.state[p]["exp_avg_sq"] for p in params], int(self.state[params[0]]["step"]),
                              group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+
+    def full_state_dict(self):
+        """The whole state in torch's state_dict format on rank 0, None elsewhere (every rank must call it)."""
+        saved = self.state_dict()
+        if self.sliced:  # gather the slices, one tensor at a time (each gather is a collective)
+            saved["state"] = {i: {name: value.full_tensor().cpu() if is_dtensor(value) else value
+                                  for name, value in s.items()} for i, s in saved["state"].items()}
+        return saved if _world()[0] == 0 else None
+
+    def load_state_dict(self, state_dict):
+        """Load a whole state (full_state_dict's); at --zero=3 each rank keeps its slices of the moments."""
+        if self.sliced:
+            from torch.distributed.tensor import distribute_tensor
+            params = [p for group in self.param_groups for p in group["params"]]
+            state_dict = {**state_dict, "state": {i: {
+                name: distribute_tensor(value.to(params[i].device), params[i].device_mesh, params[i].placements,
+                                        src_data_rank=None)  # None: every rank slices its own copy, no messages
+                if torch.is_tensor(value) and value.shape == params[i].shape else value
+                for name, value in s.items()} for i, s in state_dict["state"].items()}}
+        super().load_state_dict(state_dict)
+
+
+class ZeroAdamW:
+    """AdamW at --zero=1 and 2: torch's ZeroRedundancyOptimizer around torch's fused AdamW (the engine). Each rank
+    keeps the moments of its share of the parameters (whole tensors, shares balanced by size with torch's greedy
+    partition: with only a few large tensors, as here, the largest one bounds the share), steps them and broadcasts
+    them to the others. ZeRO leaves the gradients to DDP, which picochat does not use: step() averages them first
+    (level 1), or at level 2 the hooks of _reduce_to_owners have already summed each onto its owner in backward."""
+
+    def __init__(self, param_groups, zero=1, **kwargs):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        device = param_groups[0]["params"][0].device
+        self.engine = ZeroRedundancyOptimizer(param_groups, optimizer_class=torch.optim.AdamW,
+                                              fused=device.type in ("cpu", "cuda"), **kwargs)
+        self.zero = zero
+        if zero == 2:  # who owns what: each rank knows its local optimiser's share; the map is gathered once
+            params = [p for group in self.param_groups for p in group["params"]]
+            local = {id(p) for group in self.engine.optim.param_groups for p in group["params"]}
+            shares = [None] * self.engine.world_size
+            dist.all_gather_object(shares, [i for i, p in enumerate(params) if id(p) in local])
+            _reduce_to_owners(params, {params[i]: r for r, share in enumerate(shares) for i in share})
+
+    @property
+    def param_groups(self):  # a property: loading a state replaces the engine's list
+        return self.engine.param_groups
+
+    @property
+    def state(self):
+        """This rank's share of the state: its local optimiser's."""
+        return self.engine.optim.state
+
+    @torch.no_grad()
+    def step(self):
+        params = [p for group in self.param_groups for p in group["params"]]
+        if self.zero == 2:
+            for p in params:
+                if p.grad is not None:  # the sum over ranks, on its owner only
+                    p.grad.div_(self.engine.world_size)
+        else:
+            _average_gradients(params)
+        self.engine.step()
+
+    def full_state_dict(self):
+        """The whole state in torch's state_dict format on rank 0, None elsewhere (every rank must call it)."""
+        self.engine.consolidate_state_dict(to=0)
+        return self.engine.state_dict() if self.engine.rank == 0 else None
+
+    def load_state_dict(self, state_dict):
+        """Load a whole state (full_state_dict's, or AdamW's); each rank keeps its share."""
+        self.engine.load_state_dict(state_dict)
 
 
 # Polar Express (Amsel, Persson, Musco & Gower 2025, arXiv:2505.16932): per-iteration optimal quintic
@@ -652,20 +804,45 @@ def orthogonalize(G, steps=5):
     return (X.mT if transposed else X).to(G.dtype)
 
 
+def deal_matrices(params, world_size):
+    """Muon's split of matrices over ranks: (batches, owner). batches: the same-shape matrices, in order of shape;
+    owner: {param: rank}, dealt round-robin within a shape, each shape starting one rank further (small models
+    spread over the ranks too)."""
+    by_shape = {}
+    for p in params:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    batches = [same for _, same in sorted(by_shape.items())]
+    return batches, {p: (i + j) % world_size for i, same in enumerate(batches) for j, p in enumerate(same)}
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (Keller Jordan 2024): SGD with Nesterov momentum whose update is orthogonalised (Polar Express), scaled
     by max(1, rows/cols) ** 0.5 so that every matrix gets a similar per-element RMS update. For the 2-D hidden
     matrices only. Decoupled weight decay p <- p (1 - lr wd).
 
-    DDP: when torch.distributed is initialised, step() all-reduces (averages) the gradients, then each rank
-    orthogonalises and applies the updates of its own disjoint share of the parameters (same-shape matrices
-    are stacked into one batched orthogonalisation) and broadcasts the updated parameters from their owner, so
-    the ranks split the work and stay bit-identical. Momentum buffers live only on the owning rank."""
+    Data parallel: every matrix has one owner rank (same-shape matrices dealt round-robin), which alone keeps its
+    momentum and computes its update (same-shape matrices stacked into one batched orthogonalisation). So Muon's
+    state and work are split by whole matrices at every --zero level, never sliced as AdamW's are: the
+    orthogonalisation needs the whole matrix (A = X X^T mixes all its rows), whereas Adam's moments are elementwise
+    and any slice can be stepped on its own. Levels 0-1: step() all-reduces (averages) the gradients, and the owners
+    broadcast the updated matrices, so the ranks stay bit-identical. Level 2: each gradient was reduced onto its
+    owner during backward. Level 3: the matrices are FSDP2 slices; each averaged gradient is gathered whole (an
+    all-gather: DTensor has no gather to one rank) and the owner's update is scattered back as slices."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, steps=5, use_kernels=False):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, steps=5, use_kernels=False,
+                 zero=0):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       steps=steps))
         self.use_kernels = use_kernels
+        self.zero = zero
+        # batches: (param group index, its same-shape matrices, orthogonalised together)
+        self.batches, self.owner = [], {}
+        for g, group in enumerate(self.param_groups):
+            batches, owner = deal_matrices(group["params"], _world()[1])
+            self.batches += [(g, same) for same in batches]
+            self.owner.update(owner)
+        if zero == 2:
+            _reduce_to_owners(list(self.owner), self.owner)
 
     def _orthogonalize(self, G, steps):
         k = _kernels() if self.use_kernels else None
@@ -673,48 +850,83 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        rank, world = _world()
         params = [p for group in self.param_groups for p in group["params"]]
-        for p in params:
-            if p.grad is None:
-                raise RuntimeError("Muon: every parameter needs a gradient (all ranks must update the same set)")
-        _average_gradients(params)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        owner = {}
-        for group in self.param_groups:
-            # same-shape matrices are orthogonalised together, each rank taking every world-th of them
-            by_shape = {}
-            for p in group["params"]:
-                by_shape.setdefault(p.shape, []).append(p)
-            for i, (_, same) in enumerate(sorted(by_shape.items(), key=lambda kv: tuple(kv[0]))):
-                for j, p in enumerate(same):
-                    owner[p] = (i + j) % world
-                mine = [p for p in same if owner[p] == rank]
-                if mine:
-                    self._update(group, mine)
-        if distributed:
-            handles = [dist.broadcast(p, src=owner[p], async_op=True) for p in params]
+        if any(p.grad is None for p in params if self.zero != 2 or self.owner[p] == rank):
+            raise RuntimeError("Muon: every parameter needs a gradient (all ranks must update the same set)")
+        sliced = is_dtensor(params[0])  # --zero=3: FSDP2 has averaged the gradient slices
+        if sliced:
+            from torch.distributed.tensor import distribute_tensor
+        if self.zero == 2:
+            for p in params:
+                if self.owner[p] == rank:  # the sum over ranks that the hooks reduced onto this owner
+                    p.grad.div_(world)
+        elif not sliced:
+            _average_gradients(params)
+        for g, same in self.batches:
+            group = self.param_groups[g]
+            grads = {}
+            for p in same:
+                grad = p.grad.full_tensor() if sliced else p.grad
+                if self.owner[p] == rank:
+                    grads[p] = grad
+            updates = dict(zip(grads, self._updates(group, list(grads), list(grads.values())))) if grads else {}
+            for p in same:
+                if sliced:  # every rank takes its slice of the owner's update
+                    update = updates.get(p, torch.empty(p.shape, dtype=p.dtype, device=p.device))
+                    self._apply(group, p, distribute_tensor(update, p.device_mesh, p.placements,
+                                                            src_data_rank=self.owner[p]))
+                elif p in updates:
+                    self._apply(group, p, updates[p])
+        if world > 1 and not sliced:
+            handles = [dist.broadcast(p, src=self.owner[p], async_op=True) for p in params]
             for h in handles:
                 h.wait()
 
-    def _update(self, group, params):
+    def _updates(self, group, params, grads):
+        """Momentum, Nesterov and orthogonalisation of same-shape matrices with their averaged gradients:
+        the updates, (N, rows, cols)."""
         momentum = group["momentum"]
-        grads = []
-        for p in params:
+        looks = []
+        for p, grad in zip(params, grads):
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
+                state["momentum_buffer"] = torch.zeros_like(grad)  # whole, even at --zero=3: see the docstring
             buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * g
-            grads.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
-        G = torch.stack(grads)  # (N, rows, cols)
-        U = self._orthogonalize(G, group["steps"])
-        rows, cols = params[0].shape
-        lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-        for p, u in zip(params, U):
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(u, alpha=-lr)
+            buf.lerp_(grad, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * g
+            looks.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
+        return self._orthogonalize(torch.stack(looks), group["steps"])  # (N, rows, cols)
+
+    def _apply(self, group, p, update):
+        rows, cols = p.shape
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+
+    def full_state_dict(self):
+        """The whole state in torch's state_dict format on rank 0 (every owner's momentum gathered there), None
+        elsewhere (every rank must call it)."""
+        saved = self.state_dict()
+        rank, world = _world()
+        if world > 1:
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object({i: {name: value.cpu() for name, value in s.items()} for i, s in saved["state"].items()},
+                               parts, dst=0)
+            if rank != 0:
+                return None
+            saved["state"] = {i: s for part in parts for i, s in part.items()}
+        return saved
+
+    def load_state_dict(self, state_dict):
+        """Load a whole state (full_state_dict's), keeping the momentum of the matrices this rank owns."""
+        rank, _ = _world()
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved = state_dict["state"]
+        if saved and len(saved) != len(params):
+            raise ValueError(f"the checkpoint holds Muon's momentum of {len(saved)} of {len(params)} matrices "
+                             f"(an older picochat saved it per rank)")
+        super().load_state_dict({**state_dict, "state": {i: s for i, s in saved.items()
+                                                         if self.owner[params[i]] == rank}})
 
 # -----------------------------------------------------------------------------
 # Inference: KV cache, sampling, generation
@@ -805,12 +1017,15 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_tokens=(), seed=None,
-             force=None):
+             force=None, vocab_size=0):
     """Decode a batch of prompts (lists of token ids, any lengths) together. Yields once per step a list with one
-    entry per row: (token_id, forced) or None once the row has finished (right after a stop token or
+    entry per row: (token_id, forced) or None once the row has finished (right after a sampled stop token or
     max_new_tokens tokens). force(row, generated_so_far) -> list | None is called after each emitted token of a
-    row; returned tokens are fed in on the following steps instead of sampling (yielded with forced=True).
-    Each distinct prompt is prefilled once (batch 1) and its cache copied into all rows that share it."""
+    row; returned tokens are fed in on the following steps instead of sampling (yielded with forced=True). Forced
+    tokens never stop a row: Qwen3's calculator result is forced in with the <|im_end|> that ends the call's turn.
+    vocab_size > 0 samples only ids below it: Qwen3-0.6B's head has 151,936 rows for a tokenizer of 151,669
+    tokens, and the untrained rest must never come out. Each distinct prompt is prefilled once (batch 1) and its
+    cache copied into all rows that share it."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
     if max_new_tokens < 0:
@@ -836,6 +1051,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     queued = [deque() for _ in range(B)]
     done = [max_new_tokens == 0] * B
     for _ in range(max_new_tokens):
+        if 0 < vocab_size < logits.size(-1):
+            logits = logits[:, :vocab_size]  # (B, vocab_size): the ids a token can have
         sampled = sample_next(logits, temperature, top_k, top_p, generator).tolist()
         step, next_ids = [], []
         for b in range(B):
@@ -848,7 +1065,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
             generated[b].append(token)
             step.append((token, forced))
             next_ids.append(token)
-            if token in stop_tokens or len(generated[b]) == max_new_tokens:
+            if (token in stop_tokens and not forced) or len(generated[b]) == max_new_tokens:
                 done[b] = True
             elif force is not None:
                 queued[b].extend(force(b, generated[b]) or ())
@@ -930,8 +1147,9 @@ def calculator(expr):
 
 # -----------------------------------------------------------------------------
 # Tool-using generation: the Engine owns the calculator. generate() above only knows that a row may have tokens
-# forced in; the Engine decides when (after <|python_end|>) and what (the sandbox's result). Every stage that
-# generates replies (sft.py's samples, rl.py, dpo.py, evaluate.py, chat.py) goes through it.
+# forced in; the Engine decides when (after <|python_end|>) and what (the sandbox's result, in the tokenizer's
+# convention). Every stage that generates replies (sft.py's samples, rl.py, dpo.py, evaluate.py, chat.py) goes
+# through it.
 
 
 class Engine:
@@ -943,8 +1161,11 @@ class Engine:
 
     generate() streams: it yields once per decoding step a list with one entry per row (prompt-major: the
     num_samples rows of prompt 0, then of prompt 1, ...), each `(token, forced)` or None once the row has
-    finished. A row finishes after <|assistant_end|> or <|bos|>, which are yielded (and kept by generate_batch):
-    RL learns to end its answers only if the end token is among the tokens it trains on."""
+    finished. A row finishes after a sampled <|assistant_end|> or <|bos|>, which are yielded (and kept by
+    generate_batch): RL learns to end its answers only if the end token is among the tokens it trains on.
+    The calculator follows the tokenizer's family: picochat's <|python_start|>expr<|python_end|> and
+    <|output_start|>result<|output_end|>, Qwen3's <tool_call> JSON and its tool turn (tokenizer.tool_call and
+    tool_output); none for a family without tokens for it (GPT-2)."""
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -964,22 +1185,23 @@ class Engine:
         return list(prompt)
 
     def tool_output(self, row, generated):
-        """model.generate's `force` hook: after a sampled <|python_end|>, the calculator's answer to the
-        expression since the last <|python_start|>, as tokens to force in (None: nothing to force)."""
+        """model.generate's `force` hook: after a sampled <|python_end|>, the calculator's answer to the call
+        since the last <|python_start|>, as the tokens the tokenizer's family frames it with (None: nothing)."""
         if not generated or generated[-1] != self.python_end or self.python_start not in generated:
             return None
         start = len(generated) - 1 - generated[::-1].index(self.python_start)
-        result = calculator(self.tokenizer.decode(generated[start + 1:-1]))
-        if result is None:
-            return None
-        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
+        expression = self.tokenizer.tool_call(self.tokenizer.decode(generated[start + 1:-1]))
+        result = calculator(expression)
+        return None if result is None else self.tokenizer.tool_output(result)
 
     def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                  seed=None, tools=True):
         # the samples of a prompt are identical rows, and model.generate prefills identical rows once
         rows = [ids for ids in map(self.prompt_ids, prompts) for _ in range(num_samples)]
+        tools = tools and self.python_end is not None  # a family without calculator tokens: no tool
         yield from generate(self.model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop_tokens=self.stop_tokens, seed=seed, force=self.tool_output if tools else None)
+                            stop_tokens=self.stop_tokens, seed=seed, force=self.tool_output if tools else None,
+                            vocab_size=self.tokenizer.vocab_size)
 
     def generate_batch(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                        seed=None, tools=True):
@@ -993,3 +1215,351 @@ class Engine:
                     tokens.append(entry[0])
                     mask.append(0 if entry[1] else 1)
         return [rows[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+# -----------------------------------------------------------------------------
+# Small hardware: weight-only quantisation and LoRA. Both replace modules of a built GPT in place, so the
+# architecture stays one: quantize_model stores the linear layers' weights as int8 (per output channel) or int4
+# (per group of inputs), de-quantized on the fly; add_lora freezes every weight and puts trainable low-rank adapters
+# beside the chosen linear layers (QLoRA when the frozen base is quantized first).
+
+QUANT_FORMATS = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel takes
+# Up to this many rows (tokens) per matmul, torch's packed kernels (decoding: memory-bound, so fewer bytes read is
+# faster); beyond, de-quantize the weight once and one ordinary matmul (prefill, training: compute-bound). Measured
+# on a (3072, 1024) weight, 1 thread, Sapphire Rapids: the int8 kernel takes 0.4 ms at 1 row (fp32 matmul 0.7),
+# 2.5 ms at 16 rows, 58 ms at 128, where de-quantize + bf16 matmul takes 10 ms.
+KERNEL_MAX_ROWS = 32
+
+
+def _bf16_round_up(x):
+    """x (fp32, > 0) as bf16, rounded up: a scale never below the exact one, so no weight falls outside the grid."""
+    y = x.to(torch.bfloat16)
+    return torch.where(y.float() < x, torch.nextafter(y, torch.full_like(y, math.inf)), y)
+
+
+def quantize_int8(w):
+    """Symmetric per output channel: w (N, K) ~ q * scale[:, None], q int8 in [-127, 127], scale (N,) bf16 =
+    max |row| / 127 rounded up. Every weight is within scale / 2 of its de-quantized value."""
+    w = w.detach().float()
+    scale = _bf16_round_up(w.abs().amax(dim=1).clamp(min=1e-12) / 127)  # (N,)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
+    return q, scale
+
+
+def pack_int4(codes):
+    """(N, K) codes 0..15 -> (N, K/2) uint8 in the layout of torch's CPU int4 kernel
+    (_convert_weight_to_int4pack_for_cpu, for N a multiple of 64): blocks of 64 rows stored column by column, byte j
+    of a column holding row j of the block in its low nibble and row j + 32 in its high one."""
+    N, K = codes.shape
+    b = codes.to(torch.uint8).view(N // 64, 64, K).transpose(1, 2)  # (N/64, K, 64)
+    return (b[..., :32] | (b[..., 32:] << 4)).contiguous().view(N, K // 2)  # the kernel reads the memory as is
+
+
+def unpack_int4(packed):
+    """pack_int4's inverse: (N, K/2) uint8 -> (N, K) codes 0..15 (uint8)."""
+    N, K = packed.shape[0], 2 * packed.shape[1]
+    b = packed.view(N // 64, K, 32)
+    return torch.cat((b & 15, b >> 4), dim=-1).transpose(1, 2).reshape(N, K)  # via (N/64, K, 64)
+
+
+def quantize_int4(w, group_size):
+    """Asymmetric per group of group_size inputs of a row, torch's int4 convention: w ~ (q - 8) * scale + zero,
+    q in 0..15 (packed two per byte, pack_int4), scale and zero bf16. zero is the group's min + 8 scales, rounded to
+    bf16; the scale is then the least that keeps the whole group on the grid, rounded up, so every weight is within
+    scale / 2 of its de-quantized value. Returns (packed (N, K/2), scale_zero (K/group_size, N, 2))."""
+    N, K = w.shape
+    g = w.detach().float().view(N, K // group_size, group_size)  # (N, G, g)
+    lo, hi = g.amin(-1), g.amax(-1)  # (N, G)
+    zero = (lo + 8 * ((hi - lo) / 15)).to(torch.bfloat16)
+    z = zero.float()
+    scale = _bf16_round_up(torch.maximum((hi - z) / 7, (z - lo) / 8).clamp(min=1e-12))  # (N, G)
+    q = torch.round((g - z[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)  # (N, G, g)
+    return pack_int4(q.view(N, K)), torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()
+
+
+@functools.cache
+def _packed_kernel_ok(device_type, fmt):
+    """Whether torch's packed kernel for fmt runs on this device and agrees with de-quantize + matmul, tried once on
+    a small random case (the ops are private: they differ by build and device). On a CPU only with native bf16:
+    the kernels take bf16 activations, and their fp32 path measured 20x slower than an fp32 matmul here."""
+    device = torch.device(device_type)
+    if device.type == "cpu" and not _fast_bf16(device):
+        return False
+    try:
+        layer = QuantLinear(nn.Linear(128, 64, bias=False, device=device), fmt, 32, use_kernel=False)
+        x = torch.randn(2, 128, device=device, dtype=torch.bfloat16)
+        want = F.linear(x.float(), layer.dequantize(torch.float32))
+        got = layer.kernel_matmul(x).float()
+        return bool(torch.allclose(got, want, atol=0.02 * want.abs().max().item()))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """x @ W^T for a QuantLinear's frozen W, differentiable in x only. The backward de-quantizes W again instead of
+    saving it: a saved copy per layer would hold the whole model in full precision until the backward (QLoRA's
+    point is not to)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantize(grad.dtype), None  # (..., N) @ (N, K)
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer with its weight stored quantized: "int8" per output channel or "int4" per group of
+    group_size inputs (quantize_int8, quantize_int4). `weight` holds the codes, `scale` the scales (int8: (N,);
+    int4: scales and zeros (K/group_size, N, 2)). The bias, if any, stays as it was."""
+
+    def __init__(self, linear, fmt, group_size=64, use_kernel=True):
+        super().__init__()
+        N, K = linear.out_features, linear.in_features
+        if fmt not in QUANT_FORMATS:
+            raise ValueError(f"quantize must be one of {', '.join(QUANT_FORMATS)}, got {fmt!r}")
+        if fmt == "int4" and (group_size not in INT4_GROUP_SIZES or K % group_size or N % 64):
+            raise ValueError(f"int4 needs a group size in {INT4_GROUP_SIZES} that divides the inputs and outputs in "
+                             f"multiples of 64; a ({N}, {K}) layer with group size {group_size} has not")
+        self.fmt, self.group_size, self.in_features, self.out_features = fmt, group_size, K, N
+        self.dtype = linear.weight.dtype  # what dequantize() gives by default
+        q, scale = quantize_int8(linear.weight) if fmt == "int8" else quantize_int4(linear.weight, group_size)
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
+        self.bias = linear.bias
+        self.use_kernel = use_kernel  # where _packed_kernel_ok says the kernel works
+
+    def dequantize(self, dtype=None):
+        """The weight (N, K) in dtype (default: the original's)."""
+        dtype = dtype or self.dtype
+        if self.fmt == "int8":
+            return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
+        N, K, G = self.out_features, self.in_features, self.in_features // self.group_size
+        scale, zero = self.scale.to(dtype).permute(2, 1, 0)  # each (N, G)
+        q = unpack_int4(self.weight).view(N, G, self.group_size).to(dtype)  # (N, G, g)
+        return ((q - 8) * scale[..., None] + zero[..., None]).view(N, K)
+
+    def kernel_matmul(self, x):
+        """x (M, K) bf16 @ W^T through torch's packed kernel -> (M, N) bf16."""
+        if self.fmt == "int8":
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale.to(x.dtype))
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scale.to(x.dtype))
+
+    def matmul(self, x):
+        """x (..., K) @ W^T -> (..., N) in x's dtype."""
+        rows = x.numel() // self.in_features
+        if self.use_kernel and rows <= KERNEL_MAX_ROWS and _packed_kernel_ok(x.device.type, self.fmt):
+            y = self.kernel_matmul(x.reshape(rows, self.in_features).to(torch.bfloat16))  # (M, N)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        device = x.device.type
+        # under autocast the matmul runs in bf16 anyway: de-quantize straight into it
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
+
+    def forward(self, x):
+        y = _QuantMatmul.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else self.matmul(x)
+        return y if self.bias is None else y + self.bias
+
+
+class QuantEmbedding(nn.Module):
+    """A frozen embedding table stored int8 per row (per token), so a lookup de-quantizes only the rows it reads.
+    A tied model's table is its head's QuantLinear weight and scale, shared."""
+
+    def __init__(self, weight, scale, dtype):
+        super().__init__()
+        self.register_buffer("weight", weight)  # (V, C) int8
+        self.register_buffer("scale", scale)  # (V,) bf16
+        self.dtype = dtype
+
+    def forward(self, idx):
+        return self.weight[idx].to(self.dtype) * self.scale[idx].to(self.dtype)[..., None]  # (B, T, C)
+
+
+def _block_linears(model):
+    """(module that holds it, attribute name, short name) of every linear layer of the blocks."""
+    short = {"attn": {"c_q": "q", "c_k": "k", "c_v": "v", "c_proj": "o"}, "mlp": {"c_fc": "up", "c_proj": "down"}}
+    for block in model.transformer.h:
+        for part, names in short.items():
+            for attr, name in names.items():
+                yield getattr(block, part), attr, name
+
+
+def quantize_model(model, fmt, group_size=64):
+    """Weight-only quantisation in place, at load time and calibration-free: the blocks' linear layers in fmt (int8
+    per output channel, int4 per group of group_size inputs); the head and the token embedding in int8 per row,
+    whatever fmt: the head is the layer most sensitive to rounding, and a tied head is also the embedding table,
+    which must serve lookups. Norm gains, biases and learned positions stay as they are. Returns the model."""
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANT_FORMATS)}, got {fmt!r}")
+    with torch.no_grad():
+        for holder, attr, _ in _block_linears(model):
+            layer = getattr(holder, attr)
+            if isinstance(layer, LoRALinear):
+                layer.base = QuantLinear(layer.base, fmt, group_size)
+            elif isinstance(layer, nn.Linear):
+                setattr(holder, attr, QuantLinear(layer, fmt, group_size))
+        if isinstance(model.lm_head, nn.Linear):
+            wte = model.transformer.wte
+            head = QuantLinear(model.lm_head, "int8")
+            table = (head.weight, head.scale) if model.config.tie_embeddings else quantize_int8(wte.weight)
+            model.transformer.wte = QuantEmbedding(*table, wte.weight.dtype)
+            model.lm_head = head
+    return model
+
+
+def weight_bytes(model):
+    """Bytes of the model's weights: parameters and buffers, each stored tensor once (a tied table counts once),
+    leaving out the RoPE tables (recomputed, never saved)."""
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in ("cos", "sin") or t.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(t.untyped_storage().data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "up", "down")  # attention's q, k, v and output projections; the MLP's up
+                                                   # (with swiglu: [gate | up], one adapter) and down projections
+
+
+@dataclass
+class LoRAConfig:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: str  # comma-separated LORA_TARGETS
+    quantize: str = ""  # the frozen base stored int8 or int4 (QLoRA); "": as loaded
+    group_size: int = 64  # int4's group
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / rank) * B A dropout(x) (Hu et al. 2021, "LoRA"): the base (nn.Linear, or QuantLinear
+    for QLoRA) frozen; A (rank, in) uniform in +-1/sqrt(in) (PEFT's Kaiming init), B (out, rank) zero, so training
+    starts exactly from the base. The adapters are fp32 (under autocast they compute in bf16). `enabled` False: the
+    base alone (the reference model of KL and DPO, with no second copy)."""
+
+    def __init__(self, base, rank, alpha, dropout, generator):
+        super().__init__()
+        self.base = base
+        device = base.weight.device
+        bound = 1 / math.sqrt(base.in_features)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features).uniform_(-bound, bound, generator=generator)
+                                   .to(device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., rank)
+        return y + F.linear(h, self.lora_B.to(h.dtype)) * self.scaling
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def add_lora(model, rank, alpha=32.0, dropout=0.0, targets=",".join(LORA_TARGETS), quantize="", group_size=64,
+             seed=0):
+    """LoRA in place: every weight frozen, the base quantized first when `quantize` (QLoRA: quantize_model), then
+    an adapter of `rank` on each target layer of every block. The adapters' init comes from `seed` alone, so every
+    rank of a DDP run starts identical. Returns the LoRAConfig (also kept as model.lora)."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if rank < 1 or not alpha > 0 or not names or set(names) - set(LORA_TARGETS) or not 0 <= dropout < 1:
+        raise ValueError(f"LoRA needs rank >= 1, alpha > 0, 0 <= dropout < 1 and targets among "
+                         f"{','.join(LORA_TARGETS)}; got rank {rank}, alpha {alpha}, dropout {dropout}, "
+                         f"targets {targets!r}")
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA adapters: merge them first (merge_lora)")
+    model.requires_grad_(False)
+    if quantize:
+        quantize_model(model, quantize, group_size)
+    generator = torch.Generator().manual_seed(seed)
+    for holder, attr, name in _block_linears(model):
+        if name in names:
+            setattr(holder, attr, LoRALinear(getattr(holder, attr), rank, alpha, dropout, generator))
+    model.lora = LoRAConfig(rank, alpha, dropout, ",".join(names), quantize, group_size)
+    return model.lora
+
+
+def lora_state_dict(model):
+    """The adapters alone: {name: tensor}, a small checkpoint (torch.load(weights_only=True) reads it)."""
+    return {name: p.detach() for name, p in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model, state):
+    """Copy saved adapters into the model's; a checkpoint of other adapters (targets, rank, depth) is refused."""
+    own = lora_state_dict(model)
+    shapes = lambda d: {k: tuple(v.shape) for k, v in d.items()}  # noqa: E731
+    if shapes(own) != shapes(state):
+        raise ValueError(f"the saved adapters ({len(state)} tensors) do not fit this model's "
+                         f"({len(own)}, rank {model.lora.rank}, targets {model.lora.targets})")
+    for name, p in own.items():
+        p.copy_(state[name])
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """The model without its adapters while inside: the base it started from (a no-op without LoRA)."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold each adapter into its base, W + (alpha / rank) B A, and put plain nn.Linear layers back: the model is a
+    GPT without LoRA again (every weight trainable), and as fast. A quantized (QLoRA) base is de-quantized, all of
+    it (dequantize_model): the merged model is the very function trained, in full precision; quantize it again to
+    serve it small. Returns the model."""
+    for holder, attr, _ in _block_linears(model):
+        layer = getattr(holder, attr)
+        if isinstance(layer, LoRALinear):
+            base = _plain_linear(layer.base) if isinstance(layer.base, QuantLinear) else layer.base
+            base.weight += layer.scaling * (layer.lora_B.float() @ layer.lora_A.float()).to(base.weight.dtype)
+            setattr(holder, attr, base)
+    model.lora = None
+    return dequantize_model(model).requires_grad_(True)  # as a GPT without LoRA is: ready for full fine-tuning
+
+
+def _plain_linear(layer):
+    """A QuantLinear as an nn.Linear of its de-quantized weight, in the dtype it had."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.weight.device,
+                       dtype=layer.dtype)
+    linear.weight.copy_(layer.dequantize())
+    if layer.bias is not None:
+        linear.bias = layer.bias
+    return linear
+
+
+@torch.no_grad()
+def dequantize_model(model):
+    """quantize_model's inverse, as far as rounding allows: plain nn.Linear and nn.Embedding layers holding the
+    de-quantized weights, in the dtype they had (a tied table stays tied). Returns the model."""
+    for holder, attr, _ in _block_linears(model):
+        if isinstance(getattr(holder, attr), QuantLinear):
+            setattr(holder, attr, _plain_linear(getattr(holder, attr)))
+    wte = model.transformer.wte
+    if isinstance(wte, QuantEmbedding):
+        table = wte.weight.to(wte.dtype) * wte.scale.to(wte.dtype)[:, None]  # (V, C)
+        model.transformer.wte = nn.Embedding.from_pretrained(table, freeze=False)
+    if isinstance(model.lm_head, QuantLinear):
+        model.lm_head = _plain_linear(model.lm_head)
+        model.tie_weights()
+    return model

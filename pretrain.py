@@ -7,6 +7,7 @@ Pretrain the base model: next-token prediction on plain documents.
     torchrun --nproc_per_node=8 pretrain.py --depth=20 --device_batch_size=32 --max_seq_len=2048 \
         --total_batch_size=524288                        # one 8-GPU node, the real recipe
     torchrun --nnodes=2 --node_rank=R --master_addr=HOST --nproc_per_node=8 pretrain.py ...   # several nodes
+    torchrun --nproc_per_node=8 pretrain.py --zero=2     # shard optimiser states and gradients (3: weights too)
     python pretrain.py --resume=1                        # continue the latest checkpoint exactly
 
 Reads the tokenizer and pretraining data from $PICOCHAT_DIR (default ~/.cache/picochat) and writes checkpoints to
@@ -62,6 +63,7 @@ model_tag = ""              # checkpoint folder name; default d<depth>
 device = ""                 # cuda|mps|cpu, default: the best available
 dtype = ""                  # bfloat16 (autocast) | float32 | "": bfloat16 on CUDA and AMX CPUs, else float32
 compile = False             # torch.compile the model
+zero = 0                    # data parallelism: 0 replicated, 1 optimiser states sharded, 2 + gradients, 3 + weights
 kernels = False             # use the Triton kernels of kernels/ (CUDA only; a no-op elsewhere)
 peak_flops = 0.0            # for MFU; 0: look it up (GPU) or measure it (CPU)
 seed = 42
@@ -139,7 +141,6 @@ if __name__ == "__main__":
     flops_per_token = model.estimate_flops()
     print0(f"model: {json.dumps(asdict(model_config))}")
     print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:.3e}")
-    train_model = torch.compile(model, dynamic=False) if compile else model
 
     # ---- batch geometry and horizon
     grad_accum_steps = common.grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, world_size)
@@ -150,20 +151,25 @@ if __name__ == "__main__":
     print0(f"{num_steps} steps of {total_batch_size:,} tokens ({grad_accum_steps} accumulation steps), "
            f"{num_steps * total_batch_size:,} tokens, {num_steps * total_batch_size / num_params:.1f} tokens/param")
 
-    # ---- optimisers (learning rates scale with width inside setup_optimizers)
-    optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
-                                        matrix_lr=matrix_lr, weight_decay=weight_decay)
+    # ---- data parallelism and optimisers (learning rates scale with width inside setup_optimizers)
+    optimizers = common.parallelize(model, zero, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
+                                    matrix_lr=matrix_lr, weight_decay=weight_decay)
     adamw, muon = optimizers
+    train_model = torch.compile(model, dynamic=False) if compile else model
     my_slots = range(rank * grad_accum_steps, (rank + 1) * grad_accum_steps)
     train_rows = TokenRows(tokenizer, train_files, device_batch_size, max_seq_len, my_slots,
                            grad_accum_steps * world_size)
 
     # ---- resume; history: (step, value) pairs for the report's charts
-    step, history, rank_state = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
-        "model_config": json.loads(json.dumps(asdict(model_config))), "world_size": world_size,
-        "total_batch_size": total_batch_size}, history={"loss": [], "val_bpb": []})
-    if rank_state is not None:
-        train_rows.load_state(rank_state["loader"])
+    # (on any number of ranks: the data position is kept per micro-batch slot, which the ranks share out)
+    step, history, rank_states = common.resume_stage(resume, ckpt_dir, model, optimizers, rank, device, {
+        "model_config": json.loads(json.dumps(asdict(model_config))), "total_batch_size": total_batch_size},
+        history={"loss": [], "val_bpb": []})
+    if rank_states is not None:
+        try:
+            train_rows.load_state([state["loader"] for state in rank_states])
+        except ValueError as e:
+            raise SystemExit(f"error: cannot resume from {ckpt_dir}: {e}") from None
 
     def val_batches():
         rows = TokenRows(tokenizer, val_files, device_batch_size, max_seq_len, [rank], world_size, loop=False)
@@ -187,15 +193,17 @@ if __name__ == "__main__":
         last = step == num_steps
         if eval_every > 0 and (step % eval_every == 0 or last):
             model.eval()
-            val_bpb = evaluate_bpb(model, val_batches(), token_bytes, autocast_ctx)
-            history["val_bpb"].append((step, val_bpb))
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            if rank == 0:  # a look at what it writes: greedy continuations of the sample prompts
-                with autocast_ctx:
-                    steps = list(generate(model, sample_prompts, 24, temperature=0.0, stop_tokens=(tokenizer.bos_id,)))
-                for i, prompt in enumerate(sample_prompts):
-                    continuation = [entries[i][0] for entries in steps if entries[i] is not None]
-                    print0(f"  sample: {tokenizer.decode(prompt[1:] + continuation)!r}")
+            with common.unsharded(model):  # ranks may read different numbers of val batches; rank 0 alone samples
+                val_bpb = evaluate_bpb(model, val_batches(), token_bytes, autocast_ctx)
+                history["val_bpb"].append((step, val_bpb))
+                print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+                if rank == 0:  # a look at what it writes: greedy continuations of the sample prompts
+                    with autocast_ctx:
+                        steps = list(generate(model, sample_prompts, 24, temperature=0.0,
+                                              stop_tokens=(tokenizer.bos_id,)))
+                    for i, prompt in enumerate(sample_prompts):
+                        continuation = [entries[i][0] for entries in steps if entries[i] is not None]
+                        print0(f"  sample: {tokenizer.decode(prompt[1:] + continuation)!r}")
             model.train()
         if last:
             break

@@ -23,7 +23,7 @@ import common
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 LETTERS = "ABCDEFGHIJ"  # choice letters of multiple-choice items
 TINYWORLD_MB_ENV = "PICOCHAT_TINYWORLD_MB"  # size of a tinyworld generated on demand (e.g. 1 for smoke runs)
-SCRIPT_OF = {"arc_easy": "arc", "arc_challenge": "arc"}  # otherwise data/<name>.py downloads data/<name>/
+SCRIPT_OF = {"arc_easy": "arc", "arc_challenge": "arc", "math": "hendrycks_math"}  # else data/<name>.py, data/<name>/
 
 
 def data_dir(name):
@@ -228,6 +228,22 @@ def math_conversation(problem):
     return [{"role": "user", "content": problem["question"]}, {"role": "assistant", "content": content}]
 
 
+# A plain-text request for a solution ending in \boxed{}: how reasoning-from-scratch puts MATH problems to
+# Qwen3-0.6B-Base (a base model, no chat template), worded here in picochat's own words
+BOXED_PROMPT = ("Solve the following math problem. Reason step by step, then write the final answer on a line of "
+                "its own as \\boxed{{ANSWER}}.\n\nProblem:\n{question}\n\nSolution:")
+
+
+def math_prompt(tokenizer, question, style="chat"):
+    """A word problem as prompt ids for a model to continue: "chat", a user turn up to the assistant's reply; "boxed",
+    BOXED_PROMPT as a document (after <|bos|>, as pretraining documents begin), answered in plain text."""
+    if style == "chat":
+        return tokenizer.render_for_completion([{"role": "user", "content": question}])
+    if style == "boxed":
+        return tokenizer.encode(BOXED_PROMPT.format(question=question), prepend=tokenizer.bos_id)
+    raise ValueError(f"a math prompt's style is chat or boxed, got {style!r}")
+
+
 def mc_conversation(item):
     """A multiple-choice item as a chat: the question and its lettered choices -> the right letter, e.g. "B"."""
     lines = [item["question"]] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(item["choices"])]
@@ -264,7 +280,8 @@ def load_conversations(split):
     return convs
 
 
-MATH_SPLITS = {"tinyworld": ("train", "test"), "gsm8k": ("train", "test"), "math500": ("test",)}
+MATH_SPLITS = {"tinyworld": ("train", "test"), "gsm8k": ("train", "test"), "math500": ("test",),
+               "math": ("train", "test")}  # math: MATH without MATH-500, and MATH-500 as its test
 MC_SPLITS = {name: ("train", "test") for name in ("tinyworld", "arc_easy", "arc_challenge", "mmlu", "hellaswag")}
 
 
@@ -276,7 +293,8 @@ def check_split(kind, splits, name, split):
 
 
 def load_math(name="tinyworld", split="test"):
-    """Word problems [{"question", "answer": "...\\n#### N", "level"}] of tinyworld, gsm8k or math500 (test only)."""
+    """Word problems [{"question", "answer": "...\\n#### N", "level"}] of tinyworld, gsm8k, math500 (test only) or
+    math (MATH: train without MATH-500, test = MATH-500)."""
     check_split("math", MATH_SPLITS, name, split)
     if name == "tinyworld":
         return read_jsonl(os.path.join(ensure_tinyworld(), f"math_{split}.jsonl"))

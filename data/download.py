@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+import common
+
 HF_ENDPOINT = "https://huggingface.co"  # defaults; $HF_ENDPOINT and $HF_DATASETS_SERVER replace them
 HF_DATASETS_SERVER = "https://datasets-server.huggingface.co"
 RETRIES = 5
@@ -242,12 +244,6 @@ HF_MODEL_FILES = ["config.json", "tokenizer.json"]
 HF_OPTIONAL_FILES = ["tokenizer_config.json", "chat_template.jinja", "generation_config.json"]
 
 
-def hf_model_dir(repo):
-    """$PICOCHAT_DIR/models/<org>__<name>: where download_hf_model puts a repository's files."""
-    import common
-    return os.path.join(common.get_base_dir(), "models", repo.replace("/", "__"))
-
-
 def hf_file_exists(url):
     """Whether the hub has the file (HEAD: 404 means no; other failures are retried, then raised)."""
     def probe():
@@ -262,11 +258,12 @@ def hf_file_exists(url):
 def download_hf_model(repo, revision="main"):
     """Download config.json, the tokenizer files and the safetensors weights (one model.safetensors, or the shards
     its model.safetensors.index.json names) of a Hugging Face model repository from $HF_ENDPOINT (default the public
-    hub) into hf_model_dir(repo), each file with download()'s retries, resume and atomic rename. Returns the folder."""
+    hub) into common.hf_model_dir(repo), each file with download()'s retries, resume and atomic rename. Returns the
+    folder."""
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise ValueError(f"a Hugging Face model is named <org>/<name>, got {repo!r}")
     url = lambda name: hub_url(f"/{repo}/resolve/{revision}/{name}")  # noqa: E731
-    directory = hf_model_dir(repo)
+    directory = common.hf_model_dir(repo)
     names = HF_MODEL_FILES + [name for name in HF_OPTIONAL_FILES if hf_file_exists(url(name))]
     index = "model.safetensors.index.json"
     if hf_file_exists(url(index)):

@@ -642,10 +642,10 @@ def score(text, reference, finished, grader, format_bonus=0.0):
 
 
 def sample_groups(engine, prompts, references, *, num_samples, max_new_tokens, temperature, top_k, seed, grader,
-                  format_bonus=0.0):
+                  format_bonus=0.0, top_p=1.0):
     """Sample num_samples answers to each prompt and score them: per prompt, a list of Samples."""
     outs = engine.generate_batch(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_k=top_k, seed=seed)
+                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     end = engine.tokenizer.special("<|assistant_end|>")
     groups = []
     for answers, reference in zip(outs, references):
@@ -660,7 +660,7 @@ def sample_groups(engine, prompts, references, *, num_samples, max_new_tokens, t
 
 
 def pass_rates(engine, items, *, num_samples, greedy, chunk_size, max_new_tokens, temperature, top_k, seed, grader,
-               rank, world_size, device):
+               rank, world_size, device, top_p=1.0):
     """Held-out pass@1 (the mean over num_samples answers), pass@k (k = num_samples) and, with greedy, greedy
     pass@1 on (prompt ids, reference) items, each rank taking every world_size-th item, chunk_size at a time. The
     seeds depend only on the seed, the chunk and the rank, so every evaluation draws alike and a curve of these
@@ -670,8 +670,8 @@ def pass_rates(engine, items, *, num_samples, greedy, chunk_size, max_new_tokens
     for i in range(0, len(mine), chunk_size):
         prompts, references = [p for p, _ in mine[i:i + chunk_size]], [a for _, a in mine[i:i + chunk_size]]
         groups = sample_groups(engine, prompts, references, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_k=top_k, seed=common.derive_seed(seed, "eval", i, rank),
-                               grader=grader)
+                               temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=common.derive_seed(seed, "eval", i, rank), grader=grader)
         if greedy:
             greedy_groups = sample_groups(engine, prompts, references, num_samples=1, max_new_tokens=max_new_tokens,
                                           temperature=0.0, top_k=0, seed=None, grader=grader)

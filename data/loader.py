@@ -42,14 +42,23 @@ class TokenRows:
         self.num_slots, self.buffer_docs, self.loop = num_slots, buffer_docs, loop
         self.position = {"epoch": 0, "file": 0, "doc": 0, "index": 0}  # the next document to read, and its number
         self.buffers = {slot: [] for slot in slots}  # per slot: its tokenised documents, in order
+        self.read_from = {}  # per slot, after a resume: the index of its first document still to read
         self.reader = None  # the document iterator, started at self.position on first use
 
     def state(self):
         return {"position": dict(self.position), "buffers": {str(s): b for s, b in self.buffers.items()}}
 
-    def load_state(self, state):
-        self.position = dict(state["position"])
-        self.buffers = {int(s): [list(d) for d in b] for s, b in state["buffers"].items()}
+    def load_state(self, states):
+        """Resume from the states of every rank of a saved run (a list, in rank order), which may have had another
+        number of ranks: each of our slots takes its queue from the rank that had it, and reading restarts at the
+        earliest of those ranks' positions, each slot skipping the documents its old rank had already read."""
+        saved = {int(s): state for state in states for s in state["buffers"]}
+        if set(saved) != set(range(self.num_slots)):
+            raise ValueError(f"the saved data position has {len(saved)} micro-batch slots, this run {self.num_slots}: "
+                             f"resume with the same total_batch_size, device_batch_size and max_seq_len")
+        self.buffers = {s: [list(d) for d in saved[s]["buffers"][str(s)]] for s in self.buffers}
+        self.read_from = {s: saved[s]["position"]["index"] for s in self.buffers}
+        self.position = dict(min((saved[s]["position"] for s in self.buffers), key=lambda p: p["index"]))
         self.reader = None
 
     def documents(self):
@@ -86,7 +95,7 @@ class TokenRows:
         missing = 2 * self.buffer_docs - len(self.buffers[slot])
         for i, text in self.reader:
             owner = i % self.num_slots
-            if owner in self.buffers:
+            if owner in self.buffers and i >= self.read_from.get(owner, 0):
                 texts.append(text)
                 owners.append(owner)
                 missing -= owner == slot
@@ -146,17 +155,18 @@ def evaluate_bpb(model, batches, token_bytes, autocast_ctx):
 # and a prompt plus an answer as one training row.
 
 
-def math_items(tokenizer, dataset, max_prompt_len, eval_problems, seed):
-    """(train items, held-out items) of a math dataset, each item (prompt ids, reference answer): the question as a
-    user turn, kept only when its prompt is at most max_prompt_len tokens; eval_problems test problems drawn at
-    random (the same ones at every evaluation)."""
+def math_items(tokenizer, dataset, max_prompt_len, eval_problems, seed, prompt="chat"):
+    """(train items, held-out items) of a math dataset, each item (prompt ids, reference answer): the question as
+    data.math_prompt puts it (prompt: chat, a user turn; boxed, plain text asking for \\boxed{}), kept only when
+    its prompt is at most max_prompt_len tokens; eval_problems test problems drawn at random (the same ones at
+    every evaluation)."""
     try:
         train_set, test_set = data.load_math(dataset, "train"), data.load_math(dataset, "test")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     test_set = random.Random(common.derive_seed(seed, "heldout")).sample(test_set, min(eval_problems, len(test_set)))
-    items = [[(tokenizer.render_for_completion([{"role": "user", "content": p["question"]}]), p["answer"])
-              for p in problems] for problems in (train_set, test_set)]
+    items = [[(data.math_prompt(tokenizer, p["question"], prompt), p["answer"]) for p in problems]
+             for problems in (train_set, test_set)]
     train_items, test_items = [[(ids, answer) for ids, answer in part if len(ids) <= max_prompt_len] for part in items]
     print0(f"data: {dataset}, {len(train_items)} train problems, {len(test_items)} held-out problems per evaluation")
     if not train_items:

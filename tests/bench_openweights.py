@@ -41,11 +41,14 @@ gen_prompt = 128    # prompt tokens before generation
 gen_tokens = 32     # decoded tokens timed
 threads = 2
 child = ""          # internal: the mode a child process measures
-for arg in sys.argv[1:]:
-    key, value = arg.removeprefix("--").split("=")
-    if key not in globals() or key.startswith("_") or key.isupper():
-        raise SystemExit(f"error: unknown setting --{key}")
-    globals()[key] = type(globals()[key])(value)
+
+
+def configure():
+    for arg in sys.argv[1:]:
+        key, value = arg.removeprefix("--").split("=")
+        if key not in globals() or key.startswith("_") or key.isupper():
+            raise SystemExit(f"error: unknown setting --{key}")
+        globals()[key] = type(globals()[key])(value)
 
 # -----------------------------------------------------------------------------
 # One mode, measured in its own process (peak RSS is per process)
@@ -149,16 +152,21 @@ def measure_load():
 # The parent: one child process per mode
 
 
+def cpu_name():
+    """The CPU's model name, cores, and the bf16 features that decide its speed."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    flags = open("/proc/cpuinfo").read()
+    return cpu + f", {os.cpu_count()} cores" + (", AMX" if "amx_bf16" in flags else "") + \
+        (", AVX512-BF16" if "avx512_bf16" in flags else "")
+
+
 if __name__ == "__main__":
+    configure()  # here, not at import: tests/bench_quant.py imports this file's Qwen3 shape and random_model
     if child:
         print(json.dumps(measure(child)))
         sys.exit(0)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    flags = open("/proc/cpuinfo").read()
-    cpu += f", {os.cpu_count()} cores" + (", AMX" if "amx_bf16" in flags else "") + \
-        (", AVX512-BF16" if "avx512_bf16" in flags else "")
     # the machine may be shared: its load average says how much of the cores this run had
-    results = {"cpu": cpu, "threads": threads, "seq_len": seq_len, "gen_prompt": gen_prompt,
+    results = {"cpu": cpu_name(), "threads": threads, "seq_len": seq_len, "gen_prompt": gen_prompt,
                "loadavg_before": round(os.getloadavg()[0], 1)}
     for mode in modes.split(","):
         r = subprocess.run([sys.executable, __file__, f"--child={mode}"] + sys.argv[1:], capture_output=True,

@@ -273,6 +273,31 @@ def publish_math500(hub, n=8, parquet=True):
     return rows
 
 
+def publish_hendrycks_math(hub, n=4):
+    """EleutherAI/hendrycks_math, a config per subject, splits train and test: problem, level ("Level 3"; a few
+    "Level ?"), type, solution (the answer \\boxed{} in it; a few have none). Prealgebra's test split also holds
+    MATH-500's problems (math500_rows), one with its whitespace changed. Returns all the rows."""
+    from data.hendrycks_math import SUBJECTS
+    rng, published = random.Random("hendrycks_math"), []
+    for subject in SUBJECTS:
+        for split in ("train", "test"):
+            rows = []
+            for i in range(n):
+                a, b = rng.randint(10, 99), rng.randint(10, 99)
+                boxed = f"$\\boxed{{{a + b}}}$" if i != 1 else f"{a + b}"
+                rows.append({"problem": f"What is ${a} + {b}$ in {subject}?", "level": f"Level {1 + i % 5}"
+                             if i != 2 else "Level ?", "type": subject.replace("_", " ").title(),
+                             "solution": f"We add: ${a} + {b} = {a + b}$, so the answer is {boxed}."})
+            if (subject, split) == ("prealgebra", "test"):
+                taken = math500_rows()
+                rows += [{"problem": r["problem"].replace(" + ", "  +\n ") if i == 0 else r["problem"],
+                          "level": f"Level {r['level']}", "type": "Prealgebra", "solution": r["solution"]}
+                         for i, r in enumerate(taken)]
+            hub.add_split("EleutherAI/hendrycks_math", subject, split, rows)
+            published += rows
+    return published
+
+
 def publish_arc(hub, n_train=16, n_test=8):
     """allenai/ai2_arc, configs ARC-Easy and ARC-Challenge: id, question, choices {text, label}, answerKey. Labels
     are letters, on a few items digits; a few items have 3 or 5 choices."""

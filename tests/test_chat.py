@@ -114,7 +114,7 @@ def test_terminal_chat(fake, monkeypatch, capsys):
                         raising=False)
     lines = iter(["What is 6*7?", "", "thanks", "/clear", "again", "/quit", "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    chat.terminal_chat(engine, "cpu")
+    chat.terminal_chat(engine)
     out = capsys.readouterr().out
     assert out.count("Assistant: " + REPLY_TEXT + "\n") == 3 and "(new conversation)" in out
     assert next(lines) == "never read"
@@ -135,7 +135,7 @@ def test_terminal_chat_eof_and_full_context(fake, monkeypatch, capsys):
         except StopIteration:
             raise EOFError from None
     monkeypatch.setattr("builtins.input", read)
-    chat.terminal_chat(engine, "cpu")  # returns at end of input
+    chat.terminal_chat(engine)  # returns at end of input
     out = capsys.readouterr().out
     assert "Assistant: It is \n" in out and "no longer fits" in out  # the reply stopped where the context ends
 
@@ -574,26 +574,52 @@ def test_real_generate_forces_calculator(tiny_chat_model):
     assert "".join(reply) == "So <<6*7=42>> done" and reply.finish_reason == "stop"
 
 
+def test_real_generate_stops_at_bos(tiny_chat_model):
+    model, tok = tiny_chat_model
+    written = [*tok.encode("It is 42."), tok.bos_id]
+    engine = Engine(Steered(model, written + tok.encode(" Then more.")), tok)
+    [[(tokens, mask)]] = engine.generate_batch([[tok.bos_id]], max_new_tokens=30, temperature=1.0, seed=0)
+    assert tokens == written and mask == [1] * len(written)
+    engine.model.calls = 0
+    reply = chat.Reply(engine, [tok.bos_id], max_new_tokens=30, temperature=0.0, top_k=0)
+    assert "".join(reply) == "It is 42." and reply.finish_reason == "stop" and reply.num_tokens == len(written)
+
+
 def test_real_server_openai_client(tiny_chat_model):
     openai = pytest.importorskip("openai")
     model, tok = tiny_chat_model
-    server = chat.ChatServer(Engine(model, tok), "127.0.0.1", 0)
+    # the tiny GPT steered to a known reply: what the client receives is checked against it, token for token
+    s = tok.special
+    before, after = [*tok.encode("It is "), s("<|python_start|>"), *tok.encode("6*7"), s("<|python_end|>")], [
+        *tok.encode(" so."), s("<|assistant_end|>")]
+    forced = [s("<|output_start|>"), *tok.encode("42"), s("<|output_end|>")]  # the calculator's, not steered
+    steered = Steered(model, before + [0] * len(forced) + after)
+    server = chat.ChatServer(Engine(steered, tok), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x",
                                max_retries=0, timeout=30)
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 6*7?"}]
-        completion = client.chat.completions.create(model="picochat", messages=messages, max_tokens=5, seed=0)
-        assert isinstance(completion.choices[0].message.content, str)
+        completion = client.chat.completions.create(model="picochat", messages=messages, max_tokens=40, seed=0)
+        assert completion.choices[0].message.content == "It is <<6*7=42>> so."
+        assert completion.choices[0].finish_reason == "stop"
+        assert completion.usage.completion_tokens == len(before + forced + after)  # forced tokens count too
+        assert completion.usage.prompt_tokens == len(tok.render_for_completion(messages))
         # the smallest temperature and top_p the API accepts round to 0 in float32: greedy, not NaN and HTTP 500
-        tiny = client.chat.completions.create(model="picochat", messages=messages, max_tokens=5, temperature=5e-324,
+        steered.calls = 0
+        tiny = client.chat.completions.create(model="picochat", messages=messages, max_tokens=40, temperature=5e-324,
                                               top_p=1e-46)
-        greedy = client.chat.completions.create(model="picochat", messages=messages, max_tokens=5, temperature=0)
-        assert tiny.choices[0].message.content == greedy.choices[0].message.content
-        assert 1 <= completion.usage.completion_tokens <= 5
-        chunks = list(client.chat.completions.create(model="picochat", messages=messages, max_tokens=5,
+        assert tiny.choices[0].message.content == "It is <<6*7=42>> so."
+        steered.calls = 0
+        chunks = list(client.chat.completions.create(model="picochat", messages=messages, max_tokens=40,
                                                      temperature=0, stream=True))
-        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "It is <<6*7=42>> so."
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        steered.calls = 0
+        assert len(tok.encode("It is ")) >= 2
+        short = client.chat.completions.create(model="picochat", messages=messages, max_tokens=2)
+        assert short.choices[0].message.content == tok.decode(before[:2])
+        assert short.choices[0].finish_reason == "length"
     finally:
         server.shutdown()
         server.server_close()
@@ -612,7 +638,7 @@ def test_real_one_shot_prompt_and_source(tiny_chat_model, tmp_base_dir, one_thre
     shutil.copytree(os.path.join(tmp_base_dir, "checkpoints", "sft"), os.path.join(tmp_base_dir, "checkpoints", "rl"))
     run_main(monkeypatch, "chat.py", "--device=cpu", "--prompt=What is 6*7?", "--max_new_tokens=5", "--temperature=0")
     assert "loaded rl model" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="error: --source must be base, sft or rl"):
+    with pytest.raises(SystemExit, match="error: --source must be base, sft, rl, hf:"):
         run_main(monkeypatch, "chat.py", "--source=gpt4")
     with pytest.raises(SystemExit, match="no base checkpoint"):
         run_main(monkeypatch, "chat.py", "--device=cpu", "--source=base")

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -90,14 +89,44 @@ def test_checkpoint_roundtrip_latest_and_keep(tmp_base_dir):
     assert common.last_step(d) == 30
     assert sorted(os.listdir(d)) == ["meta_000020.json", "meta_000030.json", "model_000020.pt", "model_000030.pt",
                                      "optim_000020_rank0.pt", "optim_000030_rank0.pt"]
-    model_state, rank_state, meta = common.load_checkpoint(d)
-    assert model_state["w"].tolist() == [30.0, 30.0] and rank_state == {"pos": 30} and meta == {"step": 30}
+    model_state, rank_states, meta = common.load_checkpoint(d)  # every saved rank's state: here one
+    assert model_state["w"].tolist() == [30.0, 30.0] and rank_states == [{"pos": 30}] and meta == {"step": 30}
     # a step whose meta was never written (killed mid-save) does not count
     torch.save({"w": torch.zeros(2)}, os.path.join(d, "model_000040.pt"))
     assert common.last_step(d) == 30
     with pytest.raises(SystemExit, match="no checkpoint for step 40"):
         common.load_checkpoint(d, 40)
     assert json.load(open(os.path.join(d, "meta_000020.json"))) == {"step": 20}
+
+
+class Killed(Exception):
+    """Stands for the process dying at that point."""
+
+
+def test_a_save_interrupted_after_any_file_keeps_the_previous_step(tmp_base_dir, monkeypatch):
+    d = common.checkpoint_dir("base", "d1")
+    common.save_checkpoint(d, 1, {"w": torch.ones(2)}, {"pos": 1}, {"step": 1})
+    rename = os.replace
+    # the save of step 2 dies right after its first, second, ... file lands (each file lands by its rename)
+    for files_landed in range(1, 4):  # the model, this rank's state, the meta
+        landed = []
+
+        def rename_then_die(src, dst):
+            rename(src, dst)
+            landed.append(os.path.basename(dst))
+            if len(landed) == files_landed:
+                raise Killed
+
+        monkeypatch.setattr(os, "replace", rename_then_die)
+        with pytest.raises(Killed):
+            common.save_checkpoint(d, 2, {"w": torch.full((2,), 2.0)}, {"pos": 2}, {"step": 2})
+        monkeypatch.setattr(os, "replace", rename)
+        if files_landed < 3:  # not all there: the latest complete step is still 1, and it loads whole
+            assert common.last_step(d) == 1, landed
+            model_state, rank_states, meta = common.load_checkpoint(d)
+            assert model_state["w"].tolist() == [1.0, 1.0] and rank_states == [{"pos": 1}] and meta == {"step": 1}
+    assert landed == ["model_000002.pt", "optim_000002_rank0.pt", "meta_000002.json"]  # the meta makes it a step
+    assert common.last_step(d) == 2 and common.load_checkpoint(d)[0]["w"].tolist() == [2.0, 2.0]
 
 
 def test_svg_chart_draws_each_series_and_skips_missing_points():
@@ -217,16 +246,19 @@ def test_a_model_whose_weights_do_not_fit_its_config_falls_back(two_steps, tmp_b
     assert "its weights do not fit its model config (Error(s) in loading state_dict" in capsys.readouterr().out
 
 
-def _resume_rank(rank, port, ckpt_dir, out):
-    """One of two gloo ranks resuming from ckpt_dir; writes the step it resumed at to out/rank<r>."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    model = GPT(config_from_depth(1, 64, 16, aspect_ratio=32, head_dim=16))
-    meta, _ = common.resume_checkpoint(ckpt_dir, model, model.setup_optimizers(), rank, "cpu", {})
-    with open(os.path.join(out, f"rank{rank}"), "w") as f:
-        f.write(str(meta["step"]))
-    dist.destroy_process_group()
+def _resume_rank(rank, store_path, ckpt_dir, out):
+    """One of two gloo ranks resuming from ckpt_dir; writes the step it resumed at to out/rank<r>. Rendezvous,
+    barrier and teardown as test_model.py's DDP test (see there why)."""
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = GPT(config_from_depth(1, 64, 16, aspect_ratio=32, head_dim=16))
+        meta, _ = common.resume_checkpoint(ckpt_dir, model, model.setup_optimizers(), rank, "cpu", {})
+        with open(os.path.join(out, f"rank{rank}"), "w") as f:
+            f.write(str(meta["step"]))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_ranks_agree_on_the_step_when_only_one_ranks_file_is_damaged(two_steps, tmp_path):
@@ -238,14 +270,12 @@ def test_ranks_agree_on_the_step_when_only_one_ranks_file_is_damaged(two_steps, 
         common.atomic_write_text(os.path.join(d, f"meta_{step:06d}.json"), json.dumps({**meta, "world_size": 2}))
         shutil.copy(os.path.join(d, f"optim_{step:06d}_rank0.pt"), os.path.join(d, f"optim_{step:06d}_rank1.pt"))
     open(os.path.join(d, "optim_000020_rank1.pt"), "wb").write(b"truncated")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ranks = mp.spawn(_resume_rank, args=(port, d, str(tmp_path)), nprocs=2, join=False)
+    ranks = mp.spawn(_resume_rank, args=(str(tmp_path / "store"), d, str(tmp_path)), nprocs=2, join=False)
     deadline = time.time() + 120
     while not ranks.join(timeout=1):
         if time.time() > deadline:
             for p in ranks.processes:
                 p.kill()
+                p.join()
             pytest.fail("the ranks hung")
     assert [open(tmp_path / f"rank{r}").read() for r in range(2)] == ["10", "10"]

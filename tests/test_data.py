@@ -13,6 +13,7 @@ import pytest
 
 import data
 from data import arc, download, gsm8k, hellaswag, math500, mmlu, smoltalk, tinyworld
+from data.grade import grade
 from data.loader import TokenRows
 from tests.conftest import REPO, shared_data
 
@@ -615,6 +616,27 @@ def test_math500_falls_back_to_the_raw_jsonl(hub, quick_retries, tmp_base_dir, c
     assert "reading the raw test.jsonl" in capsys.readouterr().out
     assert data.load_math("math500", "test") == [math500.normalise(r) for r in math500_rows()]
     assert [rng for _, rng in hub.requests("hub", "/resolve/main/test.jsonl")] == [None]
+
+
+def test_math_is_hendrycks_math_without_math500(hub, quick_retries, tmp_base_dir):
+    from loopback_hub import math500_rows, publish_hendrycks_math, publish_math500
+    published = publish_hendrycks_math(hub)
+    with pytest.raises(SystemExit, match=r"python data/math500.py"):  # which problems MATH-500 takes comes first
+        run_data_script("hendrycks_math")
+    publish_math500(hub)
+    run_data_script("math500")
+    run_data_script("hendrycks_math")
+    train, test = data.load_math("math", "train"), data.load_math("math", "test")
+    assert test == data.load_math("math500", "test")
+    taken = {" ".join(r["problem"].split()) for r in math500_rows()}
+    boxed = [r for r in published if "boxed" in r["solution"]]
+    kept = [r for r in boxed if " ".join(r["problem"].split()) not in taken]
+    assert len(kept) == len(boxed) - len(math500_rows()) == 7 * 2 * 3  # whitespace does not hide a MATH-500 one
+    assert [p["question"] for p in train] == [r["problem"] for r in kept]
+    for p, r in zip(train, kept):
+        a, b = map(int, re.findall(r"\d+", r["problem"])[:2])
+        assert p["answer"] == f"{r['solution']}\n#### {a + b}" and grade(p["answer"], str(a + b))
+        assert p["level"] == (0 if r["level"] == "Level ?" else int(r["level"][-1]))
 
 
 # -----------------------------------------------------------------------------

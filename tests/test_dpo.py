@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import dpo
-from test_rl import rl_weights, run_rl, sft_model, tokenizer  # noqa: F401  (sft_model, tokenizer: fixtures)
+from tokenizer import load_tokenizer
+from test_rl import answer_logprobs, rl_weights, run_rl, sft_model, tokenizer  # noqa: F401  (fixtures)
 
 
 def test_dpo_loss_is_the_formula():
@@ -49,7 +50,12 @@ def test_dpo_from_a_pairs_file_and_from_sampled_pairs(sft_model, monkeypatch, tm
     report = run_rl(monkeypatch, f"--pairs={path}", "--num_steps=2", "--eval_every=0", script="dpo.py")
     assert [s for s, _ in report["history"]["loss"]] == [1, 2]
     assert report["history"]["loss"][0][1] == pytest.approx(math.log(2), abs=1e-4)  # the policy is the reference
-    assert any(not torch.equal(rl_weights(2)[k], sft_model[k]) for k in sft_model)
+    # the policy now prefers each chosen answer over its rejected one more than the reference did
+    pairs = [dpo.pair_from_json(row, load_tokenizer()) for row in rows]
+    chosen = [(prompt, *answer) for prompt, answer, _ in pairs]
+    rejected = [(prompt, *answer) for prompt, _, answer in pairs]
+    margin = lambda state: answer_logprobs(state, chosen) - answer_logprobs(state, rejected)  # noqa: E731
+    assert (margin(rl_weights(2)) > margin(sft_model)).all()
     report = run_rl(monkeypatch, "--dpo_problems=4", "--num_steps=1", "--eval_every=0", script="dpo.py")
     assert report["history"]["loss"][0][1] == pytest.approx(math.log(2), abs=1e-4)
 

@@ -20,6 +20,7 @@ OFFSET = len(SPECIALS)  # byte b is token OFFSET + b
 
 class FakeTokenizer:
     bos_id = BOS
+    vocab_size = OFFSET + 256
 
     def special(self, name):
         return SPECIALS.index(name)
@@ -32,6 +33,12 @@ class FakeTokenizer:
         for t in ids:
             out += SPECIALS[t].encode() if t < OFFSET else bytes([t - OFFSET])
         return out.decode("utf-8", errors="replace")
+
+    def tool_call(self, text):  # picochat's convention: the call is the expression
+        return text
+
+    def tool_output(self, result):
+        return [OUT_START, *self.encode(result), OUT_END]
 
     def render_for_completion(self, messages):
         ids = [BOS]
@@ -59,9 +66,9 @@ class FakeModel:
 
 
 def fake_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_tokens=(), seed=None,
-                  force=None):
-    """model.generate's protocol: per step one (token, forced) or None per row; a stop token is yielded and ends
-    its row; force(row, generated) after each token returns tokens to feed in next, yielded as forced."""
+                  force=None, vocab_size=0):
+    """model.generate's protocol: per step one (token, forced) or None per row; a sampled stop token is yielded
+    and ends its row; force(row, generated) after each token returns tokens to feed in next, yielded as forced."""
     rows = len(prompts)
     generated = [[] for _ in range(rows)]
     pending = [[] for _ in range(rows)]
@@ -82,7 +89,7 @@ def fake_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_
                 cursor[r] += 1
             generated[r].append(token)
             out.append((token, forced))
-            if token in stop_tokens:
+            if token in stop_tokens and not forced:
                 done[r] = True
             elif force is not None:
                 pending[r] += force(r, list(generated[r])) or []
@@ -180,6 +187,14 @@ def test_engine_conversation_prompts_and_length(fake):
     [[(tokens, mask)]] = engine.generate_batch([[{"role": "user", "content": "hi"}]], max_new_tokens=7)
     assert FakeTokenizer().decode(tokens) == "abcabca" and mask == [1] * 7
     assert engine.prompt_ids({"messages": [{"role": "user", "content": "hi"}]})[-1] == ASSISTANT_START
+
+
+def test_engine_stops_at_bos(fake):
+    # a model that goes on into the next document (a base model's way to end): <|bos|> ends the reply, kept as
+    # <|assistant_end|> is
+    engine = fake("42", "<|bos|>", "Question: more", "<|assistant_end|>")
+    [[(tokens, mask)]] = engine.generate_batch([[BOS]], max_new_tokens=100)
+    assert tokens == script("42", "<|bos|>") and mask == [1] * 3
 
 
 def test_engine_streams_per_step(fake):

@@ -1,6 +1,7 @@
 """evaluate.py's tasks, report card and CLI: both multiple-choice scorers on a bigram stub whose answers are known,
-pass@k and majority vote through the math task with a scripted engine, the report card from hand-written
-sections, bad settings, and one end-to-end run on a tiny pretrained checkpoint. (The verifier: test_grade.py.)"""
+bits per byte and the unigram baseline on a text whose values are known, pass@k and majority vote through the math
+task with a scripted engine, the report card from hand-written sections, bad settings, and one end-to-end run on a
+tiny pretrained checkpoint, its numbers recomputed independently. (The verifier: test_grade.py.)"""
 import json
 import math
 import os
@@ -9,8 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import evaluate
 from conftest import run_main
+from data import load_mc, pretrain_files
+from data.loader import TokenRows
 
 
 @pytest.fixture
@@ -43,6 +47,23 @@ class Bigram(torch.nn.Module):
 
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
+
+# -----------------------------------------------------------------------------
+# Bits per byte
+
+
+def test_bpb_and_unigram_baseline_on_a_known_text(tok, tmp_path, monkeypatch):
+    # documents "ab": rows of 9 tokens are <|bos|> a b <|bos|> a b <|bos|> a b, so each row's 8 targets are 3 a, 3 b
+    # (one byte each) and 2 <|bos|> (no text). A uniform model pays ln V nats per token: log2 V bits per byte, the
+    # <|bos|> targets left out; the unigram baseline over a and b at 1/2 each: 1 bit per byte.
+    path = tmp_path / "val.jsonl"
+    path.write_text('{"text": "ab"}\n' * 12)
+    monkeypatch.setattr(evaluate.data, "pretrain_files", lambda split, data_path="": [str(path)])
+    uniform = Bigram(tok.vocab_size, {})
+    uniform.config = type("config", (), {"sequence_len": 8})
+    result = evaluate.eval_bpb(uniform, tok, "cpu", NO_AUTOCAST, max_tokens=1000, rows_per_batch=2)
+    assert result == {"bpb": pytest.approx(math.log2(tok.vocab_size)), "unigram_bpb": pytest.approx(1.0),
+                      "tokens": 4 * 6}  # 12 documents make 4 rows
 
 # -----------------------------------------------------------------------------
 # Multiple choice
@@ -131,12 +152,14 @@ def test_greedy_math_reports_pass1_only(tok):
 
 def test_base_model_prompt_and_answer_cut(tok):
     shots = [{"question": f"q{i}", "answer": f"a\n#### {i}"} for i in range(3)]
-    ids = evaluate.fewshot_prompt(tok, "What?", shots, limit=1000)
-    assert tok.decode(ids) == ("<|bos|>Question: q0\nAnswer: a\n#### 0<|bos|>Question: q1\nAnswer: a\n#### 1"
-                               "<|bos|>Question: q2\nAnswer: a\n#### 2<|bos|>Question: What?\nAnswer:")
-    short = evaluate.fewshot_prompt(tok, "What?", shots, limit=60)  # only as many shots as fit
-    assert len(short) <= 60 and tok.decode(short).count("Question:") == 2
-    assert tok.decode(evaluate.fewshot_prompt(tok, "What?", shots, limit=1)) == "<|bos|>Question: What?\nAnswer:"
+    ids, k = evaluate.fewshot_prompt(tok, "What?", shots, limit=1000)
+    assert k == 3 and tok.decode(ids) == (
+        "<|bos|>Question: q0\nAnswer: a\n#### 0<|bos|>Question: q1\nAnswer: a\n#### 1"
+        "<|bos|>Question: q2\nAnswer: a\n#### 2<|bos|>Question: What?\nAnswer:")
+    short, k = evaluate.fewshot_prompt(tok, "What?", shots, limit=60)  # only as many shots as fit
+    assert len(short) <= 60 and tok.decode(short).count("Question:") == 2 and k == 1
+    ids, k = evaluate.fewshot_prompt(tok, "What?", shots, limit=1)
+    assert tok.decode(ids) == "<|bos|>Question: What?\nAnswer:" and k == 0
     # a base model goes on writing the next document: only its first answer counts
     text = " 3 + 4 = 7\n#### 7\nQuestion: and 2 + 2?\nAnswer: 4\n#### 4"
     assert evaluate.completion_text(tok.encode(text) + [tok.bos_id], tok, chat=False) == " 3 + 4 = 7\n#### 7"
@@ -213,7 +236,7 @@ def test_report_card_with_nothing_and_with_a_broken_section(tmp_base_dir, capsys
 
 @pytest.mark.parametrize("args, message", [
     (["--task=bpb,speed"], "--task must name some of bpb, mc, math"),
-    (["--source=chat"], "--source must be base, sft, rl or all"),
+    (["--source=chat"], "--source must be base, sft, rl, all, hf:"),
     (["--vote=1"], "--vote=1 takes the majority of several answers"),
     (["--max_new_tokens=0", "--batch_size=0"], "--max_new_tokens must be >= 1, got 0; --batch_size must be"),
     (["--task=mc", "--dataset=gsm8k"], "--dataset=gsm8k is a math set, but --task has no math"),
@@ -245,5 +268,30 @@ def test_cli_end_to_end_on_a_tiny_base_model(world, one_thread, monkeypatch, cap
     assert section["results"]["math/tinyworld"]["n"] == 4
     m = section["metrics"]
     # two steps of training: the model is still worse than the unigram baseline, but far better than uniform
-    assert 0 < m["unigram_bpb"] < m["bpb"] < 12 and 0 <= m["mc/tinyworld/acc"] <= 1
+    assert 0 < m["unigram_bpb"] < m["bpb"] < 12
     assert f"| bpb | {m['bpb']:.4f} |" in out and 0 < section["results"]["bpb"]["tokens"] <= 8192
+    # the numbers recomputed from the checkpoint by the definitions, one row at a time
+    model, tok, _ = common.load_model("base")
+
+    def nats(ids):  # per-token loss of ids[1:], (T,)
+        with torch.no_grad():
+            logp = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)  # (T, V)
+        return -logp[torch.arange(len(ids) - 1), ids[1:]]
+
+    items = load_mc("tinyworld", "test")[:4]
+    chosen = []
+    for item in items:  # a base model's choice: the continuation with the lowest mean loss per token
+        context = tok.encode(item["question"], prepend=tok.bos_id)
+        continued = [tok.encode(item["question"] + " " + c, prepend=tok.bos_id) for c in item["choices"]]
+        losses = [nats(ids)[len(os.path.commonprefix([context, ids])) - 1:].mean() for ids in continued]
+        chosen.append(min(range(len(losses)), key=losses.__getitem__))
+    assert m["mc/tinyworld/acc"] == sum(c == item["answer"] for c, item in zip(chosen, items)) / 4
+    rows = TokenRows(tok, pretrain_files("val"), 16, 64, [0], 1, loop=False)
+    total_nats = total_bytes = 0.0
+    for _ in range(8192 // (16 * 64)):  # the same rows: 8 batches of 16 rows of 64 targets
+        x, y = rows.next_batch(0, "cpu")
+        for inputs, targets in zip(x.tolist(), y.tolist()):
+            nbytes = torch.tensor(tok.token_bytes[targets])  # (64,), 0 for special tokens: they stand for no text
+            total_nats += nats(inputs + targets[-1:])[nbytes > 0].sum().item()
+            total_bytes += nbytes.sum().item()
+    assert m["bpb"] == pytest.approx(total_nats / total_bytes / math.log(2), rel=1e-5)

@@ -1,14 +1,14 @@
-"""model.py: shapes, KV-cache decoding == full forward, generation (forcing, sampling filters), the optimisers
-(loss falls, orthogonalisation, DDP split over 2 gloo ranks), variants, FLOP count and bad input."""
+"""model.py: the forward pass against a reference written from the formulas (complex-number RoPE, softcap, ReLU^2
+and SwiGLU by hand), KV-cache decoding == full forward, generation (forcing, sampling filters), the optimisers (loss
+falls, Muon's update orthogonal, DDP split over 2 gloo ranks), variants, FLOP count and bad input."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from model import (GPT, GPTConfig, KVCache, Muon, RMSNorm, config_from_depth, generate, orthogonalize,
-                   param_floor, sample_next)
+from model import (GPT, GPTConfig, KVCache, Muon, RMSNorm, apply_rotary, config_from_depth, generate,
+                   orthogonalize, param_floor, sample_next)
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +43,6 @@ def test_config_from_depth_sizes_and_shapes():
     idx = torch.randint(0, 64, (3, 20))
     logits = model(idx)
     assert logits.shape == (3, 20, 64) and logits.dtype == torch.float32
-    assert logits.abs().max() <= 15.0  # softcap
     targets = idx.clone()
     targets[0, :5] = -1
     loss = model(idx, targets)
@@ -65,6 +64,94 @@ def test_variants_forward_and_train(variant):
     adamw, muon = model.setup_optimizers()
     for opt in (adamw, muon):
         opt.step()
+
+# -----------------------------------------------------------------------------
+# The forward pass against a reference written from the formulas, not from model.py's code
+
+
+def reference_logits(model, idx):
+    """GPT logits from the papers' formulas: RoPE as multiplication of each pair (x_j, x_{j+D/2}) by the complex
+    number e^(i pos theta_j), theta_j = rope_theta^(-2j/D); attention as an explicit causal softmax with each kv
+    head repeated for its query heads; ReLU^2 or SwiGLU = (gate sigmoid(gate)) * up; the tanh softcap."""
+    c, (B, T), D = model.config, idx.shape, model.config.head_dim
+    theta = c.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # (D/2,)
+    rotation = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), torch.arange(T)[:, None] * theta)  # (T, D/2)
+    w = lambda p: None if p is None else p.detach().double()  # noqa: E731
+
+    def norm(x, gain):
+        y = x / (x.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps).sqrt()
+        return y if gain is None else y * w(gain)
+
+    def rope(x):  # (B, T, H, D)
+        z = torch.complex(x[..., :D // 2], x[..., D // 2:]) * rotation[:, None]  # (B, T, H, D/2)
+        return torch.cat([z.real, z.imag], dim=-1)
+
+    x = norm(w(model.transformer.wte.weight)[idx], model.transformer.norm_in.weight)  # (B, T, C)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)  # (T, T) True above the diagonal
+    for block in model.transformer.h:
+        a = block.attn
+        h = norm(x, block.norm_1.weight)
+        q = rope(norm((h @ w(a.c_q.weight).T).view(B, T, c.n_head, D), a.q_norm.weight))
+        k = rope(norm((h @ w(a.c_k.weight).T).view(B, T, c.n_kv_head, D), a.k_norm.weight))
+        v = (h @ w(a.c_v.weight).T).view(B, T, c.n_kv_head, D)
+        k, v = (t.repeat_interleave(c.n_head // c.n_kv_head, dim=2) for t in (k, v))  # (B, T, H, D)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / D ** 0.5  # (B, H, T, T)
+        attention = scores.masked_fill(future, float("-inf")).softmax(-1)
+        y = torch.einsum("bhqk,bkhd->bqhd", attention, v).reshape(B, T, c.n_head * D)
+        x = x + y @ w(a.c_proj.weight).T
+        h = norm(x, block.norm_2.weight) @ w(block.mlp.c_fc.weight).T
+        if c.mlp == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = gate * torch.sigmoid(gate) * up
+        else:
+            h = torch.relu(h) ** 2
+        x = x + h @ w(block.mlp.c_proj.weight).T
+    logits = norm(x, model.transformer.norm_f.weight) @ w(model.lm_head.weight).T  # (B, T, V)
+    return c.softcap * torch.tanh(logits / c.softcap)
+
+
+@pytest.mark.parametrize("variant", [dict(n_kv_head=1), dict(mlp="swiglu", norm_weight=True, mlp_hidden=24)])
+def test_forward_matches_the_reference_formulas(variant):
+    model = tiny(**variant)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # learnable norm gains: away from 1, so that they count
+                p.uniform_(0.5, 1.5)
+    idx = torch.randint(0, 64, (2, 20))
+    assert torch.allclose(model(idx).double(), reference_logits(model, idx), atol=1e-4)
+
+
+def test_rope_rotates_each_pair_by_its_complex_phase():
+    model = tiny()
+    T, D = 20, model.config.head_dim
+    x = torch.randn(2, T, 3, D)  # (B, T, H, D)
+    ours = model_rotary(model, x)
+    theta = 10000.0 ** (-torch.arange(0, D, 2) / D)  # (D/2,)
+    z = torch.complex(x[..., :D // 2], x[..., D // 2:]) * torch.polar(torch.ones(T, D // 2),
+                                                                       torch.arange(T)[:, None] * theta)[:, None]
+    assert torch.allclose(ours, torch.cat([z.real, z.imag], dim=-1), atol=1e-5)
+    # what that means: a query-key score depends only on the distance between the two positions
+    q, k = torch.randn(D), torch.randn(D)
+    at = lambda v, pos: model_rotary(model, v.expand(1, T, 1, D))[0, pos, 0]  # noqa: E731
+    assert torch.allclose(at(q, 7) @ at(k, 3), at(q, 15) @ at(k, 11), atol=1e-4)
+
+
+def model_rotary(model, x):
+    """model.py's RoPE on x (B, T, H, D) at positions 0..T-1, with the model's own cos/sin tables."""
+    T = x.size(1)
+    return apply_rotary(x, model.cos[None, :T, None], model.sin[None, :T, None])
+
+
+def test_softcap_bounds_logits_that_would_exceed_it():
+    model = tiny()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # raw logits well past the cap of 15
+    uncapped = GPT(GPTConfig(**{**model.config.__dict__, "softcap": 0.0}))
+    uncapped.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 64, (2, 12))
+    raw, capped = uncapped(idx), model(idx)
+    assert raw.abs().max() > 30 and capped.abs().max() < 15
+    assert torch.allclose(capped, 15 * torch.tanh(raw / 15), atol=1e-4)
 
 
 def test_rms_norm_matches_torch_and_its_backward_is_exact():
@@ -130,9 +217,12 @@ def test_generate_with_forced_tokens_and_stop():
     row0 = [s[0] for s in steps]
     assert [e[1] for e in row0[:4]] == [False, True, True, True]
     assert [e[0] for e in row0[1:4]] == [7, 8, stop]
-    assert all(e is None for e in row0[4:])  # finished right after the stop token
+    # a forced stop token does not end the row (Qwen3's tool result is forced in with its end of turn)
+    assert all(e is not None and not e[1] and e[0] != stop for e in row0[4:])
     row1 = [s[1] for s in steps]
     assert len(steps) == 8 and all(e is not None and not e[1] for e in row1)
+    # a sampled one does, right after it
+    assert list(generate(model, [[3, 4, 5]], 8, temperature=0.0, stop_tokens=[row1[0][0]])) == [[(row1[0][0], False)]]
     # the forced tokens were really fed in: row 0's next logits follow from the prompt plus them
     greedy = list(generate(model, [[1, 2, row0[0][0], 7, 8]], 1, temperature=0.0))
     assert greedy[0][0][0] == model(torch.tensor([[1, 2, row0[0][0], 7, 8]]))[0, -1].argmax().item()
@@ -190,6 +280,21 @@ def test_orthogonalize_singular_values_near_one():
         assert torch.allclose(O[0], U @ V.T, atol=0.15)
 
 
+def test_muon_update_is_the_orthogonalised_gradient():
+    """One step from zero on a gradient whose singular values span 500x: the update (divided by lr and the
+    aspect scale sqrt(rows / cols)) is the polar factor U V^T, its singular values where Polar Express puts them."""
+    torch.manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(48, 16))
+    V, _ = torch.linalg.qr(torch.randn(16, 16))
+    p = torch.nn.Parameter(torch.zeros(48, 16))
+    p.grad = 5.0 * U @ torch.diag(torch.logspace(0, -2.7, 16)) @ V.T
+    Muon([p], lr=0.1, momentum=0.95).step()
+    update = -p.detach() / (0.1 * 3 ** 0.5)
+    s = torch.linalg.svdvals(update)
+    assert s.min() > 0.85 and s.max() < 1.15, s
+    assert torch.allclose(update, U @ V.T, atol=0.15)
+
+
 def test_loss_falls_overfitting_a_tiny_batch():
     torch.manual_seed(0)
     model = GPT(config_from_depth(2, 64, 32, aspect_ratio=32, head_dim=16))
@@ -245,23 +350,32 @@ def test_bad_input_errors():
         next(generate(model, [[1], []], 3))
 
 # -----------------------------------------------------------------------------
-# DDP: two gloo ranks on 127.0.0.1 with different data end bit-identical, and equal to one process on the mean grad
+# DDP: two gloo ranks with different data end bit-identical, and equal to one process on the mean grad.
+# Teardown is where such tests go flaky, so: the rendezvous is a file the test owns (no port picked in advance that
+# another process can take, no rank hosting a store the other still needs); both ranks pass a barrier before they
+# leave (destroy_process_group is not collective: without it one rank tears down while the other still has a
+# collective in flight); and each rank destroys its process group on every path, an exception's too, so that no
+# process reaches interpreter shutdown with gloo's threads alive (which aborts it: "terminate called without an
+# active exception", hiding the real error).
 
 
-def _ddp_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    model = _ddp_model()
-    adamw, muon = model.setup_optimizers()
-    for step in range(2):
-        idx = torch.randint(0, 64, (2, 2, 17), generator=torch.Generator().manual_seed(step))[rank]
-        model(idx[:, :-1], idx[:, 1:]).backward()
-        adamw.step()
-        muon.step()
-        model.zero_grad(set_to_none=True)
-    torch.save(model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+def _ddp_worker(rank, store_path, out):
+    store = torch.distributed.FileStore(store_path, 2)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = _ddp_model()
+        adamw, muon = model.setup_optimizers()
+        for step in range(2):
+            idx = torch.randint(0, 64, (2, 2, 17), generator=torch.Generator().manual_seed(step))[rank]
+            model(idx[:, :-1], idx[:, 1:]).backward()
+            adamw.step()
+            muon.step()
+            model.zero_grad(set_to_none=True)
+        torch.save(model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _ddp_model():
@@ -272,10 +386,8 @@ def _ddp_model():
 
 
 def test_ddp_two_ranks_match_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    # join=True: both workers have exited (and an error or a signal in either fails the test) before we go on
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     model = _ddp_model()

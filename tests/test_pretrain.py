@@ -1,4 +1,5 @@
-"""pretrain.py end to end on a tiny model: exact resume after kill -9, DDP == one process, two nodes, bad input."""
+"""pretrain.py: the learning-rate schedule on hand-computed values; end to end on a tiny model: exact resume after
+kill -9 (with the schedule the loop applied), DDP == one process, two nodes, bad input."""
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import time
 
 import pytest
 
+import pretrain
 from conftest import REPO, run_main, run_script
 
 TINY = ["--depth=1", "--aspect_ratio=32", "--head_dim=16", "--max_seq_len=64", "--device_batch_size=2",
@@ -25,12 +27,29 @@ def free_port():
         return s.getsockname()[1]
 
 
+def test_lr_multiplier_warmup_flat_warmdown(monkeypatch):
+    # 100 steps: warmup over the first 10, flat to step 80, then linear to final_lr_frac 0.1 at step 100
+    monkeypatch.setattr(pretrain, "warmup_ratio", 0.1)
+    monkeypatch.setattr(pretrain, "warmdown_ratio", 0.2)
+    monkeypatch.setattr(pretrain, "final_lr_frac", 0.1)
+    expected = {0: 0.1, 4: 0.5, 9: 1.0, 10: 1.0, 50: 1.0, 80: 1.0, 81: 0.955, 90: 0.55, 99: 0.145, 100: 0.1}
+    assert {step: pytest.approx(pretrain.lr_multiplier(step, 100)) for step in expected} == expected
+
+
+def lr_schedule(stdout):
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step (\d+)/\d+ \| .* \| lr x([\d.]+)", stdout)}
+
+
 def test_kill9_then_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     args = ["python", "pretrain.py"] + TINY + ["--total_batch_size=256", "--num_iterations=14", "--eval_every=7",
                                               "--save_every=3"]
-    full = losses(run_script(args + ["--model_tag=full"], world).stdout)
+    full_out = run_script(args + ["--model_tag=full"], world).stdout
+    full = losses(full_out)
     assert sorted(full) == list(range(1, 15))
     assert full[14] < full[1]  # it learns
+    # the default schedule the loop applied (warmdown_ratio 0.2: the last round(2.8) = 3 steps decay to 0); a line
+    # is logged after its step, so line s shows the multiplier of step s - 1
+    assert lr_schedule(full_out) == {**dict.fromkeys(range(1, 13), 1.0), 13: 0.667, 14: 0.333}
 
     # the same run, killed with SIGKILL as soon as step 8 is logged, then resumed
     env = dict(os.environ, PICOCHAT_DIR=world, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -74,7 +93,13 @@ def test_two_nodes_on_localhost_train_in_lockstep(world):
                                "pretrain.py"] + common_args + ["--model_tag=nodes"],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
-    outs = [n.communicate(timeout=240)[0] for n in nodes]
+    try:
+        outs = [n.communicate(timeout=240)[0] for n in nodes]
+    finally:  # a node still running when the other failed would hold its rendezvous and the cores: end and reap it
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+                n.wait()
     assert [n.returncode for n in nodes] == [0, 0], outs
     two = losses(outs[0])
     assert sorted(two) == [1, 2, 3]
