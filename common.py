@@ -873,15 +873,24 @@ def read_report_sections(report_dir):
     return sections, seconds
 
 
-def environment():
-    """Hardware and software versions of this machine, as markdown lines; anything unknown is left out."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name():
+    """The CPU's model name, core count and bf16 instruction sets (AMX, AVX512-BF16), for every figure a benchmark
+    prints: a virtual machine's "Intel(R) Xeon(R) Processor" says nothing of how fast its bf16 is."""
+    cpu, flags = platform.processor() or platform.machine(), ""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            info = f.read()
+        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
+        flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
     except OSError:
         pass
-    lines = [f"- CPU: {cpu}, {os.cpu_count()} cores"]
+    extensions = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return f"{cpu}, {os.cpu_count()} cores" + "".join(f", {name}" for name in extensions)
+
+
+def environment():
+    """Hardware and software versions of this machine, as markdown lines; anything unknown is left out."""
+    lines = [f"- CPU: {cpu_name()}"]
     try:
         lines[0] += f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
     except (ValueError, OSError, AttributeError):  # sysconf names differ by platform
