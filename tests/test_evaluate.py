@@ -265,7 +265,7 @@ def test_cli_end_to_end_on_a_tiny_base_model(world, one_thread, monkeypatch, cap
         "bpb", "unigram_bpb", "mc/tinyworld/acc", "mc/tinyworld/centered", "math/tinyworld/pass@1"]
     with open(os.path.join(world, "report", "eval_base.json")) as f:
         section = json.load(f)
-    assert section["checkpoint"] == {"stage": "base", "model_tag": "d1", "step": 2}
+    assert section["checkpoint"] == {"stage": "base", "model_tag": "d1", "step": 2, "quantize": ""}
     assert section["config"]["max_problems"] == 4 and section["results"]["mc/tinyworld"]["n"] == 4
     assert section["results"]["math/tinyworld"]["n"] == 4
     m = section["metrics"]
