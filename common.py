@@ -561,7 +561,7 @@ def load_model(source, device="cpu", model_tag="", step=-1, dtype=torch.float32)
     latest intact step (a damaged one is reported, and the one before it loaded). An open model's meta is
     {"step": 0, "open_model": {"source", "folder"}}; stages that train it keep "open_model" in their checkpoints'
     meta, so those load back with the open model's tokenizer (its hash checked). A checkpoint of LoRA adapters (meta
-    "lora") loads the base it names and merges them in."""
+    "lora") loads the base it names (quantized as it was trained, for QLoRA) and merges them in."""
     from tokenizer import load_tokenizer  # here, not at the top: tokenizer.py imports this module
     folder = open_model_dir(source)
     if folder is not None:
@@ -579,7 +579,9 @@ def load_model(source, device="cpu", model_tag="", step=-1, dtype=torch.float32)
         if "lora" in meta:
             lora, base = meta["lora"], meta["lora"]["base"]
             model, _, _ = load_model(base["stage"], device, base["model_tag"], base["step"], dtype)
-            add_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
+            # QLoRA's adapters go on the base as it trained them, quantized (then de-quantized whole by the
+            # merge): the function trained, as --lora_merge=1 saves it, not its adapters on the unrounded base
+            add_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"], lora["quantize"], lora["group_size"])
             load_model_state(model, model_state, ckpt_dir)
             built.append(merge_lora(model))
             return
@@ -606,7 +608,8 @@ def load_model(source, device="cpu", model_tag="", step=-1, dtype=torch.float32)
     model = built[-1]
     model.eval()
     print0(f"loaded {source} model from {ckpt_dir} (step {meta['step']})" +
-           (f": LoRA adapters of rank {meta['lora']['rank']}, merged into their base" if "lora" in meta else ""))
+           (f": LoRA adapters of rank {meta['lora']['rank']}, merged into their "
+            f"{meta['lora']['quantize'] + ' ' if meta['lora']['quantize'] else ''}base" if "lora" in meta else ""))
     return model, tokenizer, meta
 
 
@@ -817,11 +820,13 @@ def save_stage(ckpt_dir, step, model, optimizers, rank, meta, rank_state=None):
         raise SystemExit(f"error: step {step}: the model's weights are not finite (the run diverged); nothing was "
                          f"saved. Try lower learning rates")
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    if is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gathers the slices onto rank 0
+    if "lora" in meta:
+        model_state = lora_state_dict(model)  # the adapters alone, a small file (gathered whole at --zero=3)
+    elif is_dtensor(next(model.parameters())):  # --zero=3: torch's engine gathers the slices onto rank 0
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
-        model_state = lora_state_dict(model) if "lora" in meta else model.state_dict()  # adapters: a small file
+        model_state = model.state_dict()
     optimizer_states = [opt.full_state_dict() for opt in optimizers]
     held = optimizer_state_bytes(optimizers)
     held = all_sum({r: held if r == rank else 0 for r in range(world_size)}, device)
@@ -868,15 +873,24 @@ def read_report_sections(report_dir):
     return sections, seconds
 
 
-def environment():
-    """Hardware and software versions of this machine, as markdown lines; anything unknown is left out."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name():
+    """The CPU's model name, core count and bf16 instruction sets (AMX, AVX512-BF16), for every figure a benchmark
+    prints: a virtual machine's "Intel(R) Xeon(R) Processor" says nothing of how fast its bf16 is."""
+    cpu, flags = platform.processor() or platform.machine(), ""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            info = f.read()
+        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
+        flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
     except OSError:
         pass
-    lines = [f"- CPU: {cpu}, {os.cpu_count()} cores"]
+    extensions = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return f"{cpu}, {os.cpu_count()} cores" + "".join(f", {name}" for name in extensions)
+
+
+def environment():
+    """Hardware and software versions of this machine, as markdown lines; anything unknown is left out."""
+    lines = [f"- CPU: {cpu_name()}"]
     try:
         lines[0] += f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
     except (ValueError, OSError, AttributeError):  # sysconf names differ by platform

@@ -522,7 +522,8 @@ if __name__ == "__main__":
                 raise SystemExit(f"error: {e}") from None
         checkpoint = {"stage": stage, "model_tag": tags[stage], "step": meta["step"],
                       **({"quantize": quantize} if quantize else {})}
-        print(f"== {stage} (tag {tags[stage]}, step {meta['step']}): {', '.join(tasks)}", flush=True)
+        weights_note = f", {quantize} weights" if quantize else ""
+        print(f"== {stage} (tag {tags[stage]}, step {meta['step']}{weights_note}): {', '.join(tasks)}", flush=True)
         style = prompt_style or ("chat" if stage in ("sft", "rl") else "base")
         t0, results, chat = time.time(), {}, style == "chat"
         context = model.context_len  # the longest sequence the model can take

@@ -160,7 +160,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        if self.weight is None and not self.eps:
+        # the hand-written backward only where there is a backward: under no_grad / inference_mode the fused op
+        # costs half as much per call on one decoded token ((1, 1, 128): ~58 -> ~30 us of CPU), and generation
+        # makes 4 per layer and 1-2 more of these calls per token (figures under load)
+        if self.weight is None and not self.eps and torch.is_grad_enabled():
             return _RMSNormFunction.apply(x)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps or None)
 
@@ -212,9 +215,11 @@ class CausalSelfAttention(nn.Module):
         if attn_mask is not None:  # cached decoding: per-row lengths, so an explicit (B, 1, T, Tk) mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         elif self.use_kernels and _kernels() is not None:
-            y = _kernels().attention(q, k, v, causal=True)
+            y = _kernels().attention(q, k, v, causal=True)  # bottom-right aligned: also a token after a cache
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            # no mask: T == Tk (causal), or one new token per row after an aligned cache, which sees every key;
+            # SDPA's is_causal is top-left aligned, so that token would see only the first key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.c_proj(y)  # (B, T, C)
 
@@ -377,14 +382,18 @@ class GPT(nn.Module):
             if kv_cache.length + T > min(self.context_len, kv_cache.max_len):
                 raise ValueError(f"KV cache of {kv_cache.max_len} positions ({self._positions()}) "
                                  f"cannot take {T} more tokens after {kv_cache.length}")
-            pos = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T) per-row positions
-            attn_mask = kv_cache.attn_mask(T)  # (B, 1, T, Tk) or None when plain causal is exact
+            if kv_cache.aligned:  # every row at the same length: one slice of positions, no gather
+                pos = torch.arange(kv_cache.length, kv_cache.length + T, device=idx.device)[None]  # (1, T)
+            else:
+                pos = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T) per-row positions
+            attn_mask = kv_cache.attn_mask(T)  # (B, 1, T, Tk) or None when no mask is needed
         x = self.transformer.wte(idx)  # (B, T, C)
         cos = sin = None
         if c.positions == "learned":
             x = x + self.transformer.wpe(pos)  # (B or 1, T, C) broadcast over rows
-        elif kv_cache is None:
-            cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]  # (1, T, 1, D/2)
+        elif kv_cache is None or kv_cache.aligned:
+            start = kv_cache.length if kv_cache is not None else 0
+            cos, sin = self.cos[None, start:start + T, None], self.sin[None, start:start + T, None]  # (1, T, 1, D/2)
         else:
             cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (B, T, 1, D/2)
         if c.embed_norm:
@@ -934,7 +943,9 @@ class Muon(torch.optim.Optimizer):
 
 class KVCache:
     """Keys and values of every layer for B rows of up to max_len positions, each row with its own length
-    (prompts of different lengths decode together: per-row RoPE positions and an attention mask over the cache)."""
+    (prompts of different lengths decode together: per-row RoPE positions and an attention mask over the cache).
+    The row lengths are kept on the host too (`lengths`), so that deciding between the paths never reads the
+    device: a read per layer per token stalls a GPU's queue, and on a CPU costs as much as a small layer."""
 
     def __init__(self, batch_size, max_len, config, device, dtype=None):
         self.batch_size, self.max_len = batch_size, max_len
@@ -942,12 +953,15 @@ class KVCache:
         self.device, self.dtype = torch.device(device), dtype
         self.k = self.v = None  # allocated on the first insert, in the dtype the model computes in (autocast)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) tokens cached per row
-        self.length = 0  # max over rows of pos
+        self.lengths = [0] * batch_size  # the same on the host
+        self.length = 0  # max over rows
+        self.aligned = True  # all rows at the same length: writes are one slice, one new token needs no mask
 
     def attn_mask(self, T):
-        """(B, 1, T, Tk) bool mask for T new tokens per row, Tk = longest row after them; None for a prefill
-        of an empty cache (plain causal attention is then exact)."""
-        if self.length == 0:
+        """(B, 1, T, Tk) bool mask for T new tokens per row, Tk = longest row after them; None where attention
+        needs no mask: a prefill of an empty cache (plain causal), or one new token per row on an aligned cache
+        (it sees every key)."""
+        if self.length == 0 or (self.aligned and T == 1):
             return None
         Tk = self.length + T
         query_pos = self.pos[:, None] + torch.arange(T, device=self.device)  # (B, T)
@@ -961,7 +975,7 @@ class KVCache:
             self.k = torch.zeros(self.shape, dtype=self.dtype or k.dtype, device=self.device)
             self.v = torch.zeros(self.shape, dtype=self.dtype or k.dtype, device=self.device)
         T = k.size(2)
-        if bool((self.pos == self.length).all()):
+        if self.aligned:
             self.k[layer, :, :, self.length:self.length + T] = k
             self.v[layer, :, :, self.length:self.length + T] = v
         else:
@@ -974,11 +988,12 @@ class KVCache:
 
     def advance(self, T):
         self.pos += T
+        self.lengths = [n + T for n in self.lengths]
         self.length += T
 
     def copy_rows(self, rows, other):
         """Copy a 1-row cache's contents into `rows` of this one (N samples of a prompt share one prefill)."""
-        n = int(other.pos[0])
+        n = other.lengths[0]
         if self.k is None:
             self.k = torch.zeros(self.shape, dtype=other.k.dtype, device=self.device)
             self.v = torch.zeros(self.shape, dtype=other.v.dtype, device=self.device)
@@ -986,7 +1001,10 @@ class KVCache:
         self.k[:, idx, :, :n] = other.k[:, :1, :, :n]
         self.v[:, idx, :, :n] = other.v[:, :1, :, :n]
         self.pos[idx] = n
-        self.length = int(self.pos.max())
+        for r in rows:
+            self.lengths[r] = n
+        self.length = max(self.lengths)
+        self.aligned = min(self.lengths) == self.length
 
 
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (vLLM's _SAMPLING_EPS): logits / 1e-40 overflow to inf and
@@ -1321,8 +1339,9 @@ class QuantLinear(nn.Module):
         if fmt not in QUANT_FORMATS:
             raise ValueError(f"quantize must be one of {', '.join(QUANT_FORMATS)}, got {fmt!r}")
         if fmt == "int4" and (group_size not in INT4_GROUP_SIZES or K % group_size or N % 64):
-            raise ValueError(f"int4 needs a group size in {INT4_GROUP_SIZES} that divides the inputs and outputs in "
-                             f"multiples of 64; a ({N}, {K}) layer with group size {group_size} has not")
+            raise ValueError(f"int4 needs outputs in multiples of 64 (torch's packed layout) and inputs in groups of "
+                             f"{group_size} (one of {INT4_GROUP_SIZES}); a ({N}, {K}) layer has not: int8 takes any "
+                             f"shape")
         self.fmt, self.group_size, self.in_features, self.out_features = fmt, group_size, K, N
         self.dtype = linear.weight.dtype  # what dequantize() gives by default
         q, scale = quantize_int8(linear.weight) if fmt == "int8" else quantize_int4(linear.weight, group_size)
@@ -1492,21 +1511,33 @@ def add_lora(model, rank, alpha=32.0, dropout=0.0, targets=",".join(LORA_TARGETS
     return model.lora
 
 
+def _adapters(model):
+    """{name: parameter} of the LoRA adapters (DTensors of slices at --zero=3)."""
+    return {name: p for name, p in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+
+
 def lora_state_dict(model):
-    """The adapters alone: {name: tensor}, a small checkpoint (torch.load(weights_only=True) reads it)."""
-    return {name: p.detach() for name, p in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+    """The adapters alone, whole: {name: tensor}, a small checkpoint (torch.load(weights_only=True) reads it). At
+    --zero=3 each is gathered from the ranks' slices (a collective: every rank calls it), the base left alone."""
+    return {name: (p.full_tensor() if is_dtensor(p) else p).detach() for name, p in _adapters(model).items()}
 
 
 @torch.no_grad()
 def load_lora_state_dict(model, state):
-    """Copy saved adapters into the model's; a checkpoint of other adapters (targets, rank, depth) is refused."""
-    own = lora_state_dict(model)
-    shapes = lambda d: {k: tuple(v.shape) for k, v in d.items()}  # noqa: E731
+    """Copy saved adapters (whole) into the model's, each rank taking its slice at --zero=3; a checkpoint of other
+    adapters (targets, rank, depth) is refused."""
+    own = _adapters(model)
+    shapes = lambda d: {k: tuple(v.shape) for k, v in d.items()}  # noqa: E731  (a DTensor's shape is the whole's)
     if shapes(own) != shapes(state):
         raise ValueError(f"the saved adapters ({len(state)} tensors) do not fit this model's "
                          f"({len(own)}, rank {model.lora.rank}, targets {model.lora.targets})")
     for name, p in own.items():
-        p.copy_(state[name])
+        if is_dtensor(p):  # every rank holds the whole saved tensor: it takes its own slice, no communication
+            from torch.distributed.tensor import distribute_tensor
+            p.copy_(distribute_tensor(state[name].to(p.device, p.dtype), p.device_mesh, p.placements,
+                                      src_data_rank=None))
+        else:
+            p.copy_(state[name])
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from contextlib import nullcontext
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 from model import GPT, config_from_depth  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -44,7 +45,7 @@ for arg in sys.argv[1:]:
 
 def matmul_peak(dtype, n=2048, reps=3):
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if dtype == torch.bfloat16 and not common.cpu_has_fast_bf16():
         n = 512  # emulated bf16 (no AMX / AVX512-BF16) runs at a few GFLOP/s: a smaller size measures the same
         a, b = a[:n, :n].contiguous(), b[:n, :n].contiguous()
     a @ b
@@ -97,9 +98,11 @@ def train_throughput(dtype):
 
 if __name__ == "__main__":
     torch.set_num_threads(threads)
-    print(f"torch {torch.__version__} | {threads} threads | cpu capability {torch.backends.cpu.get_cpu_capability()} "
-          f"| native bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()} | compile {compile}")
-    result, peaks = {}, {}
+    print(f"cpu {common.cpu_name()} | native bf16 {common.cpu_has_fast_bf16()} | torch {torch.__version__} | "
+          f"{threads} threads | cpu capability {torch.backends.cpu.get_cpu_capability()} | compile {compile} | "
+          f"load average {os.getloadavg()[0]:.1f}")
+    result, peaks = {"cpu": common.cpu_name(), "native_bf16": common.cpu_has_fast_bf16(),
+                     "loadavg_before": round(os.getloadavg()[0], 1)}, {}
     for name in ("float32", "bfloat16"):
         peaks[name] = matmul_peak(getattr(torch, name))
         print(f"matmul peak {name}: {peaks[name]:.1f} GFLOP/s")
@@ -107,7 +110,7 @@ if __name__ == "__main__":
     if dtypes == "auto":
         # without native bf16, oneDNN emulates bf16 GEMMs (~1-4 GFLOP/s on a 2-core AVX2 EPYC): one bf16 step
         # would take many minutes, so it is skipped (null in the JSON) unless asked for with --dtypes
-        dtypes = "float32,bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+        dtypes = "float32,bfloat16" if common.cpu_has_fast_bf16() else "float32"
         print(f"dtypes: {dtypes}")
     for name in ("float32", "bfloat16"):
         if name not in dtypes.split(","):
@@ -125,4 +128,5 @@ if __name__ == "__main__":
         result[f"peak_gflops_{short}"] = round(peaks[name], 1)
     for short, name in names.items():
         result[f"mfu_{short}"] = None if tok_s[name] is None else round(flops * tok_s[name] / (peaks[name] * 1e9), 4)
+    result["loadavg_after"] = round(os.getloadavg()[0], 1)
     print(json.dumps(result))

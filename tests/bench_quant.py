@@ -95,7 +95,7 @@ def pipeline_quality(model, tokenizer):
     """bpb on held-out text, greedy math pass@1 (evaluate.py's measures)."""
     bpb = evaluate.eval_bpb(model, tokenizer, "cpu", contextlib.nullcontext(), eval_tokens)["bpb"]
     problems = data.load_math("tinyworld", "test")[:math_problems]
-    prompts, _ = evaluate.math_prompts(tokenizer, "tinyworld", problems, True,
+    prompts, _ = evaluate.math_prompts(tokenizer, "tinyworld", problems, "chat",
                                        model.config.sequence_len - max_new_tokens)
     math = evaluate.eval_math(Engine(model, tokenizer), problems, prompts, chat=True, max_new_tokens=max_new_tokens,
                               label="  math")

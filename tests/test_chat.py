@@ -620,6 +620,13 @@ def test_real_server_openai_client(tiny_chat_model):
         short = client.chat.completions.create(model="picochat", messages=messages, max_tokens=2)
         assert short.choices[0].message.content == tok.decode(before[:2])
         assert short.choices[0].finish_reason == "length"
+        # cut inside the calculator call: the call shows whole only when it closes, so what it had is held back
+        # until the reply ends, and then sent
+        steered.calls = 0
+        n = len(tok.encode("It is ")) + 2  # the text, <|python_start|> and the call's first token
+        cut = client.chat.completions.create(model="picochat", messages=messages, max_tokens=n)
+        assert cut.choices[0].message.content == "It is <<" + tok.decode(before[n - 1:n])
+        assert cut.choices[0].finish_reason == "length"
     finally:
         server.shutdown()
         server.server_close()

@@ -26,7 +26,8 @@ def tok(tmp_base_dir):
 
 class Bigram(torch.nn.Module):
     """A stub model: the next token depends only on the current one, with the probabilities given as
-    {(current, next): p}; the rest of each row's mass is spread evenly. Same call signature as model.GPT."""
+    {(current, next): p}; the rest of each row's mass is spread evenly. Same call signature as model.GPT, and the
+    log-probability table is its head's weight (the scorers put their batches where model.lm_head.weight is)."""
 
     def __init__(self, vocab_size, probs):
         super().__init__()
@@ -36,10 +37,11 @@ class Bigram(torch.nn.Module):
             table[a] = (1 - sum(given.values())) / (vocab_size - len(given))
             for b, p in given.items():
                 table[a, b] = p
-        self.logp = torch.nn.Parameter(table.log(), requires_grad=False)
+        self.lm_head = torch.nn.Linear(vocab_size, vocab_size, bias=False)
+        self.lm_head.weight = torch.nn.Parameter(table.log(), requires_grad=False)  # (V, V)
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        logits = self.logp[idx]  # (B, T, V)
+        logits = self.lm_head.weight[idx]  # (B, T, V)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=loss_reduction)

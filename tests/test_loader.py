@@ -36,7 +36,7 @@ def test_a_saved_state_resumes_the_stream_exactly(byte_tok, tmp_path):
     expected = batches(rows, 8)
     resumed = stream()
     saved.seek(0)
-    resumed.load_state([torch.load(saved, weights_only=False)])  # every saved rank's state: one
+    resumed.load_state([torch.load(saved, weights_only=False)])  # every saved rank's state, in rank order
     for (x, y), (rx, ry) in zip(expected, batches(resumed, 8), strict=True):
         assert torch.equal(x, rx) and torch.equal(y, ry)
     assert byte_tok.decode(expected[-1][0][0].tolist()).startswith("<|bos|>d")  # rows open at a document start

@@ -2,8 +2,10 @@
 fine-tuning's, merging keeps the logits, only adapters train, QLoRA learns, quantisation stays within its format's
 bound and its kernels agree with de-quantize + matmul; sft.py/rl.py/dpo.py with --lora_rank (resume, the reference
 with adapters off, DDP), and a quantized model served through the OpenAI API."""
+import contextlib
 import copy
 import dataclasses
+import json
 import os
 import socket
 import threading
@@ -15,6 +17,7 @@ import torch.nn as nn
 
 import chat
 import common
+import evaluate
 from conftest import run_main
 from model import (GPT, AdamW, KVCache, LoRALinear, QuantLinear, _packed_kernel_ok, add_lora, config_from_depth,
                    lora_disabled, lora_state_dict, merge_lora, pack_int4, quantize_int4, quantize_int8,
@@ -281,6 +284,30 @@ def test_quantized_model_serves_through_the_openai_api(tiny_chat_model, monkeypa
     with pytest.raises(SystemExit, match="--quantize must be int8 or int4"):
         run_main(monkeypatch, "chat.py", "--quantize=int3")
 
+def test_evaluate_quantize_measures_the_quantized_model_beside_the_float_one(world, monkeypatch, capsys):
+    """evaluate.py --quantize=int4: the section goes beside the float model's (eval_sft_int4.json, not instead of
+    eval_sft.json), names the format, and its bpb is the quantized model's, not the float one's."""
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    model = tiny(width=64, vocab=tok.vocab_size)  # int4 needs outputs in multiples of 64
+    model.config = config_from_depth(1, tok.vocab_size, 64, aspect_ratio=64, head_dim=32)
+    meta = {"step": 1, "model_config": dataclasses.asdict(model.config), "tokenizer_hash": tok.hash}
+    common.save_checkpoint(common.checkpoint_dir("sft", "tiny"), 1, model.state_dict(), None, meta)
+    sections = {}
+    for fmt in ("", "int4"):
+        run_main(monkeypatch, "evaluate.py", "--device=cpu", "--source=sft", "--task=bpb", "--eval_tokens=2048",
+                 "--dtype=float32", f"--quantize={fmt}")
+        name = "eval_sft" + (f"_{fmt}" if fmt else "")
+        with open(os.path.join(world, "report", f"{name}.json")) as f:
+            sections[fmt] = json.load(f)
+    assert "int4 weights" in capsys.readouterr().out
+    assert sections["int4"]["checkpoint"]["quantize"] == "int4" and "quantize" not in sections[""]["checkpoint"]
+    quantized = quantize_model(common.load_model("sft", "cpu")[0], "int4")
+    want = evaluate.eval_bpb(quantized, tok, "cpu", contextlib.nullcontext(), 2048)["bpb"]
+    got, float_bpb = sections["int4"]["metrics"]["bpb"], sections[""]["metrics"]["bpb"]
+    assert got == pytest.approx(want, rel=1e-6) and 0 < abs(got - float_bpb) < 0.05 * float_bpb
+
+
 # -----------------------------------------------------------------------------
 # The stages with --lora_rank
 
@@ -316,16 +343,20 @@ def test_sft_qlora_saves_adapters_resumes_exactly_and_loads_merged(world, monkey
     assert "resumed from" in capsys.readouterr().out
     again, _, _ = common.load_checkpoint(ckpt, 4, load_rank_state=False)
     assert all(torch.equal(again[k], state[k]) for k in state)  # bit-exact
-    # load_model merges the adapters into the (full-precision) base they name
+    # load_model merges the adapters into the base they name, int4 as trained (the function trained, de-quantized)
     merged, _, _ = common.load_model("sft")
     plain, _, _ = common.load_model("base")
-    add_lora(plain, 4, meta["lora"]["alpha"])
+    unrounded = copy.deepcopy(plain)
+    for model, quantize in ((plain, "int4"), (unrounded, "")):
+        add_lora(model, 4, meta["lora"]["alpha"], quantize=quantize)
     with torch.no_grad():
-        for name, p in plain.named_parameters():
-            if name in state:
-                p.copy_(state[name])
-        idx = torch.randint(0, config.vocab_size, (1, 16))
+        for model in (plain, unrounded):
+            for name, p in model.named_parameters():
+                if name in state:
+                    p.copy_(state[name])
+        idx = torch.randint(0, config.vocab_size, (2, 24))  # 48 rows: de-quantize + matmul, not the bf16 kernels
         assert torch.allclose(merged(idx), plain(idx), atol=1e-4)
+        assert not torch.allclose(merged(idx), unrounded(idx), atol=1e-3)  # not the adapters on the unrounded base
     # resuming adapters without LoRA is one clear line
     with pytest.raises(SystemExit, match="holds LoRA adapters"):
         common.resume_checkpoint(ckpt, common.load_model("base")[0], [], 0, "cpu", {})

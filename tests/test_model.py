@@ -192,6 +192,22 @@ def test_cached_decoding_equals_full_forward_with_different_lengths():
         assert torch.allclose(chunk[b], full, atol=1e-4)
 
 
+def test_cached_decoding_of_aligned_rows_equals_full_forward():
+    # rows at one length take the cache's unmasked path: a slice of RoPE positions, and a single new token that
+    # must see every cached key (SDPA's is_causal alone would show it only the first)
+    model = tiny(n_kv_head=1)
+    seqs = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    cache = KVCache(2, 16, model.config, "cpu")
+    model(torch.tensor(seqs), kv_cache=cache)
+    assert cache.aligned and cache.attn_mask(1) is None
+    for new in ([[20], [30]], [[21], [31]], [[22, 23], [32, 33]]):  # then a chunk of 2: causal within it
+        step_logits = model(torch.tensor(new), kv_cache=cache)  # (2, T, V)
+        for b in range(2):
+            seqs[b] += new[b]
+            full = model(torch.tensor([seqs[b]]))[0, -len(new[b]):]  # (T, V)
+            assert torch.allclose(step_logits[b], full, atol=1e-4), (new, b)
+
+
 def test_samples_share_one_prefill_and_seed_reproduces(monkeypatch):
     model = tiny()
     calls = []

@@ -361,11 +361,16 @@ def record_training_samples(monkeypatch, step=0, seed=42):
     return calls
 
 
-def assert_rewarded_answers_became_likelier(prompts, groups, before, after):
-    """Every answer that did better than its group is likelier under the weights `after` than `before`, every one
-    that did worse less likely."""
+def assert_rewarded_answers_became_likelier(prompts, groups, before, after, baseline="group"):
+    """Every answer that did better than its baseline is likelier under the weights `after` than `before`, every
+    one that did worse less likely. baseline: "group", its group's mean reward (GRPO); "step", the mean reward over
+    all the step's trained tokens (PPO's whitened advantages while the critic still says 0 everywhere)."""
     rewards = torch.tensor([[sample.reward for sample in group] for group in groups])  # (P, G)
-    advantages = rewards - rewards.mean(dim=1, keepdim=True)  # (P, G); the sign is the same with std_norm
+    if baseline == "group":
+        advantages = rewards - rewards.mean(dim=1, keepdim=True)  # (P, G); the sign is the same with std_norm
+    else:
+        tokens = torch.tensor([[sum(sample.mask) for sample in group] for group in groups])  # (P, G)
+        advantages = rewards - (rewards * tokens).sum() / tokens.sum()  # (P, G)
     assert (advantages > 0).any() and (advantages < 0).any()
     answers = [(prompt, sample.tokens, sample.mask) for prompt, group in zip(prompts, groups) for sample in group]
     change = (answer_logprobs(after, answers) - answer_logprobs(before, answers)).view_as(advantages)  # (P, G)
@@ -414,6 +419,17 @@ def test_ptx_alone_makes_the_steps_sft_conversations_likelier(sft_model, monkeyp
             nll[name] = -(token_logprobs(model, x, y) * m).sum() / m.sum()
     assert nll["rl"] < nll["sft"] - 0.01
     assert report["history"]["ptx"][0][1] == pytest.approx(nll["sft"].item(), rel=1e-4)  # the loss it trained on
+
+
+def test_one_ppo_step_raises_the_logprob_of_rewarded_answers(sft_model, monkeypatch):
+    # lambda 1, no KL penalty, no entropy bonus, one minibatch: the critic starts at 0, so each trained token's
+    # advantage is its answer's reward, whitened over the step's tokens: positive for a right answer, negative for a
+    # wrong one
+    calls = record_training_samples(monkeypatch)
+    run_rl(monkeypatch, "--algo=ppo", "--num_steps=1", "--eval_every=0", "--gae_lambda=1", "--kl_penalty=0",
+           "--ent_coef=0", "--num_minibatches=1")
+    [(prompts, groups)] = calls
+    assert_rewarded_answers_became_likelier(prompts, groups, sft_model, rl_weights(1), baseline="step")
 
 
 def test_ppo_trains_policy_and_critic_saves_the_critic_apart_and_resume_restores_it(sft_model, monkeypatch):

@@ -1,7 +1,8 @@
 """--zero levels (common.parallelize): 2 gloo ranks on 127.0.0.1 at each level train as 1 process with twice the
 accumulation, hold half the optimiser state, resume exactly, and resume on another number of ranks, with pretraining's
 optimisers (AdamW + Muon) and with an open model's (AdamW on every weight); pretrain.py killed with SIGKILL at
---zero=3 resumes exactly; rl.py at --zero=3 with ranks of unequal work.
+--zero=3 resumes exactly; rl.py at --zero=3 with ranks of unequal work; sft.py with LoRA resumed at --zero=3
+saves the adapters alone.
 Run under torchrun, this file is the ranks' side of the first test (ranks_main)."""
 import json
 import os
@@ -190,6 +191,33 @@ def test_rl_at_zero3_with_ranks_of_unequal_work(sft_model, world, tmp_path):
     state, _, meta = common.load_checkpoint(os.path.join(world, "checkpoints", "rl", "tiny"), 2, load_rank_state=False)
     assert meta["world_size"] == 2 and any(not torch.equal(state[k], sft_model[k]) for k in sft_model), out[-2000:]
 
+
+def test_sft_lora_at_zero3_resumes_one_process_and_saves_the_adapters_alone(world):
+    """--zero=3 shards the frozen base and the adapters alike: 2 ranks resume a 1-process LoRA run (each rank takes
+    its slices of the saved adapters), and their checkpoint holds the adapters alone, whole, as the 1-process run's
+    next step."""
+    import dataclasses
+
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    config = config_from_depth(1, tok.vocab_size, 64, aspect_ratio=64, head_dim=32)
+    torch.manual_seed(0)
+    base = GPT(config)
+    base.init_weights()
+    meta = {"step": 1, "model_config": dataclasses.asdict(config), "tokenizer_hash": tok.hash}
+    common.save_checkpoint(common.checkpoint_dir("base", "tiny"), 1, base.state_dict(), None, meta)
+    args = ["sft.py", "--device=cpu", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
+            "--dtype=float32", "--eval_every=0", "--num_iterations=2", "--save_every=1", "--lora_rank=4"]
+    run_script(["python"] + args, world)
+    ckpt_dir = os.path.join(world, "checkpoints", "sft", "tiny")
+    alone, _, _ = common.load_checkpoint(ckpt_dir, 2, load_rank_state=False)
+    os.remove(os.path.join(ckpt_dir, "meta_000002.json"))
+    assert "at step 1" in run_ranks(args + ["--zero=3", "--resume=1"], world)
+    sharded, _, meta = common.load_checkpoint(ckpt_dir, 2, load_rank_state=False)
+    assert meta["world_size"] == 2 and sharded.keys() == alone.keys()
+    assert len(sharded) == 2 * 6 and all(k.endswith((".lora_A", ".lora_B")) for k in sharded)  # 6 layers' A and B
+    assert any(sharded[k].abs().sum() > 0 for k in sharded if k.endswith("lora_B"))  # trained
+    assert all(torch.allclose(sharded[k], alone[k], atol=1e-6) for k in sharded)
 
 if __name__ == "__main__":
     ranks_main(sys.argv[1])
