@@ -142,6 +142,9 @@ def run_ranks(args, base_dir):
     return outs[0]
 
 
+# slow: test_each_level_on_2_ranks... covers resuming at --zero=3 exactly (a save, then a resume in-process); this
+# one adds the SIGKILL through pretrain.py's own loop (~40 s on 2 cores)
+@pytest.mark.slow
 def test_pretrain_killed_at_zero3_resumes_exactly_and_on_one_process(world):
     args = ["pretrain.py"] + TINY + ["--total_batch_size=256", "--num_iterations=12", "--eval_every=6",
                                      "--save_every=3", "--zero=3"]
