@@ -4,6 +4,7 @@ import runpy
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
@@ -90,3 +91,19 @@ def run_main(monkeypatch, script, *args):
     """`python SCRIPT ARGS`, run in this process: the interpreter and torch are already up (seconds saved)."""
     monkeypatch.setattr(sys, "argv", [script, *args])
     runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+
+
+def save_random_model(stage, config, tag="tiny"):
+    """A random GPT of `config` (seed 0) saved as step 1 of `stage`'s checkpoint under `tag`, with the prepared
+    tokenizer's hash, as a stage would have saved it: what a later stage's test starts from. Returns the model."""
+    import dataclasses
+
+    import common
+    from model import GPT
+    from tokenizer import load_tokenizer
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights()
+    meta = {"step": 1, "model_config": dataclasses.asdict(config), "tokenizer_hash": load_tokenizer().hash}
+    common.save_checkpoint(common.checkpoint_dir(stage, tag), 1, model.state_dict(), None, meta)
+    return model

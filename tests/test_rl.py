@@ -20,6 +20,8 @@ from data.loader import Row, collate, make_row, step_indices, token_logprobs
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
+from conftest import save_random_model
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -287,16 +289,9 @@ def test_rows_from_the_engine_exclude_prompt_and_calculator_output(tokenizer, mo
 
 @pytest.fixture
 def sft_model(world):
-    import dataclasses
-
     from model import config_from_depth
-    tok = load_tokenizer()
-    config = config_from_depth(1, tok.vocab_size, 256, aspect_ratio=64, head_dim=32)
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.init_weights()
-    meta = {"step": 1, "model_config": dataclasses.asdict(config), "tokenizer_hash": tok.hash}
-    common.save_checkpoint(common.checkpoint_dir("sft", "tiny"), 1, model.state_dict(), None, meta)
+    model = save_random_model("sft", config_from_depth(1, load_tokenizer().vocab_size, 256, aspect_ratio=64,
+                                                       head_dim=32))
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

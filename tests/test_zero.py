@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import common
-from conftest import REPO, run_script
+from conftest import REPO, run_script, save_random_model
 from model import GPT, config_from_depth, generate
 from test_pretrain import TINY, free_port, losses
 from test_rl import sft_model  # noqa: F401  (a fixture)
@@ -199,16 +199,8 @@ def test_sft_lora_at_zero3_resumes_one_process_and_saves_the_adapters_alone(worl
     """--zero=3 shards the frozen base and the adapters alike: 2 ranks resume a 1-process LoRA run (each rank takes
     its slices of the saved adapters), and their checkpoint holds the adapters alone, whole, as the 1-process run's
     next step."""
-    import dataclasses
-
     from tokenizer import load_tokenizer
-    tok = load_tokenizer()
-    config = config_from_depth(1, tok.vocab_size, 64, aspect_ratio=64, head_dim=32)
-    torch.manual_seed(0)
-    base = GPT(config)
-    base.init_weights()
-    meta = {"step": 1, "model_config": dataclasses.asdict(config), "tokenizer_hash": tok.hash}
-    common.save_checkpoint(common.checkpoint_dir("base", "tiny"), 1, base.state_dict(), None, meta)
+    save_random_model("base", config_from_depth(1, load_tokenizer().vocab_size, 64, aspect_ratio=64, head_dim=32))
     args = ["sft.py", "--device=cpu", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
             "--dtype=float32", "--eval_every=0", "--num_iterations=2", "--save_every=1", "--lora_rank=4"]
     run_script(["python"] + args, world)
