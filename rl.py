@@ -460,7 +460,6 @@ if __name__ == "__main__":
                                    top_k=top_k, top_p=top_p, seed=common.derive_seed(seed, "train", step, rank),
                                    grader=grade, format_bonus=format_reward)
         t_sample = time.time() - t0
-        rewards = torch.tensor([[sample.reward for sample in group] for group in groups])  # (P, G), on the host
         zero_std = [len({sample.reward for sample in group}) == 1 for group in groups]  # (P,)
         samples = [sample for group in groups for sample in group]
         rollout = common.all_sum({"reward": sum(s.reward for s in samples),
@@ -473,6 +472,7 @@ if __name__ == "__main__":
             update = ppo_update(model, critic, reference, optimizers, critic_optimizers, problems, groups, step,
                                 rank, world_size, device, autocast_ctx)
         else:
+            rewards = torch.tensor([[sample.reward for sample in group] for group in groups])  # (P, G), on the host
             advantages = group_advantages(rewards, std_norm).tolist()  # (P, G) as lists, read once
             # ---- 2. the training rows: the answers of the groups kept, with their advantages; the step's counts
             rows, row_adv = [], []
