@@ -16,8 +16,10 @@ Evaluate picochat models (bits per byte, multiple choice, math) and assemble the
 The tasks (each function below says how it scores):
 - bpb: bits per byte on held-out pretraining text (pretrain.py's measure), next to a unigram baseline.
 - mc: accuracy and the centred score (acc - chance) / (1 - chance) on the built-in items and every downloaded set
-  (arc_easy, arc_challenge, mmlu, hellaswag), or the sets --dataset names. A base model picks the likeliest
-  continuation (nanochat's CORE), a chat model the letter it finds likeliest as its reply's first token.
+  (arc_easy, arc_challenge, mmlu, hellaswag), or the sets --dataset names. Every model is scored by the choice it
+  finds likeliest as the continuation (nanochat's CORE; for a chat model, as its reply to the question), and a
+  chat model also by the letter it finds likeliest as its reply's first token when shown lettered choices
+  (nanochat's chat eval; acc_letter): a tiny model knows answers long before it can name them by letter.
 - math: word problems (built in; gsm8k, math500 with --dataset) answered with model.py's Engine (calculator
   included) and graded by data/grade.py. Greedy by default; --num_samples=K gives pass@1 and pass@K (sampled at
   temperature 1 unless given), --vote=1 also maj@K. A base model gets a few-shot prompt in the pretraining
@@ -127,16 +129,24 @@ def eval_bpb(model, tokenizer, device, autocast_ctx, max_tokens=65536, rows_per_
 # Task: multiple choice
 
 
-def mc_loglik_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, max_len=0):
-    """Base models: each choice as a continuation of its question, tokens of `question + " " + choice` after
-    those of the question alone; the choice with the lowest mean loss per token wins (nanochat's CORE; the mean,
-    not the sum, so long choices are not penalised for their length). max_len > 0 crops each row from the left.
-    Returns the chosen index of each item."""
+def mc_loglik_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, max_len=0, chat=False):
+    """Each choice as a continuation of its question; the choice with the lowest mean loss per token wins
+    (nanochat's CORE; the mean, not the sum, so long choices are not penalised for their length). A base model
+    reads `question + " " + choice`, scored after the tokens of the question alone; with chat, the question is a
+    user turn and the choice the assistant's reply (no letters: the answer the model knows, whether or not it has
+    learned to name it by a letter). max_len > 0 crops each row from the left. Returns the chosen index of each
+    item."""
     rows, owners = [], []  # (ids, index of the first continuation token), and the item of each row
     for i, item in enumerate(items):
-        context = tokenizer.encode(item["question"], prepend=tokenizer.bos_id)
+        if chat:
+            context = tokenizer.render_for_completion([{"role": "user", "content": item["question"]}])
+        else:
+            context = tokenizer.encode(item["question"], prepend=tokenizer.bos_id)
         for choice in item["choices"]:
-            ids = tokenizer.encode(item["question"] + " " + choice, prepend=tokenizer.bos_id)
+            if chat:
+                ids = context + tokenizer.encode(choice)
+            else:
+                ids = tokenizer.encode(item["question"] + " " + choice, prepend=tokenizer.bos_id)
             # compare tokens, not text: where the question's last token merges with the choice, it counts as
             # part of the continuation
             start = next((j for j, (a, b) in enumerate(zip(context, ids)) if a != b), len(context))
@@ -533,11 +543,16 @@ if __name__ == "__main__":
             print(f"bpb: {r['bpb']:.4f} (unigram baseline {r['unigram_bpb']:.4f}) on {r['tokens']:,} tokens",
                   flush=True)
         for name, items in sets["mc"].items():
-            scorer = mc_letter_choices if chat else mc_loglik_choices
-            r = mc_metrics(items, scorer(model, tokenizer, items, autocast_ctx, batch_size, context))
+            r = mc_metrics(items, mc_loglik_choices(model, tokenizer, items, autocast_ctx, batch_size, context, chat))
+            if chat:  # and nanochat's letter: naming the answer by its letter is a skill of its own
+                letter = mc_metrics(items, mc_letter_choices(model, tokenizer, items, autocast_ctx, batch_size,
+                                                             context))
+                r.update(acc_letter=letter["acc"], centered_letter=letter["centered"])
             results[f"mc/{name}"] = {**r, "settings": {"max_problems": max_problems,
-                                                       "scoring": "letter" if chat else "loglik"}}
-            print(f"mc/{name}: acc {r['acc']:.4f}, centred {r['centered']:.4f} ({r['n']} items)", flush=True)
+                                                       "scoring": "reply loglik, letter" if chat else "loglik"}}
+            letter_note = f"; by letter: acc {r['acc_letter']:.4f}, centred {r['centered_letter']:.4f}" if chat else ""
+            print(f"mc/{name}: acc {r['acc']:.4f}, centred {r['centered']:.4f} ({r['n']} items){letter_note}",
+                  flush=True)
         for name, problems in sets["math"].items():
             # a base model's shots only as far as its trained context allows
             prompts, made = math_prompts(tokenizer, name, problems, style, model.config.sequence_len - max_new_tokens)

@@ -87,6 +87,7 @@ device = ""
 dtype = ""                  # bfloat16 | float32 | "": bfloat16 on CUDA and AMX CPUs, else float32
 zero = 0                    # data parallelism: 0 replicated, 1 optimiser states sharded, 2 + gradients, 3 + weights
 seed = 42
+compile = False             # torch.compile the model for training (rows have one fixed length: one graph)
 
 # -----------------------------------------------------------------------------
 # Data: render each conversation to (ids, mask), then pack several into fixed-length rows, best-fit from a small
@@ -380,7 +381,8 @@ if __name__ == "__main__":
             "config": config, "metrics": metrics, "history": history, "tokenizer_hash": tokenizer.hash,
             "source": source, "open_model": source_meta.get("open_model"), **lora_meta})
 
-    # ---- the training loop
+    # ---- the training loop (evaluation and sampling use the eager model: their shapes vary)
+    train_model = torch.compile(model, dynamic=False) if compile else model
     t_start, metrics, last_val = time.time(), {}, None
     model.train()
     while True:
@@ -408,7 +410,7 @@ if __name__ == "__main__":
         for a in range(grad_accum_steps):
             x, y = to_batch(mine[a * device_batch_size:(a + 1) * device_batch_size])
             with autocast_ctx:
-                loss = model(x, y, loss_reduction="none").sum() / max(n_train, 1)  # this rank's share of the mean
+                loss = train_model(x, y, loss_reduction="none").sum() / max(n_train, 1)  # this rank's share of the mean
             (loss * world_size).backward()  # the optimisers average over ranks; undo that for a sum over ranks
             loss_sum += loss.detach()
         totals = common.all_sum({"loss": loss_sum, "gradient": common.largest_grad(model)}, device)

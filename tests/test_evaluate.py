@@ -86,6 +86,15 @@ def test_loglik_scorer_takes_the_lowest_mean_loss(tok):
                                                   "n": 2}
 
 
+def test_loglik_scorer_reads_a_chat_models_choice_as_its_reply(tok):
+    # the reply starts right after <|assistant_start|>: "b" is likely there, and nowhere else. Read as a
+    # continuation of the bare question, every choice costs the same and the tie goes to the first
+    model = Bigram(tok.vocab_size, {(tok.special("<|assistant_start|>"), ord("b")): 0.9})
+    items = [{"question": "Which one?", "choices": ["a", "b", "c"], "answer": 1}]
+    assert evaluate.mc_loglik_choices(model, tok, items, NO_AUTOCAST, 16, chat=True) == [1]
+    assert evaluate.mc_loglik_choices(model, tok, items, NO_AUTOCAST, 16) == [0]
+
+
 def test_letter_scorer_picks_the_likeliest_letter_among_the_items_own(tok):
     start = tok.special("<|assistant_start|>")
     A, C, E = ord("A"), ord("C"), ord("E")
