@@ -28,7 +28,8 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b
 UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
         "seventeen eighteen nineteen".split()
 DECADES = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-NUMBER = re.compile(r"\b(\d+|(?:%s)(?:-(?:%s))?|%s)\b" % ("|".join(DECADES), "|".join(UNITS[1:10]), "|".join(UNITS)),
+BELOW_100 = r"(?:%s)(?:-(?:%s))?|%s" % ("|".join(DECADES), "|".join(UNITS[1:10]), "|".join(UNITS))
+NUMBER = re.compile(r"\b(\d+|(?:%s) hundred(?: and (?:%s))?|%s)\b" % ("|".join(UNITS[1:10]), BELOW_100, BELOW_100),
                     re.IGNORECASE)
 
 
@@ -38,11 +39,14 @@ def read(path):
 
 
 def number_value(token):
-    """An integer written in digits or in words below 100 ("forty-two")."""
+    """An integer written in digits or in words below 1000 ("forty-two", "three hundred and five")."""
     if token.isdigit():
         return int(token)
-    tens, _, unit = token.lower().partition("-")
     token = token.lower()
+    if " hundred" in token:
+        hundreds, _, rest = token.partition(" hundred")
+        return 100 * UNITS.index(hundreds) + (number_value(rest[len(" and "):]) if rest else 0)
+    tens, _, unit = token.partition("-")
     if tens in DECADES:
         return 10 * (DECADES.index(tens) + 2) + (UNITS.index(unit) if unit else 0)
     return UNITS.index(token)
@@ -234,6 +238,11 @@ def heldout_regexes():
     out += [re.compile(r"\b" + re.escape(f.text.rstrip("?.!")) + r"\b", re.IGNORECASE)
             for f in tinyworld.IDENTITY_QUESTIONS + [f for fs, _ in tinyworld.SMALLTALK.values() for f in fs]
             if f.held]
+    # the held-out sentence structures: the fronted "After A, B." (training has only "After that, ..." and "After
+    # all that, ..."), and the question asked before the story's clauses as its condition ("How many ... if ...?")
+    assert [j.text for j in tinyworld.JOINS if j.held] == ["After {A}, {B}."]
+    assert tinyworld.HELD_PLACEMENT == "ask_if" and tinyworld.HELD_PLACEMENT not in tinyworld.PLACEMENT_WEIGHTS
+    out += [re.compile(r"\bAfter (?!that\b|all that\b)"), re.compile(r"(?m)^(?:Altogether, how|How|What)\b[^.?\n]* if ")]
     return out
 
 
