@@ -21,13 +21,20 @@ an age; each place a kind and a feature.
 
 Math word problems are stories made of events on people's counts of one item ("Mia has 5 apples", "she gives 3
 to Tom", "Tom has twice as many as Mia"); each event is one clause, and its clause is one surface pattern: a frame
-of its kind (FRAMES) with one of the kind's verbs. The question asks for any person's count, two people's total or
-difference, a share, a number of groups, or, in stories that start from an unknown count, the count at first. The
+of its kind (FRAMES) with one of the kind's verbs. Two clauses may share a sentence, told by a join (JOINS: "A, and
+B.", "A and then B." with B's subject left out when it is A's, "A, then B.", "A; later, B.", "A before B.", a
+receiver's count as a relative clause "... to Tom, who already has 12 apples.", "After A, B."), and the question
+goes in one of PLACEMENTS: after the story, before it, as a conditional ("If Mia has 12 apples and buys 5 more, how
+many ...?"), in a request after it ("Tell me how many apples Mia has now."), or before the story's clauses as their
+condition ("How many apples does Mia have now if she has 12 and buys 5 more?"). The question asks for any
+person's count, two people's total or difference, a share, a number of groups, or, in stories that start from an
+unknown count, the count at first; where nobody else holds the item it may name nobody ("How many apples are
+there in all?"; the answer's first line still names whose count it follows). The
 value asked for is a computation graph over the story's numbers (1 to 6 steps of + - * /, chains and trees, whole
 non-negative results); its shape is that graph with the numbers left out, e.g. "((n*n)+n)". Stories also carry
-numbers to ignore (other people, other items, ages), numbers in words, pronouns and varied sentence order; a
-story states each number once, and no value worked out equals one it states (so which number feeds which step is
-never ambiguous). The answer restates the question, then works the graph one step per line, in story order, each
+numbers to ignore (other people, other items, ages), numbers in words (up to 999), pronouns and varied sentence
+order; a story states each number once, and no value worked out equals one it states (so which number feeds which
+step is never ambiguous). The answer restates the question, then works the graph one step per line, in story order, each
 line restating its clause and calling the calculator in GSM8K's marks (data.math_conversation turns them into
 calculator calls for chat):
     Find Mia's apples.
@@ -38,8 +45,11 @@ calculator calls for chat):
 Splits test generalisation, and nothing held out is in any training file (pretraining shards, chat_train,
 math_train, mc_train):
     math_test "slice"  id           a math_train story re-told with new numbers and names (same patterns, shape)
-                       phrasing     one clause or the question in a held-out surface pattern (frames marked
-                                    held, and the (frame, verb) pairs of heldout_pair), the shape a training one
+                       phrasing     a held-out sentence structure (2 in 5: two clauses joined by the held join,
+                                    "After A, B."; 3 in 10: the held placement, the question before the story's
+                                    clauses as their condition) or (3 in 10) one clause or the question in a
+                                    held-out surface pattern (frames marked held, and the (frame, verb) pairs of
+                                    heldout_pair); the shape a training one (HELD_OUT)
                        composition  a held-out shape (heldout_shape), every pattern a training one
                        length       6 steps; training problems have 1 to 5
                        arith        bare arithmetic asked in a held-out phrasing (ARITH_ASK, ARITH_WORDS)
@@ -447,8 +457,10 @@ def solution(goal, target, position):
 # -----------------------------------------------------------------------------
 # Math stories: drawing a recipe (everything but the numbers and the names) and telling it.
 # A recipe: {"tense", "item", "other", "box", "she": [gender per role], "events": [event], "order": [event index in
-# sentence order], "question": event, "qfirst"}; an event: {"kind", "roles", "pattern", "conn", "words": [number
-# slots written in words], "pron"}. Roles 0..n-1 are people; the story's events are in the order they happen.
+# sentence order], "question": event, "place": one of PLACEMENTS, "request": index of REQUESTS, "joins": [index of
+# JOINS or None, between sentences k and k+1 of the order], "elide": [whether sentence k+1 leaves out its subject]};
+# an event: {"kind", "roles", "pattern", "conn", "words": [number slots written in words], "pron"}. Roles 0..n-1 are
+# people; the story's events are in the order they happen.
 
 MUTATIONS = {"gain": 4, "gain_groups": 2, "lose": 4, "lose_groups": 1, "give": 3, "give_all": 1, "scale": 1}
 RELATIONS = {"times": 2, "part": 1, "more": 2, "fewer": 2}
@@ -593,11 +605,18 @@ def draw_recipe(rng, steps_hint):
     events, question = draw_events(rng, item, n_people, n_events, inverse)
     for _ in range(rng.choice([0, 0, 1, 1, 2])):  # numbers and facts to ignore, about anyone
         events.insert(rng.randint(0, len(events)), new_event(rng, "noise", [rng.randint(0, n_people + 1)], item))
-    recipe = {"tense": rng.randint(0, 1), "item": item, "other": rng.choice([i for i in ITEMS if i != item]),
-              "box": rng.randrange(len(CONTAINERS)), "she": [rng.random() < 0.5 for _ in range(n_people + 2)],
-              "events": events, "order": sentence_order(rng, events, n_people), "question": question,
-              "request": rng.randrange(len(REQUESTS)), "joins": [None] * (len(events) - 1),
-              "elide": [False] * (len(events) - 1)}
+    return {"tense": rng.randint(0, 1), "item": item, "other": rng.choice([i for i in ITEMS if i != item]),
+            "box": rng.randrange(len(CONTAINERS)), "she": [rng.random() < 0.5 for _ in range(n_people + 2)],
+            "events": events, "order": sentence_order(rng, events, n_people), "question": question}
+
+
+def structure(rng, recipe):
+    """A recipe's sentence structure, drawn from the training ones: where its question goes and which sentences
+    are joined (a recipe that has one keeps it)."""
+    if "place" in recipe:
+        return recipe
+    recipe = {**recipe, "request": rng.randrange(len(REQUESTS)), "joins": [None] * (len(recipe["events"]) - 1),
+              "elide": [False] * (len(recipe["events"]) - 1)}
     places = [p for p in PLACEMENT_WEIGHTS if placement_fits(p, recipe)]
     place = rng.choices(places, [PLACEMENT_WEIGHTS[p] for p in places])[0]
     if place == "if":  # one clause tells the whole story: no joins, and the present tense ("If Mia has ...")
@@ -670,15 +689,28 @@ def set_join(rng, recipe, k, j):
 
 def add_joins(rng, recipe, rate=0.4):
     """Some pairs of consecutive sentences joined into one, by training joins."""
-    events, order = recipe["events"], recipe["order"]
+    events, order = list(recipe["events"]), list(recipe["order"])
+    # a receiver's first count may wait for the giving when nothing told in between is about the receiver: it is
+    # then told inside it, and the giving in a frame that ends with the receiver ("... to Tom, who already has 12
+    # pears.")
+    for m, i in enumerate(order):
+        receiver = events[i]["roles"][-1]
+        if events[i]["kind"] == "give":
+            k = next((k for k in range(m) if events[order[k]]["kind"] == "has"
+                      and events[order[k]]["roles"] == [receiver]), None)
+            if k is not None and not any(receiver in touches(events[j]) for j in order[k + 1:m]):
+                order.insert(m - 1, order.pop(k))
+                patterns = [p for p, f in pattern_choices("give", recipe["item"], False) if f.text.endswith("{Q}.")]
+                events[i] = {**events[i], "pattern": list(rng.choice(patterns))}
+    recipe = {**recipe, "events": events, "order": order}
     k = 0
     while k < len(order) - 1:
         a, b = events[order[k]], events[order[k + 1]]
         options = [j for j, join in enumerate(JOINS) if not join.held and join_fits(join, a, b)]
-        if options and rng.random() < rate:
-            # the relative join fits few pairs: it takes half of those
-            j = RELATIVE if RELATIVE in options and rng.random() < 0.5 else rng.choice(options)
-            recipe = set_join(rng, recipe, k, j)
+        # the relative join fits few pairs: it takes most of them
+        relative = RELATIVE in options and rng.random() < 0.8
+        if relative or options and rng.random() < rate:
+            recipe = set_join(rng, recipe, k, RELATIVE if relative else rng.choice(options))
             k += 2
         else:
             k += 1
@@ -904,6 +936,7 @@ def tell(recipe, names, people, rng, fits=None):
     target, numbers = work(recipe, names, people, rng)
     if fits and not fits(target):
         raise Unfit
+    recipe = structure(rng, recipe)  # only now: most drawn recipes do not fit, and the structure takes time
     events, question = recipe["events"], recipe["question"]
     order, joins, place, q = recipe["order"], recipe["joins"], recipe["place"], len(events)
     position = {i: k for k, i in enumerate(order)}
@@ -982,6 +1015,7 @@ def retell(recipe, people, rng, tries=50, fits=None):
 
 def with_heldout_pattern(rng, recipe):
     """The recipe with one event (or the question) told in a held-out pattern; None if none has one."""
+    recipe = structure(rng, recipe)
     slots = list(range(len(recipe["events"]) + 1))
     rng.shuffle(slots)
     for i in slots:
@@ -998,6 +1032,7 @@ def with_heldout_pattern(rng, recipe):
 
 def with_heldout_join(rng, recipe):
     """The recipe with two sentences joined by a held-out join; None if no pair fits one."""
+    recipe = structure(rng, recipe)
     if recipe["place"] == "if":
         recipe = {**recipe, "place": "last"}
     events, order = recipe["events"], recipe["order"]
@@ -1008,6 +1043,7 @@ def with_heldout_join(rng, recipe):
 
 def with_heldout_placement(rng, recipe):
     """The recipe with its question in the held-out placement; None if it does not fit there."""
+    recipe = structure(rng, recipe)
     if not placement_fits(HELD_PLACEMENT, recipe):
         return None
     return {**recipe, "place": HELD_PLACEMENT, "tense": 0, "joins": [None] * len(recipe["joins"]),
