@@ -932,7 +932,8 @@ def subject_slot(event):
 
 def tell(recipe, names, people, rng, fits=None):
     """The problem a recipe tells with these names (one per role) and freshly drawn numbers (Redraw, Unfit; Unfit
-    too when fits(graph) says no: a graph's shape and steps do not depend on the numbers)."""
+    too when fits(graph) says no: a graph's shape and steps do not depend on the numbers), in the recipe's sentence
+    structure (drawn here when it has none: Problem.recipe keeps it, so that a retelling has the same)."""
     target, numbers = work(recipe, names, people, rng)
     if fits and not fits(target):
         raise Unfit
