@@ -45,11 +45,11 @@ calculator calls for chat):
 Splits test generalisation, and nothing held out is in any training file (pretraining shards, chat_train,
 math_train, mc_train):
     math_test "slice"  id           a math_train story re-told with new numbers and names (same patterns, shape)
-                       phrasing     a held-out sentence structure (2 in 5: two clauses joined by the held join,
-                                    "After A, B."; 3 in 10: the held placement, the question before the story's
-                                    clauses as their condition) or (3 in 10) one clause or the question in a
-                                    held-out surface pattern (frames marked held, and the (frame, verb) pairs of
-                                    heldout_pair); the shape a training one (HELD_OUT)
+                       phrasing     a held-out sentence structure (about a third each: two clauses joined by
+                                    the held join, "After A, B."; the held placement, the question before the
+                                    story's clauses as their condition) or (the last third) one clause or the
+                                    question in a held-out surface pattern (frames marked held, and the (frame,
+                                    verb) pairs of heldout_pair); the shape a training one (HELD_OUT)
                        composition  a held-out shape (heldout_shape), every pattern a training one
                        length       6 steps; training problems have 1 to 5
                        arith        bare arithmetic asked in a held-out phrasing (ARITH_ASK, ARITH_WORDS)
@@ -1062,10 +1062,13 @@ def math_problem(rng, people, slice_, steps=0):
         n = len(steps_of(target))
         return (n == steps if steps else n <= MAX_STEPS and rng.random() < KEEP_STEPS[n]) and \
             heldout_shape(shape(target)) == (slice_ == "composition")
+    # what a phrasing problem holds out is drawn once: redrawing it with the recipe would favour what fits most.
+    # The held join needs two changes of a count, more than a 1-step story has.
+    holds = {k: w for k, (_, w) in HELD_OUT.items() if not (k == "join" and steps == 1)}
+    hold = HELD_OUT[pick(rng, holds)][0] if slice_ == "phrasing" else None
     while True:
         recipe = draw_recipe(rng, steps or rng.choice([2, 3, 4, 5, 5]))
-        if slice_ == "phrasing":
-            hold, _ = HELD_OUT[pick(rng, {k: w for k, (_, w) in HELD_OUT.items()})]
+        if hold:
             recipe = hold(rng, recipe)
             if recipe is None:
                 continue
