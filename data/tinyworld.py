@@ -21,13 +21,20 @@ an age; each place a kind and a feature.
 
 Math word problems are stories made of events on people's counts of one item ("Mia has 5 apples", "she gives 3
 to Tom", "Tom has twice as many as Mia"); each event is one clause, and its clause is one surface pattern: a frame
-of its kind (FRAMES) with one of the kind's verbs. The question asks for any person's count, two people's total or
-difference, a share, a number of groups, or, in stories that start from an unknown count, the count at first. The
+of its kind (FRAMES) with one of the kind's verbs. Two clauses may share a sentence, told by a join (JOINS: "A, and
+B.", "A and then B." with B's subject left out when it is A's, "A, then B.", "A; later, B.", "A before B.", a
+receiver's count as a relative clause "... to Tom, who already has 12 apples.", "After A, B."), and the question
+goes in one of PLACEMENTS: after the story, before it, as a conditional ("If Mia has 12 apples and buys 5 more, how
+many ...?"), in a request after it ("Tell me how many apples Mia has now."), or before the story's clauses as their
+condition ("How many apples does Mia have now if she has 12 and buys 5 more?"). The question asks for any
+person's count, two people's total or difference, a share, a number of groups, or, in stories that start from an
+unknown count, the count at first; where nobody else holds the item it may name nobody ("How many apples are
+there in all?"; the answer's first line still names whose count it follows). The
 value asked for is a computation graph over the story's numbers (1 to 6 steps of + - * /, chains and trees, whole
 non-negative results); its shape is that graph with the numbers left out, e.g. "((n*n)+n)". Stories also carry
-numbers to ignore (other people, other items, ages), numbers in words, pronouns and varied sentence order; a
-story states each number once, and no value worked out equals one it states (so which number feeds which step is
-never ambiguous). The answer restates the question, then works the graph one step per line, in story order, each
+numbers to ignore (other people, other items, ages), numbers in words (up to 999), pronouns and varied sentence
+order; a story states each number once, and no value worked out equals one it states (so which number feeds which
+step is never ambiguous). The answer restates the question, then works the graph one step per line, in story order, each
 line restating its clause and calling the calculator in GSM8K's marks (data.math_conversation turns them into
 calculator calls for chat):
     Find Mia's apples.
@@ -38,8 +45,11 @@ calculator calls for chat):
 Splits test generalisation, and nothing held out is in any training file (pretraining shards, chat_train,
 math_train, mc_train):
     math_test "slice"  id           a math_train story re-told with new numbers and names (same patterns, shape)
-                       phrasing     one clause or the question in a held-out surface pattern (frames marked
-                                    held, and the (frame, verb) pairs of heldout_pair), the shape a training one
+                       phrasing     a held-out sentence structure (about a third each: two clauses joined by
+                                    the held join, "After A, B."; the held placement, the question before the
+                                    story's clauses as their condition) or (the last third) one clause or the
+                                    question in a held-out surface pattern (frames marked held, and the (frame,
+                                    verb) pairs of heldout_pair); the shape a training one (HELD_OUT)
                        composition  a held-out shape (heldout_shape), every pattern a training one
                        length       6 steps; training problems have 1 to 5
                        arith        bare arithmetic asked in a held-out phrasing (ARITH_ASK, ARITH_WORDS)
@@ -64,6 +74,7 @@ import functools
 import json
 import os
 import random
+import re
 import sys
 import time
 import zlib
@@ -85,7 +96,7 @@ num_mc_test = 300
 num_probe_train = 2000  # non-math chat prompts in training phrasings (for RL)
 num_probe_test = 300    # chat-retention probes in held-out phrasings
 
-VERSION = 2  # bump when the generator's output changes: sets made by another version are regenerated
+VERSION = 3  # bump when the generator's output changes: sets made by another version are regenerated
 
 # -----------------------------------------------------------------------------
 # The world's vocabulary (other code reads these lists: add words, never remove or rename one)
@@ -137,8 +148,8 @@ def words(n):
 
 
 def number(n, in_words):
-    """How a story writes a number: in words below 100 when asked to, else digits."""
-    return words(n) if in_words and n < 100 else str(n)
+    """How a story writes a number: in words when asked to (up to 999, words()), else digits."""
+    return words(n) if in_words else str(n)
 
 
 def an(word):
@@ -279,11 +290,13 @@ QUESTIONS = {
               Frame("How many {item} does {P} have in the end?"), Frame("How many {item} does {P} end up with?"),
               Frame("What is the number of {item} {P} has now?"), Frame("How many {item} are in {p} {box} now?"),
               Frame("How many {item} does {P} have after all that?", held=True),
-              Frame("Find how many {item} {P} has.", held=True)],
+              Frame("Find how many {item} {P} has.", held=True),
+              Frame("How many {item} are there now?"), Frame("How many {item} are there in the end?")],
     "together": [Frame("How many {item} do {P} and {Q} have together?"), Frame("How many {item} do {P} and {Q} have in all?"),
                  Frame("Altogether, how many {item} do {P} and {Q} have?"),
                  Frame("What is the total number of {item} that {P} and {Q} have?"),
-                 Frame("If {P} and {Q} put their {item} together, how many {item} do they have?", held=True)],
+                 Frame("If {P} and {Q} put their {item} together, how many {item} do they have?", held=True),
+                 Frame("How many {item} are there in all?"), Frame("How many {item} are there altogether?")],
     "diff": [Frame("How many more {item} does {P} have than {Q}?"), Frame("How many fewer {item} does {Q} have than {P}?"),
              Frame("How many {item} does {P} have more than {Q}?"),
              Frame("What is the difference between the {item} of {P} and the {item} of {Q}?", held=True)],
@@ -298,9 +311,36 @@ QUESTIONS = {
              Frame("If {P} makes piles of {k} {item}, how many piles are there?", held=True)],
     "first": [Frame("How many {item} did {P} have at first?"), Frame("How many {item} did {P} start with?"),
               Frame("How many {item} did {P} have at the start?"),
-              Frame("How many {item} did {P} have before all that?", held=True)],
+              Frame("How many {item} did {P} have before all that?", held=True),
+              Frame("How many {item} were there at first?")],
 }
 CONNECTORS = ["", "", "Then ", "Later, ", "After that, ", "Next, "]  # before a change of a count (not a pattern)
+# A question that names nobody ({P}, {p} and {Q} absent) is asked only where one count (or, for a total, two)
+# holds the story's item: anonymous().
+
+# Sentence structures. Two events told one after the other may be joined into one sentence by a join: {A} and
+# {B} are their clauses. Join.elided is the join's text when B has A's subject and leaves it out ("Mia buys 5 pears
+# and then gives 3 of them to Tom."); Join.change: B must change a count (a step in time); Join.after: A must too
+# (it is told as the time of B). The relative join tells a receiver's first count inside the giving ("... to Tom,
+# who already has 12 pears."). held=True keeps a structure out of every training file, like a held frame.
+Join = collections.namedtuple("Join", "text elided change after held", defaults=(None, False, False, False))
+JOINS = [Join("{A}, and {B}.", "{A} and {B}."),
+         Join("{A}, and then {B}.", "{A} and then {B}.", change=True),
+         Join("{A}, then {B}.", "{A}, then {B}.", change=True),
+         Join("{A}; later, {B}.", change=True),
+         Join("{A} before {B}.", change=True),
+         Join("{A}, who already {has} {n} {item}."),  # the relative join (A: a giving, B: the receiver's count)
+         Join("After {A}, {B}.", change=True, after=True, held=True)]
+RELATIVE = 5
+# Where the question goes: after the story, before it, as a conditional ("If Mia has 12 pears and buys 5 more, how
+# many pears does she have now?"), inside a request after the story ("Tell me how many pears Mia has now."), or
+# before the story's clauses as a trailing condition (held out).
+PLACEMENTS = ["last", "first", "if", "request", "ask_if"]
+HELD_PLACEMENT = "ask_if"
+PLACEMENT_WEIGHTS = {"last": 5, "first": 1.5, "if": 1.5, "request": 1.5}  # training placements
+REQUESTS = [Frame("Tell me {I}."), Frame("Can you figure out {I}?"), Frame("Please find out {I}."),
+            Frame("I would like to know {I}."), Frame("Do you know {I}?")]
+MAX_IF_EVENTS = 5  # a conditional tells the whole story in one clause: short stories only
 FRACTION = {2: "half", 3: "a third", 4: "a quarter"}
 # the answer's restatement of each step: a canonical phrase per event (digits, names), then the calculator call
 SAY = {"groups": "{P} has {a} groups of {b}", "rate": "{P} has {a} groups of {b}", "gain": "{P} gets {n} more",
@@ -417,14 +457,17 @@ def solution(goal, target, position):
 # -----------------------------------------------------------------------------
 # Math stories: drawing a recipe (everything but the numbers and the names) and telling it.
 # A recipe: {"tense", "item", "other", "box", "she": [gender per role], "events": [event], "order": [event index in
-# sentence order], "question": event, "qfirst"}; an event: {"kind", "roles", "pattern", "conn", "words": [number
-# slots written in words], "pron"}. Roles 0..n-1 are people; the story's events are in the order they happen.
+# sentence order], "question": event, "place": one of PLACEMENTS, "request": index of REQUESTS, "joins": [index of
+# JOINS or None, between sentences k and k+1 of the order], "elide": [whether sentence k+1 leaves out its subject]};
+# an event: {"kind", "roles", "pattern", "conn", "words": [number slots written in words], "pron"}. Roles 0..n-1 are
+# people; the story's events are in the order they happen.
 
 MUTATIONS = {"gain": 4, "gain_groups": 2, "lose": 4, "lose_groups": 1, "give": 3, "give_all": 1, "scale": 1}
 RELATIONS = {"times": 2, "part": 1, "more": 2, "fewer": 2}
 INTROS = {"has": 5, "groups": 2, "rate": 1}
 QUESTION_KINDS = {"count": 6, "together": 2, "diff": 1, "share": 1, "pack": 1}
 FIRST_MUTATIONS = {"gain": 3, "lose": 3, "give": 2, "got": 1, "gain_groups": 1, "lose_groups": 1, "scale": 1}
+CHANGES = set(MUTATIONS) | {"got"}  # events that change a count: what a join told as a step in time needs
 NUMBER_SLOTS = ("n", "a", "b", "k")
 
 
@@ -433,20 +476,27 @@ def pick(rng, weights):
     return rng.choices(keys, [weights[k] for k in keys])[0]
 
 
+def anonymous(frame):
+    """Whether a question names nobody ("How many pears are there now?")."""
+    return not any(s in frame.text for s in ("{P}", "{p}", "{Q}"))
+
+
 @functools.lru_cache(maxsize=None)
-def pattern_choices(kind, item, heldout):
-    """The (pattern, frame) pairs an event of a kind about an item can be told in, training or held-out."""
-    return [(p, f) for p, f, _ in verb_options(kind, item) if is_heldout_pattern(p) == heldout]
+def pattern_choices(kind, item, heldout, anon=False):
+    """The (pattern, frame) pairs an event of a kind about an item can be told in, training or held-out; questions
+    that name nobody only with anon."""
+    return [(p, f) for p, f, _ in verb_options(kind, item) if is_heldout_pattern(p) == heldout
+            and (anon or kind in FRAMES or not anonymous(f))]
 
 
-def new_event(rng, kind, roles, item, heldout=False):
+def new_event(rng, kind, roles, item, heldout=False, anon=False):
     """An event with a random pattern: a training one, or with heldout=True a held-out one (None if none fits)."""
-    options = pattern_choices("give" if kind == "got" else kind, item, heldout)
+    options = pattern_choices("give" if kind == "got" else kind, item, heldout, anon)
     if not options:
         return None
     pattern, frame = rng.choice(options)
     return {"kind": kind, "roles": list(roles), "pattern": list(pattern), "conn": rng.choice(CONNECTORS),
-            "words": [s for s in NUMBER_SLOTS if f"{{{s}}}" in frame.text and rng.random() < 0.2],
+            "words": [s for s in NUMBER_SLOTS if f"{{{s}}}" in frame.text and rng.random() < 0.3],
             "pron": rng.random() < 0.6}
 
 
@@ -471,7 +521,9 @@ def draw_events(rng, item, n_people, n_events, inverse):
             else:
                 events.append(new_event(rng, kind, [0], item))
         events.append(new_event(rng, "now", [0], item))
-        return events, new_event(rng, "first", [0], item)
+        # "How many pears were there at first?" when only person 0 ever held the item (nobody got any)
+        anon = holders == [0] and not any(e["kind"] == "give" for e in events)
+        return events, new_event(rng, "first", [0], item, anon=anon)
     events, holders, gone = [], [], set()
     for i in range(n_events):
         live = [r for r in holders if r not in gone]
@@ -502,7 +554,11 @@ def draw_events(rng, item, n_people, n_events, inverse):
                                                           if k not in ("together", "diff")}
     kind = pick(rng, weights)
     roles = rng.sample(live, 2) if kind in ("together", "diff") else [rng.choice(live)]
-    return events, new_event(rng, kind, roles, item)
+    # a question may name nobody when the people it asks about hold every one of the story's item (nobody
+    # outside the story was given any): "How many pears are there now?", "... in all?"
+    outside = any(e["kind"] == "give" and e["roles"][1] == n_people for e in events)
+    anon = not outside and len(live) == len(roles)
+    return events, new_event(rng, kind, roles, item, anon=anon)
 
 
 def touches(event):
@@ -551,8 +607,114 @@ def draw_recipe(rng, steps_hint):
         events.insert(rng.randint(0, len(events)), new_event(rng, "noise", [rng.randint(0, n_people + 1)], item))
     return {"tense": rng.randint(0, 1), "item": item, "other": rng.choice([i for i in ITEMS if i != item]),
             "box": rng.randrange(len(CONTAINERS)), "she": [rng.random() < 0.5 for _ in range(n_people + 2)],
-            "events": events, "order": sentence_order(rng, events, n_people), "question": question,
-            "qfirst": question["kind"] in ("count", "together", "diff", "first") and rng.random() < 0.1}
+            "events": events, "order": sentence_order(rng, events, n_people), "question": question}
+
+
+def structure(rng, recipe):
+    """A recipe's sentence structure, drawn from the training ones: where its question goes and which sentences
+    are joined (a recipe that has one keeps it)."""
+    if "place" in recipe:
+        return recipe
+    recipe = {**recipe, "request": rng.randrange(len(REQUESTS)), "joins": [None] * (len(recipe["events"]) - 1),
+              "elide": [False] * (len(recipe["events"]) - 1)}
+    places = [p for p in PLACEMENT_WEIGHTS if placement_fits(p, recipe)]
+    place = rng.choices(places, [PLACEMENT_WEIGHTS[p] for p in places])[0]
+    if place == "if":  # one clause tells the whole story: no joins, and the present tense ("If Mia has ...")
+        return {**recipe, "place": place, "tense": 0}
+    return add_joins(rng, {**recipe, "place": place})
+
+
+def placement_fits(place, recipe):
+    """Whether a recipe's question can go there: before the story or around it only when it is one question
+    sentence (not "Mia shares ... How many ...?"), as a conditional only in a short story, in a request only when
+    the question has an indirect form."""
+    question = recipe["question"]
+    if place == "last":
+        return True
+    if place == "request":
+        return indirect(frame_of(question)[0].text) is not None
+    alone = question["kind"] in ("count", "together", "diff", "first")
+    # a condition lists its clauses with commas: none may hold a comma of its own ("At first, Mia has ...")
+    return alone and (place == "first" or len(recipe["events"]) <= MAX_IF_EVENTS and
+                      not any(", " in frame_of(e)[0].text for e in recipe["events"]))
+
+
+def indirect(text):
+    """A question frame as the object of a request ("How many {item} does {P} have now?" -> "how many {item} {P}
+    has now"), or None when it has none."""
+    m = re.fullmatch(r"How many ((?:more |fewer )?\{item\}) (does|do|did) (.+?) (have|start|end)(.*)\?", text)
+    if m:
+        verb = {("does", "have"): "has", ("does", "end"): "ends", ("do", "have"): "have", ("did", "have"): "had",
+                ("did", "start"): "started"}[m[2], m[4]]
+        return f"how many {m[1]} {m[3]} {verb}{m[5]}"
+    m = re.fullmatch(r"How many \{item\} (are|were) there(.*)\?", text)
+    return f"how many {{item}} there {m[1]}{m[2]}" if m else None
+
+
+def join_fits(join, a, b):
+    """Whether events a then b (consecutive in sentence order) can be told as one sentence with this join."""
+    if join is JOINS[RELATIVE]:  # "Mia gives 5 pears to Tom, who already has 12 pears."
+        return a["kind"] == "has" and b["kind"] == "give" and b["roles"][1] == a["roles"][0] and \
+            frame_of(b)[0].text.endswith("{Q}.")
+    text_a, text_b = frame_of(a)[0].text, frame_of(b)[0].text
+    # "..., and each box holds 5 pears, and ..." and "..., and at first, Tom has ..." do not read
+    if ", and " in text_a + text_b or text_b.startswith("At first"):
+        return False
+    if join.change and (b["kind"] not in CHANGES or a["kind"] == "noise"):
+        return False
+    # "After for 3 more days, ..." does not read: a fronted clause starts with its subject
+    return not join.after or (a["kind"] in CHANGES and not text_a.startswith("For "))
+
+
+def may_elide(a, b):
+    """Whether b's clause may leave out its subject after a's: both start with the same person as subject."""
+    text_a, text_b = frame_of(a)[0].text, frame_of(b)[0].text
+    role, slot = subject_slot(a)
+    return text_b.startswith("{P} ") and text_a.startswith(slot + " ") and slot in ("{P}", "{Q}") and \
+        role == b["roles"][0]
+
+
+def set_join(rng, recipe, k, j):
+    """The recipe with sentences k and k+1 (of its order) told as one by join j (and the joins next to it undone:
+    a sentence is in one join at most)."""
+    joins, elide = list(recipe["joins"]), list(recipe["elide"])
+    for n in (k - 1, k + 1):
+        if 0 <= n < len(joins):
+            joins[n], elide[n] = None, False
+    a, b = (recipe["events"][i] for i in recipe["order"][k:k + 2])
+    joins[k] = j
+    elide[k] = JOINS[j].elided is not None and may_elide(a, b) and rng.random() < 0.7
+    return {**recipe, "joins": joins, "elide": elide}
+
+
+def add_joins(rng, recipe, rate=0.4):
+    """Some pairs of consecutive sentences joined into one, by training joins."""
+    events, order = list(recipe["events"]), list(recipe["order"])
+    # a receiver's first count may wait for the giving when nothing told in between is about the receiver: it is
+    # then told inside it, and the giving in a frame that ends with the receiver ("... to Tom, who already has 12
+    # pears.")
+    for m, i in enumerate(order):
+        receiver = events[i]["roles"][-1]
+        if events[i]["kind"] == "give":
+            k = next((k for k in range(m) if events[order[k]]["kind"] == "has"
+                      and events[order[k]]["roles"] == [receiver]), None)
+            if k is not None and not any(receiver in touches(events[j]) for j in order[k + 1:m]):
+                order.insert(m - 1, order.pop(k))
+                patterns = [p for p, f in pattern_choices("give", recipe["item"], False) if f.text.endswith("{Q}.")]
+                events[i] = {**events[i], "pattern": list(rng.choice(patterns))}
+    recipe = {**recipe, "events": events, "order": order}
+    k = 0
+    while k < len(order) - 1:
+        a, b = events[order[k]], events[order[k + 1]]
+        options = [j for j, join in enumerate(JOINS) if not join.held and join_fits(join, a, b)]
+        # the relative join fits few pairs: it takes most of them
+        relative = RELATIVE in options and rng.random() < 0.8
+        if relative or options and rng.random() < rate:
+            recipe = set_join(rng, recipe, k, RELATIVE if relative else rng.choice(options))
+            k += 2
+        else:
+            k += 1
+    return recipe
 
 
 class Redraw(Exception):
@@ -725,9 +887,11 @@ def work(recipe, names, people, rng):
     return target, numbers
 
 
-def sentence(event, nums, names, recipe, people, pronoun):
-    """One event (or the question) in words."""
+def sentence(event, nums, names, recipe, people, pronoun, start=True, conn=True, elide=False, text=None):
+    """One event (or the question) in words: a sentence, or with start=False a clause inside one (its first word in
+    lower case unless a slot); elide leaves out the subject, text replaces the frame's text (a request's form)."""
     frame, verb = frame_of(event)
+    template = text or frame.text
     tense = recipe["tense"]
     roles = event["roles"]
     P, Q = roles[0], roles[-1]
@@ -739,52 +903,98 @@ def sentence(event, nums, names, recipe, people, pronoun):
     fields = {w: forms[tense] for w, forms in TENSE.items()}
     fields.update(item=recipe["item"], other=recipe["other"], box=box, boxes=boxes, home=person["home"],
                   a_job=an(person["job"]), P=("she" if she else "he") if pronoun else names[P],
-                  p=("her" if she else "his") if pronoun or 0 <= frame.text.find("{P}") < frame.text.find("{p}")
+                  p=("her" if she else "his") if pronoun or 0 <= template.find("{P}") < template.find("{p}")
                   else names[P] + "'s", Q=names[Q], q=names[Q] + "'s",
                   v=(verb.now, verb.past)[tense] if verb else "")
     for slot, value in nums.items():
         fields[slot] = number(value, slot in event["words"])
-    text = frame.text.format(**fields)
-    if event["conn"] and frame.text.startswith("{") and event["kind"] in MUTATIONS:
+    text = template.format(**fields)
+    if elide:  # the frame starts with "{P} ", a one-word name or pronoun
+        text = text.split(" ", 1)[1]
+    elif conn and event["conn"] and template.startswith("{") and event["kind"] in MUTATIONS:
         text = event["conn"] + text
-    return text[0].upper() + text[1:]
+    if start:
+        return text[0].upper() + text[1:]
+    return text if template.startswith("{") else text[0].lower() + text[1:]
 
 
 def subject_slot(event):
-    """Which person a sentence starts with (its first person slot), and whether a pronoun may stand there."""
+    """Which person a sentence starts with and its first person slot ("{P}", "{p}", "{Q}", "{q}"; a pronoun may
+    stand in the first two), or (None, None)."""
     text = frame_of(event)[0].text
     hits = [(text.find(s), s) for s in ("{P}", "{p}", "{Q}", "{q}") if s in text]
     if not hits:
-        return None, False
+        return None, None
     slot = min(hits)[1]
     roles = event["roles"]
-    role = roles[0] if slot in ("{P}", "{p}") else roles[-1]
-    return role, slot in ("{P}", "{p}")
+    return (roles[0] if slot in ("{P}", "{p}") else roles[-1]), slot
 
 
 def tell(recipe, names, people, rng, fits=None):
     """The problem a recipe tells with these names (one per role) and freshly drawn numbers (Redraw, Unfit; Unfit
-    too when fits(graph) says no: a graph's shape and steps do not depend on the numbers)."""
+    too when fits(graph) says no: a graph's shape and steps do not depend on the numbers), in the recipe's sentence
+    structure (drawn here when it has none: Problem.recipe keeps it, so that a retelling has the same)."""
     target, numbers = work(recipe, names, people, rng)
     if fits and not fits(target):
         raise Unfit
+    recipe = structure(rng, recipe)  # only now: most drawn recipes do not fit, and the structure takes time
     events, question = recipe["events"], recipe["question"]
-    position = {i: k for k, i in enumerate(recipe["order"])}
+    order, joins, place, q = recipe["order"], recipe["joins"], recipe["place"], len(events)
+    position = {i: k for k, i in enumerate(order)}
     used = {r for e in events + [question] for r in e["roles"]}
     she = recipe["she"]
-    texts, last = [], None
-    for i in ([] if not recipe["qfirst"] else [len(events)]) + recipe["order"] + (
-            [] if recipe["qfirst"] else [len(events)]):
-        e = question if i == len(events) else events[i]
-        role, may = subject_slot(e)
-        alone = sum(she[r] == she[role] for r in used) == 1 if role is not None else False
-        texts.append(sentence(e, numbers[i], names, recipe, people, may and e["pron"] and alone and role == last))
+    last = None
+
+    def say(i, start=True, conn=True, elide=False, text=None):
+        """Event i (q: the question) in words; a pronoun for its subject when the clause told before it was about
+        the same person and nobody else in the story shares the gender."""
+        nonlocal last
+        e = question if i == q else events[i]
+        role, slot = subject_slot(e)
+        alone = role is not None and sum(she[r] == she[role] for r in used) == 1
+        pronoun = slot in ("{P}", "{p}") and e["pron"] and alone and role == last
         last = role
+        return sentence(e, numbers[i], names, recipe, people, pronoun, start, conn, elide, text)
+
+    if place in ("if", "ask_if"):  # the story as one condition: "If A, B and C, how many ...?"
+        head = say(q)[:-1] if place == "ask_if" else None
+        clauses = [say(i, False, False, k > 0 and may_elide(events[order[k - 1]], events[i]))[:-1]
+                   for k, i in enumerate(order)]
+        story = ", ".join(clauses[:-1]) + " and " * (len(clauses) > 1) + clauses[-1]
+        text = f"If {story}, {say(q, start=False)}" if place == "if" else f"{head} if {story}?"
+    else:
+        parts = [say(q)] if place == "first" else []
+        k = 0
+        while k < len(order):
+            j = joins[k] if k < len(joins) else None
+            if j is None:
+                parts.append(say(order[k]))
+                k += 1
+                continue
+            a, b = order[k:k + 2]
+            if j == RELATIVE:  # b gives to the person a introduces
+                n = number(numbers[a]["n"], "n" in events[a]["words"])
+                s = JOINS[j].text.format(A=say(b)[:-1], has=TENSE["has"][recipe["tense"]], n=n, item=recipe["item"])
+            else:
+                lead = JOINS[j].text.startswith("{A}")
+                A = say(a, start=lead, conn=lead)[:-1]
+                B = say(b, start=False, conn=False, elide=recipe["elide"][k])[:-1]
+                s = (JOINS[j].elided if recipe["elide"][k] else JOINS[j].text).format(A=A, B=B)
+            parts.append(s[0].upper() + s[1:])
+            k += 2
+        if place == "last":
+            parts.append(say(q))
+        elif place == "request":
+            ask = say(q, start=False, text=indirect(frame_of(question)[0].text))
+            s = REQUESTS[recipe["request"]].text.format(I=ask)
+            parts.append(s[0].upper() + s[1:])
+        text = " ".join(parts)
     goal = GOALS[question["kind"]].format(P=names[question["roles"][0]], Q=names[question["roles"][-1]],
                                           item=recipe["item"], **numbers[len(events)])
     answer = solution(goal, target, lambda at: (position.get(at[0], len(events)),) + at[1:])
-    patterns = {tuple(e["pattern"]) for e in events + [question]}
-    return Problem(" ".join(texts), answer, len(steps_of(target)), shape(target), patterns, recipe)
+    patterns = {tuple(e["pattern"]) for e in events + [question]} | {("join", j) for j in joins if j is not None}
+    patterns.add(("place", place))
+    return Problem(text, answer, len(steps_of(target)), shape(target), patterns, recipe)
 
 
 def draw_names(rng, she):
@@ -806,6 +1016,7 @@ def retell(recipe, people, rng, tries=50, fits=None):
 
 def with_heldout_pattern(rng, recipe):
     """The recipe with one event (or the question) told in a held-out pattern; None if none has one."""
+    recipe = structure(rng, recipe)
     slots = list(range(len(recipe["events"]) + 1))
     rng.shuffle(slots)
     for i in slots:
@@ -813,8 +1024,35 @@ def with_heldout_pattern(rng, recipe):
         new = new_event(rng, old["kind"], old["roles"], recipe["item"], heldout=True)
         if new is not None:
             events = [new if j == i else e for j, e in enumerate(recipe["events"])]
-            return {**recipe, "events": events, "question": new if i == len(events) else recipe["question"]}
+            # every sentence told alone, the question before or after the story: a held frame is seen whole
+            return {**recipe, "events": events, "question": new if i == len(events) else recipe["question"],
+                    "joins": [None] * len(recipe["joins"]), "elide": [False] * len(recipe["elide"]),
+                    "place": recipe["place"] if recipe["place"] in ("last", "first") else "last"}
     return None
+
+
+def with_heldout_join(rng, recipe):
+    """The recipe with two sentences joined by a held-out join; None if no pair fits one."""
+    recipe = structure(rng, recipe)
+    if recipe["place"] == "if":
+        recipe = {**recipe, "place": "last"}
+    events, order = recipe["events"], recipe["order"]
+    spots = [(k, j) for k in range(len(order) - 1) for j, join in enumerate(JOINS)
+             if join.held and join_fits(join, events[order[k]], events[order[k + 1]])]
+    return set_join(rng, recipe, *rng.choice(spots)) if spots else None
+
+
+def with_heldout_placement(rng, recipe):
+    """The recipe with its question in the held-out placement; None if it does not fit there."""
+    recipe = structure(rng, recipe)
+    if not placement_fits(HELD_PLACEMENT, recipe):
+        return None
+    return {**recipe, "place": HELD_PLACEMENT, "tense": 0, "joins": [None] * len(recipe["joins"]),
+            "elide": [False] * len(recipe["elide"])}
+
+
+HELD_OUT = {"join": (with_heldout_join, 4), "placement": (with_heldout_placement, 3),
+            "clause": (with_heldout_pattern, 3)}  # what a phrasing problem holds out: mostly structures
 
 
 def math_problem(rng, people, slice_, steps=0):
@@ -824,10 +1062,14 @@ def math_problem(rng, people, slice_, steps=0):
         n = len(steps_of(target))
         return (n == steps if steps else n <= MAX_STEPS and rng.random() < KEEP_STEPS[n]) and \
             heldout_shape(shape(target)) == (slice_ == "composition")
+    # what a phrasing problem holds out is drawn once: redrawing it with the recipe would favour what fits most.
+    # The held join needs two changes of a count, more than a 1-step story has.
+    holds = {k: w for k, (_, w) in HELD_OUT.items() if not (k == "join" and steps == 1)}
+    hold = HELD_OUT[pick(rng, holds)][0] if slice_ == "phrasing" else None
     while True:
         recipe = draw_recipe(rng, steps or rng.choice([2, 3, 4, 5, 5]))
-        if slice_ == "phrasing":
-            recipe = with_heldout_pattern(rng, recipe)
+        if hold:
+            recipe = hold(rng, recipe)
             if recipe is None:
                 continue
         try:

@@ -28,7 +28,8 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b
 UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
         "seventeen eighteen nineteen".split()
 DECADES = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-NUMBER = re.compile(r"\b(\d+|(?:%s)(?:-(?:%s))?|%s)\b" % ("|".join(DECADES), "|".join(UNITS[1:10]), "|".join(UNITS)),
+BELOW_100 = r"(?:%s)(?:-(?:%s))?|%s" % ("|".join(DECADES), "|".join(UNITS[1:10]), "|".join(UNITS))
+NUMBER = re.compile(r"\b(\d+|(?:%s) hundred(?: and (?:%s))?|%s)\b" % ("|".join(UNITS[1:10]), BELOW_100, BELOW_100),
                     re.IGNORECASE)
 
 
@@ -38,11 +39,14 @@ def read(path):
 
 
 def number_value(token):
-    """An integer written in digits or in words below 100 ("forty-two")."""
+    """An integer written in digits or in words below 1000 ("forty-two", "three hundred and five")."""
     if token.isdigit():
         return int(token)
-    tens, _, unit = token.lower().partition("-")
     token = token.lower()
+    if " hundred" in token:
+        hundreds, _, rest = token.partition(" hundred")
+        return 100 * UNITS.index(hundreds) + (number_value(rest[len(" and "):]) if rest else 0)
+    tens, _, unit = token.partition("-")
     if tens in DECADES:
         return 10 * (DECADES.index(tens) + 2) + (UNITS.index(unit) if unit else 0)
     return UNITS.index(token)
@@ -190,6 +194,37 @@ def test_problems_hold_on_many_draws():
         assert calculate(m[1]) == int(m[2])
 
 
+def test_sentence_structures():
+    """Training stories use every training join and question placement, questions that name nobody and numbers in
+    words past 100, worked right; they never use a held-out structure, and every phrasing problem holds one out."""
+    people, _ = tinyworld.world(0)
+    rng = random.Random(2)
+    train = [tinyworld.math_problem(rng, people, "train") for _ in range(800)]
+    for p in train:
+        check_problem({"question": p.question, "answer": p.answer, "level": p.steps}, p.steps)
+    used = set().union(*(p.patterns for p in train))
+    held_joins = {("join", j) for j, join in enumerate(tinyworld.JOINS) if join.held}
+    assert {("join", j) for j in range(len(tinyworld.JOINS))} - used == held_joins
+    assert {("place", p) for p in tinyworld.PLACEMENTS} - used == {("place", tinyworld.HELD_PLACEMENT)}
+    questions = [p.question for p in train]
+    assert any(re.search(r"\b(?:\w+) and then (?:buys|gives|gets|loses|finds|sells|eats) ", q) for q in questions)
+    assert any(re.search(r"\bwho already (?:has|had) ", q) for q in questions)
+    assert any(re.fullmatch(r"If [^.?]+, how many [^.?]+\?", q) for q in questions)
+    assert any(re.match(r"How many [^.?]+\? [A-Z]", q) for q in questions)  # the question first
+    assert any(re.search(r"\. (?:Tell me|Please find out) how many [^.?]+\.$", q) for q in questions)
+    assert any(re.search(r"How many \w+ are there (?:now|in the end|in all|altogether)\?", q) for q in questions)
+    assert any(re.search(r"\b[a-z]+ hundred(?: and [a-z-]+)? ", q) for q in questions)
+    structures = 0
+    for i in range(60):
+        p = tinyworld.math_problem(rng, people, "phrasing", 1 + i % 5)
+        check_problem({"question": p.question, "answer": p.answer, "level": p.steps}, p.steps)
+        structure = bool(p.patterns & held_joins) or ("place", tinyworld.HELD_PLACEMENT) in p.patterns
+        assert structure or any(tinyworld.is_heldout_pattern(x) for x in p.patterns
+                                if x[0] in {**tinyworld.FRAMES, **tinyworld.QUESTIONS})
+        structures += structure
+    assert structures >= 30  # the phrasing slice mostly tests held-out structures
+
+
 def test_composition_and_length_are_held_out():
     """No training problem has a held-out shape or as many steps as the length slice; every composition problem
     has a held-out shape (seen from the graphs the generator worked out)."""
@@ -234,6 +269,12 @@ def heldout_regexes():
     out += [re.compile(r"\b" + re.escape(f.text.rstrip("?.!")) + r"\b", re.IGNORECASE)
             for f in tinyworld.IDENTITY_QUESTIONS + [f for fs, _ in tinyworld.SMALLTALK.values() for f in fs]
             if f.held]
+    # the held-out sentence structures: the fronted "After A, B." (training has only "After that, ..." and "After
+    # all that, ..."), and the question asked before the story's clauses as its condition ("How many ... if ...?")
+    assert [j.text for j in tinyworld.JOINS if j.held] == ["After {A}, {B}."]
+    assert tinyworld.HELD_PLACEMENT == "ask_if" and tinyworld.HELD_PLACEMENT not in tinyworld.PLACEMENT_WEIGHTS
+    out += [re.compile(r"\bAfter (?!that\b|all that\b)"),
+            re.compile(r"(?m)^(?:Altogether, how|How|What)\b[^.?\n]* if ")]
     return out
 
 
@@ -244,6 +285,10 @@ def test_heldout_phrasings_are_in_no_training_file(world):
     for r in regexes:
         m = r.search(training)
         assert not m, (r.pattern, training[max(0, m.start() - 80):m.end() + 20])
+    # the training structures are there: the question first, as a conditional, in a request; joined sentences
+    for needle in (r"\? [A-Z][a-z]+ (?:has|had|owns|keeps|collects) ", r"(?m)^If [^.?\n]+, how many ",
+                   r"\. Tell me how many ", r", who already ha[sd] ", r"; later, "):
+        assert re.search(needle, training), needle
     # ... while every phrasing problem, arithmetic item and chat probe has one
     test = read(os.path.join(world, "math_test.jsonl"))
     probes = read(os.path.join(world, "chat_probe_test.jsonl"))
