@@ -11,8 +11,11 @@ from conftest import REPO
 def speedrun(base_dir, stop_at=None):
     """Run `PRESET=smoke bash speedrun.sh`; with stop_at, interrupt it (SIGINT, like Ctrl-C) when that line shows."""
     env = dict(os.environ, PICOCHAT_DIR=str(base_dir), PRESET="smoke", OMP_NUM_THREADS="1")
+    # SIGINT at its default in the run: a suite started in the background (`cmd &`) passes SIGINT down ignored,
+    # and a shell that starts with a signal ignored can never be interrupted by it
     proc = subprocess.Popen(["bash", "speedrun.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out = ""
     for line in proc.stdout:
         out += line
