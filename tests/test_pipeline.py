@@ -20,17 +20,7 @@ def speedrun(base_dir, stop_at=None):
     for line in proc.stdout:
         out += line
         if stop_at and line.startswith(stop_at):
-            # Ctrl-C, again until it stops, as a user would: a SIGINT that lands between bash's fork and the stage's
-            # exec is lost in the child, and bash, seeing the stage exit normally, carries on (seen once in CI)
-            while proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGINT)
-                except ProcessLookupError:  # the group ended between the poll and the signal
-                    break
-                try:
-                    proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    pass
+            os.killpg(proc.pid, signal.SIGINT)
             break
     proc.wait(timeout=600)
     return proc.returncode, out
