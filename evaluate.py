@@ -140,13 +140,12 @@ def mc_loglik_choices(model, tokenizer, items, autocast_ctx, rows_per_batch=16, 
     for i, item in enumerate(items):
         if chat:
             context = tokenizer.render_for_completion([{"role": "user", "content": item["question"]}])
+            candidates = [context + tokenizer.encode(choice) for choice in item["choices"]]
         else:
             context = tokenizer.encode(item["question"], prepend=tokenizer.bos_id)
-        for choice in item["choices"]:
-            if chat:
-                ids = context + tokenizer.encode(choice)
-            else:
-                ids = tokenizer.encode(item["question"] + " " + choice, prepend=tokenizer.bos_id)
+            candidates = [tokenizer.encode(item["question"] + " " + choice, prepend=tokenizer.bos_id)
+                          for choice in item["choices"]]
+        for ids in candidates:
             # compare tokens, not text: where the question's last token merges with the choice, it counts as
             # part of the continuation
             start = next((j for j, (a, b) in enumerate(zip(context, ids)) if a != b), len(context))

@@ -44,7 +44,7 @@ import common
 from common import print0
 from data import load_conversations
 from data.grade import grade, pass_rates, sample_groups
-from data.loader import Row, collate, make_row, math_items, step_indices, token_logprobs
+from data.loader import collate, make_row, math_items, step_indices, token_logprobs
 from model import Engine, lora_disabled, merge_lora
 
 # -----------------------------------------------------------------------------
@@ -396,7 +396,7 @@ if __name__ == "__main__":
         for i in idx:
             try:
                 ids, mask = tokenizer.render_conversation(ptx_convs[i], max_len=model.config.sequence_len)
-                rows.append(Row(ids[:-1], ids[1:], mask[1:]))
+                rows.append(make_row(ids[:1], ids[1:], mask[1:]))
             except ValueError:
                 rows.append(make_row([tokenizer.bos_id], [tokenizer.bos_id], [0]))
         tokens = common.all_sum({"tokens": sum(sum(r.trained) for r in rows)}, device)["tokens"]

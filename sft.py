@@ -410,7 +410,8 @@ if __name__ == "__main__":
         for a in range(grad_accum_steps):
             x, y = to_batch(mine[a * device_batch_size:(a + 1) * device_batch_size])
             with autocast_ctx:
-                loss = train_model(x, y, loss_reduction="none").sum() / max(n_train, 1)  # this rank's share of the mean
+                # this rank's share of the mean
+                loss = train_model(x, y, loss_reduction="none").sum() / max(n_train, 1)
             (loss * world_size).backward()  # the optimisers average over ranks; undo that for a sum over ranks
             loss_sum += loss.detach()
         totals = common.all_sum({"loss": loss_sum, "gradient": common.largest_grad(model)}, device)
