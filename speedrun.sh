@@ -72,8 +72,11 @@ case "$PRESET" in
     SHARDS="${SHARDS:-240}"                   # training shards of the corpus; its last shard is the validation one
     VOCAB_SIZE="${VOCAB_SIZE:-65536}"
     SEQ_LEN="${SEQ_LEN:-2048}"
-    DEVICE_BATCH="${DEVICE_BATCH:-32}"        # rows per process per micro-step, pretraining
-    SFT_DEVICE_BATCH="${SFT_DEVICE_BATCH:-16}"
+    # rows per process per micro-step. Measured on an H200 (tests/gpu_checks.sh): a depth-20 step at 16 rows of 2048
+    # tokens peaks at 85 GiB (the fp32 logits of a 65,536-token vocabulary and their softcap dominate), so 32 rows
+    # do not fit even its 141 GB and 16 do not fit an 80 GB H100; 8 rows need about 47 GiB
+    DEVICE_BATCH="${DEVICE_BATCH:-8}"         # pretraining
+    SFT_DEVICE_BATCH="${SFT_DEVICE_BATCH:-8}"
     TOTAL_BATCH="${TOTAL_BATCH:-524288}"      # tokens per optimisation step, pretraining and sft
     DATA_RATIO="${DATA_RATIO:-20}"            # pretraining tokens per parameter (Chinchilla)
     EVAL_TOKENS="${EVAL_TOKENS:-10485760}"    # held-out tokens per bits-per-byte evaluation

@@ -3,12 +3,16 @@ Training-step throughput of model.py against the machine's matmul peak (fp32 and
 
     python tests/bench_pretrain.py                      # depth 6, head_dim 64, T 512, batch 8, vocab 4096
     python tests/bench_pretrain.py --steps=10 --threads=2 --compile=1
+    python tests/bench_pretrain.py --device=cuda --depth=20 --max_seq_len=2048 --device_batch_size=16 \
+        --total_batch_size=32768 --vocab_size=65536 --compile=1 --kernels=1   # a GPU: bf16 only, against its peak
 
 One step = forward + backward over total_batch_size / (device_batch_size * max_seq_len) micro-batches, then AdamW +
 Muon, as pretrain.py runs it (its default total_batch_size 8192 = 2 micro-batches of 8 x 512; pass
 --total_batch_size=4096 for the worst case of an optimiser step per micro-batch).
 The last line is one JSON object: tok_s_bf16, tok_s_fp32, peak_gflops_*, mfu_* (flops/token x tok/s / peak).
 Timings on a shared machine are noisy: every figure is the best of `repeats` timed windows; the median is printed.
+On a GPU the peak is an 8192^3 matmul (fp32 as torch runs it by default, i.e. without TF32), timings synchronise
+the device, and dtypes "auto" is bf16 alone (autocast, as pretrain.py trains there).
 """
 import json
 import os
@@ -21,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import kernels as triton_kernels  # noqa: E402
 from model import GPT, config_from_depth  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -32,7 +37,9 @@ steps = 1           # timed optimisation steps per window (after 1 warm-up step)
 repeats = 3         # timed windows; best and median reported
 threads = 2
 compile = 0         # torch.compile the model (inductor, CPU C++ codegen)
-dtypes = "auto"      # "auto": float32, plus bfloat16 where the CPU has native bf16 (AMX / AVX512-BF16)
+dtypes = "auto"      # "auto": float32, plus bfloat16 where the CPU has native bf16 (AMX / AVX512-BF16); cuda: bf16
+device = "cpu"       # or cuda
+kernels = 0          # the Triton kernels of kernels/ (pretrain.py --kernels=1; CUDA only)
 for arg in sys.argv[1:]:
     key, value = arg.removeprefix("--").split("=")
     if key not in globals() or key.startswith("_"):
@@ -43,16 +50,25 @@ for arg in sys.argv[1:]:
 # Matmul peak: large square matmuls, the best a GEMM gets out of these cores
 
 
+def sync():
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def matmul_peak(dtype, n=2048, reps=3):
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if device == "cuda":
+        n, reps = 8192, 10
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     if dtype == torch.bfloat16 and not common.cpu_has_fast_bf16():
         n = 512  # emulated bf16 (no AMX / AVX512-BF16) runs at a few GFLOP/s: a smaller size measures the same
         a, b = a[:n, :n].contiguous(), b[:n, :n].contiguous()
     a @ b
+    sync()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
 
@@ -62,15 +78,17 @@ def matmul_peak(dtype, n=2048, reps=3):
 
 def train_throughput(dtype):
     torch.manual_seed(0)
-    model = GPT(config_from_depth(depth, vocab_size, max_seq_len, head_dim=head_dim))
+    triton_kernels.enable(kernels)  # impl="auto" in the model then picks Triton on CUDA, as in pretrain.py
+    model = GPT(config_from_depth(depth, vocab_size, max_seq_len, head_dim=head_dim, use_kernels=bool(kernels)))
+    model = model.to(device)
     model.init_weights()
     adamw, muon = model.setup_optimizers()
     train_model = torch.compile(model, dynamic=False) if compile else model
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    ctx = torch.autocast(device, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
     if total_batch_size % (device_batch_size * max_seq_len):
         raise SystemExit("error: total_batch_size must be a multiple of device_batch_size * max_seq_len")
     grad_accum = total_batch_size // (device_batch_size * max_seq_len)
-    data = torch.randint(0, vocab_size, (grad_accum, device_batch_size, max_seq_len + 1))
+    data = torch.randint(0, vocab_size, (grad_accum, device_batch_size, max_seq_len + 1), device=device)
 
     def step():
         for micro in data:
@@ -83,12 +101,14 @@ def train_throughput(dtype):
 
     t0 = time.perf_counter()
     step()
+    sync()
     first = time.perf_counter() - t0  # includes compilation when compile=1
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        sync()
         rates.append(steps * total_batch_size / (time.perf_counter() - t0))
     return max(rates), statistics.median(rates), first, model.estimate_flops()
 
@@ -98,11 +118,16 @@ def train_throughput(dtype):
 
 if __name__ == "__main__":
     torch.set_num_threads(threads)
+    if device == "cuda":
+        print(f"gpu {torch.cuda.get_device_name()} | torch {torch.__version__} | cuda "
+              f"{torch.version.cuda} | compile {compile} | kernels {kernels}")
     print(f"cpu {common.cpu_name()} | native bf16 {common.cpu_has_fast_bf16()} | torch {torch.__version__} | "
           f"{threads} threads | cpu capability {torch.backends.cpu.get_cpu_capability()} | compile {compile} | "
           f"load average {os.getloadavg()[0]:.1f}")
     result, peaks = {"cpu": common.cpu_name(), "native_bf16": common.cpu_has_fast_bf16(),
                      "loadavg_before": round(os.getloadavg()[0], 1)}, {}
+    if device == "cuda":
+        result.update(gpu=torch.cuda.get_device_name(), compile=compile, kernels=kernels, depth=depth)
     for name in ("float32", "bfloat16"):
         peaks[name] = matmul_peak(getattr(torch, name))
         print(f"matmul peak {name}: {peaks[name]:.1f} GFLOP/s")
@@ -110,7 +135,7 @@ if __name__ == "__main__":
     if dtypes == "auto":
         # without native bf16, oneDNN emulates bf16 GEMMs (~1-4 GFLOP/s on a 2-core AVX2 EPYC): one bf16 step
         # would take many minutes, so it is skipped (null in the JSON) unless asked for with --dtypes
-        dtypes = "float32,bfloat16" if common.cpu_has_fast_bf16() else "float32"
+        dtypes = "bfloat16" if device == "cuda" else "float32,bfloat16" if common.cpu_has_fast_bf16() else "float32"
         print(f"dtypes: {dtypes}")
     for name in ("float32", "bfloat16"):
         if name not in dtypes.split(","):
@@ -120,6 +145,9 @@ if __name__ == "__main__":
         tok_s[name] = best
         print(f"train step {name}: best {best:.0f} tok/s, median {median:.0f} tok/s, first step {first:.1f} s, "
               f"{flops / 1e6:.1f} MFLOP/token -> {flops * best / 1e9:.1f} GFLOP/s")
+        if device == "cuda":
+            result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            print(f"peak GPU memory: {result['peak_memory_gib']} GiB")
     flops = GPT(config_from_depth(depth, vocab_size, max_seq_len, head_dim=head_dim)).estimate_flops()
     names = {"bf16": "bfloat16", "fp32": "float32"}
     for short, name in names.items():

@@ -7,13 +7,17 @@ import os
 import shutil
 import subprocess
 
+import torch
+
 from conftest import REPO
 
 TOY = {  # the preset's size variables (speedrun.sh), at toy values
     "DEPTH": "1", "SHARDS": "2", "VOCAB_SIZE": "512", "SEQ_LEN": "256", "DEVICE_BATCH": "2", "SFT_DEVICE_BATCH": "2",
     "TOTAL_BATCH": "1024", "DATA_RATIO": "0.02", "EVAL_TOKENS": "4096", "SFT_EPOCHS": "0.002", "RL_STEPS": "2",
-    "RL_PROMPTS": "2", "NEW_TOKENS": "24", "NPROC": "2",
+    "RL_PROMPTS": "2", "NEW_TOKENS": "24",
 }
+# 2 processes: gloo on CPU, NCCL where there are 2+ GPUs; a machine with one GPU runs the one process it can
+NPROC = 1 if torch.cuda.device_count() == 1 else 2
 
 
 def read_json(base, *path):
@@ -26,7 +30,7 @@ def test_gpu_preset_runs_end_to_end_at_toy_size(hub, tmp_base_dir, _prepared_wor
     publish_recipe(hub)
     # the built-in chats sft mixes in, at toy size too (the preset would generate the full set on demand)
     shutil.copytree(os.path.join(_prepared_world, "data", "tinyworld"), os.path.join(tmp_base_dir, "data", "tinyworld"))
-    env = dict(os.environ, PICOCHAT_DIR=tmp_base_dir, PRESET="gpu", OMP_NUM_THREADS="1", **TOY)
+    env = dict(os.environ, PICOCHAT_DIR=tmp_base_dir, PRESET="gpu", OMP_NUM_THREADS="1", NPROC=str(NPROC), **TOY)
     r = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
@@ -43,8 +47,10 @@ def test_gpu_preset_runs_end_to_end_at_toy_size(hub, tmp_base_dir, _prepared_wor
     assert shards == {f"/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{i:05d}.parquet"
                       for i in (0, 1, 6542)}
 
-    # pretraining, sft and rl ran under torchrun as 2 gloo processes; sft trained on the downloaded chats, rl on GSM8K
-    assert out.count("device: cpu, 2 processes") == 3
+    # pretraining, sft and rl ran under torchrun (2 gloo processes on CPU); sft trained on the downloaded chats, rl on
+    # GSM8K
+    device = "cpu" if not torch.cuda.is_available() else "cuda:0"
+    assert out.count(f"device: {device}, {NPROC} processes") == 3
     base = read_json(tmp_base_dir, "report", "base.json")
     assert base["config"]["target_param_data_ratio"] == 0.02 and base["metrics"]["tokens"] > 0
     assert read_json(tmp_base_dir, "report", "sft.json")["config"]["num_epochs"] == 0.002
