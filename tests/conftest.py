@@ -3,8 +3,14 @@ import os
 import runpy
 import sys
 
-import pytest
-import torch
+# The suite is defined on the CPU (exact figures, gloo, the interpreter for Triton): on a machine with a GPU it is
+# hidden from the tests and from the stage scripts they start (CUDA reads this at its first use, after this line).
+# PICOCHAT_TEST_GPU=1 runs them on the GPU instead, as tests/gpu_checks.sh does.
+if os.environ.get("PICOCHAT_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")

@@ -31,9 +31,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
 part kernels 240 python3 tests/check_gpu.py
-# the two longest tests (whole pipelines) in a process of their own beside the rest, so that both finish in time;
+# the suite with the GPU visible (the default suite hides it: tests/conftest.py); the two longest tests (whole pipelines) in a process of their own beside the rest, so that both finish in time;
 # -v names every test as it ends: a part stopped at its limit still says which tests failed
-SUITE=(python3 -m pytest -v -rfE --tb=short --timeout=300 -p no:cacheprovider -W ignore)
+SUITE=(env PICOCHAT_TEST_GPU=1 python3 -m pytest -v -rfE --tb=short --timeout=300 -p no:cacheprovider -W ignore)
 TAIL=3 part suite_long 360 "${SUITE[@]}" -n 2 tests/test_pipeline.py tests/test_gpu_preset.py &
 TAIL=3 part suite 360 "${SUITE[@]}" -n 14 tests --ignore=tests/test_pipeline.py --ignore=tests/test_gpu_preset.py
 wait
