@@ -19,31 +19,36 @@ The world (world(seed)) is small and closed so that a tiny model sees every fact
 30 objects. Each person has a home, a job, a food they like, one object (with a color), a pet, a best friend and
 an age; each place a kind and a feature.
 
-Math word problems are stories made of events on people's counts of one item ("Mia has 5 apples", "she gives 3
-to Tom", "Tom has twice as many as Mia"); each event is one clause, and its clause is one surface pattern: a frame
-of its kind (FRAMES) with one of the kind's verbs. Two clauses may share a sentence, told by a join (JOINS: "A, and
-B.", "A and then B." with B's subject left out when it is A's, "A, then B.", "A; later, B.", "A before B.", a
-receiver's count as a relative clause "... to Tom, who already has 12 apples.", "After A, B."), and the question
-goes in one of PLACEMENTS: after the story, before it, as a conditional ("If Mia has 12 apples and buys 5 more, how
-many ...?"), in a request after it ("Tell me how many apples Mia has now."), or before the story's clauses as their
-condition ("How many apples does Mia have now if she has 12 and buys 5 more?"). The question asks for any
-person's count, two people's total or difference, a share, a number of groups, or, in stories that start from an
-unknown count, the count at first; where nobody else holds the item it may name nobody ("How many apples are
-there in all?"; the answer's first line still names whose count it follows). The
-value asked for is a computation graph over the story's numbers (1 to 6 steps of + - * /, chains and trees, whole
-non-negative results); its shape is that graph with the numbers left out, e.g. "((n*n)+n)". Stories also carry
-numbers to ignore (other people, other items, ages), numbers in words (up to 999), pronouns and varied sentence
-order; a story states each number once, and no value worked out equals one it states (so which number feeds which
-step is never ambiguous). The answer restates the question, then works the graph one step per line, in story order, each
-line restating its clause and calling the calculator in GSM8K's marks (data.math_conversation turns them into
-calculator calls for chat):
+Math word problems are stories made of events on people's counts of one item ("Mia has 5 apples", "she gives 3 to
+Tom", "Tom has twice as many as Mia", "she eats a third of them"), or on the count of a box that is nobody's ("There
+are 4 baskets with 6 pears in each. 5 pears are taken out of the basket."). A story about coins, the world's money,
+also earns at a rate ("Mia earns 5 coins an hour for 4 hours"), buys at a price ("she buys 3 pears at 2 coins
+each"), sells at a price and pays a price ("she pays 9 coins for a kite"). Each event is one clause, and its clause
+is one surface pattern: a frame of its kind (FRAMES) with one of the kind's verbs. Two clauses may share a sentence,
+told by a join (JOINS: "A, and B.", "A and then B." with B's subject left out when it is A's, "A, then B.", "A;
+later, B.", "A before B.", a receiver's count as a relative clause "... to Tom, who already has 12 apples.", "After
+A, B."), and the question goes in one of PLACEMENTS: after the story, before it, as a conditional ("If Mia has 12
+apples and buys 5 more, how many ...?"), in a request after it ("Tell me how many apples Mia has now."), or before
+the story's clauses as their condition ("How many apples does Mia have now if she has 12 and buys 5 more?"). The
+question asks for any person's count, two people's total or difference, everybody's total ("How many apples do they
+have altogether?"), how many more it takes to reach a number ("Mia wants 30 apples. How many more does she need?"),
+a share, a number of groups, how many things a person's coins buy, or, in stories that start from an unknown count,
+the count at first; where nobody else holds the item it may name nobody ("How many apples are there in all?"). The
+answer's first line restates what is asked: a question that names nobody gets a goal that names nobody ("Find the
+number of apples now."). The value asked for is a computation graph over the story's numbers (1 to 6 steps of + - *
+/, chains and trees, whole non-negative results); its shape is that graph with the numbers left out, e.g.
+"((n*n)+n)". Stories also carry numbers to ignore (other people, other items, ages), numbers in words (up to 999),
+pronouns and varied sentence order; a story states each number once, and no value worked out equals one it states
+(so which number feeds which step is never ambiguous). The answer restates the question, then works the graph one
+step per line, in story order, each line restating its clause and calling the calculator in GSM8K's marks
+(data.math_conversation turns them into calculator calls for chat):
     Find Mia's apples.
     Mia has 3 groups of 4: <<3*4=12>>12
     Mia gives 5 to Tom: <<12-5=7>>7
     #### 7
 
 Splits test generalisation, and nothing held out is in any training file (pretraining shards, chat_train,
-math_train, mc_train):
+math_train, mc_train; a held-out meaning only in pretraining stories):
     math_test "slice"  id           a math_train story re-told with new numbers and names (same patterns, shape)
                        phrasing     a held-out sentence structure (about a third each: two clauses joined by
                                     the held join, "After A, B."; the held placement, the question before the
@@ -52,6 +57,12 @@ math_train, mc_train):
                                     verb) pairs of heldout_pair); the shape a training one (HELD_OUT)
                        composition  a held-out shape (heldout_shape), every pattern a training one
                        length       6 steps; training problems have 1 to 5
+                       meaning      a story that tells a held-out event meaning (HELD_MEANINGS: selling at a
+                                    price, "Mia sells 4 pears for 3 coins each", which adds coins where training's
+                                    "sells" only loses items); training patterns and shapes. No training problem,
+                                    chat or worked pretraining problem tells it; pretraining tells it in stories
+                                    without a question, each change followed by the count it leaves
+                                    (doc_narrative), as a text meets a meaning before a test asks about it
                        arith        bare arithmetic asked in a held-out phrasing (ARITH_ASK, ARITH_WORDS)
     level = the number of steps (arith: of operations).
     chat_probe_test    identity, small talk and fact questions in held-out phrasings (probes_split); each row
@@ -64,10 +75,10 @@ math_train, mc_train):
 The pretraining train shards are also what SFT can mix in to keep the text model: data.pretrain_files("train").
 
 Pretraining documents: fact sheets, places, stories, dialogues, lists, arithmetic drills, quizzes (a question and
-its bare answer, the form a base model's multiple choice is scored in), worked problems and arithmetic asked in words
-("Question: ...\\nAnswer: ...", the base model's few-shot format). Chats: greetings and small talk, identity, fact
-questions in many phrasings, arithmetic in many phrasings (one calculator call on the translated expression), word
-problems.
+its bare answer, the form a base model's multiple choice is scored in), worked problems and arithmetic asked in
+words ("Question: ...\\nAnswer: ...", the base model's few-shot format), and stories of counts told without a
+question. Chats: greetings and small talk, identity, fact questions in many phrasings, arithmetic in many phrasings
+(one calculator call on the translated expression), word problems.
 """
 import collections
 import functools
@@ -542,7 +553,7 @@ INTROS = {"has": 5, "groups": 2, "rate": 1}
 QUESTION_KINDS = {"count": 6, "together": 2, "diff": 1, "share": 1, "pack": 1, "need": 1.5, "all": 1.5}
 # a story about the world's money also earns, buys, sells and pays (earning and selling may start a count too)
 MONEY_INTROS = {"has": 3, "earn": 3, "sell": 2}
-MONEY_MUTATIONS = {"earn": 3, "buy": 4, "sell": 3, "pay": 3}
+MONEY_MUTATIONS = {"earn": 3, "buy": 6, "sell": 3, "pay": 3}  # buying at a price fits few counts: drawn often
 MONEY_QUESTIONS = {"afford": 3}
 # a story about no person's count: the items of a box, added to and taken out of ("There are 20 pears in the
 # basket. 6 more pears are put in the basket. How many pears are there now?")
@@ -711,7 +722,8 @@ def draw_recipe(rng, steps_hint, meaning=False):
                                                                                     steps_hint + 2)
     events, question = draw_events(rng, item, n_people, n_events, inverse, nobody, meaning)
     for _ in range(rng.choice([0, 0, 1, 1, 2])):  # numbers and facts to ignore, about anyone (but no box)
-        about = rng.randint(nobody, n_people + 1)
+        # (about those a total over everybody adds up: "How many pears do they have?" asks about all it names)
+        about = rng.choice(question["roles"]) if question["kind"] == "all" else rng.randint(nobody, n_people + 1)
         events.insert(rng.randint(0, len(events)), new_event(rng, "noise", [about], item))
     return {"tense": rng.randint(0, 1), "item": item, "other": rng.choice([i for i in ITEMS if i != item]),
             "thing": rng.choice(OBJECTS), "nobody": nobody,

@@ -227,6 +227,34 @@ def test_sentence_structures():
     assert structures >= 30  # the phrasing slice mostly tests held-out structures
 
 
+def test_event_meanings_and_stories_about_nobody():
+    """Training problems tell every event and question meaning, each in 3 or more clause patterns; some stories
+    are about no person's count, and a question that names nobody has a goal line that names nobody."""
+    people, _ = tinyworld.world(0)
+    rng = random.Random(3)
+    train = [tinyworld.math_problem(rng, people, "train") for _ in range(1200)]
+    frames = {}
+    for p in train:
+        for e in p.recipe["events"] + [p.recipe["question"]]:
+            frames.setdefault(e["kind"], set()).add(e["pattern"][1])
+    meanings = {"earn", "buy", "pay", "lose_part", "need", "all", "afford", "has", "gain", "lose", "give", "groups",
+                "gain_groups", "lose_groups", "times", "part", "more", "fewer", "count", "together", "diff", "share"}
+    assert all(len(frames.get(k, ())) >= 3 for k in meanings), {k: frames.get(k) for k in meanings}
+    assert not set(frames) & tinyworld.HELD_MEANINGS
+    names = re.compile(r"\b(?:%s)\b" % "|".join(tinyworld.NAMES))
+    nobody = [p for p in train if p.recipe["nobody"]]
+    assert len(nobody) > 50
+    for p in nobody:  # the story's count is a box's: the story and its solution name only people of its noise
+        goal = p.answer.split("\n")[0]
+        assert not names.search(goal) and goal.startswith("Find the number of ") or goal.startswith("Find how"), p
+        assert all(not names.search(line) for line in p.answer.split("\n")[1:]), p
+    anonymous = [p for p in train if tinyworld.anonymous(tinyworld.frame_of(p.recipe["question"])[0])]
+    assert len(anonymous) > 100 and not any(names.search(p.answer.split("\n")[0]) for p in anonymous)
+    # some of them worked right through a money story: "Mia earns 5 coins an hour for 4 hours. ..."
+    assert any(re.search(r"\b(?:earns|earned) \w+ coins an hour for \w+ hours", p.question) for p in train)
+    assert any(re.search(r"Find the number of \w+ (?:now|in all)\.", p.answer) for p in train)
+
+
 def test_composition_and_length_are_held_out():
     """No training problem has a held-out shape or as many steps as the length slice; every composition problem
     has a held-out shape (seen from the graphs the generator worked out)."""
