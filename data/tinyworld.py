@@ -1067,7 +1067,7 @@ def sentence(event, nums, names, recipe, people, pronoun, start=True, conn=True,
     text = template.format(**fields)
     if elide:  # the frame starts with "{P} ", a one-word name or pronoun
         text = text.split(" ", 1)[1]
-    elif conn and event["conn"] and template.startswith("{") and event["kind"] in MUTATIONS:
+    elif conn and event["conn"] and template.startswith("{") and event["kind"] in {**MUTATIONS, **MONEY_MUTATIONS}:
         text = event["conn"] + text
     if start:
         return text[0].upper() + text[1:]
@@ -1182,7 +1182,7 @@ def with_heldout_pattern(rng, recipe):
     rng.shuffle(slots)
     for i in slots:
         old = recipe["question"] if i == len(recipe["events"]) else recipe["events"][i]
-        new = new_event(rng, old["kind"], old["roles"], recipe["item"], heldout=True)
+        new = new_event(rng, old["kind"], old["roles"], recipe["item"], heldout=True, nobody=recipe["nobody"])
         if new is not None:
             events = [new if j == i else e for j, e in enumerate(recipe["events"])]
             # every sentence told alone, the question before or after the story: a held frame is seen whole
