@@ -20,28 +20,28 @@ The world (world(seed)) is small and closed so that a tiny model sees every fact
 an age; each place a kind and a feature.
 
 Math word problems are stories made of events on people's counts of one item ("Mia has 5 apples", "she gives 3 to
-Tom", "Tom has twice as many as Mia", "she eats a third of them"), or on the count of a box that is nobody's ("There
-are 4 baskets with 6 pears in each. 5 pears are taken out of the basket."). A story about coins, the world's money,
-also earns at a rate ("Mia earns 5 coins an hour for 4 hours"), buys at a price ("she buys 3 pears at 2 coins
-each"), sells at a price and pays a price ("she pays 9 coins for a kite"). Each event is one clause, and its clause
-is one surface pattern: a frame of its kind (FRAMES) with one of the kind's verbs. Two clauses may share a sentence,
-told by a join (JOINS: "A, and B.", "A and then B." with B's subject left out when it is A's, "A, then B.", "A;
-later, B.", "A before B.", a receiver's count as a relative clause "... to Tom, who already has 12 apples.", "After
-A, B."), and the question goes in one of PLACEMENTS: after the story, before it, as a conditional ("If Mia has 12
-apples and buys 5 more, how many ...?"), in a request after it ("Tell me how many apples Mia has now."), or before
-the story's clauses as their condition ("How many apples does Mia have now if she has 12 and buys 5 more?"). The
-question asks for any person's count, two people's total or difference, everybody's total ("How many apples do they
-have altogether?"), how many more it takes to reach a number ("Mia wants 30 apples. How many more does she need?"),
-a share, a number of groups, how many things a person's coins buy, or, in stories that start from an unknown count,
-the count at first; where nobody else holds the item it may name nobody ("How many apples are there in all?"). The
-answer's first line restates what is asked: a question that names nobody gets a goal that names nobody ("Find the
-number of apples now."). The value asked for is a computation graph over the story's numbers (1 to 6 steps of + - *
-/, chains and trees, whole non-negative results); its shape is that graph with the numbers left out, e.g.
-"((n*n)+n)". Stories also carry numbers to ignore (other people, other items, ages), numbers in words (up to 999),
-pronouns and varied sentence order; a story states each number once, and no value worked out equals one it states
-(so which number feeds which step is never ambiguous). The answer restates the question, then works the graph one
-step per line, in story order, each line restating its clause and calling the calculator in GSM8K's marks
-(data.math_conversation turns them into calculator calls for chat):
+Tom", "Tom has twice as many as Mia", "she eats a third of them", "she gives half her apples to Tom"), or on the
+count of a box that is nobody's ("There are 4 baskets with 6 pears in each. 5 pears are taken out of the basket.").
+A story about coins, the world's money, also earns at a rate ("Mia earns 5 coins an hour for 4 hours"), buys at a
+price ("she buys 3 pears at 2 coins each"), sells at a price and pays a price ("she pays 9 coins for a kite"). Each
+event is one clause, and its clause is one surface pattern: a frame of its kind (FRAMES) with one of the kind's
+verbs. Two clauses may share a sentence, told by a join (JOINS: "A, and B.", "A and then B." with B's subject left
+out when it is A's, "A, then B.", "A; later, B.", "A before B.", a receiver's count as a relative clause "... to
+Tom, who already has 12 apples.", "After A, B."), and the question goes in one of PLACEMENTS: after the story,
+before it, as a conditional ("If Mia has 12 apples and buys 5 more, how many ...?"), in a request after it ("Tell me
+how many apples Mia has now."), or before the story's clauses as their condition ("How many apples does Mia have now
+if she has 12 and buys 5 more?"). The question asks for any person's count, two people's total or difference,
+everybody's total ("How many apples do they have altogether?"), how many more it takes to reach a number ("Mia wants
+30 apples. How many more does she need?"), a share, a number of groups, how many things a person's coins buy, or, in
+stories that start from an unknown count, the count at first; where nobody else holds the item it may name nobody
+("How many apples are there in all?"). The answer's first line restates what is asked: a question that names nobody
+gets a goal that names nobody ("Find the number of apples now."). The value asked for is a computation graph over
+the story's numbers (1 to 6 steps of + - * /, chains and trees, whole non-negative results); its shape is that graph
+with the numbers left out, e.g. "((n*n)+n)". Stories also carry numbers to ignore (other people, other items, ages),
+numbers in words (up to 999), pronouns and varied sentence order; a story states each number once, and no value
+worked out equals one it states (so which number feeds which step is never ambiguous). The answer restates the
+question, then works the graph one step per line, in story order, each line restating its clause and calling the
+calculator in GSM8K's marks (data.math_conversation turns them into calculator calls for chat):
     Find Mia's apples.
     Mia has 3 groups of 4: <<3*4=12>>12
     Mia gives 5 to Tom: <<12-5=7>>7
@@ -283,6 +283,11 @@ FRAMES = {
                           Frame("{P} {v} {n} of {p} {item} to {Q}."), Frame("{P} {v} {Q} {n} of them."),
                           Frame("{Q} {gets} {n} {item} from {P}."),
                           Frame("{n} {item} {are} given to {Q} by {P}.", held=True)]),
+    "give_part": (GIVE_VERBS, [Frame("{P} {v} half {p} {item} to {Q}.", k=2),
+                               Frame("{P} {v} {Q} half {p} {item}.", k=2),
+                               Frame("{P} {v} a third of {p} {item} to {Q}.", k=3),
+                               Frame("{Q} {gets} a quarter of {p} {item}.", k=4),
+                               Frame("{P} {v} {Q} a third of {p} {item}.", k=3, held=True)]),
     "give_all": (GIVE_VERBS[:2], [Frame("{P} {v} all {p} {item} to {Q}."), Frame("{P} {v} {Q} all of {p} {item}."),
                                   Frame("{Q} {gets} all of {p} {item}.", held=True)]),
     "scale": ([], [Frame("The number of {p} {item} {doubles}.", k=2), Frame("{p} {item} {triple}.", k=3),
@@ -423,8 +428,8 @@ SAY = {"groups": "{P} has {a} groups of {b}", "rate": "{P} has {a} groups of {b}
        "undo_scale": "{P} before {k} times as many", "undo_gain_x": "{P} before getting {x} more",
        "undo_lose_x": "{P} before losing {x}", "earn": "{P} earns {a} times {b}", "sell": "{P} sells {a} at {b} each",
        "buy": "{P} pays {a} times {b}", "pay": "{P} pays {n}", "lose_part": "{P} loses {f} of {x}",
-       "keep_half": "{P} keeps half", "need": "{P} needs {n} in all", "all": "With {Q}'s too",
-       "afford": "{P} buys at {k} each"}
+       "keep_half": "{P} keeps half", "give_part": "{P} gives {f} of {x}", "give_half": "{P} gives half of {x}",
+       "need": "{P} needs {n} in all", "all": "With {Q}'s too", "afford": "{P} buys at {k} each"}
 # a story about no person's count ("There are 4 baskets with 6 pears in each. 5 pears are taken out of the
 # basket. ...") restates its steps without a subject
 SAY_NOBODY = {"groups": "There are {a} groups of {b}", "gain": "Add {n}", "lose": "Take away {n}",
@@ -547,7 +552,7 @@ def solution(goal, target, position):
 # people; the story's events are in the order they happen.
 
 MUTATIONS = {"gain": 4, "gain_groups": 2, "lose": 4, "lose_groups": 1, "give": 3, "give_all": 1, "scale": 1,
-             "lose_part": 2}
+             "lose_part": 2, "give_part": 2}
 RELATIONS = {"times": 2, "part": 1, "more": 2, "fewer": 2}
 INTROS = {"has": 5, "groups": 2, "rate": 1}
 QUESTION_KINDS = {"count": 6, "together": 2, "diff": 1, "share": 1, "pack": 1, "need": 1.5, "all": 1.5}
@@ -652,7 +657,7 @@ def draw_events(rng, item, n_people, n_events, inverse, nobody=False, meaning=Fa
             roles = [len(holders), rng.choice(live)]
         elif kind == "give_all":
             roles = rng.sample(live, 2)
-        elif kind == "give":  # to another person of the story, or to someone outside it
+        elif kind in ("give", "give_part"):  # to another person of the story, or to someone outside it
             p = rng.choice(live)
             roles = [p, rng.choice([r for r in live if r != p] + [n_people])]
         else:
@@ -666,7 +671,7 @@ def draw_events(rng, item, n_people, n_events, inverse, nobody=False, meaning=Fa
     # a question may name nobody when the people it asks about hold every one of the story's item (nobody
     # outside the story was given any): "How many pears are there now?", "... in all?"; a total over everybody
     # ("How many pears do they have altogether?") only then
-    outside = any(e["kind"] == "give" and e["roles"][1] == n_people for e in events)
+    outside = any(e["kind"] in ("give", "give_part") and e["roles"][1] == n_people for e in events)
     weights = {k: w for k, w in questions.items() if len(live) > 1 or k not in ("together", "diff", "all")}
     if outside:
         weights.pop("all", None)
@@ -983,6 +988,15 @@ def work(recipe, names, people, rng, counts_after=None):
             else:
                 x = calc(cur, "/", leaf(k), say(kind, roles, f=FRACTION[k], x=cur.value), at)
                 counts[P] = calc(cur, "-", x, say("lose_x", roles, x=x.value), (i, 1))
+        elif kind == "give_part":  # given away half, the part given is also the part kept: one node for both
+            cur, k, Q = counts[P], frame.k, roles[1]
+            if k == 2:
+                x = counts[P] = calc(cur, "/", leaf(k), say("give_half", roles, x=cur.value), at)
+            else:
+                x = calc(cur, "/", leaf(k), say(kind, roles, f=FRACTION[k], x=cur.value), at)
+                counts[P] = calc(cur, "-", x, say("lose_x", roles, x=x.value), (i, 1))
+            if Q in counts:
+                counts[Q] = calc(counts[Q], "+", x, say("gain_x", [Q], x=x.value), (i, 2))
         elif kind == "give_all":
             Q = roles[1]
             counts[Q] = calc(counts[Q], "+", counts.pop(P), say(kind, roles), at)
