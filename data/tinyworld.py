@@ -20,28 +20,29 @@ The world (world(seed)) is small and closed so that a tiny model sees every fact
 an age; each place a kind and a feature.
 
 Math word problems are stories made of events on people's counts of one item ("Mia has 5 apples", "she gives 3 to
-Tom", "Tom has twice as many as Mia", "she eats a third of them", "she gives half her apples to Tom"), or on the
-count of a box that is nobody's ("There are 4 baskets with 6 pears in each. 5 pears are taken out of the basket.").
-A story about coins, the world's money, also earns at a rate ("Mia earns 5 coins an hour for 4 hours"), buys at a
-price ("she buys 3 pears at 2 coins each"), sells at a price and pays a price ("she pays 9 coins for a kite"). Each
-event is one clause, and its clause is one surface pattern: a frame of its kind (FRAMES) with one of the kind's
-verbs. Two clauses may share a sentence, told by a join (JOINS: "A, and B.", "A and then B." with B's subject left
-out when it is A's, "A, then B.", "A; later, B.", "A before B.", a receiver's count as a relative clause "... to
-Tom, who already has 12 apples.", "After A, B."), and the question goes in one of PLACEMENTS: after the story,
-before it, as a conditional ("If Mia has 12 apples and buys 5 more, how many ...?"), in a request after it ("Tell me
-how many apples Mia has now."), or before the story's clauses as their condition ("How many apples does Mia have now
-if she has 12 and buys 5 more?"). The question asks for any person's count, two people's total or difference,
-everybody's total ("How many apples do they have altogether?"), how many more it takes to reach a number ("Mia wants
-30 apples. How many more does she need?"), a share, a number of groups, how many things a person's coins buy, or, in
-stories that start from an unknown count, the count at first; where nobody else holds the item it may name nobody
-("How many apples are there in all?"). The answer's first line restates what is asked: a question that names nobody
-gets a goal that names nobody ("Find the number of apples now."). The value asked for is a computation graph over
-the story's numbers (1 to 6 steps of + - * /, chains and trees, whole non-negative results); its shape is that graph
-with the numbers left out, e.g. "((n*n)+n)". Stories also carry numbers to ignore (other people, other items, ages),
-numbers in words (up to 999), pronouns and varied sentence order; a story states each number once, and no value
-worked out equals one it states (so which number feeds which step is never ambiguous). The answer restates the
-question, then works the graph one step per line, in story order, each line restating its clause and calling the
-calculator in GSM8K's marks (data.math_conversation turns them into calculator calls for chat):
+Tom", "Tom has twice as many as Mia", "she eats a third of them", "she gives half her apples to Tom", "she picks 4
+apples in the morning and twice as many in the evening"), or on the count of a box that is nobody's ("There are 4
+baskets with 6 pears in each. 5 pears are taken out of the basket."). A story about coins, the world's money, also
+earns at a rate ("Mia earns 5 coins an hour for 4 hours"), buys at a price ("she buys 3 pears at 2 coins each"),
+sells at a price and pays a price ("she pays 9 coins for a kite"). Each event is one clause, and its clause is one
+surface pattern: a frame of its kind (FRAMES) with one of the kind's verbs. Two clauses may share a sentence, told
+by a join (JOINS: "A, and B.", "A and then B." with B's subject left out when it is A's, "A, then B.", "A; later,
+B.", "A before B.", a receiver's count as a relative clause "... to Tom, who already has 12 apples.", "After A,
+B."), and the question goes in one of PLACEMENTS: after the story, before it, as a conditional ("If Mia has 12
+apples and buys 5 more, how many ...?"), in a request after it ("Tell me how many apples Mia has now."), or before
+the story's clauses as their condition ("How many apples does Mia have now if she has 12 and buys 5 more?"). The
+question asks for any person's count, two people's total or difference, everybody's total ("How many apples do they
+have altogether?"), how many more it takes to reach a number ("Mia wants 30 apples. How many more does she need?"),
+a share, a number of groups, how many things a person's coins buy, or, in stories that start from an unknown count,
+the count at first; where nobody else holds the item it may name nobody ("How many apples are there in all?"). The
+answer's first line restates what is asked: a question that names nobody gets a goal that names nobody ("Find the
+number of apples now."). The value asked for is a computation graph over the story's numbers (1 to 6 steps of + - *
+/, chains and trees, whole non-negative results); its shape is that graph with the numbers left out, e.g.
+"((n*n)+n)". Stories also carry numbers to ignore (other people, other items, ages), numbers in words (up to 999),
+pronouns and varied sentence order; a story states each number once, and no value worked out equals one it states
+(so which number feeds which step is never ambiguous). The answer restates the question, then works the graph one
+step per line, in story order, each line restating its clause and calling the calculator in GSM8K's marks
+(data.math_conversation turns them into calculator calls for chat):
     Find Mia's apples.
     Mia has 3 groups of 4: <<3*4=12>>12
     Mia gives 5 to Tom: <<12-5=7>>7
@@ -228,6 +229,8 @@ GAIN_VERBS = [Verb("finds", "found"), Verb("buys", "bought", GOODS), Verb("gets"
 LOSE_VERBS = [Verb("eats", "ate", EDIBLE), Verb("sells", "sold", GOODS), Verb("loses", "lost"), Verb("uses", "used"),
               Verb("drops", "dropped"), Verb("gives away", "gave away"), Verb("spends", "spent", {MONEY})]
 GIVE_VERBS = [Verb("gives", "gave"), Verb("hands", "handed"), Verb("passes", "passed"), Verb("sends", "sent")]
+AGAIN_VERBS = [Verb("finds", "found"), Verb("collects", "collected"), Verb("gets", "got"),
+               Verb("picks", "picked", PICKABLE), Verb("earns", "earned", {MONEY})]
 EARN_VERBS = [Verb("earns", "earned"), Verb("makes", "made"), Verb("gets", "got")]
 BUY_VERBS = [Verb("buys", "bought"), Verb("gets", "got")]
 RATE_VERBS = [Verb("picks", "picked", PICKABLE), Verb("collects", "collected"), Verb("finds", "found"),
@@ -283,6 +286,12 @@ FRAMES = {
                           Frame("{P} {v} {n} of {p} {item} to {Q}."), Frame("{P} {v} {Q} {n} of them."),
                           Frame("{Q} {gets} {n} {item} from {P}."),
                           Frame("{n} {item} {are} given to {Q} by {P}.", held=True)]),
+    # a count got twice, the second time a multiple or a part of the first (both added)
+    "again": (AGAIN_VERBS, [Frame("{P} {v} {n} {item} in the morning and {k} times as many in the afternoon."),
+                            Frame("{P} {v} {n} {item} in the morning and twice as many in the evening.", k=2),
+                            Frame("{P} {v} {n} {item} on Monday and half as many on Tuesday.", k=2),
+                            Frame("On Monday, {P} {v} {n} {item}, and on Tuesday, {k} times as many."),
+                            Frame("{P} {v} {n} {item} on Monday and a third as many on Tuesday.", k=3, held=True)]),
     "give_part": (GIVE_VERBS, [Frame("{P} {v} half {p} {item} to {Q}.", k=2),
                                Frame("{P} {v} {Q} half {p} {item}.", k=2),
                                Frame("{P} {v} a third of {p} {item} to {Q}.", k=3),
@@ -429,6 +438,8 @@ SAY = {"groups": "{P} has {a} groups of {b}", "rate": "{P} has {a} groups of {b}
        "undo_lose_x": "{P} before losing {x}", "earn": "{P} earns {a} times {b}", "sell": "{P} sells {a} at {b} each",
        "buy": "{P} pays {a} times {b}", "pay": "{P} pays {n}", "lose_part": "{P} loses {f} of {x}",
        "keep_half": "{P} keeps half", "give_part": "{P} gives {f} of {x}", "give_half": "{P} gives half of {x}",
+       "again_times": "{P} then gets {k} times {n}", "again_part": "{P} then gets {f} of {n}",
+       "again_both": "{P} gets {n} and {x}",
        "need": "{P} needs {n} in all", "all": "With {Q}'s too", "afford": "{P} buys at {k} each"}
 # a story about no person's count ("There are 4 baskets with 6 pears in each. 5 pears are taken out of the
 # basket. ...") restates its steps without a subject
@@ -552,12 +563,12 @@ def solution(goal, target, position):
 # people; the story's events are in the order they happen.
 
 MUTATIONS = {"gain": 4, "gain_groups": 2, "lose": 4, "lose_groups": 1, "give": 3, "give_all": 1, "scale": 1,
-             "lose_part": 2, "give_part": 2}
+             "lose_part": 2, "give_part": 2, "again": 2}
 RELATIONS = {"times": 2, "part": 1, "more": 2, "fewer": 2}
-INTROS = {"has": 5, "groups": 2, "rate": 1}
+INTROS = {"has": 5, "groups": 2, "rate": 1, "again": 1}
 QUESTION_KINDS = {"count": 6, "together": 2, "diff": 1, "share": 1, "pack": 1, "need": 1.5, "all": 1.5}
 # a story about the world's money also earns, buys, sells and pays (earning and selling may start a count too)
-MONEY_INTROS = {"has": 3, "earn": 3, "sell": 2}
+MONEY_INTROS = {"has": 3, "earn": 3, "sell": 2, "again": 1}
 MONEY_MUTATIONS = {"earn": 3, "buy": 6, "sell": 3, "pay": 3}  # buying at a price fits few counts: drawn often
 MONEY_QUESTIONS = {"afford": 3}
 # a story about no person's count: the items of a box, added to and taken out of ("There are 20 pears in the
@@ -760,9 +771,10 @@ def placement_fits(place, recipe):
     if place == "request":
         return indirect(frame_of(question)[0].text) is not None
     alone = question["kind"] in ("count", "together", "diff", "first", "all")
-    # a condition lists its clauses with commas: none may hold a comma of its own ("At first, Mia has ...")
+    # a condition lists its clauses with commas and "and": none may hold one of its own ("At first, Mia has ...")
     return alone and (place == "first" or len(recipe["events"]) <= MAX_IF_EVENTS and
-                      not any(", " in frame_of(e)[0].text for e in recipe["events"]))
+                      not any(", " in frame_of(e)[0].text or " and " in frame_of(e)[0].text
+                              for e in recipe["events"]))
 
 
 def indirect(text):
@@ -785,8 +797,9 @@ def join_fits(join, a, b):
         return a["kind"] == "has" and b["kind"] == "give" and b["roles"][1] == a["roles"][0] and \
             frame_of(b)[0].text.endswith("{Q}.")
     text_a, text_b = frame_of(a)[0].text, frame_of(b)[0].text
-    # "..., and each box holds 5 pears, and ..." and "..., and at first, Tom has ..." do not read
-    if ", and " in text_a + text_b or text_b.startswith("At first"):
+    # "..., and each box holds 5 pears, and ...", "... on Monday and half as many on Tuesday and ..." and "...,
+    # and at first, Tom has ..." do not read
+    if " and " in text_a + text_b or text_b.startswith("At first"):
         return False
     if join.change and (b["kind"] not in CHANGES or a["kind"] == "noise"):
         return False
@@ -988,6 +1001,15 @@ def work(recipe, names, people, rng, counts_after=None):
             else:
                 x = calc(cur, "/", leaf(k), say(kind, roles, f=FRACTION[k], x=cur.value), at)
                 counts[P] = calc(cur, "-", x, say("lose_x", roles, x=x.value), (i, 1))
+        elif kind == "again":  # n, then k times as many (or a k-th as many): a new count or a change
+            got["n"] = draw(rng, 2, 20, used)
+            got["k"] = k = frame.k or draw(rng, 2, 4, used)
+            if " as many on" in frame.text and "times" not in frame.text:  # "half as many", "a third as many"
+                x = calc(leaf(got["n"]), "/", leaf(k), say("again_part", roles, f=FRACTION[k], n=got["n"]), at)
+            else:
+                x = calc(leaf(got["n"]), "*", leaf(k), say("again_times", roles, **got), at)
+            both = calc(leaf(got["n"]), "+", x, say("again_both", roles, n=got["n"], x=x.value), (i, 1))
+            counts[P] = calc(counts[P], "+", both, say("gain_x", roles, x=both.value), (i, 2)) if P in counts else both
         elif kind == "give_part":  # given away half, the part given is also the part kept: one node for both
             cur, k, Q = counts[P], frame.k, roles[1]
             if k == 2:
