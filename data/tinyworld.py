@@ -678,6 +678,8 @@ def draw_events(rng, item, n_people, n_events, inverse, nobody=False, meaning=Fa
         if kind == "give_all":
             gone.add(roles[0])
         events.append(new_event(rng, kind, roles, item, nobody=nobody))
+        if intro:  # no "Then" before a first count ("Then Mia earns 5 coins an hour ..." as the story's start)
+            events[-1]["conn"] = ""
     live = [r for r in holders if r not in gone]
     # a question may name nobody when the people it asks about hold every one of the story's item (nobody
     # outside the story was given any): "How many pears are there now?", "... in all?"; a total over everybody
