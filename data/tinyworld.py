@@ -563,7 +563,7 @@ def solution(goal, target, position):
 # people; the story's events are in the order they happen.
 
 MUTATIONS = {"gain": 4, "gain_groups": 2, "lose": 4, "lose_groups": 1, "give": 3, "give_all": 1, "scale": 1,
-             "lose_part": 2, "give_part": 2, "again": 2}
+             "lose_part": 1.5, "give_part": 1.5, "again": 2}
 RELATIONS = {"times": 2, "part": 1, "more": 2, "fewer": 2}
 INTROS = {"has": 5, "groups": 2, "rate": 1, "again": 1}
 QUESTION_KINDS = {"count": 6, "together": 2, "diff": 1, "share": 1, "pack": 1, "need": 1.5, "all": 1.5}
@@ -574,7 +574,7 @@ MONEY_QUESTIONS = {"afford": 3}
 # a story about no person's count: the items of a box, added to and taken out of ("There are 20 pears in the
 # basket. 6 more pears are put in the basket. How many pears are there now?")
 NOBODY_INTROS = {"has": 3, "groups": 2}
-NOBODY_MUTATIONS = {"gain": 4, "gain_groups": 2, "lose": 4, "scale": 1, "lose_part": 2}
+NOBODY_MUTATIONS = {"gain": 4, "gain_groups": 2, "lose": 4, "scale": 1, "lose_part": 1.5}
 NOBODY_QUESTIONS = {"count": 6, "share": 1, "pack": 1, "need": 1.5}
 FIRST_MUTATIONS = {"gain": 3, "lose": 3, "give": 2, "got": 1, "gain_groups": 1, "lose_groups": 1, "scale": 1}
 # Event meanings held out of every training problem and chat (the meaning slice asks about them); pretraining
@@ -874,13 +874,14 @@ def frame_of(event):
     return frames[fi], (verbs[vi] if vi >= 0 else None)
 
 
-def draw(rng, lo, hi, used=None):
-    """A number in lo..hi; with `used`, one not in it (and then added): a story states each number once and works
-    out values it does not state, so which number feeds which step is never ambiguous."""
+def draw(rng, lo, hi, used=None, multiple_of=1):
+    """A number in lo..hi (a multiple of multiple_of); with `used`, one not in it (and then added): a story states
+    each number once and works out values it does not state, so which number feeds which step is never ambiguous."""
+    lo, hi = -(-lo // multiple_of), hi // multiple_of
     for _ in range(20 if used is not None else 1):
         if lo > hi:
             raise Redraw
-        value = rng.randint(lo, hi)
+        value = rng.randint(lo, hi) * multiple_of
         if used is None:
             return value
         if value not in used:
@@ -984,7 +985,9 @@ def work(recipe, names, people, rng, counts_after=None):
             if start is not None and P == 0:
                 changes.append((kind, got))
         elif kind in ("earn", "sell", "buy"):  # a count times a price or a rate: a new count, or a change
-            got["a"] = draw(rng, 2, 9 if kind == "earn" else 6, used)
+            # (what is bought must leave at least 2 coins: the numbers drawn are bounded by the count)
+            most = 9 if kind == "earn" else 6 if kind == "sell" else min(6, (counts[P].value - 2) // 2)
+            got["a"] = draw(rng, 2, most, used)
             most = 12 if kind == "earn" else 10 if kind == "sell" else min(10, (counts[P].value - 2) // got["a"])
             got["b"] = draw(rng, 2, most, used)
             x = calc(leaf(got["a"]), "*", leaf(got["b"]), say(kind, roles, **got), at)
@@ -1004,9 +1007,10 @@ def work(recipe, names, people, rng, counts_after=None):
                 x = calc(cur, "/", leaf(k), say(kind, roles, f=FRACTION[k], x=cur.value), at)
                 counts[P] = calc(cur, "-", x, say("lose_x", roles, x=x.value), (i, 1))
         elif kind == "again":  # n, then k times as many (or a k-th as many): a new count or a change
-            got["n"] = draw(rng, 2, 20, used)
             got["k"] = k = frame.k or draw(rng, 2, 4, used)
-            if " as many on" in frame.text and "times" not in frame.text:  # "half as many", "a third as many"
+            part = " as many on" in frame.text and "times" not in frame.text  # "half as many", "a third as many"
+            got["n"] = draw(rng, 2, 20, used, multiple_of=k if part else 1)
+            if part:
                 x = calc(leaf(got["n"]), "/", leaf(k), say("again_part", roles, f=FRACTION[k], n=got["n"]), at)
             else:
                 x = calc(leaf(got["n"]), "*", leaf(k), say("again_times", roles, **got), at)
