@@ -27,8 +27,8 @@ The tasks (each function below says how it scores):
   reasoning-from-scratch evaluates Qwen3-0.6B-Base). tinyworld's test problems come in slices
   (data/tinyworld.py), each reported on its own: id (training's patterns and shapes, new numbers), phrasing (a
   sentence pattern training never has), composition (a computation shape training never has), length (more steps
-  than any training problem) and arith (bare arithmetic asked in held-out words); --max_problems then counts per
-  slice.
+  than any training problem), meaning (an event meaning no training problem tells, only pretraining stories) and
+  arith (bare arithmetic asked in held-out words); --max_problems then counts per slice.
 - chat (chat prompting only): chat retention, the share of tinyworld's held-out non-math prompts (identity, small
   talk, world facts, in phrasings no training file has) a model still handles: greedy replies graded by
   data.chat_reply_ok (no "####", no calculator call, the right fact named). Math training that turns every reply

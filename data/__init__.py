@@ -300,7 +300,7 @@ def check_split(kind, splits, name, split):
 def load_math(name="tinyworld", split="test"):
     """Word problems [{"question", "answer": "...\\n#### N", "level"}] of tinyworld, gsm8k, math500 (test only) or
     math (MATH: train without MATH-500, test = MATH-500). tinyworld's test rows also carry "slice": id, phrasing,
-    composition, length or arith (data/tinyworld.py)."""
+    composition, length, meaning or arith (data/tinyworld.py)."""
     check_split("math", MATH_SPLITS, name, split)
     if name == "tinyworld":
         return read_jsonl(os.path.join(ensure_tinyworld(), f"math_{split}.jsonl"))

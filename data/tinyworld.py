@@ -19,31 +19,37 @@ The world (world(seed)) is small and closed so that a tiny model sees every fact
 30 objects. Each person has a home, a job, a food they like, one object (with a color), a pet, a best friend and
 an age; each place a kind and a feature.
 
-Math word problems are stories made of events on people's counts of one item ("Mia has 5 apples", "she gives 3
-to Tom", "Tom has twice as many as Mia"); each event is one clause, and its clause is one surface pattern: a frame
-of its kind (FRAMES) with one of the kind's verbs. Two clauses may share a sentence, told by a join (JOINS: "A, and
-B.", "A and then B." with B's subject left out when it is A's, "A, then B.", "A; later, B.", "A before B.", a
-receiver's count as a relative clause "... to Tom, who already has 12 apples.", "After A, B."), and the question
-goes in one of PLACEMENTS: after the story, before it, as a conditional ("If Mia has 12 apples and buys 5 more, how
-many ...?"), in a request after it ("Tell me how many apples Mia has now."), or before the story's clauses as their
-condition ("How many apples does Mia have now if she has 12 and buys 5 more?"). The question asks for any
-person's count, two people's total or difference, a share, a number of groups, or, in stories that start from an
-unknown count, the count at first; where nobody else holds the item it may name nobody ("How many apples are
-there in all?"; the answer's first line still names whose count it follows). The
-value asked for is a computation graph over the story's numbers (1 to 6 steps of + - * /, chains and trees, whole
-non-negative results); its shape is that graph with the numbers left out, e.g. "((n*n)+n)". Stories also carry
-numbers to ignore (other people, other items, ages), numbers in words (up to 999), pronouns and varied sentence
-order; a story states each number once, and no value worked out equals one it states (so which number feeds which
-step is never ambiguous). The answer restates the question, then works the graph one step per line, in story order, each
-line restating its clause and calling the calculator in GSM8K's marks (data.math_conversation turns them into
-calculator calls for chat):
+Math word problems are stories made of events on people's counts of one item ("Mia has 5 apples", "she gives 3 to
+Tom", "Tom has twice as many as Mia", "she eats a third of them", "she gives half her apples to Tom", "she picks 4
+apples in the morning and twice as many in the evening"), or on the count of a box that is nobody's ("There are 4
+baskets with 6 pears in each. 5 pears are taken out of the basket."). A story about coins, the world's money, also
+earns at a rate ("Mia earns 5 coins an hour for 4 hours"), buys at a price ("she buys 3 pears at 2 coins each"),
+sells at a price and pays a price ("she pays 9 coins for a kite"). Each event is one clause, and its clause is one
+surface pattern: a frame of its kind (FRAMES) with one of the kind's verbs. Two clauses may share a sentence, told
+by a join (JOINS: "A, and B.", "A and then B." with B's subject left out when it is A's, "A, then B.", "A; later,
+B.", "A before B.", a receiver's count as a relative clause "... to Tom, who already has 12 apples.", "After A,
+B."), and the question goes in one of PLACEMENTS: after the story, before it, as a conditional ("If Mia has 12
+apples and buys 5 more, how many ...?"), in a request after it ("Tell me how many apples Mia has now."), or before
+the story's clauses as their condition ("How many apples does Mia have now if she has 12 and buys 5 more?"). The
+question asks for any person's count, two people's total or difference, everybody's total ("How many apples do they
+have altogether?"), how many more it takes to reach a number ("Mia wants 30 apples. How many more does she need?"),
+a share, a number of groups, how many things a person's coins buy, or, in stories that start from an unknown count,
+the count at first; where nobody else holds the item it may name nobody ("How many apples are there in all?"). The
+answer's first line restates what is asked: a question that names nobody gets a goal that names nobody ("Find the
+number of apples now."). The value asked for is a computation graph over the story's numbers (1 to 6 steps of + - *
+/, chains and trees, whole non-negative results); its shape is that graph with the numbers left out, e.g.
+"((n*n)+n)". Stories also carry numbers to ignore (other people, other items, ages), numbers in words (up to 999),
+pronouns and varied sentence order; a story states each number once, and no value worked out equals one it states
+(so which number feeds which step is never ambiguous). The answer restates the question, then works the graph one
+step per line, in story order, each line restating its clause and calling the calculator in GSM8K's marks
+(data.math_conversation turns them into calculator calls for chat):
     Find Mia's apples.
     Mia has 3 groups of 4: <<3*4=12>>12
     Mia gives 5 to Tom: <<12-5=7>>7
     #### 7
 
 Splits test generalisation, and nothing held out is in any training file (pretraining shards, chat_train,
-math_train, mc_train):
+math_train, mc_train; a held-out meaning only in pretraining stories):
     math_test "slice"  id           a math_train story re-told with new numbers and names (same patterns, shape)
                        phrasing     a held-out sentence structure (about a third each: two clauses joined by
                                     the held join, "After A, B."; the held placement, the question before the
@@ -52,6 +58,12 @@ math_train, mc_train):
                                     verb) pairs of heldout_pair); the shape a training one (HELD_OUT)
                        composition  a held-out shape (heldout_shape), every pattern a training one
                        length       6 steps; training problems have 1 to 5
+                       meaning      a story that tells a held-out event meaning (HELD_MEANINGS: selling at a
+                                    price, "Mia sells 4 pears for 3 coins each", which adds coins where training's
+                                    "sells" only loses items); training patterns and shapes. No training problem,
+                                    chat or worked pretraining problem tells it; pretraining tells it in stories
+                                    without a question, each change followed by the count it leaves
+                                    (doc_narrative), as a text meets a meaning before a test asks about it
                        arith        bare arithmetic asked in a held-out phrasing (ARITH_ASK, ARITH_WORDS)
     level = the number of steps (arith: of operations).
     chat_probe_test    identity, small talk and fact questions in held-out phrasings (probes_split); each row
@@ -64,10 +76,10 @@ math_train, mc_train):
 The pretraining train shards are also what SFT can mix in to keep the text model: data.pretrain_files("train").
 
 Pretraining documents: fact sheets, places, stories, dialogues, lists, arithmetic drills, quizzes (a question and
-its bare answer, the form a base model's multiple choice is scored in), worked problems and arithmetic asked in words
-("Question: ...\\nAnswer: ...", the base model's few-shot format). Chats: greetings and small talk, identity, fact
-questions in many phrasings, arithmetic in many phrasings (one calculator call on the translated expression), word
-problems.
+its bare answer, the form a base model's multiple choice is scored in), worked problems and arithmetic asked in
+words ("Question: ...\\nAnswer: ...", the base model's few-shot format), and stories of counts told without a
+question. Chats: greetings and small talk, identity, fact questions in many phrasings, arithmetic in many phrasings
+(one calculator call on the translated expression), word problems.
 """
 import collections
 import functools
@@ -96,7 +108,7 @@ num_mc_test = 300
 num_probe_train = 2000  # non-math chat prompts in training phrasings (for RL)
 num_probe_test = 300    # chat-retention probes in held-out phrasings
 
-VERSION = 3  # bump when the generator's output changes: sets made by another version are regenerated
+VERSION = 4  # bump when the generator's output changes: sets made by another version are regenerated
 
 # -----------------------------------------------------------------------------
 # The world's vocabulary (other code reads these lists: add words, never remove or rename one)
@@ -203,14 +215,24 @@ TENSE = {"has": ("has", "had"), "are": ("are", "were"), "is": ("is", "was"), "do
          "holds": ("holds", "held"), "starts": ("starts", "started"), "ends": ("ends", "ended"),
          "gets": ("gets", "got"), "fills": ("fills", "filled"), "picks": ("picks", "picked"),
          "sells": ("sells", "sold"), "uses": ("uses", "used"), "doubles": ("doubles", "doubled"),
-         "triple": ("triple", "tripled"), "belong": ("belong", "belonged"), "puts": ("puts", "put")}
+         "triple": ("triple", "tripled"), "belong": ("belong", "belonged"), "puts": ("puts", "put"),
+         "works": ("works", "worked"), "pays": ("pays", "paid"), "spends": ("spends", "spent"),
+         "cost": ("cost", "cost"), "costs": ("costs", "cost"), "wants": ("wants", "wanted"),
+         "needs": ("needs", "needed"), "saves": ("saves", "saved"), "buys": ("buys", "bought")}
 
 HAVE_VERBS = [Verb("has", "had"), Verb("owns", "owned"), Verb("keeps", "kept"), Verb("collects", "collected")]
-GAIN_VERBS = [Verb("finds", "found"), Verb("buys", "bought"), Verb("gets", "got"), Verb("picks", "picked", PICKABLE),
+MONEY = "coins"  # the world's money: a story about coins may buy, sell, earn and pay (MONEY_KINDS)
+GOODS = frozenset(ITEMS) - {MONEY}  # what is bought and sold
+GAIN_VERBS = [Verb("finds", "found"), Verb("buys", "bought", GOODS), Verb("gets", "got"),
+              Verb("picks", "picked", PICKABLE),
               Verb("collects", "collected"), Verb("wins", "won"), Verb("receives", "received")]
-LOSE_VERBS = [Verb("eats", "ate", EDIBLE), Verb("sells", "sold"), Verb("loses", "lost"), Verb("uses", "used"),
-              Verb("drops", "dropped"), Verb("gives away", "gave away")]
+LOSE_VERBS = [Verb("eats", "ate", EDIBLE), Verb("sells", "sold", GOODS), Verb("loses", "lost"), Verb("uses", "used"),
+              Verb("drops", "dropped"), Verb("gives away", "gave away"), Verb("spends", "spent", {MONEY})]
 GIVE_VERBS = [Verb("gives", "gave"), Verb("hands", "handed"), Verb("passes", "passed"), Verb("sends", "sent")]
+AGAIN_VERBS = [Verb("finds", "found"), Verb("collects", "collected"), Verb("gets", "got"),
+               Verb("picks", "picked", PICKABLE), Verb("earns", "earned", {MONEY})]
+EARN_VERBS = [Verb("earns", "earned"), Verb("makes", "made"), Verb("gets", "got")]
+BUY_VERBS = [Verb("buys", "bought"), Verb("gets", "got")]
 RATE_VERBS = [Verb("picks", "picked", PICKABLE), Verb("collects", "collected"), Verb("finds", "found"),
               Verb("gets", "got"), Verb("makes", "made", {"cookies", "stickers"})]
 
@@ -221,12 +243,13 @@ FRAMES = {
                          Frame("At first, {P} {v} {n} {item}."), Frame("There {are} {n} {item} in {p} {box}."),
                          Frame("{p} {box} {holds} {n} {item}."), Frame("{P} {starts} with {n} {item}."),
                          Frame("{n} {item} {belong} to {P}.", held=True)]),
-    "groups": ([Verb("has", "had"), Verb("buys", "bought"), Verb("gets", "got"), Verb("brings", "brought")],
+    "groups": ([Verb("has", "had"), Verb("buys", "bought", GOODS), Verb("gets", "got"), Verb("brings", "brought")],
                [Frame("{P} {v} {a} {boxes} of {b} {item}."), Frame("{P} {v} {a} {boxes} with {b} {item} in each."),
                 Frame("{P} {v} {a} {boxes}, and each {box} {holds} {b} {item}."),
                 Frame("There {are} {b} {item} in each of {p} {a} {boxes}."),
                 Frame("{P} {fills} {a} {boxes} with {b} {item} each."),
-                Frame("{P} {v} {a} full {boxes}, {b} {item} in every {box}.", held=True)]),
+                Frame("{P} {v} {a} full {boxes}, {b} {item} in every {box}.", held=True),
+                Frame("There {are} {a} {boxes} with {b} {item} in each.")]),
     "rate": (RATE_VERBS, [Frame("{P} {v} {b} {item} every day for {a} days."),
                           Frame("For {a} days, {P} {v} {b} {item} each day."),
                           Frame("{P} {v} {b} {item} a day for {a} days."),
@@ -235,16 +258,25 @@ FRAMES = {
     "gain": (GAIN_VERBS, [Frame("{P} {v} {n} more {item}."), Frame("{P} {v} another {n} {item}."),
                           Frame("{P} {v} {n} {item} more."), Frame("{P} {v} {n} new {item}."),
                           Frame("{n} more {item} {are} added to {p} {box}."),
-                          Frame("{P} {v} {n} extra {item}.", held=True)]),
-    "gain_groups": ([Verb("buys", "bought"), Verb("gets", "got"), Verb("finds", "found"), Verb("wins", "won")],
+                          Frame("{P} {v} {n} extra {item}.", held=True),
+                          Frame("{n} more {item} {are} put in {p} {box}.")]),
+    "gain_groups": ([Verb("buys", "bought", GOODS), Verb("gets", "got"), Verb("finds", "found"), Verb("wins", "won")],
                     [Frame("{P} {v} {a} {boxes} of {b} {item}."), Frame("{P} also {v} {a} {boxes} with {b} {item} in each."),
                      Frame("{P} {v} {a} more {boxes}, each with {b} {item}."),
                      Frame("For {a} more days, {P} {picks} {b} {item} each day."),
-                     Frame("{P} {v} {b} {item} in each of {a} new {boxes}.", held=True)]),
+                     Frame("{P} {v} {b} {item} in each of {a} new {boxes}.", held=True),
+                     Frame("{a} more {boxes} with {b} {item} in each {are} brought in.")]),
     "lose": (LOSE_VERBS, [Frame("{P} {v} {n} {item}."), Frame("{P} {v} {n} of them."),
                           Frame("{P} {v} {n} of {p} {item}."), Frame("{P} {v} {n} of the {item}."),
                           Frame("{n} of {p} {item} {are} lost."),
-                          Frame("{P} {v} {n} {item} that day.", held=True)]),
+                          Frame("{P} {v} {n} {item} that day.", held=True),
+                          Frame("{n} {item} {are} taken out of {p} {box}.")]),
+    # ("half {p} {item}", not "half of": "{P} {v} {n} of {p} {item}" has held-out pairs, and "half" is a number)
+    "lose_part": (LOSE_VERBS, [Frame("{P} {v} half {p} {item}.", k=2), Frame("{P} {v} a third of {p} {item}.", k=3),
+                               Frame("{P} {v} a quarter of {p} {item}.", k=4), Frame("{P} {v} a third of them.", k=3),
+                               Frame("Half of {p} {item} {are} lost.", k=2),
+                               Frame("A third of {p} {item} {are} taken away.", k=3),
+                               Frame("{P} {v} a quarter of them.", k=4, held=True)]),
     "lose_groups": (GIVE_VERBS, [Frame("{P} {v} {b} {item} to each of {a} friends."),
                                  Frame("{P} {v} {a} friends {b} {item} each."),
                                  Frame("{P} {sells} {a} {boxes} of {b} {item}."),
@@ -254,12 +286,43 @@ FRAMES = {
                           Frame("{P} {v} {n} of {p} {item} to {Q}."), Frame("{P} {v} {Q} {n} of them."),
                           Frame("{Q} {gets} {n} {item} from {P}."),
                           Frame("{n} {item} {are} given to {Q} by {P}.", held=True)]),
+    # a count got twice, the second time a multiple or a part of the first (both added)
+    "again": (AGAIN_VERBS, [Frame("{P} {v} {n} {item} in the morning and {k} times as many in the afternoon."),
+                            Frame("{P} {v} {n} {item} in the morning and twice as many in the evening.", k=2),
+                            Frame("{P} {v} {n} {item} on Monday and half as many on Tuesday.", k=2),
+                            Frame("On Monday, {P} {v} {n} {item}, and on Tuesday, {k} times as many."),
+                            Frame("{P} {v} {n} {item} on Monday and a third as many on Tuesday.", k=3, held=True)]),
+    "give_part": (GIVE_VERBS, [Frame("{P} {v} half {p} {item} to {Q}.", k=2),
+                               Frame("{P} {v} {Q} half {p} {item}.", k=2),
+                               Frame("{P} {v} a third of {p} {item} to {Q}.", k=3),
+                               Frame("{Q} {gets} a quarter of {p} {item}.", k=4),
+                               Frame("{P} {v} {Q} a third of {p} {item}.", k=3, held=True)]),
     "give_all": (GIVE_VERBS[:2], [Frame("{P} {v} all {p} {item} to {Q}."), Frame("{P} {v} {Q} all of {p} {item}."),
                                   Frame("{Q} {gets} all of {p} {item}.", held=True)]),
     "scale": ([], [Frame("The number of {p} {item} {doubles}.", k=2), Frame("{p} {item} {triple}.", k=3),
                    Frame("{P} {ends} up with {k} times as many {item} as before."),
                    Frame("{P} {doubles} {p} {item}.", k=2),
                    Frame("After that, {P} {has} {k} times as many {item} as before.", held=True)]),
+    # money (stories about coins only): earning at a rate, buying and selling at a price, paying a price
+    "earn": (EARN_VERBS, [Frame("{P} {v} {b} {item} an hour for {a} hours."),
+                          Frame("For {a} days, {P} {v} {b} {item} a day."),
+                          Frame("{P} {works} for {a} hours and {v} {b} {item} each hour."),
+                          Frame("{P} {saves} {b} {item} every week for {a} weeks."),
+                          Frame("{P} {v} {b} {item} a week for {a} weeks.", held=True)]),
+    "buy": (BUY_VERBS, [Frame("{P} {v} {a} {other} at {b} {item} each."),
+                        Frame("{P} {v} {a} {other} for {b} {item} each."),
+                        Frame("{P} {pays} {b} {item} each for {a} {other}."),
+                        Frame("{P} {spends} {b} {item} on each of {a} {other}."),
+                        Frame("The {a} {other} that {P} {v} {cost} {b} {item} each."),
+                        Frame("{P} {v} {a} {other}, {b} {item} each.", held=True)]),
+    "sell": ([Verb("sells", "sold")], [Frame("{P} {v} {a} {other} for {b} {item} each."),
+                                       Frame("{P} {v} {a} {other} at {b} {item} each."),
+                                       Frame("{P} {v} {a} {other} at a price of {b} {item} each."),
+                                       Frame("{a} {other} {are} sold by {P} for {b} {item} each.")]),
+    "pay": ([], [Frame("{P} {pays} {n} {item} for {a_thing}."), Frame("{P} {spends} {n} {item} on a new {thing}."),
+                 Frame("{P} {buys} {a_thing} for {n} {item}."),
+                 Frame("The {thing} that {P} {buys} {costs} {n} {item}."),
+                 Frame("{P} {pays} {n} {item} for a new {thing}.", held=True)]),
     # a new person's count, from another's
     "times": ([], [Frame("{P} {has} {k} times as many {item} as {Q}."), Frame("{P} {has} twice as many {item} as {Q}.", k=2),
                    Frame("{P} {has} {k} times the number of {item} that {Q} {has}."),
@@ -304,15 +367,34 @@ QUESTIONS = {
               Frame("If {P} splits the {item} evenly into {k} piles, how many {item} are in each pile?"),
               Frame("{P} puts the {item} into {k} {boxes} with the same number in each. How many {item} go in each {box}?"),
               Frame("{P} gives all the {item} to {k} friends in equal shares. How many {item} does each friend get?",
-                    held=True)],
+                    held=True),
+              Frame("The {item} {are} shared equally among {k} friends. How many {item} does each friend get?"),
+              Frame("The {item} {are} split evenly into {k} piles. How many {item} are in each pile?")],
     "pack": [Frame("{P} packs the {item} into {boxes} of {k}. How many {boxes} does {P} fill?"),
              Frame("How many groups of {k} {item} can {P} make?"),
              Frame("{P} puts {k} {item} in each {box}. How many {boxes} does {P} need?"),
-             Frame("If {P} makes piles of {k} {item}, how many piles are there?", held=True)],
+             Frame("If {P} makes piles of {k} {item}, how many piles are there?", held=True),
+             Frame("The {item} {are} packed into {boxes} of {k}. How many {boxes} are filled?"),
+             Frame("How many groups of {k} {item} can be made?")],
     "first": [Frame("How many {item} did {P} have at first?"), Frame("How many {item} did {P} start with?"),
               Frame("How many {item} did {P} have at the start?"),
               Frame("How many {item} did {P} have before all that?", held=True),
               Frame("How many {item} were there at first?")],
+    # how many more it takes to reach a number; a total over everybody; how many a person's coins buy
+    "need": [Frame("{P} {wants} {n} {item}. How many more {item} does {P} need?"),
+             Frame("{P} {needs} {n} {item} in all. How many more {item} must {P} get?"),
+             Frame("How many more {item} does {P} need to have {n}?"),
+             Frame("{p} {box} can hold {n} {item}. How many more {item} fit in it?"),
+             Frame("How many more {item} does {P} need to reach {n}?", held=True)],
+    "all": [Frame("How many {item} do they have altogether?"), Frame("How many {item} do they have in all?"),
+            Frame("What is the total number of {item} they have?"),
+            Frame("How many {item} do all of them have together?"),
+            Frame("Altogether, how many {item} do they have?", held=True)],
+    "afford": [Frame("How many {other} at {k} {item} each can {P} buy?"),
+               Frame("{other} cost {k} {item} each. How many {other} can {P} buy?"),
+               Frame("If {other} cost {k} {item} each, how many {other} can {P} buy with {p} {item}?"),
+               Frame("{P} spends all {p} {item} on {other} at {k} {item} each. How many {other} does {P} get?"),
+               Frame("How many {other} can {P} buy if each costs {k} {item}?", held=True)],
 }
 CONNECTORS = ["", "", "Then ", "Later, ", "After that, ", "Next, "]  # before a change of a count (not a pattern)
 # A question that names nobody ({P}, {p} and {Q} absent) is asked only where one count (or, for a total, two)
@@ -353,11 +435,29 @@ SAY = {"groups": "{P} has {a} groups of {b}", "rate": "{P} has {a} groups of {b}
        "undo_gain": "{P} before getting {n} more", "undo_lose": "{P} before losing {n}",
        "undo_give": "{P} before giving {n}", "undo_got": "{P} before getting {n}",
        "undo_scale": "{P} before {k} times as many", "undo_gain_x": "{P} before getting {x} more",
-       "undo_lose_x": "{P} before losing {x}"}
+       "undo_lose_x": "{P} before losing {x}", "earn": "{P} earns {a} times {b}", "sell": "{P} sells {a} at {b} each",
+       "buy": "{P} pays {a} times {b}", "pay": "{P} pays {n}", "lose_part": "{P} loses {f} of {x}",
+       "keep_half": "{P} keeps half", "give_part": "{P} gives {f} of {x}", "give_half": "{P} gives half of {x}",
+       "again_times": "{P} then gets {k} times {n}", "again_part": "{P} then gets {f} of {n}",
+       "again_both": "{P} gets {n} and {x}",
+       "need": "{P} needs {n} in all", "all": "With {Q}'s too", "afford": "{P} buys at {k} each"}
+# a story about no person's count ("There are 4 baskets with 6 pears in each. 5 pears are taken out of the
+# basket. ...") restates its steps without a subject
+SAY_NOBODY = {"groups": "There are {a} groups of {b}", "gain": "Add {n}", "lose": "Take away {n}",
+              "gain_groups": "Add {a} groups of {b}", "gain_x": "Add {x}", "lose_x": "Take away {x}",
+              "scale": "Make {k} times as many", "lose_part": "Take away {f} of {x}", "keep_half": "Half are left",
+              "share": "Each of {k} shares gets", "pack": "Groups of {k}", "need": "Room for {n} in all"}
 # the answer's first line restates what the question asks for: which count to follow through the story
 GOALS = {"count": "Find {P}'s {item}.", "together": "Find {P}'s and {Q}'s {item} together.",
          "diff": "Find how many more {item} {P} has than {Q}.", "share": "Find {P}'s {item} shared by {k}.",
-         "pack": "Find how many groups of {k} {P} makes.", "first": "Find {P}'s {item} at first."}
+         "pack": "Find how many groups of {k} {P} makes.", "first": "Find {P}'s {item} at first.",
+         "need": "Find how many more {item} {P} needs.", "all": "Find the number of {item} in all.",
+         "afford": "Find how many {other} {P} can buy."}
+# the goal of a question that names nobody: no person's count to follow either
+GOALS_NOBODY = {"count": "Find the number of {item} now.", "together": "Find the number of {item} in all.",
+                "first": "Find the number of {item} at first.", "share": "Find the number of {item} in each share.",
+                "pack": "Find the number of groups of {k}.", "need": "Find how many more {item} fit.",
+                "all": GOALS["all"]}
 MAX_STEPS = 5    # training problems have 1..MAX_STEPS steps; the length slice has LENGTH_STEPS
 KEEP_STEPS = {1: 0.5, 2: 0.7, 3: 0.8, 4: 1.0, 5: 1.0}  # training problems lean long: a story is to be tracked
 LENGTH_STEPS = 6
@@ -462,12 +562,26 @@ def solution(goal, target, position):
 # an event: {"kind", "roles", "pattern", "conn", "words": [number slots written in words], "pron"}. Roles 0..n-1 are
 # people; the story's events are in the order they happen.
 
-MUTATIONS = {"gain": 4, "gain_groups": 2, "lose": 4, "lose_groups": 1, "give": 3, "give_all": 1, "scale": 1}
+MUTATIONS = {"gain": 4, "gain_groups": 2, "lose": 4, "lose_groups": 1, "give": 3, "give_all": 1, "scale": 1,
+             "lose_part": 1.5, "give_part": 1.5, "again": 2}
 RELATIONS = {"times": 2, "part": 1, "more": 2, "fewer": 2}
-INTROS = {"has": 5, "groups": 2, "rate": 1}
-QUESTION_KINDS = {"count": 6, "together": 2, "diff": 1, "share": 1, "pack": 1}
+INTROS = {"has": 5, "groups": 2, "rate": 1, "again": 1}
+QUESTION_KINDS = {"count": 6, "together": 2, "diff": 1, "share": 1, "pack": 1, "need": 1.5, "all": 1.5}
+# a story about the world's money also earns, buys, sells and pays (earning and selling may start a count too)
+MONEY_INTROS = {"has": 3, "earn": 3, "sell": 2, "again": 1}
+MONEY_MUTATIONS = {"earn": 3, "buy": 6, "sell": 3, "pay": 3}  # buying at a price fits few counts: drawn often
+MONEY_QUESTIONS = {"afford": 3}
+# a story about no person's count: the items of a box, added to and taken out of ("There are 20 pears in the
+# basket. 6 more pears are put in the basket. How many pears are there now?")
+NOBODY_INTROS = {"has": 3, "groups": 2}
+NOBODY_MUTATIONS = {"gain": 4, "gain_groups": 2, "lose": 4, "scale": 1, "lose_part": 1.5}
+NOBODY_QUESTIONS = {"count": 6, "share": 1, "pack": 1, "need": 1.5}
 FIRST_MUTATIONS = {"gain": 3, "lose": 3, "give": 2, "got": 1, "gain_groups": 1, "lose_groups": 1, "scale": 1}
-CHANGES = set(MUTATIONS) | {"got"}  # events that change a count: what a join told as a step in time needs
+# Event meanings held out of every training problem and chat (the meaning slice asks about them); pretraining
+# still tells them, in stories without a question (doc_narrative), the way a text meets a meaning before a test
+# asks about it. Selling at a price: training's "sells" loses items, and its money stories only buy at a price.
+HELD_MEANINGS = {"sell"}
+CHANGES = set(MUTATIONS) | set(MONEY_MUTATIONS) | {"got"}  # what a join told as a step in time needs
 NUMBER_SLOTS = ("n", "a", "b", "k")
 
 
@@ -482,16 +596,19 @@ def anonymous(frame):
 
 
 @functools.lru_cache(maxsize=None)
-def pattern_choices(kind, item, heldout, anon=False):
+def pattern_choices(kind, item, heldout, anon=False, nobody=False):
     """The (pattern, frame) pairs an event of a kind about an item can be told in, training or held-out; questions
-    that name nobody only with anon."""
+    that name nobody only with anon. An event of a person's story names a person; with nobody (a story about no
+    person's count) no frame names one, but a {p} ("the basket")."""
     return [(p, f) for p, f, _ in verb_options(kind, item) if is_heldout_pattern(p) == heldout
-            and (anon or kind in FRAMES or not anonymous(f))]
+            and (anon or kind in FRAMES or not anonymous(f))
+            and (not any(s in f.text for s in ("{P}", "{Q}", "{q}")) if nobody else
+                 kind in QUESTIONS or any(s in f.text for s in ("{P}", "{p}", "{Q}", "{q}")))]
 
 
-def new_event(rng, kind, roles, item, heldout=False, anon=False):
+def new_event(rng, kind, roles, item, heldout=False, anon=False, nobody=False):
     """An event with a random pattern: a training one, or with heldout=True a held-out one (None if none fits)."""
-    options = pattern_choices("give" if kind == "got" else kind, item, heldout, anon)
+    options = pattern_choices("give" if kind == "got" else kind, item, heldout, anon, nobody)
     if not options:
         return None
     pattern, frame = rng.choice(options)
@@ -500,8 +617,9 @@ def new_event(rng, kind, roles, item, heldout=False, anon=False):
             "pron": rng.random() < 0.6}
 
 
-def draw_events(rng, item, n_people, n_events, inverse):
-    """The events of a story and its question, at random (validity of the numbers is checked when told)."""
+def draw_events(rng, item, n_people, n_events, inverse, nobody=False, meaning=False):
+    """The events of a story and its question, at random (validity of the numbers is checked when told); meaning:
+    the held-out meanings (HELD_MEANINGS) may be told, else never."""
     if inverse:  # person 0 starts with an unknown count and only changes; the question asks for it
         events, holders = [new_event(rng, "some", [0], item)], [0]
         others = list(range(1, n_people))
@@ -524,41 +642,57 @@ def draw_events(rng, item, n_people, n_events, inverse):
         # "How many pears were there at first?" when only person 0 ever held the item (nobody got any)
         anon = holders == [0] and not any(e["kind"] == "give" for e in events)
         return events, new_event(rng, "first", [0], item, anon=anon)
+    intros, mutations, questions = INTROS, MUTATIONS, QUESTION_KINDS
+    if nobody:
+        intros, mutations, questions = NOBODY_INTROS, NOBODY_MUTATIONS, NOBODY_QUESTIONS
+    elif item == MONEY:
+        intros, mutations, questions = MONEY_INTROS, {**MUTATIONS, **MONEY_MUTATIONS}, {**QUESTION_KINDS,
+                                                                                          **MONEY_QUESTIONS}
+    if not meaning:
+        intros, mutations = ({k: w for k, w in d.items() if k not in HELD_MEANINGS} for d in (intros, mutations))
     events, holders, gone = [], [], set()
     for i in range(n_events):
         live = [r for r in holders if r not in gone]
         weights = {}
         if len(holders) < n_people:
-            weights.update(INTROS if not live else {**INTROS, **RELATIONS})
+            weights.update(intros if not live else {**intros, **RELATIONS})
         if live:
-            weights.update(MUTATIONS if len(live) > 1 else {k: w for k, w in MUTATIONS.items() if k != "give_all"})
+            weights.update(mutations if len(live) > 1 else {k: w for k, w in mutations.items() if k != "give_all"})
         kind = pick(rng, weights)
-        if kind in INTROS:
+        # earning and selling start a new person's count, or (mostly, when someone has one) change a count
+        intro = kind in intros and len(holders) < n_people and (not live or kind not in mutations or
+                                                                   rng.random() < 0.3)
+        if intro:
             roles = [len(holders)]
         elif kind in RELATIONS:
             roles = [len(holders), rng.choice(live)]
         elif kind == "give_all":
             roles = rng.sample(live, 2)
-        elif kind == "give":  # to another person of the story, or to someone outside it
+        elif kind in ("give", "give_part"):  # to another person of the story, or to someone outside it
             p = rng.choice(live)
             roles = [p, rng.choice([r for r in live if r != p] + [n_people])]
         else:
             roles = [rng.choice(live)]
-        if kind in INTROS or kind in RELATIONS:
+        if intro or kind in RELATIONS:
             holders.append(roles[0])
         if kind == "give_all":
             gone.add(roles[0])
-        events.append(new_event(rng, kind, roles, item))
+        events.append(new_event(rng, kind, roles, item, nobody=nobody))
+        if intro:  # no "Then" before a first count ("Then Mia earns 5 coins an hour ..." as the story's start)
+            events[-1]["conn"] = ""
     live = [r for r in holders if r not in gone]
-    weights = dict(QUESTION_KINDS) if len(live) > 1 else {k: w for k, w in QUESTION_KINDS.items()
-                                                          if k not in ("together", "diff")}
-    kind = pick(rng, weights)
-    roles = rng.sample(live, 2) if kind in ("together", "diff") else [rng.choice(live)]
     # a question may name nobody when the people it asks about hold every one of the story's item (nobody
-    # outside the story was given any): "How many pears are there now?", "... in all?"
-    outside = any(e["kind"] == "give" and e["roles"][1] == n_people for e in events)
-    anon = not outside and len(live) == len(roles)
-    return events, new_event(rng, kind, roles, item, anon=anon)
+    # outside the story was given any): "How many pears are there now?", "... in all?"; a total over everybody
+    # ("How many pears do they have altogether?") only then
+    outside = any(e["kind"] in ("give", "give_part") and e["roles"][1] == n_people for e in events)
+    weights = {k: w for k, w in questions.items() if len(live) > 1 or k not in ("together", "diff", "all")}
+    if outside:
+        weights.pop("all", None)
+    kind = pick(rng, weights)
+    roles = rng.sample(live, 2) if kind in ("together", "diff") else sorted(live) if kind == "all" else \
+        [rng.choice(live)]
+    anon = nobody or not outside and len(live) == len(roles)
+    return events, new_event(rng, kind, roles, item, anon=anon, nobody=nobody)
 
 
 def touches(event):
@@ -595,17 +729,22 @@ def sentence_order(rng, events, n_people):
     return order
 
 
-def draw_recipe(rng, steps_hint):
-    """A random recipe; steps_hint (1..6) sizes the story, the exact step count is known once it is told."""
-    item = rng.choice(ITEMS)
-    inverse = rng.random() < 0.15
-    n_people = rng.choice([1, 2, 2, 3]) if steps_hint > 1 else rng.choice([1, 2])
+def draw_recipe(rng, steps_hint, meaning=False):
+    """A random recipe; steps_hint (1..6) sizes the story, the exact step count is known once it is told. meaning:
+    a story of the held-out meanings' kind (money), which may tell them."""
+    item = MONEY if meaning or rng.random() < 0.2 else rng.choice(ITEMS)  # money stories tell the most meanings
+    inverse = not meaning and rng.random() < 0.15
+    nobody = item != MONEY and not inverse and rng.random() < 0.15
+    n_people = 1 if nobody else rng.choice([1, 2, 2, 3]) if steps_hint > 1 else rng.choice([1, 2])
     n_events = max(1, steps_hint - rng.randint(0, 2)) if inverse else rng.randint(max(1, steps_hint - 2),
                                                                                     steps_hint + 2)
-    events, question = draw_events(rng, item, n_people, n_events, inverse)
-    for _ in range(rng.choice([0, 0, 1, 1, 2])):  # numbers and facts to ignore, about anyone
-        events.insert(rng.randint(0, len(events)), new_event(rng, "noise", [rng.randint(0, n_people + 1)], item))
+    events, question = draw_events(rng, item, n_people, n_events, inverse, nobody, meaning)
+    for _ in range(rng.choice([0, 0, 1, 1, 2])):  # numbers and facts to ignore, about anyone (but no box)
+        # (about those a total over everybody adds up: "How many pears do they have?" asks about all it names)
+        about = rng.choice(question["roles"]) if question["kind"] == "all" else rng.randint(nobody, n_people + 1)
+        events.insert(rng.randint(0, len(events)), new_event(rng, "noise", [about], item))
     return {"tense": rng.randint(0, 1), "item": item, "other": rng.choice([i for i in ITEMS if i != item]),
+            "thing": rng.choice(OBJECTS), "nobody": nobody,
             "box": rng.randrange(len(CONTAINERS)), "she": [rng.random() < 0.5 for _ in range(n_people + 2)],
             "events": events, "order": sentence_order(rng, events, n_people), "question": question}
 
@@ -633,16 +772,19 @@ def placement_fits(place, recipe):
         return True
     if place == "request":
         return indirect(frame_of(question)[0].text) is not None
-    alone = question["kind"] in ("count", "together", "diff", "first")
-    # a condition lists its clauses with commas: none may hold a comma of its own ("At first, Mia has ...")
+    alone = question["kind"] in ("count", "together", "diff", "first", "all")
+    # a condition lists its clauses with commas and "and": none may hold one of its own ("At first, Mia has ...")
     return alone and (place == "first" or len(recipe["events"]) <= MAX_IF_EVENTS and
-                      not any(", " in frame_of(e)[0].text for e in recipe["events"]))
+                      not any(", " in frame_of(e)[0].text or " and " in frame_of(e)[0].text
+                              for e in recipe["events"]))
 
 
 def indirect(text):
     """A question frame as the object of a request ("How many {item} does {P} have now?" -> "how many {item} {P}
     has now"), or None when it has none."""
-    m = re.fullmatch(r"How many ((?:more |fewer )?\{item\}) (does|do|did) (.+?) (have|start|end)(.*)\?", text)
+    # its subject one person, two or everybody ("How many more pears does Mia need to have 30?" has none)
+    m = re.fullmatch(r"How many ((?:more |fewer )?\{item\}) (does|do|did) (\{P\}(?: and \{Q\})?|they|all of them) "
+                     r"(have|start|end)(.*)\?", text)
     if m:
         verb = {("does", "have"): "has", ("does", "end"): "ends", ("do", "have"): "have", ("did", "have"): "had",
                 ("did", "start"): "started"}[m[2], m[4]]
@@ -657,8 +799,9 @@ def join_fits(join, a, b):
         return a["kind"] == "has" and b["kind"] == "give" and b["roles"][1] == a["roles"][0] and \
             frame_of(b)[0].text.endswith("{Q}.")
     text_a, text_b = frame_of(a)[0].text, frame_of(b)[0].text
-    # "..., and each box holds 5 pears, and ..." and "..., and at first, Tom has ..." do not read
-    if ", and " in text_a + text_b or text_b.startswith("At first"):
+    # "..., and each box holds 5 pears, and ...", "... on Monday and half as many on Tuesday and ..." and "...,
+    # and at first, Tom has ..." do not read
+    if " and " in text_a + text_b or text_b.startswith("At first"):
         return False
     if join.change and (b["kind"] not in CHANGES or a["kind"] == "noise"):
         return False
@@ -670,7 +813,7 @@ def may_elide(a, b):
     """Whether b's clause may leave out its subject after a's: both start with the same person as subject."""
     text_a, text_b = frame_of(a)[0].text, frame_of(b)[0].text
     role, slot = subject_slot(a)
-    return text_b.startswith("{P} ") and text_a.startswith(slot + " ") and slot in ("{P}", "{Q}") and \
+    return slot in ("{P}", "{Q}") and text_b.startswith("{P} ") and text_a.startswith(slot + " ") and \
         role == b["roles"][0]
 
 
@@ -731,13 +874,14 @@ def frame_of(event):
     return frames[fi], (verbs[vi] if vi >= 0 else None)
 
 
-def draw(rng, lo, hi, used=None):
-    """A number in lo..hi; with `used`, one not in it (and then added): a story states each number once and works
-    out values it does not state, so which number feeds which step is never ambiguous."""
+def draw(rng, lo, hi, used=None, multiple_of=1):
+    """A number in lo..hi (a multiple of multiple_of); with `used`, one not in it (and then added): a story states
+    each number once and works out values it does not state, so which number feeds which step is never ambiguous."""
+    lo, hi = -(-lo // multiple_of), hi // multiple_of
     for _ in range(20 if used is not None else 1):
         if lo > hi:
             raise Redraw
-        value = rng.randint(lo, hi)
+        value = rng.randint(lo, hi) * multiple_of
         if used is None:
             return value
         if value not in used:
@@ -769,15 +913,18 @@ def divisor(rng, value, most, used):
     return k
 
 
-def work(recipe, names, people, rng):
+def work(recipe, names, people, rng, counts_after=None):
     """Draw the numbers of a recipe's events and work out the question's graph.
-    Returns (graph, {event index: {slot: number}}); raises Redraw or Unfit."""
+    Returns (graph, {event index: {slot: number}}); raises Redraw or Unfit. counts_after, a list, gets each
+    event's {role: count} after it (what a story without a question tells)."""
     events, question = recipe["events"], recipe["question"]
     counts, numbers, changes, start = {}, {}, [], None  # changes: person 0's changes in an unknown-start story
     N = len(events)
     used = {frame_of(e)[0].k for e in events + [question]} - {None}  # numbers the story states ("twice": 2)
 
     def say(key, roles, **nums):
+        if recipe["nobody"] and roles[0] == 0 and key in SAY_NOBODY:
+            return SAY_NOBODY[key].format(**nums)
         return SAY[key].format(P=names[roles[0]], Q=names[roles[-1]], **nums)
 
     for i, e in enumerate(events + [question]):
@@ -837,6 +984,47 @@ def work(recipe, names, people, rng):
                 counts[P] = calc(cur, "*", leaf(got["k"]), say(kind, roles, **got), at)
             if start is not None and P == 0:
                 changes.append((kind, got))
+        elif kind in ("earn", "sell", "buy"):  # a count times a price or a rate: a new count, or a change
+            # (what is bought must leave at least 2 coins: the numbers drawn are bounded by the count)
+            most = 9 if kind == "earn" else 6 if kind == "sell" else min(6, (counts[P].value - 2) // 2)
+            got["a"] = draw(rng, 2, most, used)
+            most = 12 if kind == "earn" else 10 if kind == "sell" else min(10, (counts[P].value - 2) // got["a"])
+            got["b"] = draw(rng, 2, most, used)
+            x = calc(leaf(got["a"]), "*", leaf(got["b"]), say(kind, roles, **got), at)
+            if P not in counts:
+                counts[P] = x
+            else:
+                counts[P] = calc(counts[P], "-" if kind == "buy" else "+", x,
+                                 say("lose_x" if kind == "buy" else "gain_x", roles, x=x.value), (i, 1))
+        elif kind == "pay":
+            got["n"] = draw(rng, 2, counts[P].value - 2, used)
+            counts[P] = calc(counts[P], "-", leaf(got["n"]), say(kind, roles, **got), at)
+        elif kind == "lose_part":  # a half is left in one step (what is lost equals what is left)
+            cur, k = counts[P], frame.k
+            if k == 2:
+                counts[P] = calc(cur, "/", leaf(k), say("keep_half", roles), at)
+            else:
+                x = calc(cur, "/", leaf(k), say(kind, roles, f=FRACTION[k], x=cur.value), at)
+                counts[P] = calc(cur, "-", x, say("lose_x", roles, x=x.value), (i, 1))
+        elif kind == "again":  # n, then k times as many (or a k-th as many): a new count or a change
+            got["k"] = k = frame.k or draw(rng, 2, 4, used)
+            part = " as many on" in frame.text and "times" not in frame.text  # "half as many", "a third as many"
+            got["n"] = draw(rng, 2, 20, used, multiple_of=k if part else 1)
+            if part:
+                x = calc(leaf(got["n"]), "/", leaf(k), say("again_part", roles, f=FRACTION[k], n=got["n"]), at)
+            else:
+                x = calc(leaf(got["n"]), "*", leaf(k), say("again_times", roles, **got), at)
+            both = calc(leaf(got["n"]), "+", x, say("again_both", roles, n=got["n"], x=x.value), (i, 1))
+            counts[P] = calc(counts[P], "+", both, say("gain_x", roles, x=both.value), (i, 2)) if P in counts else both
+        elif kind == "give_part":  # given away half, the part given is also the part kept: one node for both
+            cur, k, Q = counts[P], frame.k, roles[1]
+            if k == 2:
+                x = counts[P] = calc(cur, "/", leaf(k), say("give_half", roles, x=cur.value), at)
+            else:
+                x = calc(cur, "/", leaf(k), say(kind, roles, f=FRACTION[k], x=cur.value), at)
+                counts[P] = calc(cur, "-", x, say("lose_x", roles, x=x.value), (i, 1))
+            if Q in counts:
+                counts[Q] = calc(counts[Q], "+", x, say("gain_x", [Q], x=x.value), (i, 2))
         elif kind == "give_all":
             Q = roles[1]
             counts[Q] = calc(counts[Q], "+", counts.pop(P), say(kind, roles), at)
@@ -859,9 +1047,16 @@ def work(recipe, names, people, rng):
             target = counts[P]
         elif kind in ("together", "diff"):
             target = calc(counts[P], "+" if kind == "together" else "-", counts[roles[1]], say(kind, roles), at)
-        elif kind in ("share", "pack"):
+        elif kind in ("share", "pack", "afford"):
             got["k"] = divisor(rng, counts[P].value, 9 if kind == "share" else 12, used)
             target = calc(counts[P], "/", leaf(got["k"]), say(kind, roles, **got), at)
+        elif kind == "need":
+            got["n"] = draw(rng, counts[P].value + 2, min(counts[P].value + 30, MAX_VALUE), used)
+            target = calc(leaf(got["n"]), "-", counts[P], say(kind, roles, **got), at)
+        elif kind == "all":
+            target = counts[P]
+            for j, r in enumerate(roles[1:]):
+                target = calc(target, "+", counts[r], say("together" if j == 0 else "all", [P, r]), (i, j))
         elif kind == "first":  # undo person 0's changes, last first, from the count stated at the end
             target = leaf(counts[P].value)
             for j, (change, nums) in enumerate(reversed(changes)):
@@ -879,6 +1074,8 @@ def work(recipe, names, people, rng):
             if target.value != start:
                 raise AssertionError("undoing the changes must give the start")  # a bug, never a draw
         numbers[i] = got
+        if counts_after is not None:
+            counts_after.append({r: c.value for r, c in counts.items()})
     if target.op is None:
         raise Unfit
     results = [n.value for n in steps_of(target)]
@@ -903,15 +1100,16 @@ def sentence(event, nums, names, recipe, people, pronoun, start=True, conn=True,
     fields = {w: forms[tense] for w, forms in TENSE.items()}
     fields.update(item=recipe["item"], other=recipe["other"], box=box, boxes=boxes, home=person["home"],
                   a_job=an(person["job"]), P=("she" if she else "he") if pronoun else names[P],
-                  p=("her" if she else "his") if pronoun or 0 <= template.find("{P}") < template.find("{p}")
-                  else names[P] + "'s", Q=names[Q], q=names[Q] + "'s",
+                  p="the" if recipe["nobody"] and P == 0 else ("her" if she else "his")
+                  if pronoun or 0 <= template.find("{P}") < template.find("{p}") else names[P] + "'s",
+                  Q=names[Q], q=names[Q] + "'s", thing=recipe["thing"], a_thing=an(recipe["thing"]),
                   v=(verb.now, verb.past)[tense] if verb else "")
     for slot, value in nums.items():
         fields[slot] = number(value, slot in event["words"])
     text = template.format(**fields)
     if elide:  # the frame starts with "{P} ", a one-word name or pronoun
         text = text.split(" ", 1)[1]
-    elif conn and event["conn"] and template.startswith("{") and event["kind"] in MUTATIONS:
+    elif conn and event["conn"] and template.startswith("{") and event["kind"] in {**MUTATIONS, **MONEY_MUTATIONS}:
         text = event["conn"] + text
     if start:
         return text[0].upper() + text[1:]
@@ -951,8 +1149,11 @@ def tell(recipe, names, people, rng, fits=None):
         nonlocal last
         e = question if i == q else events[i]
         role, slot = subject_slot(e)
-        alone = role is not None and sum(she[r] == she[role] for r in used) == 1
-        pronoun = slot in ("{P}", "{p}") and e["pron"] and alone and role == last
+        alone = role is not None and not (recipe["nobody"] and role == 0) and \
+            sum(she[r] == she[role] for r in used) == 1
+        # "she"/"he" never as an object ("It takes she ...", "... sold by she")
+        subject = slot == "{p}" or not re.search(r"\b(?:takes|by|from|to)\s$", frame_of(e)[0].text.split(slot)[0])
+        pronoun = slot in ("{P}", "{p}") and subject and e["pron"] and alone and role == last
         last = role
         return sentence(e, numbers[i], names, recipe, people, pronoun, start, conn, elide, text)
 
@@ -989,8 +1190,10 @@ def tell(recipe, names, people, rng, fits=None):
             s = REQUESTS[recipe["request"]].text.format(I=ask)
             parts.append(s[0].upper() + s[1:])
         text = " ".join(parts)
-    goal = GOALS[question["kind"]].format(P=names[question["roles"][0]], Q=names[question["roles"][-1]],
-                                          item=recipe["item"], **numbers[len(events)])
+    # a question that names nobody has a goal that names nobody ("Find the number of pears now.")
+    goals = GOALS_NOBODY if recipe["nobody"] or anonymous(frame_of(question)[0]) else GOALS
+    goal = goals[question["kind"]].format(P=names[question["roles"][0]], Q=names[question["roles"][-1]],
+                                          item=recipe["item"], other=recipe["other"], **numbers[len(events)])
     answer = solution(goal, target, lambda at: (position.get(at[0], len(events)),) + at[1:])
     patterns = {tuple(e["pattern"]) for e in events + [question]} | {("join", j) for j in joins if j is not None}
     patterns.add(("place", place))
@@ -1021,7 +1224,7 @@ def with_heldout_pattern(rng, recipe):
     rng.shuffle(slots)
     for i in slots:
         old = recipe["question"] if i == len(recipe["events"]) else recipe["events"][i]
-        new = new_event(rng, old["kind"], old["roles"], recipe["item"], heldout=True)
+        new = new_event(rng, old["kind"], old["roles"], recipe["item"], heldout=True, nobody=recipe["nobody"])
         if new is not None:
             events = [new if j == i else e for j, e in enumerate(recipe["events"])]
             # every sentence told alone, the question before or after the story: a held frame is seen whole
@@ -1055,9 +1258,14 @@ HELD_OUT = {"join": (with_heldout_join, 4), "placement": (with_heldout_placement
             "clause": (with_heldout_pattern, 3)}  # what a phrasing problem holds out: mostly structures
 
 
+def tells_held_meaning(recipe):
+    return any(e["kind"] in HELD_MEANINGS for e in recipe["events"])
+
+
 def math_problem(rng, people, slice_, steps=0):
-    """A problem of a slice: "train" (what training sees), "phrasing", "composition" or "length", with `steps`
-    steps (0: 1..MAX_STEPS, drawn long rather than short: KEEP_STEPS)."""
+    """A problem of a slice: "train" (what training sees), "phrasing", "composition", "length" or "meaning" (a
+    story that tells a held-out meaning, in training patterns and shapes), with `steps` steps (0: 1..MAX_STEPS,
+    drawn long rather than short: KEEP_STEPS)."""
     def fits(target):
         n = len(steps_of(target))
         return (n == steps if steps else n <= MAX_STEPS and rng.random() < KEEP_STEPS[n]) and \
@@ -1067,7 +1275,9 @@ def math_problem(rng, people, slice_, steps=0):
     holds = {k: w for k, (_, w) in HELD_OUT.items() if not (k == "join" and steps == 1)}
     hold = HELD_OUT[pick(rng, holds)][0] if slice_ == "phrasing" else None
     while True:
-        recipe = draw_recipe(rng, steps or rng.choice([2, 3, 4, 5, 5]))
+        recipe = draw_recipe(rng, steps or rng.choice([2, 3, 4, 5, 5]), meaning=slice_ == "meaning")
+        if slice_ == "meaning" and not tells_held_meaning(recipe):
+            continue
         if hold:
             recipe = hold(rng, recipe)
             if recipe is None:
@@ -1553,13 +1763,48 @@ def doc_problem(rng, people, places, seen):
     return f"Question: {p.question}\nAnswer: {p.answer}"
 
 
+def narrate(rng, recipe, people):
+    """A recipe's story without its question, each sentence that sets or changes a count followed by that count
+    ("Mia sells 3 pears for 4 coins each. So Mia has 32 coins."), or None when its numbers do not fit."""
+    names = draw_names(rng, recipe["she"])
+    counts_after = []
+    try:
+        _, numbers = work(recipe, names, people, rng, counts_after)
+    except (Redraw, Unfit):
+        return None
+    has, are = TENSE["has"][recipe["tense"]], TENSE["are"][recipe["tense"]]
+    lines = []
+    for i in recipe["order"]:
+        e = recipe["events"][i]
+        lines.append(sentence(e, numbers[i], names, recipe, people, pronoun=False))
+        P = e["roles"][0]
+        if e["kind"] not in ("noise", "has") and P in counts_after[i]:
+            count = counts_after[i][P]
+            lines.append(f"So there {are} {count} {recipe['item']}." if recipe["nobody"] and P == 0 else
+                         f"So {names[P]} {has} {count} {recipe['item']}.")
+    return " ".join(lines)
+
+
+def doc_narrative(rng, people, places, seen):
+    """A story of counts told without a question, half of them telling a held-out meaning: pretraining meets
+    every meaning in text, though no training problem asks about the held ones."""
+    meaning = rng.random() < 0.5
+    while True:
+        recipe = draw_recipe(rng, rng.choice([2, 3, 4]), meaning)
+        if meaning and not tells_held_meaning(recipe) or any(e["kind"] == "some" for e in recipe["events"]):
+            continue  # (an unknown start is no narrative)
+        text = narrate(rng, recipe, people)
+        if text:
+            return text
+
+
 def doc_arith(rng, people, places, seen):
     q, a, _, _ = arith_question(rng, heldout=False)
     return f"Question: {q}\nAnswer: {a}"
 
 
 DOCS = [(doc_facts, 3), (doc_place, 1), (doc_story, 2), (doc_dialogue, 2), (doc_list, 1), (doc_drill, 1),
-        (doc_quiz, 2), (doc_problem, 6), (doc_arith, 2)]
+        (doc_quiz, 2), (doc_problem, 6), (doc_arith, 2), (doc_narrative, 2)]
 
 
 def pretrain_shards(rng, people, places, total_bytes, shard_bytes, seen):
@@ -1616,7 +1861,7 @@ def conversation(rng, people, places, seen):
 # -----------------------------------------------------------------------------
 # Writing the set
 
-SLICES = ("id", "phrasing", "composition", "length", "arith")
+SLICES = ("id", "phrasing", "composition", "length", "meaning", "arith")
 
 
 def math_test(rng, people, train, n, seen):
@@ -1635,7 +1880,7 @@ def math_test(rng, people, train, n, seen):
                     q, a, level = p.question, p.answer, p.steps
                 else:
                     level = {"phrasing": 1 + i % MAX_STEPS, "composition": 2 + i % (MAX_STEPS - 1),
-                             "length": LENGTH_STEPS}[slice_]
+                             "length": LENGTH_STEPS, "meaning": 1 + i % MAX_STEPS}[slice_]
                     p = math_problem(rng, people, slice_, level)
                     q, a = p.question, p.answer
                 if q not in seen:

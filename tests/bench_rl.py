@@ -3,8 +3,8 @@ Benchmark: the post-training methods side by side, each from the same sft model 
 (rl.py), PPO (rl.py --algo=ppo), DPO (dpo.py) and distillation (sft.py --distill_from: expert iteration, the sft
 model trained on its own verified answers). Every resulting model, and the sft model, is then measured here alike:
 - held-out pass@1 on the test word problems (sampled at temperature 1, and greedy), and per slice when the data
-  has slices (tinyworld's math_test "slice": id, phrasing, composition, length, arith); `reworded`: greedy pass@1 on
-  the 300 reworded word problems of tests/heldback.py (phrasings and shapes the generator does not know);
+  has slices (tinyworld's math_test "slice": id, phrasing, composition, length, meaning, arith); `reworded`: greedy
+  pass@1 on the 300 reworded word problems of tests/heldback.py (phrasings and shapes the generator does not know);
 - chat retention: `chat_ok`, the share of non-math prompts answered as chat (no "####" line, no calculator call;
   with the data's chat probe set, chat_probe_test.jsonl, its held-out phrasings graded by data.chat_reply_ok, which
   also wants the fact asked for; without one, the first turns of the val chats whose answer is not math);

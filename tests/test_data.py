@@ -167,7 +167,9 @@ def test_math_answers_are_correct(world):
     for r in train:
         check_problem(r, r["level"])
     test = read(os.path.join(world, "math_test.jsonl"))
-    assert [r["slice"] for r in test] == [s for s in tinyworld.SLICES for _ in range(len(test) // 5)]
+    n, k = len(test), len(tinyworld.SLICES)
+    assert [r["slice"] for r in test] == [s for i, s in enumerate(tinyworld.SLICES)
+                                          for _ in range(n // k + (i < n % k))]
     for r in test:
         assert set(r) == {"question", "answer", "level", "slice"}
         if r["slice"] == "arith":  # one calculator call on the whole expression
@@ -185,7 +187,7 @@ def test_problems_hold_on_many_draws():
     rng = random.Random(0)
     for i in range(60):
         for slice_, steps in (("train", 1 + i % 5), ("phrasing", 1 + i % 5), ("composition", 2 + i % 4),
-                              ("length", 6)):
+                              ("length", 6), ("meaning", 1 + i % 5)):
             p = tinyworld.math_problem(rng, people, slice_, steps)
             check_problem({"question": p.question, "answer": p.answer, "level": p.steps}, steps)
     for i in range(300):
@@ -225,6 +227,35 @@ def test_sentence_structures():
     assert structures >= 30  # the phrasing slice mostly tests held-out structures
 
 
+def test_event_meanings_and_stories_about_nobody():
+    """Training problems tell every event and question meaning, each in 3 or more clause patterns; some stories
+    are about no person's count, and a question that names nobody has a goal line that names nobody."""
+    people, _ = tinyworld.world(0)
+    rng = random.Random(3)
+    train = [tinyworld.math_problem(rng, people, "train") for _ in range(1200)]
+    frames = {}
+    for p in train:
+        for e in p.recipe["events"] + [p.recipe["question"]]:
+            frames.setdefault(e["kind"], set()).add(e["pattern"][1])
+    meanings = {"earn", "buy", "pay", "lose_part", "give_part", "again", "need", "all", "afford", "has", "gain",
+                "lose", "give", "groups", "gain_groups", "lose_groups", "times", "part", "more", "fewer", "count",
+                "together", "diff", "share"}
+    assert all(len(frames.get(k, ())) >= 3 for k in meanings), {k: frames.get(k) for k in meanings}
+    assert not set(frames) & tinyworld.HELD_MEANINGS
+    names = re.compile(r"\b(?:%s)\b" % "|".join(tinyworld.NAMES))
+    nobody = [p for p in train if p.recipe["nobody"]]
+    assert len(nobody) > 50
+    for p in nobody:  # the story's count is a box's: the story and its solution name only people of its noise
+        goal = p.answer.split("\n")[0]
+        assert not names.search(goal) and goal.startswith("Find the number of ") or goal.startswith("Find how"), p
+        assert all(not names.search(line) for line in p.answer.split("\n")[1:]), p
+    anonymous = [p for p in train if tinyworld.anonymous(tinyworld.frame_of(p.recipe["question"])[0])]
+    assert len(anonymous) > 100 and not any(names.search(p.answer.split("\n")[0]) for p in anonymous)
+    # some of them worked right through a money story: "Mia earns 5 coins an hour for 4 hours. ..."
+    assert any(re.search(r"\b(?:earns|earned) \w+ coins an hour for \w+ hours", p.question) for p in train)
+    assert any(re.search(r"Find the number of \w+ (?:now|in all)\.", p.answer) for p in train)
+
+
 def test_composition_and_length_are_held_out():
     """No training problem has a held-out shape or as many steps as the length slice; every composition problem
     has a held-out shape (seen from the graphs the generator worked out)."""
@@ -242,26 +273,30 @@ def test_composition_and_length_are_held_out():
     assert 8 <= len(two) and {p.shape for p in test if p.steps == 2} - two
 
 
+NUM = r"(?:\d+|[a-z]+(?:-[a-z]+)?)"
+SLOTS = {"P": r"(?:[A-Z][a-z]+|she|he)", "p": r"(?:[A-Z][a-z]+'s|her|his)", "Q": r"[A-Z][a-z]+",
+         "q": r"[A-Z][a-z]+'s", "n": NUM, "a": NUM, "b": NUM, "k": NUM, "item": r"[a-z]+", "other": r"[a-z]+",
+         "box": r"[a-z]+", "boxes": r"[a-z]+", "home": r"[A-Z][a-z]+(?: [A-Z][a-z]+)?", "a_job": r"an? [a-z]+",
+         "object": r"[a-z]+", "thing": r"[a-z]+", "a_thing": r"an? [a-z]+", "E": ".+", "A": ".+", "B": ".+"}
+
+
+def rx(text, verb=None, names=False):
+    """A frame's text as a regex of what it says with any slot filled."""
+    out = ""
+    for literal, field, _, _ in string.Formatter().parse(text):
+        out += re.escape(literal)
+        if field == "v":
+            out += f"(?:{re.escape(verb.now)}|{re.escape(verb.past)})"
+        elif field in tinyworld.TENSE:
+            out += "(?:%s|%s)" % tinyworld.TENSE[field]
+        elif field is not None:
+            out += r"[A-Z][a-z]+" if names and field == "n" else SLOTS[field]
+    return re.compile(f"(?i:{out[0]}){out[1:]}" if out[0].isalpha() else out)
+
+
 def heldout_regexes():
     """A regex per held-out surface pattern (math clauses and questions, arithmetic forms, fact questions,
     identity and small talk): what no training text may contain."""
-    num = r"(?:\d+|[a-z]+(?:-[a-z]+)?)"
-    slots = {"P": r"(?:[A-Z][a-z]+|she|he)", "p": r"(?:[A-Z][a-z]+'s|her|his)", "Q": r"[A-Z][a-z]+",
-             "q": r"[A-Z][a-z]+'s", "n": num, "a": num, "b": num, "k": num, "item": r"[a-z]+", "other": r"[a-z]+",
-             "box": r"[a-z]+", "boxes": r"[a-z]+", "home": r"[A-Z][a-z]+(?: [A-Z][a-z]+)?", "a_job": r"an? [a-z]+",
-             "object": r"[a-z]+", "E": ".+", "A": ".+", "B": ".+"}
-
-    def rx(text, verb=None, names=False):
-        out = ""
-        for literal, field, _, _ in string.Formatter().parse(text):
-            out += re.escape(literal)
-            if field == "v":
-                out += f"(?:{re.escape(verb.now)}|{re.escape(verb.past)})"
-            elif field in tinyworld.TENSE:
-                out += "(?:%s|%s)" % tinyworld.TENSE[field]
-            elif field is not None:
-                out += r"[A-Z][a-z]+" if names and field == "n" else slots[field]
-        return re.compile(f"(?i:{out[0]}){out[1:]}" if out[0].isalpha() else out)
     out = [rx(text, verb) for _, text, verb in tinyworld.heldout_patterns()]
     out += [rx(f.text) for f in tinyworld.ARITH_ASK if f.held]
     out += [rx(f.text) for _, f in tinyworld.ARITH_WORDS + tinyworld.ARITH_DO if f.held]
@@ -295,8 +330,40 @@ def test_heldout_phrasings_are_in_no_training_file(world):
     for text in [r["question"] for r in test if r["slice"] in ("phrasing", "arith")] + [p["prompt"] for p in probes]:
         assert any(r.search(text) for r in regexes), text
     for r in test:
-        if r["slice"] in ("id", "composition", "length"):
+        if r["slice"] in ("id", "composition", "length", "meaning"):
             assert not any(x.search(r["question"]) for x in regexes), r["question"]
+
+
+def held_meaning_regexes():
+    """A regex per clause pattern of the held-out meanings (any verb, held frame or not), as a clause says it
+    anywhere: its subject may be left out ("... and sells 4 pears for 3 coins each"), a comma may end it."""
+    return [rx(f.text.removeprefix("{P} ").rstrip("."), verb)
+            for kind in tinyworld.HELD_MEANINGS for _, f, verb in tinyworld.verb_options(kind, None)]
+
+
+def test_held_meanings_are_in_no_sft_or_rl_file(world):
+    """A held-out meaning is told in pretraining stories (no question about it), and in no problem or conversation
+    SFT or RL trains on: chat_train, math_train, mc_train, chat_probe_train nor the worked problems of the
+    pretraining text; every meaning problem tells one."""
+    regexes = held_meaning_regexes()
+    assert len(regexes) >= 3
+    shards = sorted(os.listdir(os.path.join(world, "pretrain")))
+    pretrain = [r["text"] for s in shards for r in read(os.path.join(world, "pretrain", s))]
+    trained = [t for t in training_texts(world) if t not in set(pretrain)] + [t for t in pretrain if "Question:" in t]
+    trained += [r["prompt"] for r in read(os.path.join(world, "chat_probe_train.jsonl"))]
+    for r in regexes:
+        m = next((t for t in trained if r.search(t)), None)
+        assert m is None, (r.pattern, m)
+    told = [t for t in pretrain if "Question:" not in t and any(r.search(t) for r in regexes)]
+    assert len(told) >= 10, len(told)
+    meaning = [r["question"] for r in read(os.path.join(world, "math_test.jsonl")) if r["slice"] == "meaning"]
+    assert meaning and all(any(r.search(q) for r in regexes) for q in meaning)
+    # and the training problems told: none of a held meaning, at any draw
+    people, _ = tinyworld.world(0)
+    rng = random.Random(5)
+    for _ in range(300):
+        p = tinyworld.math_problem(rng, people, "train")
+        assert not tinyworld.tells_held_meaning(p.recipe) and not any(r.search(p.question) for r in regexes)
 
 
 def template(question):
@@ -363,7 +430,7 @@ def test_template_lookup_baseline_fails_on_the_heldout_slices(tmp_path):
                 "answer"].rindex("#### "):]))
     scores = {k: sum(v) / len(v) for k, v in scores.items()}
     assert scores["id"] >= 0.9, scores
-    assert scores["phrasing"] == scores["composition"] == scores["length"] == 0.0, scores
+    assert scores["phrasing"] == scores["composition"] == scores["length"] == scores["meaning"] == 0.0, scores
 
 
 def test_splits_are_disjoint(world):

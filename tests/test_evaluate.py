@@ -293,12 +293,13 @@ def test_cli_end_to_end_on_a_tiny_base_model(world, one_thread, monkeypatch, cap
     table = out[out.index("| metric | base |"):].strip().splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == [
         "bpb", "unigram_bpb", "mc/tinyworld/acc", "mc/tinyworld/centered", "math/tinyworld/pass@1",
-        *[f"math/tinyworld/{name}/pass@1" for name in ("id", "phrasing", "composition", "length", "arith")]]
+        *[f"math/tinyworld/{name}/pass@1"
+          for name in ("id", "phrasing", "composition", "length", "meaning", "arith")]]
     with open(os.path.join(world, "report", "eval_base.json")) as f:
         section = json.load(f)
     assert section["checkpoint"] == {"stage": "base", "model_tag": "d1", "step": 2}
     assert section["config"]["max_problems"] == 4 and section["results"]["mc/tinyworld"]["n"] == 4
-    assert section["results"]["math/tinyworld"]["n"] == 20  # 4 of each slice
+    assert section["results"]["math/tinyworld"]["n"] == 24  # 4 of each slice
     m = section["metrics"]
     # two steps of training: the model is still worse than the unigram baseline, but far better than uniform
     assert 0 < m["unigram_bpb"] < m["bpb"] < 12

@@ -149,7 +149,7 @@ def test_open_model_through_sft_rl_evaluate_chat(qwen3, world, monkeypatch, caps
     assert "loaded open model" in out
     with open(os.path.join(world, "report", f"eval_{tag}.json"), encoding="utf-8") as f:
         result = json.load(f)["results"]["math/tinyworld"]
-    assert {"pass@1", "pass@2", "maj@2"} <= set(result) and result["n"] == 3 * 5  # --max_problems: per slice, 5
+    assert {"pass@1", "pass@2", "maj@2"} <= set(result) and result["n"] == 3 * 6  # --max_problems: per slice, 6
     assert result["settings"]["prompt"] == "boxed" and result["settings"]["dtype"] == "torch.bfloat16"
 
     # ---- chat: the rl model answers a prompt; the open model itself chats in the terminal
