@@ -1230,11 +1230,13 @@ class Engine:
     generate_batch): RL learns to end its answers only if the end token is among the tokens it trains on.
     The calculator follows the tokenizer's family: picochat's <|python_start|>expr<|python_end|> and
     <|output_start|>result<|output_end|>, Qwen3's <tool_call> JSON and its tool turn (tokenizer.tool_call and
-    tool_output); none for a family without tokens for it (GPT-2)."""
+    tool_output); none for a family without tokens for it (GPT-2). compile: generate's compile (a torch.compile'd
+    decoding step)."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, compile=False):
         self.model = model
         self.tokenizer = tokenizer
+        self.compile = compile
         self.python_start, self.python_end, self.output_start, self.output_end, self.assistant_end = (
             tokenizer.special(name) for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
                                                  "<|output_end|>", "<|assistant_end|>"))
@@ -1266,7 +1268,7 @@ class Engine:
         tools = tools and self.python_end is not None  # a family without calculator tokens: no tool
         yield from generate(self.model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop_tokens=self.stop_tokens, seed=seed, force=self.tool_output if tools else None,
-                            vocab_size=self.tokenizer.vocab_size)
+                            vocab_size=self.tokenizer.vocab_size, compile=self.compile)
 
     def generate_batch(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                        seed=None, tools=True):
