@@ -204,10 +204,17 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         # QK-norm bounds the attention logits (stabler training at high lr); norm then rotate as Qwen3 does
         # (for parameter-free norms the order does not matter: a rotation keeps the RMS)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cos is not None:  # None: learned positions, added to the embedding instead
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.q_norm is not None and self.q_norm.weight is None and cos is not None and not torch.is_grad_enabled():
+            # inference: q and k through one norm and one rotation, the same per-head ops on each row: a decoded
+            # token's norm and rotation are a dozen tiny ops each, its cost on a small model. Training keeps them
+            # apart (the cat would copy both, forward and backward)
+            qk = apply_rotary(self.q_norm(torch.cat((q, k), dim=2)), cos, sin)  # (B, T, H + Hkv, D)
+            q, k = qk.split((self.n_head, self.n_kv_head), dim=2)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if cos is not None:  # None: learned positions, added to the embedding instead
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, Tk, D): the cache up to the newest token
@@ -1069,7 +1076,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 def _compiled_decode_step():
     # dynamic shapes: one graph for every batch size and cache length (a static graph would be compiled again for
     # each generate call's (B, max_len)); measured as fast per step as the static one on the d4 model
-    return torch.compile(GPT.decode_step, dynamic=True)
+    return torch.compile(GPT.decode_step, dynamic=True, options={"emulate_precision_casts": True})
 
 
 @torch.inference_mode()

@@ -208,6 +208,15 @@ def test_cached_decoding_of_aligned_rows_equals_full_forward():
             assert torch.allclose(step_logits[b], full, atol=1e-4), (new, b)
 
 
+def test_inference_normalises_and_rotates_q_and_k_together_with_the_same_result():
+    # without gradients attention norms and rotates q and k as one tensor (fewer ops per decoded token)
+    model = tiny(n_kv_head=1)
+    idx = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        together = model(idx)
+    assert torch.allclose(together, model(idx), rtol=0, atol=1e-6)
+
+
 def prefilled(model, prompts, max_len, static):
     """A cache of len(prompts) rows prefilled as generate does (one batch-1 prefill per row, copied in)."""
     cache = KVCache(len(prompts), max_len, model.config, "cpu", static=static)
@@ -238,8 +247,11 @@ def test_static_cache_decode_step_equals_the_cached_forward(variant):
 
 
 @pytest.mark.slow
-def test_compiled_generate_gives_the_eager_tokens_and_logits():
-    model = tiny(depth=1, n_kv_head=1)
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_compiled_generate_gives_the_eager_tokens_and_logits(dtype, atol):
+    # bf16: the compiled graph rounds its intermediates to bf16 as eager does (emulate_precision_casts); without it
+    # fused kernels keep them in fp32 and a greedy token of this random model changed
+    model = tiny(depth=1, n_kv_head=1).to(dtype)
     prompts = [[1, 2, 3, 4, 5], [6, 7], [6, 7]]
     run = lambda compile: [[e[0] for e in s] for s in generate(model, prompts, 8, temperature=0.0,  # noqa: E731
                                                                  compile=compile)]
@@ -248,7 +260,7 @@ def test_compiled_generate_gives_the_eager_tokens_and_logits():
     new = torch.tensor([[20], [30], [40]])
     with torch.inference_mode():
         compiled = _compiled_decode_step()(model, new, static)  # (3, V); the cache is not advanced: the eager step
-        assert torch.allclose(compiled, model.decode_step(new, static), rtol=0, atol=1e-5)  # writes the same keys
+        assert torch.allclose(compiled, model.decode_step(new, static), rtol=0, atol=atol)  # writes the same keys
 
 
 def test_samples_share_one_prefill_and_seed_reproduces(monkeypatch):
