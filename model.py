@@ -373,6 +373,7 @@ class GPT(nn.Module):
         return f"position table of {self.context_len}"
 
     def check_room(self, kv_cache, T):
+        """Refuse T more tokens when the cache (or the position table) has no room for them."""
         if kv_cache.length + T > min(self.context_len, kv_cache.max_len):
             raise ValueError(f"KV cache of {kv_cache.max_len} positions ({self._positions()}) "
                              f"cannot take {T} more tokens after {kv_cache.length}")
@@ -418,8 +419,6 @@ class GPT(nn.Module):
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
 
-    # ---- optimisers
-
     def _trunk(self, idx, pos, cos, sin, kv_cache, attn_mask):
         """The embedding, the blocks and the final norm: (B, T) ids at positions pos (B or 1, T) -> (B, T, C)."""
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -449,6 +448,8 @@ class GPT(nn.Module):
             cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (B, 1, 1, D/2)
         attn_mask = (torch.arange(kv_cache.max_len, device=idx.device) <= pos)[:, None, None]  # (B, 1, 1, max_len)
         return self._head(self._trunk(idx, pos, cos, sin, kv_cache, attn_mask))[:, -1]  # (B, V)
+
+    # ---- optimisers
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                          adam_betas=(0.8, 0.95), zero=0, lora_lr=LORA_LR):
@@ -1074,8 +1075,9 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 @functools.cache
 def _compiled_decode_step():
-    # dynamic shapes: one graph for every batch size and cache length (a static graph would be compiled again for
-    # each generate call's (B, max_len)); measured as fast per step as the static one on the d4 model
+    # dynamic shapes: one graph for every cache length and batch size > 1 (a static graph would be compiled again
+    # for each generate call's (B, max_len)), as fast per step as a static one on the CPU pipeline's model.
+    # emulate_precision_casts: fused kernels round bf16 intermediates as eager does, so the tokens stay the same
     return torch.compile(GPT.decode_step, dynamic=True, options={"emulate_precision_casts": True})
 
 
