@@ -56,6 +56,8 @@ source = ""  # base|sft|rl, or an open model: hf:<org>/<name> or a folder; "" = 
 model_tag = ""  # "" = the most recently saved model of that stage
 step = -1  # -1 = its latest step
 device = ""  # cuda|mps|cpu; "" = the best available
+compile_generate = False  # decode through a torch.compile'd step (model.generate's compile): the first reply
+                          # waits tens of seconds on a CPU while it compiles; later ones are faster
 dtype = ""  # the weights: bfloat16|float32; "" = bfloat16 on CUDA and AMX CPUs, float32 elsewhere
 quantize = ""  # int8|int4: the weights stored quantized at load time, a quarter or an eighth of fp32's memory
 temperature = 0.6
@@ -633,7 +635,7 @@ if __name__ == "__main__":
             quantize_model(model, quantize)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, compile_generate)
     name = os.path.basename(folder) if folder else f"picochat-{source}"
     if serve:
         try:

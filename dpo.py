@@ -74,6 +74,8 @@ lora_merge = False          # the last checkpoint: the full model, the adapters 
 quantize = ""               # QLoRA: the frozen base stored as int8 (per channel) or int4 (per group of 64 inputs)
 # system
 device = ""                 # cuda|mps|cpu; "": the best available
+compile_generate = False    # decode through a torch.compile'd step (model.generate's compile): compiling takes
+                            # tens of seconds on a CPU, paid back by long generations (tests/bench_generate.py)
 dtype = ""                  # bfloat16|float32; "": bfloat16 on CUDA and AMX CPUs, else float32
 zero = 0                    # data parallelism: 0 replicated, 1 optimiser states sharded, 2 + gradients, 3 + weights
 seed = 42
@@ -186,7 +188,7 @@ if __name__ == "__main__":
     if max_new_tokens >= model.config.sequence_len:
         raise SystemExit(f"error: --max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                          f"sequence_len={model.config.sequence_len}")
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, compile_generate)
     train_items, test_items = math_items(tokenizer, dataset, model.config.sequence_len - max_new_tokens,
                                          eval_problems, seed, prompt_style)
     my_share = prompts_per_step // world_size

@@ -81,6 +81,8 @@ batch_size = 16             # problems per generation batch; rows per forward fo
 dtype = "float32"           # the weights: float32|bfloat16 (no autocast; "": bfloat16 on CUDA and AMX CPUs)
 quantize = ""               # int8|int4: the weights stored quantized at load time (what it costs in quality)
 device = ""                 # cuda|mps|cpu; "": the best available
+compile_generate = False    # decode through a torch.compile'd step (model.generate's compile): compiling takes
+                            # tens of seconds on a CPU, paid back by long generations (tests/bench_generate.py)
 report = False              # assemble the report card instead of evaluating
 seed = 0
 
@@ -560,8 +562,8 @@ if __name__ == "__main__":
                 raise SystemExit(f"error: a {name} prompt of {longest} tokens + --max_new_tokens={max_new_tokens} "
                                  f"is more than the model can take ({context} tokens); lower --max_new_tokens")
             # a base model's answer ends at its first "#### N" line; others are graded whole (their last answer)
-            r = eval_math(Engine(model, tokenizer), problems, prompts, chat=style != "base", num_samples=num_samples,
-                          vote=vote, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
+            r = eval_math(Engine(model, tokenizer, compile_generate), problems, prompts, chat=style != "base",
+                          num_samples=num_samples, vote=vote, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, seed=seed, label=f"math/{name}")
             slices = r.pop("slices", {})
             results[f"math/{name}"] = {**r, "settings": {
@@ -571,7 +573,7 @@ if __name__ == "__main__":
                 results[f"math/{name}/{slice_name}"] = rs
                 print(f"math/{name}/{slice_name}: pass@1 {rs['pass@1']:.4f} ({rs['n']} problems)", flush=True)
         if "chat" in tasks and chat:
-            r = eval_chat(Engine(model, tokenizer), probes, batch_size=batch_size)
+            r = eval_chat(Engine(model, tokenizer, compile_generate), probes, batch_size=batch_size)
             results["chat"] = {**r, "settings": {"max_problems": max_problems}}
             print("chat retention: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "n") +
                   f" ({r['n']} prompts)", flush=True)

@@ -204,10 +204,17 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         # QK-norm bounds the attention logits (stabler training at high lr); norm then rotate as Qwen3 does
         # (for parameter-free norms the order does not matter: a rotation keeps the RMS)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cos is not None:  # None: learned positions, added to the embedding instead
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.q_norm is not None and self.q_norm.weight is None and cos is not None and not torch.is_grad_enabled():
+            # inference: q and k through one norm and one rotation, the same per-head ops on each row: a decoded
+            # token's norm and rotation are a dozen tiny ops each, its cost on a small model. Training keeps them
+            # apart (the cat would copy both, forward and backward)
+            qk = apply_rotary(self.q_norm(torch.cat((q, k), dim=2)), cos, sin)  # (B, T, H + Hkv, D)
+            q, k = qk.split((self.n_head, self.n_kv_head), dim=2)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if cos is not None:  # None: learned positions, added to the embedding instead
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, Tk, D): the cache up to the newest token
@@ -365,6 +372,12 @@ class GPT(nn.Module):
             return f"rotary cache of {self.context_len} (10 x sequence_len={self.config.sequence_len})"
         return f"position table of {self.context_len}"
 
+    def check_room(self, kv_cache, T):
+        """Refuse T more tokens when the cache (or the position table) has no room for them."""
+        if kv_cache.length + T > min(self.context_len, kv_cache.max_len):
+            raise ValueError(f"KV cache of {kv_cache.max_len} positions ({self._positions()}) "
+                             f"cannot take {T} more tokens after {kv_cache.length}")
+
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx: (B, T) token ids. Returns float32 logits (B, T, V) when targets is None, else the cross-entropy
         loss (targets -1 ignored): a scalar for loss_reduction "mean"/"sum", (B, T) for "none".
@@ -379,44 +392,62 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens is longer than the {self._positions()}")
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
         else:
-            if kv_cache.length + T > min(self.context_len, kv_cache.max_len):
-                raise ValueError(f"KV cache of {kv_cache.max_len} positions ({self._positions()}) "
-                                 f"cannot take {T} more tokens after {kv_cache.length}")
+            self.check_room(kv_cache, T)
             if kv_cache.aligned:  # every row at the same length: one slice of positions, no gather
                 pos = torch.arange(kv_cache.length, kv_cache.length + T, device=idx.device)[None]  # (1, T)
             else:
                 pos = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T) per-row positions
             attn_mask = kv_cache.attn_mask(T)  # (B, 1, T, Tk) or None when no mask is needed
-        x = self.transformer.wte(idx)  # (B, T, C)
-        cos = sin = None
-        if c.positions == "learned":
-            x = x + self.transformer.wpe(pos)  # (B or 1, T, C) broadcast over rows
-        elif kv_cache is None or kv_cache.aligned:
+        cos = sin = None  # learned positions: added to the embedding instead
+        if c.positions == "rope" and (kv_cache is None or kv_cache.aligned):
             start = kv_cache.length if kv_cache is not None else 0
             cos, sin = self.cos[None, start:start + T, None], self.sin[None, start:start + T, None]  # (1, T, 1, D/2)
-        else:
+        elif c.positions == "rope":
             cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (B, T, 1, D/2)
-        if c.embed_norm:
-            x = self.transformer.norm_in(x)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache, attn_mask)
+        x = self._trunk(idx, pos, cos, sin, kv_cache, attn_mask)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = self.transformer.norm_f(x)
         if (targets is not None and loss_reduction != "none" and self.config.use_kernels and _kernels() is not None
                 and isinstance(self.lm_head, nn.Linear)):  # not a quantized head
             # the kernels' fused head + softcap + cross-entropy never materialises the (B*T, V) logits
             return _kernels().linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
                                                    softcap=self.config.softcap, reduction=loss_reduction)
-        logits = self.lm_head(x).float()  # (B, T, V): softcap and cross-entropy in fp32
-        if self.config.softcap:
-            # tanh softcap (Gemma 2): bounded logits keep early training from overconfident spikes
-            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        logits = self._head(x)  # (B, T, V)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def _trunk(self, idx, pos, cos, sin, kv_cache, attn_mask):
+        """The embedding, the blocks and the final norm: (B, T) ids at positions pos (B or 1, T) -> (B, T, C)."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.positions == "learned":
+            x = x + self.transformer.wpe(pos)  # (B or 1, T, C) broadcast over rows
+        if self.config.embed_norm:
+            x = self.transformer.norm_in(x)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache, attn_mask)
+        return self.transformer.norm_f(x)
+
+    def _head(self, x):
+        logits = self.lm_head(x).float()  # (B, T, V): softcap and cross-entropy in fp32
+        if self.config.softcap:
+            # tanh softcap (Gemma 2): bounded logits keep early training from overconfident spikes
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        return logits
+
+    def decode_step(self, idx, kv_cache):
+        """Logits (B, V) of one new token per row, idx (B, 1), each at its row's position in a static KVCache:
+        the keys and values are written at kv_cache.pos and attention reads all max_len positions under a mask, so
+        no shape and no host-side value changes from one step to the next and one compiled graph serves them all
+        (generate's compile). Reads only device tensors: the caller checks the room left and advances the cache."""
+        pos = kv_cache.pos[:, None]  # (B, 1)
+        cos = sin = None
+        if self.config.positions == "rope":
+            cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (B, 1, 1, D/2)
+        attn_mask = (torch.arange(kv_cache.max_len, device=idx.device) <= pos)[:, None, None]  # (B, 1, 1, max_len)
+        return self._head(self._trunk(idx, pos, cos, sin, kv_cache, attn_mask))[:, -1]  # (B, V)
 
     # ---- optimisers
 
@@ -945,46 +976,55 @@ class KVCache:
     """Keys and values of every layer for B rows of up to max_len positions, each row with its own length
     (prompts of different lengths decode together: per-row RoPE positions and an attention mask over the cache).
     The row lengths are kept on the host too (`lengths`), so that deciding between the paths never reads the
-    device: a read per layer per token stalls a GPU's queue, and on a CPU costs as much as a small layer."""
+    device: a read per layer per token stalls a GPU's queue, and on a CPU costs as much as a small layer.
+    static: every write goes to each row's position (`pos`) and attention reads all max_len positions under a
+    mask, so a step's shapes never change (GPT.decode_step, compiled by generate). Each layer has its own
+    tensors: an in-place write into a slice of one (L, ...) tensor makes a compiled graph copy the whole layer."""
 
-    def __init__(self, batch_size, max_len, config, device, dtype=None):
-        self.batch_size, self.max_len = batch_size, max_len
-        self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+    def __init__(self, batch_size, max_len, config, device, dtype=None, static=False):
+        self.batch_size, self.max_len, self.static = batch_size, max_len, static
+        self.n_layer, self.shape = config.n_layer, (batch_size, config.n_kv_head, max_len, config.head_dim)
         self.device, self.dtype = torch.device(device), dtype
-        self.k = self.v = None  # allocated on the first insert, in the dtype the model computes in (autocast)
+        self.k = self.v = None  # lists of (B, Hkv, max_len, D) per layer, allocated on the first write in the dtype
+                                # the model computes in (autocast)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) tokens cached per row
         self.lengths = [0] * batch_size  # the same on the host
         self.length = 0  # max over rows
         self.aligned = True  # all rows at the same length: writes are one slice, one new token needs no mask
 
+    def _allocate(self, dtype):
+        self.k = [torch.zeros(self.shape, dtype=dtype, device=self.device) for _ in range(self.n_layer)]
+        self.v = [torch.zeros(self.shape, dtype=dtype, device=self.device) for _ in range(self.n_layer)]
+
     def attn_mask(self, T):
-        """(B, 1, T, Tk) bool mask for T new tokens per row, Tk = longest row after them; None where attention
-        needs no mask: a prefill of an empty cache (plain causal), or one new token per row on an aligned cache
-        (it sees every key)."""
-        if self.length == 0 or (self.aligned and T == 1):
+        """(B, 1, T, Tk) bool mask for T new tokens per row, Tk = longest row after them (static: max_len); None
+        where attention needs no mask: a prefill of an empty cache (plain causal), or one new token per row on an
+        aligned cache (it sees every key)."""
+        if not self.static and (self.length == 0 or (self.aligned and T == 1)):
             return None
-        Tk = self.length + T
+        Tk = self.max_len if self.static else self.length + T
         query_pos = self.pos[:, None] + torch.arange(T, device=self.device)  # (B, T)
         key_pos = torch.arange(Tk, device=self.device)  # (Tk,)
         return (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]  # (B, 1, T, Tk)
 
     def insert(self, layer, k, v):
         """Write k, v (B, Hkv, T, D) at each row's position; return this layer's keys/values up to the
-        longest row, (B, Hkv, Tk, D)."""
+        longest row (static: all max_len positions), (B, Hkv, Tk, D)."""
         if self.k is None:
-            self.k = torch.zeros(self.shape, dtype=self.dtype or k.dtype, device=self.device)
-            self.v = torch.zeros(self.shape, dtype=self.dtype or k.dtype, device=self.device)
+            self._allocate(self.dtype or k.dtype)
         T = k.size(2)
-        if self.aligned:
-            self.k[layer, :, :, self.length:self.length + T] = k
-            self.v[layer, :, :, self.length:self.length + T] = v
+        if not self.static and self.aligned:
+            self.k[layer][:, :, self.length:self.length + T] = k
+            self.v[layer][:, :, self.length:self.length + T] = v
         else:
             rows = torch.arange(self.batch_size, device=self.device)[:, None]  # (B, 1)
             cols = self.pos[:, None] + torch.arange(T, device=self.device)  # (B, T)
-            self.k[layer].transpose(1, 2)[rows, cols] = k.transpose(1, 2).to(self.k.dtype)  # via (B, T, Hkv, D)
-            self.v[layer].transpose(1, 2)[rows, cols] = v.transpose(1, 2).to(self.v.dtype)
+            self.k[layer].transpose(1, 2)[rows, cols] = k.transpose(1, 2).to(self.k[layer].dtype)  # via (B, T, Hkv, D)
+            self.v[layer].transpose(1, 2)[rows, cols] = v.transpose(1, 2).to(self.v[layer].dtype)
+        if self.static:
+            return self.k[layer], self.v[layer]
         Tk = self.length + T
-        return self.k[layer, :, :, :Tk], self.v[layer, :, :, :Tk]
+        return self.k[layer][:, :, :Tk], self.v[layer][:, :, :Tk]
 
     def advance(self, T):
         self.pos += T
@@ -995,11 +1035,11 @@ class KVCache:
         """Copy a 1-row cache's contents into `rows` of this one (N samples of a prompt share one prefill)."""
         n = other.lengths[0]
         if self.k is None:
-            self.k = torch.zeros(self.shape, dtype=other.k.dtype, device=self.device)
-            self.v = torch.zeros(self.shape, dtype=other.v.dtype, device=self.device)
+            self._allocate(other.k[0].dtype)
         idx = torch.tensor(rows, device=self.device)
-        self.k[:, idx, :, :n] = other.k[:, :1, :, :n]
-        self.v[:, idx, :, :n] = other.v[:, :1, :, :n]
+        for layer in range(self.n_layer):
+            self.k[layer][idx, :, :n] = other.k[layer][:1, :, :n]
+            self.v[layer][idx, :, :n] = other.v[layer][:1, :, :n]
         self.pos[idx] = n
         for r in rows:
             self.lengths[r] = n
@@ -1033,9 +1073,17 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
+@functools.cache
+def _compiled_decode_step():
+    # dynamic shapes: one graph for every cache length and batch size > 1 (a static graph would be compiled again
+    # for each generate call's (B, max_len)), as fast per step as a static one on the CPU pipeline's model.
+    # emulate_precision_casts: fused kernels round bf16 intermediates as eager does, so the tokens stay the same
+    return torch.compile(GPT.decode_step, dynamic=True, options={"emulate_precision_casts": True})
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_tokens=(), seed=None,
-             force=None, vocab_size=0):
+             force=None, vocab_size=0, compile=False):
     """Decode a batch of prompts (lists of token ids, any lengths) together. Yields once per step a list with one
     entry per row: (token_id, forced) or None once the row has finished (right after a sampled stop token or
     max_new_tokens tokens). force(row, generated_so_far) -> list | None is called after each emitted token of a
@@ -1043,7 +1091,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     tokens never stop a row: Qwen3's calculator result is forced in with the <|im_end|> that ends the call's turn.
     vocab_size > 0 samples only ids below it: Qwen3-0.6B's head has 151,936 rows for a tokenizer of 151,669
     tokens, and the untrained rest must never come out. Each distinct prompt is prefilled once (batch 1) and its
-    cache copied into all rows that share it."""
+    cache copied into all rows that share it. compile: the decoding steps through torch.compile'd
+    GPT.decode_step on a static cache (same tokens; the first call in a process compiles for tens of seconds on a
+    CPU, worth it for long generations of small models, whose eager steps are mostly per-operation overhead)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
     if max_new_tokens < 0:
@@ -1054,7 +1104,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     B = len(prompts)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed) if seed is not None else generator.seed()
-    cache = KVCache(B, max(len(p) for p in prompts) + max_new_tokens, config, device)
+    cache = KVCache(B, max(len(p) for p in prompts) + max_new_tokens, config, device, static=compile)
     logits = torch.empty(B, config.vocab_size, device=device)  # (B, V) next-token logits of each row
     rows_of = {}
     for b, prompt in enumerate(prompts):
@@ -1090,7 +1140,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         yield step
         if all(done):
             return
-        logits = model(torch.tensor(next_ids, dtype=torch.long, device=device)[:, None], kv_cache=cache)[:, -1]
+        next_idx = torch.tensor(next_ids, dtype=torch.long, device=device)[:, None]  # (B, 1)
+        if compile:
+            model.check_room(cache, 1)
+            logits = _compiled_decode_step()(model, next_idx, cache)  # (B, V)
+            cache.advance(1)
+        else:
+            logits = model(next_idx, kv_cache=cache)[:, -1]  # (B, V)
 
 # -----------------------------------------------------------------------------
 # The calculator. Arithmetic only: the expression is parsed with `ast` and evaluated by walking the tree, never
@@ -1183,11 +1239,13 @@ class Engine:
     generate_batch): RL learns to end its answers only if the end token is among the tokens it trains on.
     The calculator follows the tokenizer's family: picochat's <|python_start|>expr<|python_end|> and
     <|output_start|>result<|output_end|>, Qwen3's <tool_call> JSON and its tool turn (tokenizer.tool_call and
-    tool_output); none for a family without tokens for it (GPT-2)."""
+    tool_output); none for a family without tokens for it (GPT-2). compile: generate's compile (a torch.compile'd
+    decoding step)."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, compile=False):
         self.model = model
         self.tokenizer = tokenizer
+        self.compile = compile
         self.python_start, self.python_end, self.output_start, self.output_end, self.assistant_end = (
             tokenizer.special(name) for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
                                                  "<|output_end|>", "<|assistant_end|>"))
@@ -1219,7 +1277,7 @@ class Engine:
         tools = tools and self.python_end is not None  # a family without calculator tokens: no tool
         yield from generate(self.model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop_tokens=self.stop_tokens, seed=seed, force=self.tool_output if tools else None,
-                            vocab_size=self.tokenizer.vocab_size)
+                            vocab_size=self.tokenizer.vocab_size, compile=self.compile)
 
     def generate_batch(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                        seed=None, tools=True):

@@ -88,6 +88,8 @@ dtype = ""                  # bfloat16 | float32 | "": bfloat16 on CUDA and AMX 
 zero = 0                    # data parallelism: 0 replicated, 1 optimiser states sharded, 2 + gradients, 3 + weights
 seed = 42
 compile = False             # torch.compile the model for training (rows have one fixed length: one graph)
+compile_generate = False    # decode through a torch.compile'd step (model.generate's compile): compiling takes
+                            # tens of seconds on a CPU, paid back by long generations (tests/bench_generate.py)
 
 # -----------------------------------------------------------------------------
 # Data: render each conversation to (ids, mask), then pack several into fixed-length rows, best-fit from a small
@@ -223,7 +225,7 @@ def verified_answers(group, tokenizer, keep):
 def distill_conversations(teacher, tokenizer, problems, autocast_ctx, rank, world_size, chunk=16):
     """The teacher's verified answers to `problems` ({"question", "answer"}) as conversations, every rank sampling
     its share and all of them returning the whole list in the same order."""
-    engine = Engine(teacher, tokenizer)
+    engine = Engine(teacher, tokenizer, compile_generate)
     mine, kept = problems[rank::world_size], []
     for i in range(0, len(mine), chunk):
         part = mine[i:i + chunk]
@@ -367,7 +369,7 @@ if __name__ == "__main__":
         return total["nats"] / max(total["count"], 1)
 
     def samples():
-        engine = Engine(model, tokenizer)
+        engine = Engine(model, tokenizer, compile_generate)
         convs = [c for c in val_convs[:3]]
         prompts = [tokenizer.render_for_completion(c[:1] if c[0]["role"] != "system" else c[:2]) for c in convs]
         with autocast_ctx:

@@ -1,6 +1,7 @@
 """
-Generation speed of model.py against the machine's memory bandwidth: KV-cache decoding at batch 1 and 32, prefill,
-and decoding without the cache as a check.
+Generation speed of model.py against the machine's memory bandwidth: KV-cache decoding at batch 1 and 32, eager and
+compiled (generate's compile=True: a torch.compile'd GPT.decode_step on a static cache), prefill, and decoding
+without the cache as a check.
 
     python tests/bench_generate.py                          # the CPU pipeline's model (d4) and a d12, fp32 and bf16
     python tests/bench_generate.py --models=d12 --dtypes=float32 --new_tokens=32
@@ -9,7 +10,11 @@ Decoding one token at batch 1 reads every weight of the blocks and the head once
     limit tok/s = copy bandwidth / weight bytes
 where the bandwidth is a large tensor copy measured in the same run (read + write bytes per second) and the weight
 bytes are the matmul weights in the dtype they are stored in. bf16 is measured as chat.py and evaluate.py generate:
-the weights converted to bf16, no autocast. Batch-1 decode is reported as a fraction of that limit (target >= 0.5).
+the weights converted to bf16, no autocast. Batch-1 decode is reported as a fraction of that limit (target >= 0.5),
+eager and compiled side by side. "compile_s" is the first compiled generation's time (tracing, code generation and
+the C++ compiler; inductor's on-disk cache, /tmp/torchinductor_$USER, makes a later process's much shorter), and
+"break_even_tokens" the batch-1 tokens after which compiling has paid for itself: compile_s over the time a compiled
+step saves.
 "cache_speedup" is the time of a step without the cache (the whole context again) over one with it, at a few
 context lengths: the cache must win from 64 tokens on. A model whose weights fit in the last-level cache (d4's
 5 MB) is not bound by memory bandwidth at all but by the per-operation overhead of eager PyTorch, so its fraction
@@ -82,13 +87,24 @@ def weight_bytes(model):
     return sum(p.numel() * p.element_size() for p in matrices)
 
 
-def decode_rate(model, batch):
-    """Tokens/s of generate()'s decoding steps (the prefill excluded) for `batch` distinct prompts of prompt_len."""
+def random_prompts(batch):
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, vocab_size, (batch, prompt_len), generator=g).tolist()
+    return torch.randint(0, vocab_size, (batch, prompt_len), generator=g).tolist()
+
+
+def compile_seconds(model):
+    """Seconds of the first compiled generation in this process: a batch-1 prompt and two tokens (one step)."""
+    t0 = time.perf_counter()
+    list(generate(model, random_prompts(1), 2, temperature=0.0, compile=True))
+    return time.perf_counter() - t0
+
+
+def decode_rate(model, batch, compile=False):
+    """Tokens/s of generate()'s decoding steps (the prefill excluded) for `batch` distinct prompts of prompt_len."""
+    prompts = random_prompts(batch)
 
     def run():
-        steps = generate(model, prompts, new_tokens, temperature=0.0)
+        steps = generate(model, prompts, new_tokens, temperature=0.0, compile=compile)
         next(steps)  # the prefill and the first token
         t0 = time.perf_counter()
         n = sum(1 for _ in steps)
@@ -155,11 +171,15 @@ if __name__ == "__main__":
             model.to(getattr(torch, dtype_name))  # after float32: bf16 weights, as chat.py generates
             limit = bandwidth / weight_bytes(model)
             r = {"weight_mb": round(weight_bytes(model) / 1e6, 1), "limit_tok_s": round(limit, 1),
-                 "decode_b1_tok_s": round(decode_rate(model, 1), 1),
-                 f"decode_b{big_batch}_tok_s": round(decode_rate(model, big_batch), 1),
-                 "prefill_tok_s": round(prefill_rate(model), 1),
-                 "nocache_b1_tok_s": round(nocache_rate(model), 1)}
+                 "compile_s": round(compile_seconds(model), 1)}
+            for batch in (1, big_batch):  # eager and compiled one after the other: the same machine load
+                r[f"decode_b{batch}_tok_s"] = round(decode_rate(model, batch), 1)
+                r[f"decode_b{batch}_compiled_tok_s"] = round(decode_rate(model, batch, compile=True), 1)
+            r.update(prefill_tok_s=round(prefill_rate(model), 1), nocache_b1_tok_s=round(nocache_rate(model), 1))
             r["b1_fraction_of_limit"] = round(r["decode_b1_tok_s"] / limit, 3)
+            r["b1_compiled_fraction_of_limit"] = round(r["decode_b1_compiled_tok_s"] / limit, 3)
+            saved = 1 / r["decode_b1_tok_s"] - 1 / r["decode_b1_compiled_tok_s"]  # seconds per batch-1 token
+            r["break_even_tokens"] = round(r["compile_s"] / saved) if saved > 0 else None
             r["cache_speedup"] = {}
             for length in map(int, contexts.split(",")):
                 cached, uncached = step_times(model, length)

@@ -66,7 +66,7 @@ class FakeModel:
 
 
 def fake_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_tokens=(), seed=None,
-                  force=None, vocab_size=0):
+                  force=None, vocab_size=0, compile=False):
     """model.generate's protocol: per step one (token, forced) or None per row; a sampled stop token is yielded
     and ends its row; force(row, generated) after each token returns tokens to feed in next, yielded as forced."""
     rows = len(prompts)

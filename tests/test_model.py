@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from model import (GPT, GPTConfig, KVCache, Muon, RMSNorm, apply_rotary, config_from_depth, generate,
-                   orthogonalize, param_floor, sample_next)
+from model import (GPT, GPTConfig, KVCache, Muon, RMSNorm, _compiled_decode_step, apply_rotary, config_from_depth,
+                   generate, orthogonalize, param_floor, sample_next)
 
 
 @pytest.fixture(autouse=True)
@@ -206,6 +206,61 @@ def test_cached_decoding_of_aligned_rows_equals_full_forward():
             seqs[b] += new[b]
             full = model(torch.tensor([seqs[b]]))[0, -len(new[b]):]  # (T, V)
             assert torch.allclose(step_logits[b], full, atol=1e-4), (new, b)
+
+
+def test_inference_normalises_and_rotates_q_and_k_together_with_the_same_result():
+    # without gradients attention norms and rotates q and k as one tensor (fewer ops per decoded token)
+    model = tiny(n_kv_head=1)
+    idx = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        together = model(idx)
+    assert torch.allclose(together, model(idx), rtol=0, atol=1e-6)
+
+
+def prefilled(model, prompts, max_len, static):
+    """A cache of len(prompts) rows prefilled as generate does (one batch-1 prefill per row, copied in)."""
+    cache = KVCache(len(prompts), max_len, model.config, "cpu", static=static)
+    for b, p in enumerate(prompts):
+        single = KVCache(1, len(p), model.config, "cpu")
+        model(torch.tensor([p]), kv_cache=single)
+        cache.copy_rows([b], single)
+    return cache
+
+
+@pytest.mark.parametrize("variant", [dict(n_kv_head=1), dict(positions="learned", norm="layernorm", norm_eps=1e-5,
+                                                                 qk_norm=False, bias=True, mlp="gelu_tanh")])
+def test_static_cache_decode_step_equals_the_cached_forward(variant):
+    # GPT.decode_step (what generate(compile=True) compiles) writes at each row's position and attends over the
+    # whole static cache under a mask: the same logits as the growing cache's forward, up to float32 rounding
+    model = tiny(**variant)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    dynamic, static = prefilled(model, prompts, 12, False), prefilled(model, prompts, 12, True)
+    for t in range(5):  # up to the last position of the longest row
+        new = torch.tensor([[20 + t], [30 + t], [40 + t]])  # (3, 1)
+        expected = model(new, kv_cache=dynamic)[:, -1]  # (3, V)
+        model.check_room(static, 1)
+        logits = model.decode_step(new, static)
+        static.advance(1)
+        assert torch.allclose(logits, expected, rtol=0, atol=1e-5), t
+    with pytest.raises(ValueError, match="cannot take 1 more"):
+        model.check_room(static, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_compiled_generate_gives_the_eager_tokens_and_logits(dtype, atol):
+    # bf16: the compiled graph rounds its intermediates to bf16 as eager does (emulate_precision_casts); without it
+    # fused kernels keep them in fp32 and a greedy token of this random model changed
+    model = tiny(depth=1, n_kv_head=1).to(dtype)
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [6, 7]]
+    run = lambda compile: [[e[0] for e in s] for s in generate(model, prompts, 8, temperature=0.0,  # noqa: E731
+                                                                 compile=compile)]
+    assert run(True) == run(False)
+    static = prefilled(model, prompts, 9, True)
+    new = torch.tensor([[20], [30], [40]])
+    with torch.inference_mode():
+        compiled = _compiled_decode_step()(model, new, static)  # (3, V); the cache is not advanced: the eager step
+        assert torch.allclose(compiled, model.decode_step(new, static), rtol=0, atol=atol)  # writes the same keys
 
 
 def test_samples_share_one_prefill_and_seed_reproduces(monkeypatch):
