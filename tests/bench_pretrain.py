@@ -22,6 +22,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.profiler import record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -40,6 +41,7 @@ compile = 0         # torch.compile the model (inductor, CPU C++ codegen)
 dtypes = "auto"      # "auto": float32, plus bfloat16 where the CPU has native bf16 (AMX / AVX512-BF16); cuda: bf16
 device = "cpu"       # or cuda
 kernels = 0          # the Triton kernels of kernels/ (pretrain.py --kernels=1; CUDA only)
+profile = 0          # 1: after the timings, where one step's time goes (torch.profiler), per phase and per kind of op
 for arg in sys.argv[1:]:
     key, value = arg.removeprefix("--").split("=")
     if key not in globals() or key.startswith("_"):
@@ -92,11 +94,14 @@ def train_throughput(dtype):
 
     def step():
         for micro in data:
-            with ctx:
+            with ctx, record_function("phase: forward"):
                 loss = train_model(micro[:, :-1], micro[:, 1:]) / grad_accum
-            loss.backward()
-        adamw.step()
-        muon.step()
+            with record_function("phase: backward"):
+                loss.backward()
+        with record_function("phase: adamw"):
+            adamw.step()
+        with record_function("phase: muon"):
+            muon.step()
         model.zero_grad(set_to_none=True)
 
     t0 = time.perf_counter()
@@ -110,7 +115,37 @@ def train_throughput(dtype):
             step()
         sync()
         rates.append(steps * total_batch_size / (time.perf_counter() - t0))
+    if profile:
+        print_profile(step, dtype)
     return max(rates), statistics.median(rates), first, model.estimate_flops()
+
+
+# a step's operators by kind: what a profile of it is read for (compiled steps show inductor's fused kernels as
+# "Torch-Compiled Region" / "graph_..." entries, counted with the element-wise work)
+OP_KINDS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int", "mkldnn"),
+            "attention": ("scaled_dot_product", "_flash_attention", "_efficient_attention")}
+
+
+def print_profile(step, dtype):
+    """One step under torch.profiler: wall time per phase, and the self time of its operators by kind."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+        sync()
+    events = prof.key_averages()
+    phases = {e.key: e.cpu_time_total for e in events if e.key.startswith("phase: ")}
+    kinds = dict.fromkeys([*OP_KINDS, "other"], 0.0)
+    for e in events:
+        if e.key.startswith("phase: "):
+            continue
+        kind = next((k for k, names in OP_KINDS.items() if any(n in e.key for n in names)), "other")
+        kinds[kind] += e.self_cpu_time_total
+    total = sum(kinds.values())
+    print(f"profile {str(dtype)[6:]}: " + ", ".join(f"{k[7:]} {v / 1e3:.0f} ms" for k, v in phases.items()))
+    print(f"profile {str(dtype)[6:]}: self time by kind: "
+          + ", ".join(f"{k} {v / total:.0%}" for k, v in kinds.items()))
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]:
+        if not e.key.startswith("phase: "):
+            print(f"    {e.key[:60]:<60} {e.self_cpu_time_total / total:6.1%}  x{e.count}")
 
 # -----------------------------------------------------------------------------
 # Run
