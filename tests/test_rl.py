@@ -246,7 +246,7 @@ def scripted_generate(script):
     """A stand-in for model.generate that writes `script` in every row, feeding in what force() returns as
     forced tokens (model.generate's protocol: per step one (token, forced) or None per row)."""
     def generate(model, rows, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_tokens=(), seed=None,
-                 force=None, vocab_size=0):
+                 force=None, vocab_size=0, compile=False):
         out = [[] for _ in rows]
         for r in range(len(rows)):
             queue = [(t, False) for t in script]
