@@ -563,8 +563,8 @@ if __name__ == "__main__":
                                  f"is more than the model can take ({context} tokens); lower --max_new_tokens")
             # a base model's answer ends at its first "#### N" line; others are graded whole (their last answer)
             r = eval_math(Engine(model, tokenizer, compile_generate), problems, prompts, chat=style != "base",
-                          num_samples=num_samples, vote=vote, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, seed=seed, label=f"math/{name}")
+                          num_samples=num_samples, vote=vote, temperature=temperature, top_k=top_k,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, label=f"math/{name}")
             slices = r.pop("slices", {})
             results[f"math/{name}"] = {**r, "settings": {
                 "max_problems": max_problems, "num_samples": num_samples, "vote": vote, "temperature": temperature,

@@ -581,7 +581,8 @@ FIRST_MUTATIONS = {"gain": 3, "lose": 3, "give": 2, "got": 1, "gain_groups": 1, 
 # still tells them, in stories without a question (doc_narrative), the way a text meets a meaning before a test
 # asks about it. Selling at a price: training's "sells" loses items, and its money stories only buy at a price.
 HELD_MEANINGS = {"sell"}
-CHANGES = set(MUTATIONS) | set(MONEY_MUTATIONS) | {"got"}  # what a join told as a step in time needs
+MUTATION_KINDS = set(MUTATIONS) | set(MONEY_MUTATIONS)  # events that change a count (a connector may lead them)
+CHANGES = MUTATION_KINDS | {"got"}  # what a join told as a step in time needs
 NUMBER_SLOTS = ("n", "a", "b", "k")
 
 
@@ -1109,7 +1110,7 @@ def sentence(event, nums, names, recipe, people, pronoun, start=True, conn=True,
     text = template.format(**fields)
     if elide:  # the frame starts with "{P} ", a one-word name or pronoun
         text = text.split(" ", 1)[1]
-    elif conn and event["conn"] and template.startswith("{") and event["kind"] in {**MUTATIONS, **MONEY_MUTATIONS}:
+    elif conn and event["conn"] and template.startswith("{") and event["kind"] in MUTATION_KINDS:
         text = event["conn"] + text
     if start:
         return text[0].upper() + text[1:]

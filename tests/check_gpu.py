@@ -68,9 +68,9 @@ def main():
 
             def theirs(q, k, v):
                 return kernels.attention(q, k, v, causal=causal, impl="torch")
-            ref = grads(theirs, [q, k, v], torch.float64, do)
-            check(f"attention_B{B}_H{H}_Hkv{Hkv}_Tq{Tq}_Tk{Tk}_D{D}_{str(dtype)[6:]}", grads(ours, [q, k, v], dtype, do),
-                  grads(theirs, [q, k, v], dtype, do), ref, 1e-3 if dtype == torch.bfloat16 else 1e-5)
+            name = f"attention_B{B}_H{H}_Hkv{Hkv}_Tq{Tq}_Tk{Tk}_D{D}_{str(dtype)[6:]}"
+            check(name, grads(ours, [q, k, v], dtype, do), grads(theirs, [q, k, v], dtype, do),
+                  grads(theirs, [q, k, v], torch.float64, do), 1e-3 if dtype == torch.bfloat16 else 1e-5)
 
     # fused LM head + cross-entropy, bf16 inputs as under autocast, several chunks
     N, C, V = 4096, 768, 32768
@@ -85,8 +85,8 @@ def main():
 
         def theirs(x, w):
             return kernels.linear_cross_entropy(x, w, targets, 15.0, impl="torch")
-        check(f"linear_cross_entropy_{str(dtype)[6:]}", grads(ours, [x, w], dtype, one), grads(theirs, [x, w], dtype, one),
-              grads(theirs, [x, w], torch.float64, one), 1e-4)
+        check(f"linear_cross_entropy_{str(dtype)[6:]}", grads(ours, [x, w], dtype, one),
+              grads(theirs, [x, w], dtype, one), grads(theirs, [x, w], torch.float64, one), 1e-4)
 
     # fused RMSNorm + RoPE, with and without the gain
     B, T, H, D = 4, 512, 8, 128

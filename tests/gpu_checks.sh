@@ -15,10 +15,10 @@ mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1
 status=0
 
-part() {  # name, seconds, command...
-  local name=$1 limit=$2
-  shift 2
-  [[ ",$PARTS," == *",$name,"* || ",$PARTS," == *",${name%%_[dl]*},"* ]] || return 0
+part() {  # group (as PARTS names it), log name, seconds, command...
+  local group=$1 name=$2 limit=$3
+  shift 3
+  [[ ",$PARTS," == *",$group,"* || ",$PARTS," == *",$name,"* ]] || return 0
   local t0=$SECONDS
   timeout "$limit" "$@" > "$LOG/$name.log" 2>&1
   local rc=$?
@@ -30,22 +30,22 @@ part() {  # name, seconds, command...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-part kernels 240 python3 tests/check_gpu.py
+part kernels kernels 240 python3 tests/check_gpu.py
 # the suite with the GPU visible (the default suite hides it: tests/conftest.py); the two longest tests (whole pipelines) in a process of their own beside the rest, so that both finish in time;
 # -v names every test as it ends: a part stopped at its limit still says which tests failed
 SUITE=(env PICOCHAT_TEST_GPU=1 python3 -m pytest -v -rfE --tb=short --timeout=300 -p no:cacheprovider -W ignore)
-TAIL=3 part suite_long 360 "${SUITE[@]}" -n 2 tests/test_pipeline.py tests/test_gpu_preset.py &
-TAIL=3 part suite 360 "${SUITE[@]}" -n 14 tests --ignore=tests/test_pipeline.py --ignore=tests/test_gpu_preset.py
+TAIL=3 part suite suite_long 360 "${SUITE[@]}" -n 2 tests/test_pipeline.py tests/test_gpu_preset.py &
+TAIL=3 part suite suite 360 "${SUITE[@]}" -n 14 tests --ignore=tests/test_pipeline.py --ignore=tests/test_gpu_preset.py
 wait
 [[ ",$PARTS," != *",suite,"* ]] || grep -h "FAILED\|ERROR" "$LOG"/suite*.log | sort -u | cut -c1-300
 # the gpu preset's shape (depth 20, T 2048, 16 rows, vocab 65,536), one micro-batch per step: eager as the preset
 # runs it, then compiled, then compiled with the Triton kernels
 D20=(--device=cuda --depth=20 --head_dim=128 --max_seq_len=2048 --device_batch_size=16 --total_batch_size=32768
      --vocab_size=65536 --steps=3 --repeats=3)
-TAIL=3 part bench_d20_eager 90 python3 tests/bench_pretrain.py "${D20[@]}" --compile=0
-TAIL=3 part bench_d20_compiled 150 python3 tests/bench_pretrain.py "${D20[@]}" --compile=1
-TAIL=3 part bench_d20_kernels 150 python3 tests/bench_pretrain.py "${D20[@]}" --compile=1 --kernels=1
-TAIL=20 part bench_kernels 120 python3 tests/bench_kernels.py
+TAIL=3 part bench bench_d20_eager 90 python3 tests/bench_pretrain.py "${D20[@]}" --compile=0
+TAIL=3 part bench bench_d20_compiled 150 python3 tests/bench_pretrain.py "${D20[@]}" --compile=1
+TAIL=3 part bench bench_d20_kernels 150 python3 tests/bench_pretrain.py "${D20[@]}" --compile=1 --kernels=1
+TAIL=20 part bench_kernels bench_kernels 120 python3 tests/bench_kernels.py
 [ ! -e "$LOG/.failed" ] || status=1  # a part run in the background sets it there
 rm -f "$LOG/.failed"
 exit $status
