@@ -207,6 +207,11 @@ def setup_device(device=""):
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         world_size = int(os.environ["WORLD_SIZE"])
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        if device.startswith("cuda") and local_world > torch.cuda.device_count():
+            # every rank stops here: one that went on would wait in init_process_group for the missing ones
+            raise SystemExit(f"error: {local_world} processes on this node but {torch.cuda.device_count()} CUDA GPUs "
+                             f"(one each); use --nproc_per_node={torch.cuda.device_count()}, or --device=cpu (gloo)")
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"

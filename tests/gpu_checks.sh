@@ -33,9 +33,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 part kernels kernels 240 python3 tests/check_gpu.py
 # the suite with the GPU visible (the default suite hides it: tests/conftest.py); the two longest tests (whole pipelines) in a process of their own beside the rest, so that both finish in time;
 # -v names every test as it ends: a part stopped at its limit still says which tests failed
-SUITE=(env PICOCHAT_TEST_GPU=1 python3 -m pytest -v -rfE --tb=short --timeout=300 -p no:cacheprovider -W ignore)
-TAIL=3 part suite suite_long 360 "${SUITE[@]}" -n 2 tests/test_pipeline.py tests/test_gpu_preset.py &
-TAIL=3 part suite suite 360 "${SUITE[@]}" -n 14 tests --ignore=tests/test_pipeline.py --ignore=tests/test_gpu_preset.py
+# and a per-test limit well inside the part's, so that a hung test (an H200 run had one) still leaves the summary
+SUITE=(env PICOCHAT_TEST_GPU=1 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider -W ignore)
+TAIL=3 part suite suite_long 360 "${SUITE[@]}" --timeout=300 -n 2 tests/test_pipeline.py tests/test_gpu_preset.py &
+TAIL=3 part suite suite 360 "${SUITE[@]}" --timeout=120 -n 14 tests --ignore=tests/test_pipeline.py \
+  --ignore=tests/test_gpu_preset.py
 wait
 [[ ",$PARTS," != *",suite,"* ]] || grep -h "FAILED\|ERROR" "$LOG"/suite*.log | sort -u | cut -c1-300
 # the gpu preset's shape (depth 20, T 2048, 16 rows, vocab 65,536), one micro-batch per step: eager as the preset

@@ -70,6 +70,19 @@ def test_configure_from_the_command_line_is_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip() == "error: --depth expects int, got 'x'"
 
 
+def test_more_ranks_on_a_node_than_gpus_stop_every_rank_with_one_line(monkeypatch):
+    # e.g. torchrun --nproc_per_node=2 on a 1-GPU machine: rank 1 has no GPU, and rank 0 would wait for it forever
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        with pytest.raises(SystemExit, match=r"2 processes on this node but 1 CUDA GPUs .*--nproc_per_node=1"):
+            common.setup_device("cuda")
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "out" / "f.txt"
     common.atomic_write_text(str(path), "old")

@@ -15,6 +15,7 @@ TOY = {  # the preset's size variables (speedrun.sh), at toy values
     "DEPTH": "1", "SHARDS": "2", "VOCAB_SIZE": "512", "SEQ_LEN": "256", "DEVICE_BATCH": "2", "SFT_DEVICE_BATCH": "2",
     "TOTAL_BATCH": "1024", "DATA_RATIO": "0.02", "EVAL_TOKENS": "4096", "SFT_EPOCHS": "0.002", "RL_STEPS": "2",
     "RL_PROMPTS": "2", "NEW_TOKENS": "24",
+    "COMPILE": "0",  # a GPU's speed-up, and a minute of compiling at toy size on these CPUs
 }
 # 2 processes: gloo on CPU, NCCL where there are 2+ GPUs; a machine with one GPU runs the one process it can
 NPROC = 1 if torch.cuda.device_count() == 1 else 2

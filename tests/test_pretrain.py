@@ -74,7 +74,8 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(world, tmp_path):
 
 
 def test_two_ranks_equal_one_process_with_twice_the_accumulation(world):
-    common_args = TINY + ["--total_batch_size=256", "--num_iterations=4", "--eval_every=0"]
+    # --device=cpu (gloo): two ranks need two GPUs, and the 1-process reference must run where the ranks do
+    common_args = TINY + ["--total_batch_size=256", "--num_iterations=4", "--eval_every=0", "--device=cpu"]
     single = losses(run_script(["python", "pretrain.py"] + common_args + ["--model_tag=one"], world).stdout)
     ddp = losses(run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "pretrain.py"] + common_args + ["--model_tag=two"], world).stdout)
@@ -84,7 +85,7 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(world):
 
 
 def test_two_nodes_on_localhost_train_in_lockstep(world):
-    common_args = TINY + ["--total_batch_size=256", "--num_iterations=3", "--eval_every=0"]
+    common_args = TINY + ["--total_batch_size=256", "--num_iterations=3", "--eval_every=0", "--device=cpu"]
     single = losses(run_script(["python", "pretrain.py"] + common_args + ["--model_tag=one"], world).stdout)
     port = free_port()
     env = dict(os.environ, PICOCHAT_DIR=world, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
