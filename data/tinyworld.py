@@ -68,7 +68,8 @@ math_train, mc_train; a held-out meaning only in pretraining stories):
                                     ask, words for an operation, an order or its frame, a question, a chain or
                                     one of its steps)
     level = the number of steps (arith: of operations).
-    chat_probe_test    identity, small talk and fact questions in held-out phrasings (probes_split); each row
+    chat_probe_test    identity, small talk and fact questions (a person's or a place's) in held-out phrasings
+                       (probes_split: frames marked held, fact questions also after a held aside); each row
                        {"prompt", "kind": "identity"|"smalltalk"|"fact", "expect": [words, one of which the reply
                        must contain] or null}. A reply is right when it has no "####", no calculator call and
                        (expect) one of the words: data.chat_reply_ok.
@@ -1654,59 +1655,139 @@ def arith_heldout(pattern):
 
 FACT_TEMPLATES = {
     "home": ["{n} lives in {home}.", "{n}'s home is in {home}.", "{n} has a house in {home}.",
-             "In {home} lives {n}.", "{n} is from {home}.", "The home of {n} is {home}."],
+             "In {home} lives {n}.", "{n} is from {home}.", "The home of {n} is {home}.",
+             "{n} makes a home in {home}.", "{home} is where {n} lives."],
     "job": ["{n} is {a_job}.", "{n} works as {a_job}.", "By trade, {n} is {a_job}.",
-            "{n} earns a living as {a_job}."],
+            "{n} earns a living as {a_job}.", "{n} has a job as {a_job}.", "{n}'s job is {job}.",
+            "For work, {n} is {a_job}."],
     "food": ["{n} likes {food}.", "{n}'s favorite food is {food}.", "{n} loves to eat {food}.",
-             "The food {n} likes best is {food}."],
-    "object": ["{n} owns {a_color} {object}.", "{n} has {a_color} {object}.", "The {color} {object} belongs to {n}."],
-    "color": ["{n}'s {object} is {color}.", "The {object} of {n} is {color}.", "{n} has {a_color} {object}."],
-    "pet": ["{n} has a pet {pet}.", "{n} keeps {a_pet} at home.", "{n}'s pet is {a_pet}."],
+             "The food {n} likes best is {food}.", "{n} likes {food} more than any other food.",
+             "Give {n} {food} and {n} is happy."],
+    "object": ["{n} owns {a_color} {object}.", "{n} has {a_color} {object}.", "The {color} {object} belongs to {n}.",
+               "{n} is the owner of {a_color} {object}."],
+    "color": ["{n}'s {object} is {color}.", "The {object} of {n} is {color}.", "{n} has {a_color} {object}.",
+              "The {object} that {n} owns is {color}.", "{n}'s {object} has the color {color}."],
+    "pet": ["{n} has a pet {pet}.", "{n} keeps {a_pet} at home.", "{n}'s pet is {a_pet}.",
+            "{n} lives with a pet {pet}.", "The pet of {n} is {a_pet}."],
     "friend": ["{n}'s best friend is {friend}.", "{n} and {friend} are best friends.",
-               "{friend} is the best friend of {n}.", "{n} is best friends with {friend}."],
-    "age": ["{n} is {age} years old.", "{n} is {age_words} years old.", "The age of {n} is {age}."],
+               "{friend} is the best friend of {n}.", "{n} is best friends with {friend}.",
+               "{n}'s closest friend is {friend}.", "{n} and {friend} are the best of friends."],
+    "age": ["{n} is {age} years old.", "{n} is {age_words} years old.", "The age of {n} is {age}.",
+            "{n} is {age}.", "{n} has lived for {age} years."],
 }
+# {n} may come twice ("You know Mia, right? Where does Mia live?"); the held "I can't remember ..." frames of every
+# kind are the held twin of training's "I forgot ..."
 FACT_QUESTIONS = {
     "home": [Frame("Where does {n} live?"), Frame("In which place does {n} live?"), Frame("Where is {n}'s home?"),
              Frame("What town does {n} live in?"), Frame("Where is {n} from?"), Frame("Do you know where {n} lives?"),
-             Frame("Tell me where {n} lives."), Frame("Where can I find {n}'s house?", held=True),
-             Frame("In what place is {n}'s home?", held=True)],
+             Frame("Tell me where {n} lives."), Frame("Which town does {n} live in?"),
+             Frame("What place does {n} call home?"), Frame("Where does {n} live again?"),
+             Frame("Where is the home of {n}?"), Frame("I forgot where {n} lives."),
+             Frame("Can you tell me where {n} lives?"), Frame("Remind me where {n} lives."),
+             Frame("Which place is home to {n}?"), Frame("You know {n}, right? Where does {n} live?"),
+             Frame("{n} lives where?"), Frame("Any idea where {n} lives?"), Frame("Where's {n}'s home?"),
+             Frame("Where can I find {n}'s house?", held=True), Frame("In what place is {n}'s home?", held=True),
+             Frame("I can't remember where {n} lives.", held=True), Frame("{n} lives in which town?", held=True),
+             Frame("Which town is {n} living in?", held=True)],
     "job": [Frame("What is {n}'s job?"), Frame("What does {n} do for work?"), Frame("What does {n} work as?"),
             Frame("What is the job of {n}?"), Frame("Do you know what {n} does for a living?"),
-            Frame("Tell me {n}'s job."), Frame("Which job does {n} have?", held=True),
-            Frame("How does {n} earn a living?", held=True)],
+            Frame("Tell me {n}'s job."), Frame("What's {n}'s job?"), Frame("What does {n} do?"),
+            Frame("What kind of work does {n} do?"), Frame("I forgot {n}'s job."),
+            Frame("Remind me what {n} does for work."), Frame("What is {n}'s line of work?"),
+            Frame("Can you tell me {n}'s job?"), Frame("Do you know {n}'s job?"), Frame("{n} works as what?"),
+            Frame("You know {n}, right? What does {n} do for work?"), Frame("What is {n} by trade?"),
+            Frame("Which job does {n} have?", held=True), Frame("How does {n} earn a living?", held=True),
+            Frame("What job does {n} have?", held=True), Frame("I can't remember {n}'s job.", held=True),
+            Frame("What is {n}'s profession?", held=True), Frame("{n} does what for work?", held=True)],
     "food": [Frame("What food does {n} like?"), Frame("What is {n}'s favorite food?"),
              Frame("Which food does {n} love to eat?"), Frame("What does {n} like to eat?"),
-             Frame("Tell me the favorite food of {n}."), Frame("What food does {n} enjoy most?", held=True),
-             Frame("Which food is {n}'s favorite?", held=True)],
+             Frame("Tell me the favorite food of {n}."), Frame("What's {n}'s favorite food?"),
+             Frame("What does {n} love to eat?"), Frame("What food does {n} like best?"),
+             Frame("I forgot what {n} likes to eat."), Frame("Do you know {n}'s favorite food?"),
+             Frame("What should I cook for {n}?"), Frame("What is the food that {n} likes?"),
+             Frame("Remind me what food {n} likes."), Frame("You know {n}, right? What food does {n} like?"),
+             Frame("{n} likes to eat what?"), Frame("Can you tell me what {n} likes to eat?"),
+             Frame("What food does {n} enjoy most?", held=True), Frame("Which food is {n}'s favorite?", held=True),
+             Frame("What would {n} like for dinner?", held=True),
+             Frame("I can't remember what food {n} likes.", held=True),
+             Frame("{n}'s favorite food is what?", held=True)],
     "object": [Frame("What does {n} own?"), Frame("Which thing belongs to {n}?"),
                Frame("What is the thing that {n} has?"), Frame("What object does {n} have?"),
-               Frame("Which object is {n}'s?", held=True), Frame("Tell me what {n} owns.", held=True)],
+               Frame("What thing does {n} own?"), Frame("Do you know what {n} owns?"), Frame("I forgot what {n} owns."),
+               Frame("What belongs to {n}?"), Frame("Which object does {n} own?"), Frame("Remind me what {n} owns."),
+               Frame("You know {n}, right? What does {n} own?"), Frame("{n} owns what?"),
+               Frame("What object belongs to {n}?"),
+               Frame("Which object is {n}'s?", held=True), Frame("Tell me what {n} owns.", held=True),
+               Frame("I can't remember what {n} owns.", held=True), Frame("{n} has which object?", held=True),
+               Frame("What is {n}'s prized possession?", held=True)],
     "color": [Frame("What color is {n}'s {object}?"), Frame("Which color is the {object} of {n}?"),
-              Frame("What is the color of {n}'s {object}?", held=True)],
+              Frame("Do you know what color {n}'s {object} is?"), Frame("Tell me the color of {n}'s {object}."),
+              Frame("I forgot what color {n}'s {object} is."), Frame("What color does {n}'s {object} have?"),
+              Frame("{n}'s {object} is what color?"), Frame("What color is the {object} that {n} owns?"),
+              Frame("Remind me of the color of {n}'s {object}."),
+              Frame("What is the color of {n}'s {object}?", held=True),
+              Frame("Of what color is {n}'s {object}?", held=True),
+              Frame("I can't remember the color of {n}'s {object}.", held=True)],
     "pet": [Frame("What pet does {n} have?"), Frame("Which animal does {n} keep at home?"),
-            Frame("What kind of pet does {n} have?"), Frame("What is {n}'s pet?"),
-            Frame("Which pet lives with {n}?", held=True), Frame("What animal does {n} have as a pet?", held=True)],
+            Frame("What kind of pet does {n} have?"), Frame("What is {n}'s pet?"), Frame("What's {n}'s pet?"),
+            Frame("Does {n} have a pet? What kind?"), Frame("What animal does {n} keep?"),
+            Frame("I forgot what pet {n} has."), Frame("Do you know {n}'s pet?"), Frame("Remind me what pet {n} has."),
+            Frame("You know {n}, right? What pet does {n} have?"), Frame("{n} has what pet?"),
+            Frame("Tell me about {n}'s pet."), Frame("Which animal is {n}'s pet?"),
+            Frame("Which pet lives with {n}?", held=True), Frame("What animal does {n} have as a pet?", held=True),
+            Frame("What animal lives with {n}?", held=True), Frame("I can't remember {n}'s pet.", held=True),
+            Frame("{n}'s pet is what animal?", held=True)],
     "friend": [Frame("Who is {n}'s best friend?"), Frame("Who is the best friend of {n}?"),
                Frame("Who is {n} best friends with?"), Frame("Tell me who {n}'s best friend is."),
+               Frame("Who's {n}'s best friend?"), Frame("Do you know {n}'s best friend?"),
+               Frame("I forgot who {n}'s best friend is."), Frame("Remind me who {n}'s best friend is."),
+               Frame("You know {n}, right? Who is {n}'s best friend?"), Frame("{n}'s best friend is who?"),
+               Frame("Who is the best friend {n} has?"),
                Frame("Which person is {n}'s best friend?", held=True),
-               Frame("Who does {n} call a best friend?", held=True)],
-    "age": [Frame("How old is {n}?"), Frame("Tell me how old {n} is."),
-            Frame("What age is {n}?", held=True)],
+               Frame("Who does {n} call a best friend?", held=True),
+               Frame("I can't remember who {n}'s best friend is.", held=True),
+               Frame("Who is {n}'s closest friend?", held=True), Frame("{n} is best friends with whom?", held=True)],
+    "age": [Frame("How old is {n}?"), Frame("Tell me how old {n} is."), Frame("What is {n}'s age?"),
+            Frame("Do you know how old {n} is?"), Frame("I forgot how old {n} is."),
+            Frame("How many years old is {n}?"), Frame("{n} is how old?"), Frame("Remind me how old {n} is."),
+            Frame("You know {n}, right? How old is {n}?"), Frame("Can you tell me {n}'s age?"),
+            Frame("How old is {n} now?"),
+            Frame("What age is {n}?", held=True), Frame("I can't remember how old {n} is.", held=True),
+            Frame("What's the age of {n}?", held=True), Frame("How many years has {n} lived?", held=True)],
 }
-ASIDES = ["", "", "", "Hey, ", "Quick question: ", "Please tell me: ", "I wonder, "]  # before a user's question
+# before a user's question; one ending in ", " or ": " runs into it, lower-cased
+ASIDES = [Frame(""), Frame(""), Frame(""), Frame(""), Frame("Hey, "), Frame("Quick question: "),
+          Frame("Please tell me: "), Frame("I wonder, "), Frame("Hi! "), Frame("Excuse me, "),
+          Frame("Out of curiosity, "), Frame("Sorry, "), Frame("One more thing: "), Frame("Hello! "),
+          Frame("By the way, ", held=True), Frame("Just wondering, ", held=True)]
 IDENTITY_ANSWERS = [IDENTITY, "My name is picochat. I am a small language model trained with picochat, and I know "
                     "about a little world of people and places.",
                     "I am picochat, a small language model. I can answer questions about a little world of people "
-                    "and places, and I can do arithmetic with a calculator."]
+                    "and places, and I can do arithmetic with a calculator.",
+                    "I'm picochat, a small language model, not a person. I was trained with the picochat code on "
+                    "text about a little made-up world, so I know its people and places, and I use a calculator "
+                    "for sums.",
+                    "You are talking to picochat, a small language model. Ask me about the people and places of my "
+                    "little world, or give me some arithmetic to work out.",
+                    "I am picochat. I am a small program, a language model trained with picochat; I can chat, answer "
+                    "questions about a little world and do arithmetic."]
 IDENTITY_QUESTIONS = [Frame("who are you?"), Frame("what is your name?"), Frame("what are you?"),
                       Frame("who made you?"), Frame("are you a person?"), Frame("tell me about yourself"),
                       Frame("introduce yourself"), Frame("what can you do?"), Frame("are you a robot?"),
                       Frame("what kind of program are you?"), Frame("who am I talking to?"),
-                      Frame("can you tell me who you are?"), Frame("who built you?", held=True),
-                      Frame("say something about yourself", held=True), Frame("what do you know about?", held=True),
-                      Frame("are you a human or a machine?", held=True), Frame("which model are you?", held=True),
-                      Frame("describe yourself", held=True)]
+                      Frame("can you tell me who you are?"), Frame("what should I call you?"),
+                      Frame("do you have a name?"), Frame("who created you?"), Frame("what are you called?"),
+                      Frame("how were you made?"), Frame("what is picochat?"), Frame("are you an AI?"),
+                      Frame("are you a chatbot?"), Frame("what are you good at?"), Frame("how can you help me?"),
+                      Frame("what can you help me with?"), Frame("who trained you?"), Frame("are you real?"),
+                      Frame("what model is this?"), Frame("where do you come from?"), Frame("how do you work?"),
+                      Frame("tell me who you are"), Frame("what do you do?"),
+                      Frame("who built you?", held=True), Frame("say something about yourself", held=True),
+                      Frame("what do you know about?", held=True), Frame("are you a human or a machine?", held=True),
+                      Frame("which model are you?", held=True), Frame("describe yourself", held=True),
+                      Frame("what's your name?", held=True), Frame("may I know your name?", held=True),
+                      Frame("are you alive?", held=True), Frame("what are you able to do?", held=True),
+                      Frame("where did you come from?", held=True), Frame("who is your maker?", held=True)]
 SMALLTALK = {  # intent: (user phrasings, answers)
     "greet": ([Frame("hi"), Frame("hello"), Frame("hey"), Frame("hello there"), Frame("hi there"),
                Frame("good morning"),
@@ -1727,7 +1808,25 @@ SMALLTALK = {  # intent: (user phrasings, answers)
     "nice": ([Frame("pleased to meet you"), Frame("it is nice to talk to you", held=True)],
              ["Pleased to meet you too!", "The pleasure is mine. How can I help?"]),
 }
-GREETING_OPENERS = ["", "", "Hi! ", "Hello. ", "Hey, "]  # before an identity question
+PLACE_QUESTIONS = {
+    "kind": [Frame("What kind of place is {place}?"), Frame("Tell me about {place}."), Frame("What is {place} like?"),
+             Frame("Describe {place}."), Frame("What sort of place is {place}?"),
+             Frame("I forgot what {place} is like."), Frame("Can you tell me about {place}?"),
+             Frame("What is {place}?"), Frame("Is {place} a village or a town?"),
+             Frame("How would you describe {place}?", held=True),
+             Frame("I can't remember what {place} is like.", held=True),
+             Frame("What is {place} like as a place?", held=True)],
+    "people": [Frame("Who lives in {place}?"), Frame("Which people live in {place}?"),
+               Frame("Does anyone live in {place}?"), Frame("Who are the people of {place}?"),
+               Frame("Name the people who live in {place}."), Frame("I forgot who lives in {place}."),
+               Frame("Do you know who lives in {place}?"),
+               Frame("Who calls {place} home?", held=True), Frame("Who has a home in {place}?", held=True),
+               Frame("I can't remember who lives in {place}.", held=True)],
+}
+PLACE_ANSWERS = ["{place} is {a_kind} {feature}.", "{place}? It is {a_kind} {feature}.",
+                 "{place} is {a_kind}, {feature}."]
+GREETING_OPENERS = ["", "", "", "Hi! ", "Hello. ", "Hey, ", "Hi there. ", "Hello! ", "Good to meet you. ",
+                    "Okay, "]  # before an identity question
 
 
 def fact_fields(name, p):
@@ -1764,9 +1863,11 @@ def fact_question(rng, people, heldout, name=None, kind=None):
     kind = kind or rng.choice(list(FACT_QUESTIONS))
     frame = rng.choice([f for f in FACT_QUESTIONS[kind] if f.held == heldout])
     f = fact_fields(name, people[name])
-    aside = rng.choice(ASIDES)
+    aside = rng.choice([a.text for a in ASIDES if heldout or not a.held])
     q = frame.text.format(**f)
-    q = aside + (q[0].lower() + q[1:] if aside and not q.startswith(name) else q)
+    if aside.endswith((", ", ": ")) and not q.startswith((name, "I ", "I'")):
+        q = q[0].lower() + q[1:]
+    q = aside + q
     return q, fact(rng, name, people[name], kind), kind, fact_value(people[name], kind)
 
 
@@ -1784,36 +1885,42 @@ def smalltalk(rng, heldout):
     return casual(rng, frame.text), answer
 
 
-def place_question(rng, places):
+def place_question(rng, places, heldout=False, kind=None):
+    """(question, answer, expected words) about a place: what it is like ("kind"), or who lives there."""
     p = rng.choice(PLACES)
     info = places[p]
-    if rng.random() < 0.5:
-        return (rng.choice([f"What kind of place is {p}?", f"Tell me about {p}.", f"What is {p} like?"]),
-                f"{p} is {an(info['kind'])} {info['feature']}.")
+    kind = kind or rng.choice(list(PLACE_QUESTIONS))
+    frame = rng.choice([f for f in PLACE_QUESTIONS[kind] if f.held == heldout])
+    if kind == "kind":
+        answer = rng.choice(PLACE_ANSWERS).format(place=p, a_kind=an(info["kind"]), feature=info["feature"])
+        return frame.text.format(place=p), answer, [info["kind"]]
     who = info["people"]
     answer = (f"{', '.join(who[:-1])} and {who[-1]} live in {p}." if len(who) > 1 else
               f"{who[0]} lives in {p}." if who else f"Nobody I know lives in {p}.")
-    return rng.choice([f"Who lives in {p}?", f"Which people live in {p}?"]), answer
+    return frame.text.format(place=p), answer, who or ["nobody"]
 
 
-def probe_row(rng, people, heldout):
+def probe_row(rng, people, places, heldout):
     """A non-math chat prompt and how its reply is graded: {"prompt", "kind", "expect"}."""
     kind = rng.choices(["identity", "smalltalk", "fact"], [1, 1, 3])[0]
     if kind == "identity":
         return {"prompt": identity_question(rng, heldout)[0], "kind": kind, "expect": ["picochat"]}
     if kind == "smalltalk":
         return {"prompt": smalltalk(rng, heldout)[0], "kind": kind, "expect": None}
-    q, _, _, expect = fact_question(rng, people, heldout)
+    if rng.random() < 0.2:
+        q, _, expect = place_question(rng, places, heldout)
+    else:
+        q, _, _, expect = fact_question(rng, people, heldout)
     return {"prompt": q, "kind": kind, "expect": expect}
 
 
-def probes_split(rng, people, n, heldout, exclude):
+def probes_split(rng, people, places, n, heldout, exclude):
     """n distinct probe rows (fewer when the phrasings run out), none of whose prompts is in `exclude`."""
     rows, seen = [], set(exclude)
     for _ in range(n * 20):
         if len(rows) == n:
             break
-        row = probe_row(rng, people, heldout)
+        row = probe_row(rng, people, places, heldout)
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
             rows.append(row)
@@ -2081,7 +2188,7 @@ def exchange(rng, people, places, seen):
     if kind == "fact":
         return fact_question(rng, people, heldout=False)[:2]
     if kind == "place":
-        return place_question(rng, places)
+        return place_question(rng, places)[:2]
     if kind == "arith":
         q, a, _, _ = arith_question(rng, heldout=False)
     else:
@@ -2181,7 +2288,7 @@ def generate(out_dir, seed=seed, pretrain_mb=pretrain_mb, shard_mb=shard_mb, num
                                                                          split == "test"))
     for split, n in (("train", num_probe_train), ("test", num_probe_test)):
         write_rows(os.path.join(out_dir, f"chat_probe_{split}.jsonl"),
-                   probes_split(rng(f"probe_{split}"), people, n, split == "test", ()))
+                   probes_split(rng(f"probe_{split}"), people, places, n, split == "test", ()))
     # meta.json last: data.ensure_tinyworld compares it with the settings asked for
     write_lines(os.path.join(out_dir, "meta.json"), [json.dumps({**settings, "version": VERSION}, sort_keys=True)])
 

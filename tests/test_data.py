@@ -360,7 +360,7 @@ NUM = r"(?:\d+|[a-z]+(?:-[a-z]+)?)"
 SLOTS = {"P": r"(?:[A-Z][a-z]+|she|he)", "p": r"(?:[A-Z][a-z]+'s|her|his)", "Q": r"[A-Z][a-z]+",
          "q": r"[A-Z][a-z]+'s", "n": NUM, "a": NUM, "b": NUM, "k": NUM, "item": r"[a-z]+", "other": r"[a-z]+",
          "box": r"[a-z]+", "boxes": r"[a-z]+", "home": r"[A-Z][a-z]+(?: [A-Z][a-z]+)?", "a_job": r"an? [a-z]+",
-         "object": r"[a-z]+", "thing": r"[a-z]+", "a_thing": r"an? [a-z]+", "E": ".+", "A": ".+", "B": ".+", "L": ".+",
+         "object": r"[a-z]+", "thing": r"[a-z]+", "a_thing": r"an? [a-z]+", "E": ".+", "A": ".+", "B": ".+", "L": ".+", "place": r"[A-Z][a-z]+(?: [A-Z][a-z]+)?",
          "d": ".+", "S": ".+"}
 
 
@@ -383,7 +383,8 @@ def heldout_regexes():
     identity and small talk): what no training text may contain."""
     out = [rx(text, verb) for _, text, verb in tinyworld.heldout_patterns()]
     out += [rx(f.text.rstrip("?.!")) for fs in tinyworld.ARITH_FAMILIES.values() for f in fs if f.held]
-    out += [rx(f.text, names=True) for fs in tinyworld.FACT_QUESTIONS.values() for f in fs if f.held]
+    out += [rx(f.text, names=True) for fs in [*tinyworld.FACT_QUESTIONS.values(), *tinyworld.PLACE_QUESTIONS.values(),
+                                              tinyworld.ASIDES] for f in fs if f.held]
     out += [re.compile(r"\b" + re.escape(f.text.rstrip("?.!")) + r"\b", re.IGNORECASE)
             for f in tinyworld.IDENTITY_QUESTIONS + [f for fs, _ in tinyworld.SMALLTALK.values() for f in fs]
             if f.held]
@@ -422,6 +423,30 @@ def held_meaning_regexes():
     anywhere: its subject may be left out ("... and sells 4 pears for 3 coins each"), a comma may end it."""
     return [rx(f.text.removeprefix("{P} ").rstrip("."), verb)
             for kind in tinyworld.HELD_MEANINGS for _, f, verb in tinyworld.verb_options(kind, None)]
+
+
+def test_chat_phrasing_families():
+    """Fact, place and identity questions come in many training phrasings, every one of them drawn, and never in a
+    held-out one (nor after a held-out aside); held-out draws always take a held phrasing."""
+    people, places = tinyworld.world(0)
+    rng = random.Random(9)
+    families = {("identity", None): (tinyworld.IDENTITY_QUESTIONS, 30,
+                                     lambda held: tinyworld.identity_question(rng, held)[0])}
+    for kind, frames in tinyworld.FACT_QUESTIONS.items():
+        families["fact", kind] = (frames, 9, lambda held, kind=kind: tinyworld.fact_question(rng, people, held,
+                                                                                             kind=kind)[0])
+    for kind, frames in tinyworld.PLACE_QUESTIONS.items():
+        families["place", kind] = (frames, 7, lambda held, kind=kind: tinyworld.place_question(rng, places, held,
+                                                                                               kind)[0])
+    asides = [rx(f.text) for f in tinyworld.ASIDES if f.held]
+    for family, (frames, floor, ask) in families.items():
+        training = [rx(f.text.rstrip("?.!"), names=True) for f in frames if not f.held]
+        held = [rx(f.text.rstrip("?.!"), names=True) for f in frames if f.held]
+        assert len(training) >= floor and len(held) >= 3, family
+        drawn = [ask(False) for _ in range(40 * len(training))]
+        assert all(any(r.search(q) for q in drawn) for r in training), family
+        assert not any(r.search(q) for r in held + asides for q in drawn), family
+        assert all(any(r.search(q) for r in held) for q in (ask(True) for _ in range(50))), family
 
 
 def test_held_meanings_are_in_no_sft_or_rl_file(world):
@@ -604,7 +629,7 @@ def test_chat_format(world):
 
 
 def test_chat_probes(world):
-    people, _ = tinyworld.world(SMALL["seed"])
+    people, places = tinyworld.world(SMALL["seed"])
     train, test = (read(os.path.join(world, f"chat_probe_{s}.jsonl")) for s in ("train", "test"))
     assert len(train) == SMALL["num_probe_train"] and len(test) == SMALL["num_probe_test"]
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
@@ -613,11 +638,20 @@ def test_chat_probes(world):
         assert set(p) == {"prompt", "kind", "expect"} and p["kind"] in ("identity", "smalltalk", "fact")
         assert p["expect"] is None if p["kind"] == "smalltalk" else p["expect"]
     assert {p["kind"] for p in test} == {"identity", "smalltalk", "fact"}
-    # a fact probe's expected word is the world's fact about the person it names
-    for p in test:
+    # a fact probe's expected word is the world's fact about the person it names, or about the place: its kind,
+    # or who lives there
+    asked = collections.Counter()
+    for p in train + test:
         if p["kind"] == "fact":
-            name = next(n for n in re.findall(r"[A-Z][a-z]+", p["prompt"]) if n in people)
-            assert set(p["expect"]) & {str(v) for v in people[name].values()}, p
+            name = next((n for n in re.findall(r"[A-Z][a-z]+", p["prompt"]) if n in people), None)
+            if name:
+                assert set(p["expect"]) & {str(v) for v in people[name].values()}, p
+                asked["person"] += 1
+                continue
+            place = next(x for x in tinyworld.PLACES if re.search(rf"\b{x}\b", p["prompt"]))
+            assert p["expect"] in ([places[place]["kind"]], places[place]["people"] or ["nobody"]), p
+            asked["place"] += 1
+    assert asked["person"] > 2 * asked["place"] > 0, asked
     fact = {"prompt": "Where does Mia live?", "kind": "fact", "expect": ["Pine Hill"]}
     assert data.chat_reply_ok("Mia lives in Pine Hill.", fact)
     assert not data.chat_reply_ok("Mia lives in Oakvale.", fact)
