@@ -1634,8 +1634,8 @@ def arith_question(rng, heldout):
         text = text[0].upper() + text[1:]
         if rng.random() < 0.3:  # typed casually
             text = text[0].lower() + text[1:]
-        leads, ends = ([i for i, f in enumerate(family) if heldout or not f.held] for family in (ARITH_LEADS, ARITH_ENDS))
-        lead, end = rng.choice(leads), rng.choice(ends)
+        lead, end = (rng.choice([i for i, f in enumerate(family) if heldout or not f.held])
+                     for family in (ARITH_LEADS, ARITH_ENDS))
         head = ARITH_LEADS[lead].text
         if head.endswith(", ") and not text.startswith(("I ", "I'")):
             text = text[0].lower() + text[1:]

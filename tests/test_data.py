@@ -360,8 +360,8 @@ NUM = r"(?:\d+|[a-z]+(?:-[a-z]+)?)"
 SLOTS = {"P": r"(?:[A-Z][a-z]+|she|he)", "p": r"(?:[A-Z][a-z]+'s|her|his)", "Q": r"[A-Z][a-z]+",
          "q": r"[A-Z][a-z]+'s", "n": NUM, "a": NUM, "b": NUM, "k": NUM, "item": r"[a-z]+", "other": r"[a-z]+",
          "box": r"[a-z]+", "boxes": r"[a-z]+", "home": r"[A-Z][a-z]+(?: [A-Z][a-z]+)?", "a_job": r"an? [a-z]+",
-         "object": r"[a-z]+", "thing": r"[a-z]+", "a_thing": r"an? [a-z]+", "E": ".+", "A": ".+", "B": ".+", "L": ".+", "place": r"[A-Z][a-z]+(?: [A-Z][a-z]+)?",
-         "d": ".+", "S": ".+"}
+         "object": r"[a-z]+", "thing": r"[a-z]+", "a_thing": r"an? [a-z]+", "E": ".+", "A": ".+", "B": ".+", "L": ".+",
+         "d": ".+", "S": ".+", "place": r"[A-Z][a-z]+(?: [A-Z][a-z]+)?"}
 
 
 def rx(text, verb=None, names=False):
