@@ -1367,6 +1367,8 @@ ARITH_DO = [
     ArithForm("/", "halve {A}", k=2),
     ArithForm("/", "cut {A} into {B} equal pieces"), ArithForm("/", "divide {A} into {B} equal groups"),
     ArithForm("/", "share {A} equally among {B}", held=True), ArithForm("/", "share {A} between {B}", held=True)]
+# training says "what do you get when you ...": a question before its condition ("What/How ... if ...") is the
+# stories' held placement (HELD_PLACEMENT), so "what do you get if you ..." is held
 ARITH_DO_ASK = [Frame("{d}."), Frame("please {d}."), Frame("can you {d}?"), Frame("could you {d}?"),
                 Frame("{d}, please."), Frame("I need you to {d}."), Frame("what do you get when you {d}?"),
                 Frame("if you {d}, what do you get?"),
