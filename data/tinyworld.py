@@ -64,9 +64,12 @@ math_train, mc_train; a held-out meaning only in pretraining stories):
                                     chat or worked pretraining problem tells it; pretraining tells it in stories
                                     without a question, each change followed by the count it leaves
                                     (doc_narrative), as a text meets a meaning before a test asks about it
-                       arith        bare arithmetic asked in a held-out phrasing (ARITH_ASK, ARITH_WORDS)
+                       arith        bare arithmetic asked in a request with a held-out part (ARITH_FAMILIES: an
+                                    ask, words for an operation, an order or its frame, a question, a chain or
+                                    one of its steps)
     level = the number of steps (arith: of operations).
-    chat_probe_test    identity, small talk and fact questions in held-out phrasings (probes_split); each row
+    chat_probe_test    identity, small talk and fact questions (a person's or a place's) in held-out phrasings
+                       (probes_split: frames marked held, fact questions also after a held aside); each row
                        {"prompt", "kind": "identity"|"smalltalk"|"fact", "expect": [words, one of which the reply
                        must contain] or null}. A reply is right when it has no "####", no calculator call and
                        (expect) one of the words: data.chat_reply_ok.
@@ -108,7 +111,7 @@ num_mc_test = 300
 num_probe_train = 2000  # non-math chat prompts in training phrasings (for RL)
 num_probe_test = 300    # chat-retention probes in held-out phrasings
 
-VERSION = 4  # bump when the generator's output changes: sets made by another version are regenerated
+VERSION = 5  # bump when the generator's output changes: sets made by another version are regenerated
 
 # -----------------------------------------------------------------------------
 # The world's vocabulary (other code reads these lists: add words, never remove or rename one)
@@ -1292,46 +1295,169 @@ def math_problem(rng, people, slice_, steps=0):
 
 
 # -----------------------------------------------------------------------------
-# Arithmetic asked in words: a random expression (1-3 operations), said with symbols or words, answered with one
-# calculator call on the translated expression.
+# Arithmetic asked in words: a random expression (1-3 operations on numbers up to MAX_VALUE), asked in a request
+# composed from parts and answered with one calculator call on the expression. A request is one of these styles:
+#   symbols   an ask (ARITH_ASK) around the expression in symbols       "Can you work out 17 * 10 + 29?"
+#   words     an ask around the expression in words (ARITH_WORDS)       "What does the sum of 3 and 40 come to?"
+#   order     an order's verb phrase (ARITH_DO) in a frame (ARITH_DO_ASK)  "What do you get if you take 4 from 96?"
+#   question  a question of one operation's own (ARITH_QUESTIONS)       "How many times does 4 go into 96?"
+#   chain     a start, then steps on the running value (ARITH_CHAINS, ARITH_STEPS)  "Start with 12, add 5, then
+#             halve it."
+# then a lead-in (ARITH_LEADS) and an ending (ARITH_ENDS). {A} {B} are an operation's operands in the order of its
+# symbols (A - B, A / B), wherever the words put them ("subtract {B} from {A}"); {L} three or four numbers of a sum
+# or product ("3, 5 and 9"; a form that is just "{L}" runs them with the operation's word: "3 plus 5 plus 9").
+# ArithForm.k: the form fixes the second operand ("twice {A}"). Every family marks some parts held=True: no training
+# request has one, and every arith test request has one among its ask, words, order, question and chain parts.
 
+ArithForm = collections.namedtuple("ArithForm", "op text k held", defaults=(None, False))
 ARITH_ASK = [Frame("What is {E}?"), Frame("Calculate {E}."), Frame("How much is {E}?"),
              Frame("Please compute {E}."), Frame("Can you calculate {E}?"), Frame("What do you get for {E}?"),
-             Frame("Tell me {E}."), Frame("{E} = ?"), Frame("Solve {E}."),
-             Frame("Give me the result of {E}.", held=True),
-             Frame("Find the value of {E}.", held=True), Frame("What number is {E}?", held=True)]
+             Frame("Tell me {E}."), Frame("{E} = ?"), Frame("Solve {E}."), Frame("What's {E}?"),
+             Frame("Work out {E}."), Frame("Can you work out {E}?"), Frame("Figure out {E}."),
+             Frame("Evaluate {E}."), Frame("What does {E} equal?"), Frame("What does {E} make?"),
+             Frame("{E} equals what?"), Frame("{E} is what?"), Frame("Do you know what {E} is?"),
+             Frame("What would {E} be?"), Frame("What is the answer to {E}?"), Frame("I need {E}."),
+             Frame("Help me with {E}."), Frame("{E} = ___"), Frame("{E} is ___."),
+             Frame("Fill in the blank: {E} = ___"),
+             Frame("What's the result of {E}?"), Frame("Could you find {E}?"), Frame("Find {E} for me."),
+             Frame("Give me the result of {E}.", held=True), Frame("Find the value of {E}.", held=True),
+             Frame("What number is {E}?", held=True), Frame("What does {E} come to?", held=True),
+             Frame("Tell me what {E} is.", held=True), Frame("{E} makes ___.", held=True),
+             Frame("Quick, {E}?", held=True)]
 # asks that only ever take symbols: their word forms ("What is 3 times 4?") and "Compute 3 * 4." are phrasings of
-# tests/heldback.py, which no generated set may contain (tests/test_heldback.py)
-SYMBOLS_ONLY = {"What is {E}?", "How much is {E}?"}
-# one operation in words: (op, form) with {A} {B} the operands; Frame.k: the form fixes the second operand. The
-# held-out forms are made of words training uses elsewhere ("difference", "share ... among", "added together")
-ARITH_WORDS = [("+", Frame("{A} plus {B}")), ("+", Frame("the sum of {A} and {B}")),
-               ("+", Frame("{A} added to {B}")), ("+", Frame("{A} and {B} added together", held=True)),
-               ("-", Frame("{A} minus {B}")), ("-", Frame("the difference between {A} and {B}")),
-               ("-", Frame("{B} less than {A}")), ("-", Frame("the difference of {A} and {B}", held=True)),
-               ("*", Frame("{A} times {B}")), ("*", Frame("the product of {A} and {B}")),
-               ("*", Frame("{A} multiplied by {B}")), ("*", Frame("twice {A}", k=2)), ("*", Frame("double {A}", k=2)),
-               ("*", Frame("{A} and {B} multiplied together", held=True)),
-               ("/", Frame("{A} divided by {B}")), ("/", Frame("half of {A}", k=2)),
-               ("/", Frame("{A} split into {B} equal parts")), ("/", Frame("a third of {A}", k=3)),
-               ("/", Frame("{A} shared among {B}", held=True))]
-ARITH_DO = [("+", Frame("Add {A} and {B}.")), ("-", Frame("Subtract {B} from {A}.")),
-            ("*", Frame("Multiply {A} by {B}.")), ("/", Frame("Divide {A} by {B}.")),
-            ("/", Frame("Share {A} equally among {B}.", held=True)), ("*", Frame("Multiply {A} and {B}.", held=True))]
+# tests/heldback.py, which no generated set may contain (tests/test_heldback.py); "What's" is their contraction
+SYMBOLS_ONLY = {"What is {E}?", "How much is {E}?", "What's {E}?"}
+# noun phrases of one operation; the held-out ones are made of words training uses elsewhere
+ARITH_WORDS = [
+    ArithForm("+", "{A} plus {B}"), ArithForm("+", "the sum of {A} and {B}"), ArithForm("+", "{A} added to {B}"),
+    ArithForm("+", "the total of {A} and {B}"), ArithForm("+", "{B} more than {A}"),
+    ArithForm("+", "{A} and {B} together"), ArithForm("+", "the sum of {L}"), ArithForm("+", "{L}"),
+    ArithForm("+", "the total of {L}"), ArithForm("+", "{A} and {B} added together", held=True),
+    ArithForm("+", "{A} increased by {B}", held=True), ArithForm("+", "{L} all added up", held=True),
+    ArithForm("-", "{A} minus {B}"), ArithForm("-", "the difference between {A} and {B}"),
+    ArithForm("-", "{B} less than {A}"), ArithForm("-", "{A} take away {B}"), ArithForm("-", "{B} subtracted from {A}"),
+    ArithForm("-", "{B} fewer than {A}"), ArithForm("-", "{A} with {B} taken away"),
+    ArithForm("-", "the difference of {A} and {B}", held=True), ArithForm("-", "{A} decreased by {B}", held=True),
+    ArithForm("*", "{A} times {B}"), ArithForm("*", "the product of {A} and {B}"),
+    ArithForm("*", "{A} multiplied by {B}"),
+    ArithForm("*", "twice {A}", k=2), ArithForm("*", "double {A}", k=2), ArithForm("*", "triple {A}", k=3),
+    ArithForm("*", "{A} lots of {B}"), ArithForm("*", "{A} groups of {B}"), ArithForm("*", "the product of {L}"),
+    ArithForm("*", "{L}"), ArithForm("*", "{A} and {B} multiplied together", held=True),
+    ArithForm("*", "{A} sets of {B}", held=True), ArithForm("*", "{L} multiplied together", held=True),
+    ArithForm("/", "{A} divided by {B}"), ArithForm("/", "half of {A}", k=2), ArithForm("/", "a third of {A}", k=3),
+    ArithForm("/", "a quarter of {A}", k=4), ArithForm("/", "{A} split into {B} equal parts"),
+    ArithForm("/", "the quotient of {A} and {B}"), ArithForm("/", "{A} divided into {B} equal groups"),
+    ArithForm("/", "{A} halved", k=2), ArithForm("/", "{A} shared among {B}", held=True),
+    ArithForm("/", "{A} split {B} ways", held=True)]
+NOUN_FORMS = ("the ", "half ", "twice ", "double ", "triple ", "a third ", "a quarter ")  # forms that read as one thing
+# orders: verb phrases, said in a frame of ARITH_DO_ASK
+ARITH_DO = [
+    ArithForm("+", "add {A} and {B}"), ArithForm("+", "add {B} to {A}"), ArithForm("+", "add up {A} and {B}"),
+    ArithForm("+", "sum {A} and {B}"), ArithForm("+", "put {A} and {B} together"), ArithForm("+", "add {L}"),
+    ArithForm("+", "add up {L}"), ArithForm("+", "increase {A} by {B}", held=True),
+    ArithForm("+", "sum up {L}", held=True),
+    ArithForm("-", "subtract {B} from {A}"), ArithForm("-", "take {B} away from {A}"),
+    ArithForm("-", "take {B} from {A}"),
+    ArithForm("-", "take away {B} from {A}"), ArithForm("-", "decrease {A} by {B}"),
+    ArithForm("-", "reduce {A} by {B}", held=True), ArithForm("-", "deduct {B} from {A}", held=True),
+    ArithForm("*", "multiply {A} by {B}"), ArithForm("*", "times {A} by {B}"), ArithForm("*", "double {A}", k=2),
+    ArithForm("*", "triple {A}", k=3), ArithForm("*", "multiply {A} and {B}"), ArithForm("*", "multiply {L}"),
+    ArithForm("*", "multiply {L} together"), ArithForm("*", "multiply {A} with {B}", held=True),
+    ArithForm("/", "divide {A} by {B}"), ArithForm("/", "split {A} into {B} equal parts"),
+    ArithForm("/", "halve {A}", k=2),
+    ArithForm("/", "cut {A} into {B} equal pieces"), ArithForm("/", "divide {A} into {B} equal groups"),
+    ArithForm("/", "share {A} equally among {B}", held=True), ArithForm("/", "share {A} between {B}", held=True)]
+# training says "what do you get when you ...": a question before its condition ("What/How ... if ...") is the
+# stories' held placement (HELD_PLACEMENT), so "what do you get if you ..." is held
+ARITH_DO_ASK = [Frame("{d}."), Frame("please {d}."), Frame("can you {d}?"), Frame("could you {d}?"),
+                Frame("{d}, please."), Frame("I need you to {d}."), Frame("what do you get when you {d}?"),
+                Frame("if you {d}, what do you get?"),
+                Frame("{d}. What do you get?"), Frame("{d} and tell me the answer."), Frame("help me {d}."),
+                Frame("let's {d}."), Frame("what is the result when you {d}?"), Frame("{d}. What is the result?"),
+                Frame("do me a favor and {d}.", held=True), Frame("see if you can {d}.", held=True),
+                Frame("what comes out if you {d}?", held=True), Frame("what do you get if you {d}?", held=True),
+                Frame("when you {d}, what is the answer?", held=True)]
+# questions only one operation asks, over two numbers
+ARITH_QUESTIONS = [
+    ArithForm("+", "if you have {A} and get {B} more, how many do you have?"),
+    ArithForm("+", "what do {A} and {B} make together?"),
+    ArithForm("+", "how many is {A} and another {B}?", held=True),
+    ArithForm("-", "if you take {B} from {A}, how much is left?"), ArithForm("-", "how much bigger is {A} than {B}?"),
+    ArithForm("-", "if you have {A} and lose {B}, how many are left?"),
+    ArithForm("-", "by how much is {A} greater than {B}?", held=True),
+    ArithForm("*", "what are {A} lots of {B}?"),
+    ArithForm("*", "if each of {A} boxes holds {B}, how many is that in all?"),
+    ArithForm("*", "how much do {A} groups of {B} make?", held=True),
+    ArithForm("/", "how many times does {B} go into {A}?"),
+    ArithForm("/", "how many groups of {B} can you make from {A}?"),
+    ArithForm("/", "if {A} is shared equally by {B} people, how much does each get?"),
+    ArithForm("/", "how many lots of {B} make up {A}?", held=True)]
+# a step on the running value of a chain
+ARITH_STEPS = [
+    ArithForm("+", "add {B}"), ArithForm("+", "add {B} to it"), ArithForm("+", "add another {B}"),
+    ArithForm("+", "increase it by {B}", held=True),
+    ArithForm("-", "subtract {B}"), ArithForm("-", "take away {B}"), ArithForm("-", "take off {B}"),
+    ArithForm("-", "reduce it by {B}", held=True),
+    ArithForm("*", "multiply by {B}"), ArithForm("*", "multiply it by {B}"), ArithForm("*", "double it", k=2),
+    ArithForm("*", "triple it", k=3), ArithForm("*", "multiply the result by {B}", held=True),
+    ArithForm("/", "divide by {B}"), ArithForm("/", "divide it by {B}"), ArithForm("/", "halve it", k=2),
+    ArithForm("/", "split it into {B} equal parts"), ArithForm("/", "share it among {B}", held=True)]
+# {A}: the chain's start; {d}: its first operation as an order; {S}: the steps after it, joined by ", then "
+ARITH_CHAINS = [Frame("start with {A}, {S}."), Frame("start with {A}, {S}. What do you get?"),
+                Frame("take {A}, {S}. What is the result?"), Frame("if you start with {A}, {S}, what do you get?"),
+                Frame("{d}, then {S}."), Frame("first {d}, then {S}."), Frame("{d}, and then {S}. What is the answer?"),
+                Frame("what do you get when you {d}, then {S}?"),
+                Frame("begin with {A}, {S}. What number do you end up with?", held=True),
+                Frame("think of {A}, {S}. What do you have now?", held=True),
+                Frame("{d}. Next, {S}. Which number do you get?", held=True)]
+# before a request (one ending in ", " runs into it, lower-cased) and after it
+ARITH_LEADS = [Frame(""), Frame(""), Frame(""), Frame(""), Frame("Hi! "), Frame("Hello! "), Frame("Hey, "),
+               Frame("Quick question: "), Frame("Math question: "), Frame("Can you help me? "),
+               Frame("I have a math problem for you. "), Frame("Here is a problem: "), Frame("Okay, "), Frame("So, "),
+               Frame("Next one: "), Frame("Got a quick one for you: ", held=True),
+               Frame("I'm stuck on this one: ", held=True), Frame("Homework help: ", held=True)]
+ARITH_ENDS = [Frame(""), Frame(""), Frame(""), Frame(""), Frame(" Thanks!"), Frame(" Thank you."),
+              Frame(" Thanks a lot!"), Frame(" I need it for my homework."), Frame(" Just curious."),
+              Frame(" Cheers!", held=True), Frame(" Much appreciated.", held=True),
+              Frame(" Thanks in advance.", held=True)]
+ARITH_FAMILIES = {"arith_ask": ARITH_ASK, "arith_words": ARITH_WORDS, "arith_do": ARITH_DO,
+                  "arith_do_ask": ARITH_DO_ASK, "arith_questions": ARITH_QUESTIONS, "arith_steps": ARITH_STEPS,
+                  "arith_chains": ARITH_CHAINS, "arith_leads": ARITH_LEADS, "arith_ends": ARITH_ENDS}
+AROUND = ("arith_leads", "arith_ends")  # parts around a request: held ones ride along in test requests only
+STYLE_WEIGHTS = {"symbols": 3, "words": 3, "order": 3, "question": 1, "chain": 2}
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 
-def draw_expr(rng, ops, small=False):
-    """A random expression (a graph of Nodes) with `ops` operations and whole, positive values (Redraw
-    otherwise); multiplied and divided by small numbers."""
-    if ops == 0:
-        return leaf(draw(rng, 2, 12 if small else 99 if rng.random() < 0.5 else 20))
+def operand(rng, small):
+    """A number of the world's range: a factor or divisor 2..12 (now and then up to 40; often 2, as "twice", "half" and
+    "halve it" say), else 1 to 3 digits alike."""
+    if small:
+        r = rng.random()
+        return 2 if r < 0.2 else rng.randint(2, 40 if r > 0.85 else 12)
+    digits = rng.choice([1, 2, 2, 3, 3])
+    return rng.randint(max(2, 10 ** (digits - 1)), 10 ** digits - 1)
+
+
+def draw_expr(rng, ops):
+    """A random expression (a graph of Nodes) with `ops` operations, every value whole and in 1..MAX_VALUE
+    (Redraw otherwise); multiplied and divided by small numbers. A number beside an operation or another number is
+    drawn to fit it where it can: a difference positive, a quotient whole, a product within range."""
     op = rng.choice("+-*/")
     left = rng.randint(0, ops - 1)
-    a, b = draw_expr(rng, left), draw_expr(rng, ops - 1 - left, small=op in "*/")
+    a = draw_expr(rng, left) if left else None
+    b = draw_expr(rng, ops - 1 - left) if ops - 1 - left else leaf(operand(rng, op in "*/"))
+    if a is None:
+        a = leaf(b.value * draw(rng, 2, MAX_VALUE // b.value) if op == "/" else draw(rng, b.value + 1, MAX_VALUE)
+                 if op == "-" else operand(rng, False))
+    if op == "*" and a.op is None and a.value * b.value > MAX_VALUE:
+        a = leaf(draw(rng, 2, MAX_VALUE // b.value))
+    elif b.op is None and op == "*" and a.value * b.value > MAX_VALUE:
+        b = leaf(draw(rng, 2, MAX_VALUE // a.value))
+    elif b.op is None and op == "/" and a.value % b.value:
+        b = leaf(rng.choice([d for d in range(2, 13) if a.value % d == 0] or [a.value + 1]))  # (none: Redraw)
     value = {"+": a.value + b.value, "-": a.value - b.value, "*": a.value * b.value,
              "/": a.value // b.value if a.value % b.value == 0 else -1}[op]
-    if not 1 <= value <= 9999:
+    if not 1 <= value <= MAX_VALUE:
         raise Redraw
     return Node(value, op, a, b, None, None)
 
@@ -1348,65 +1474,182 @@ def expr_text(e, spaced=True, parent=None, right=False):
     return s
 
 
-NOUN_FORMS = ("the ", "half ", "twice ", "double ", "a third ")  # word forms that read as one thing
+def chain_of(e):
+    """[start, (op, number), ...] of a left-deep expression whose right operands are numbers, else None."""
+    if e.op is None:
+        return [e.value]
+    head = chain_of(e.a)
+    return head + [(e.op, e.b.value)] if head and e.b.op is None else None
+
+
+def run_of(e):
+    """The 3 or 4 numbers of a sum or product of numbers alone ("3 + 5 + 9"), else None."""
+    chain = chain_of(e)
+    if chain and len(chain) >= 3 and e.op in "+*" and all(op == e.op for op, _ in chain[1:]):
+        return [chain[0]] + [n for _, n in chain[1:]]
+    return None
+
+
+def say_number(rng, n):
+    return number(n, rng.random() < 0.25)
+
+
+def fill(rng, form, e, said):
+    """A form's text with its operands: {A} {B} said (text, patterns) by `said`, {L} the run's numbers."""
+    text = form.text
+    if "{L}" in text:
+        numbers = [say_number(rng, n) for n in run_of(e)]
+        joined = (f" {OP_WORDS[e.op]} ".join(numbers) if text == "{L}" else
+                  ", ".join(numbers[:-1]) + " and " + numbers[-1])
+        return text.replace("{L}", joined), set()
+    patterns = set()
+    for slot, x in (("{A}", e.a), ("{B}", e.b)):
+        if slot in text:
+            words_, more = said(x)
+            text, patterns = text.replace(slot, words_), patterns | more
+    return text, patterns
+
+
+def form_fits(form, e, noun=False, nest_ok=lambda text, slot: False):
+    """Whether a form of e's operation says e: a k form's fixed operand, a list form's run, nested operands where
+    the form lets them read as one (nest_ok)."""
+    if form.op != e.op or noun and not form.text.startswith(NOUN_FORMS):
+        return False
+    if "{L}" in form.text:
+        return run_of(e) is not None
+    if form.k is not None and (e.b.op is not None or form.k != e.b.value):
+        return False
+    return all(x.op is None or slot in form.text and nest_ok(form.text, slot)
+               for slot, x in (("{A}", e.a), ("{B}", e.b)))
+
+
+def words_nest(text, slot):
+    """A noun form takes a nested operand first (before a comma) or last: "the sum of 3 and 4, times 5"."""
+    return text.startswith("{A}") and "{B}" in text if slot == "{A}" else text.endswith("{B}")
+
+
+def order_nest(text, slot):
+    """An order takes a nested operand (a noun phrase) where no "and" follows it: "subtract the sum of 3 and 4 from
+    20", not "add the sum of 3 and 4 and 5"."""
+    return not text.split(slot)[1].startswith((" and", ","))
 
 
 def say_expr(rng, e, noun=False):
     """The expression in words, or None when no form fits: one form per operation; an operand that is itself an
-    operation is said as a noun phrase of numbers ("the sum of 3 and 4"), last, or first and before a comma
-    ("the sum of 3 and 4, times 5"). Returns (text, patterns)."""
+    operation is said as a noun phrase (a NOUN_FORMS form), last, or first and before a comma ("the sum of 3 and 4,
+    times 5"). Returns (text, patterns)."""
     if e.op is None:
-        return number(e.value, rng.random() < 0.2), set()
-    forms = [(i, f) for i, (op, f) in enumerate(ARITH_WORDS) if op == e.op and (f.k is None or f.k == e.b.value)
-             and (not noun or f.text.startswith(NOUN_FORMS))
-             and (e.a.op is None or f.text.startswith("{A}") and "{B}" in f.text and not noun)
-             and (e.b.op is None or f.text.endswith("{B}") and not noun)]
+        return say_number(rng, e.value), set()
+    forms = [i for i, f in enumerate(ARITH_WORDS) if form_fits(f, e, noun, lambda t, s: not noun and words_nest(t, s))]
+    if run_of(e) and rng.random() < 0.5:  # a run is most often said as one: "the sum of 3, 5 and 9"
+        forms = [i for i in forms if "{L}" in ARITH_WORDS[i].text]
     if not forms:
         return None
-    i, form = rng.choice(forms)
-    a, b = say_expr(rng, e.a, noun=True), say_expr(rng, e.b, noun=True)
-    if a is None or b is None:
+    i = rng.choice(forms)
+    parts = {x: say_expr(rng, x, noun=True) for x in (e.a, e.b)}
+    if None in parts.values():
         return None
-    text = form.text.replace("{A}", a[0] + ("," if e.a.op else "")).replace("{B}", b[0])
-    return text, {("arith_words", i)} | a[1] | b[1]
+    text, patterns = fill(rng, ARITH_WORDS[i], e, lambda x: (parts[x][0] + ("," if x is e.a and x.op else ""),
+                                                             parts[x][1]))
+    return text, {("arith_words", i)} | patterns
+
+
+def say_order(rng, e):
+    """An order's verb phrase for e ("take 4 away from 96"), operands that are operations as noun phrases; or None."""
+    forms = [i for i, f in enumerate(ARITH_DO) if form_fits(f, e, nest_ok=order_nest)]
+    if not forms:
+        return None
+    i = rng.choice(forms)
+    parts = {x: say_expr(rng, x, noun=True) for x in (e.a, e.b)}
+    if None in parts.values():
+        return None
+    text, patterns = fill(rng, ARITH_DO[i], e, lambda x: parts[x])
+    return text, {("arith_do", i)} | patterns
+
+
+def say_chain(rng, e):
+    """A start and steps on the running value ("start with 12, add 5, then halve it"), or None."""
+    chain = chain_of(e)
+    if not chain or len(chain) < 3:
+        return None
+    frame = rng.randrange(len(ARITH_CHAINS))
+    text, patterns, first = ARITH_CHAINS[frame].text, {("arith_chains", frame)}, 1
+    if "{d}" in text:  # the first operation an order on two numbers
+        start = e
+        while start.a.op is not None:
+            start = start.a
+        said = say_order(rng, start)
+        if said is None:
+            return None
+        text, patterns, first = text.replace("{d}", said[0]), patterns | said[1], 2
+    steps = []
+    for op, n in chain[first:]:
+        i = rng.choice([i for i, f in enumerate(ARITH_STEPS) if f.op == op and f.k in (None, n)])
+        steps.append(ARITH_STEPS[i].text.replace("{B}", say_number(rng, n)))
+        patterns.add(("arith_steps", i))
+    return text.replace("{A}", say_number(rng, chain[0])).replace("{S}", ", then ".join(steps)), patterns
+
+
+def say_request(rng, e):
+    """(text, patterns) of a request for e in one of the styles that fit it, without lead-in and ending."""
+    styles = dict(STYLE_WEIGHTS)
+    while styles:
+        style = pick(rng, styles)
+        del styles[style]
+        if style == "symbols":
+            ask = rng.randrange(len(ARITH_ASK))
+            return ARITH_ASK[ask].text.replace("{E}", expr_text(e)), {("arith_ask", ask)}
+        if style == "words":
+            said = say_expr(rng, e)
+            if said:
+                ask = rng.choice([i for i, f in enumerate(ARITH_ASK) if f.text not in SYMBOLS_ONLY])
+                return ARITH_ASK[ask].text.replace("{E}", said[0]), {("arith_ask", ask)} | said[1]
+        elif style == "order":
+            said = say_order(rng, e)
+            if said:
+                ask = rng.randrange(len(ARITH_DO_ASK))
+                return ARITH_DO_ASK[ask].text.replace("{d}", said[0]), {("arith_do_ask", ask)} | said[1]
+        elif style == "question":
+            forms = [i for i, f in enumerate(ARITH_QUESTIONS) if form_fits(f, e)]
+            if forms:
+                i = rng.choice(forms)
+                return fill(rng, ARITH_QUESTIONS[i], e, lambda x: (say_number(rng, x.value), set()))[0], \
+                    {("arith_questions", i)}
+        else:
+            said = say_chain(rng, e)
+            if said:
+                return said
+    raise Redraw
 
 
 def arith_question(rng, heldout):
-    """(question, answer, ops, patterns) of an arithmetic request; heldout: at least one held-out pattern."""
+    """(question, answer, ops, patterns) of an arithmetic request; heldout: at least one held-out part in the
+    request itself (a held lead-in or ending alone does not hold a request out)."""
     while True:
         try:
             e = draw_expr(rng, rng.choice([1, 1, 2, 2, 3]))
+            text, patterns = say_request(rng, e)
         except Redraw:
             continue
-        if heldout_shape(shape(e)):
-            continue
-        ops = len(steps_of(e))
-        kind = rng.random()
-        if kind < 0.4:  # symbols
-            ask = rng.randrange(len(ARITH_ASK))
-            text, patterns = ARITH_ASK[ask].text.format(E=expr_text(e)), {("arith_ask", ask)}
-        elif kind < 0.8 or ops > 1:  # words (None for most 3-operation expressions)
-            said = say_expr(rng, e)
-            if said is None:
-                continue
-            ask = rng.choice([i for i, f in enumerate(ARITH_ASK) if f.text not in SYMBOLS_ONLY])
-            text, patterns = ARITH_ASK[ask].text.format(E=said[0]), {("arith_ask", ask)} | said[1]
-        else:  # an order: "Subtract 4 from 9."
-            dos = [i for i, (op, _) in enumerate(ARITH_DO) if op == e.op]
-            i = rng.choice(dos)
-            a, b = (number(x.value, rng.random() < 0.2) for x in (e.a, e.b))
-            text, patterns = ARITH_DO[i][1].text.replace("{A}", a).replace("{B}", b), {("arith_do", i)}
-        held = any(arith_heldout(p) for p in patterns)
-        if held != heldout:
+        if heldout_shape(shape(e)) or any(arith_heldout(p) for p in patterns) != heldout:
             continue
         text = text[0].upper() + text[1:]
+        if rng.random() < 0.3:  # typed casually
+            text = text[0].lower() + text[1:]
+        lead, end = (rng.choice([i for i, f in enumerate(family) if heldout or not f.held])
+                     for family in (ARITH_LEADS, ARITH_ENDS))
+        head = ARITH_LEADS[lead].text
+        if head.endswith(", ") and not text.startswith(("I ", "I'")):
+            text = text[0].lower() + text[1:]
+        elif head:
+            text = text[0].upper() + text[1:]
+        text = head + text + ARITH_ENDS[end].text
         answer = f"<<{expr_text(e, spaced=False)}={e.value}>>{e.value}\n#### {e.value}"
-        return text, answer, ops, patterns
+        return text, answer, len(steps_of(e)), patterns | {("arith_leads", lead), ("arith_ends", end)}
 
 
 def arith_heldout(pattern):
-    table = {"arith_ask": ARITH_ASK, "arith_words": [f for _, f in ARITH_WORDS], "arith_do": [f for _, f in ARITH_DO]}
-    return table[pattern[0]][pattern[1]].held
+    return ARITH_FAMILIES[pattern[0]][pattern[1]].held
 
 
 # -----------------------------------------------------------------------------
@@ -1414,59 +1657,139 @@ def arith_heldout(pattern):
 
 FACT_TEMPLATES = {
     "home": ["{n} lives in {home}.", "{n}'s home is in {home}.", "{n} has a house in {home}.",
-             "In {home} lives {n}.", "{n} is from {home}.", "The home of {n} is {home}."],
+             "In {home} lives {n}.", "{n} is from {home}.", "The home of {n} is {home}.",
+             "{n} makes a home in {home}.", "{home} is where {n} lives."],
     "job": ["{n} is {a_job}.", "{n} works as {a_job}.", "By trade, {n} is {a_job}.",
-            "{n} earns a living as {a_job}."],
+            "{n} earns a living as {a_job}.", "{n} has a job as {a_job}.", "{n}'s job is {job}.",
+            "For work, {n} is {a_job}."],
     "food": ["{n} likes {food}.", "{n}'s favorite food is {food}.", "{n} loves to eat {food}.",
-             "The food {n} likes best is {food}."],
-    "object": ["{n} owns {a_color} {object}.", "{n} has {a_color} {object}.", "The {color} {object} belongs to {n}."],
-    "color": ["{n}'s {object} is {color}.", "The {object} of {n} is {color}.", "{n} has {a_color} {object}."],
-    "pet": ["{n} has a pet {pet}.", "{n} keeps {a_pet} at home.", "{n}'s pet is {a_pet}."],
+             "The food {n} likes best is {food}.", "{n} likes {food} more than any other food.",
+             "Give {n} {food} and {n} is happy."],
+    "object": ["{n} owns {a_color} {object}.", "{n} has {a_color} {object}.", "The {color} {object} belongs to {n}.",
+               "{n} is the owner of {a_color} {object}."],
+    "color": ["{n}'s {object} is {color}.", "The {object} of {n} is {color}.", "{n} has {a_color} {object}.",
+              "The {object} that {n} owns is {color}.", "{n}'s {object} has the color {color}."],
+    "pet": ["{n} has a pet {pet}.", "{n} keeps {a_pet} at home.", "{n}'s pet is {a_pet}.",
+            "{n} lives with a pet {pet}.", "The pet of {n} is {a_pet}."],
     "friend": ["{n}'s best friend is {friend}.", "{n} and {friend} are best friends.",
-               "{friend} is the best friend of {n}.", "{n} is best friends with {friend}."],
-    "age": ["{n} is {age} years old.", "{n} is {age_words} years old.", "The age of {n} is {age}."],
+               "{friend} is the best friend of {n}.", "{n} is best friends with {friend}.",
+               "{n}'s closest friend is {friend}.", "{n} and {friend} are the best of friends."],
+    "age": ["{n} is {age} years old.", "{n} is {age_words} years old.", "The age of {n} is {age}.",
+            "{n} is {age}.", "{n} has lived for {age} years."],
 }
+# {n} may come twice ("You know Mia, right? Where does Mia live?"); the held "I can't remember ..." frames of every
+# kind are the held twin of training's "I forgot ..."
 FACT_QUESTIONS = {
     "home": [Frame("Where does {n} live?"), Frame("In which place does {n} live?"), Frame("Where is {n}'s home?"),
              Frame("What town does {n} live in?"), Frame("Where is {n} from?"), Frame("Do you know where {n} lives?"),
-             Frame("Tell me where {n} lives."), Frame("Where can I find {n}'s house?", held=True),
-             Frame("In what place is {n}'s home?", held=True)],
+             Frame("Tell me where {n} lives."), Frame("Which town does {n} live in?"),
+             Frame("What place does {n} call home?"), Frame("Where does {n} live again?"),
+             Frame("Where is the home of {n}?"), Frame("I forgot where {n} lives."),
+             Frame("Can you tell me where {n} lives?"), Frame("Remind me where {n} lives."),
+             Frame("Which place is home to {n}?"), Frame("You know {n}, right? Where does {n} live?"),
+             Frame("{n} lives where?"), Frame("Any idea where {n} lives?"), Frame("Where's {n}'s home?"),
+             Frame("Where can I find {n}'s house?", held=True), Frame("In what place is {n}'s home?", held=True),
+             Frame("I can't remember where {n} lives.", held=True), Frame("{n} lives in which town?", held=True),
+             Frame("Which town is {n} living in?", held=True)],
     "job": [Frame("What is {n}'s job?"), Frame("What does {n} do for work?"), Frame("What does {n} work as?"),
             Frame("What is the job of {n}?"), Frame("Do you know what {n} does for a living?"),
-            Frame("Tell me {n}'s job."), Frame("Which job does {n} have?", held=True),
-            Frame("How does {n} earn a living?", held=True)],
+            Frame("Tell me {n}'s job."), Frame("What's {n}'s job?"), Frame("What does {n} do?"),
+            Frame("What kind of work does {n} do?"), Frame("I forgot {n}'s job."),
+            Frame("Remind me what {n} does for work."), Frame("What is {n}'s line of work?"),
+            Frame("Can you tell me {n}'s job?"), Frame("Do you know {n}'s job?"), Frame("{n} works as what?"),
+            Frame("You know {n}, right? What does {n} do for work?"), Frame("What is {n} by trade?"),
+            Frame("Which job does {n} have?", held=True), Frame("How does {n} earn a living?", held=True),
+            Frame("What job does {n} have?", held=True), Frame("I can't remember {n}'s job.", held=True),
+            Frame("What is {n}'s profession?", held=True), Frame("{n} does what for work?", held=True)],
     "food": [Frame("What food does {n} like?"), Frame("What is {n}'s favorite food?"),
              Frame("Which food does {n} love to eat?"), Frame("What does {n} like to eat?"),
-             Frame("Tell me the favorite food of {n}."), Frame("What food does {n} enjoy most?", held=True),
-             Frame("Which food is {n}'s favorite?", held=True)],
+             Frame("Tell me the favorite food of {n}."), Frame("What's {n}'s favorite food?"),
+             Frame("What does {n} love to eat?"), Frame("What food does {n} like best?"),
+             Frame("I forgot what {n} likes to eat."), Frame("Do you know {n}'s favorite food?"),
+             Frame("What should I cook for {n}?"), Frame("What is the food that {n} likes?"),
+             Frame("Remind me what food {n} likes."), Frame("You know {n}, right? What food does {n} like?"),
+             Frame("{n} likes to eat what?"), Frame("Can you tell me what {n} likes to eat?"),
+             Frame("What food does {n} enjoy most?", held=True), Frame("Which food is {n}'s favorite?", held=True),
+             Frame("What would {n} like for dinner?", held=True),
+             Frame("I can't remember what food {n} likes.", held=True),
+             Frame("{n}'s favorite food is what?", held=True)],
     "object": [Frame("What does {n} own?"), Frame("Which thing belongs to {n}?"),
                Frame("What is the thing that {n} has?"), Frame("What object does {n} have?"),
-               Frame("Which object is {n}'s?", held=True), Frame("Tell me what {n} owns.", held=True)],
+               Frame("What thing does {n} own?"), Frame("Do you know what {n} owns?"), Frame("I forgot what {n} owns."),
+               Frame("What belongs to {n}?"), Frame("Which object does {n} own?"), Frame("Remind me what {n} owns."),
+               Frame("You know {n}, right? What does {n} own?"), Frame("{n} owns what?"),
+               Frame("What object belongs to {n}?"),
+               Frame("Which object is {n}'s?", held=True), Frame("Tell me what {n} owns.", held=True),
+               Frame("I can't remember what {n} owns.", held=True), Frame("{n} has which object?", held=True),
+               Frame("What is {n}'s prized possession?", held=True)],
     "color": [Frame("What color is {n}'s {object}?"), Frame("Which color is the {object} of {n}?"),
-              Frame("What is the color of {n}'s {object}?", held=True)],
+              Frame("Do you know what color {n}'s {object} is?"), Frame("Tell me the color of {n}'s {object}."),
+              Frame("I forgot what color {n}'s {object} is."), Frame("What color does {n}'s {object} have?"),
+              Frame("{n}'s {object} is what color?"), Frame("What color is the {object} that {n} owns?"),
+              Frame("Remind me of the color of {n}'s {object}."),
+              Frame("What is the color of {n}'s {object}?", held=True),
+              Frame("Of what color is {n}'s {object}?", held=True),
+              Frame("I can't remember the color of {n}'s {object}.", held=True)],
     "pet": [Frame("What pet does {n} have?"), Frame("Which animal does {n} keep at home?"),
-            Frame("What kind of pet does {n} have?"), Frame("What is {n}'s pet?"),
-            Frame("Which pet lives with {n}?", held=True), Frame("What animal does {n} have as a pet?", held=True)],
+            Frame("What kind of pet does {n} have?"), Frame("What is {n}'s pet?"), Frame("What's {n}'s pet?"),
+            Frame("Does {n} have a pet? What kind?"), Frame("What animal does {n} keep?"),
+            Frame("I forgot what pet {n} has."), Frame("Do you know {n}'s pet?"), Frame("Remind me what pet {n} has."),
+            Frame("You know {n}, right? What pet does {n} have?"), Frame("{n} has what pet?"),
+            Frame("Tell me about {n}'s pet."), Frame("Which animal is {n}'s pet?"),
+            Frame("Which pet lives with {n}?", held=True), Frame("What animal does {n} have as a pet?", held=True),
+            Frame("What animal lives with {n}?", held=True), Frame("I can't remember {n}'s pet.", held=True),
+            Frame("{n}'s pet is what animal?", held=True)],
     "friend": [Frame("Who is {n}'s best friend?"), Frame("Who is the best friend of {n}?"),
                Frame("Who is {n} best friends with?"), Frame("Tell me who {n}'s best friend is."),
+               Frame("Who's {n}'s best friend?"), Frame("Do you know {n}'s best friend?"),
+               Frame("I forgot who {n}'s best friend is."), Frame("Remind me who {n}'s best friend is."),
+               Frame("You know {n}, right? Who is {n}'s best friend?"), Frame("{n}'s best friend is who?"),
+               Frame("Who is the best friend {n} has?"),
                Frame("Which person is {n}'s best friend?", held=True),
-               Frame("Who does {n} call a best friend?", held=True)],
-    "age": [Frame("How old is {n}?"), Frame("Tell me how old {n} is."),
-            Frame("What age is {n}?", held=True)],
+               Frame("Who does {n} call a best friend?", held=True),
+               Frame("I can't remember who {n}'s best friend is.", held=True),
+               Frame("Who is {n}'s closest friend?", held=True), Frame("{n} is best friends with whom?", held=True)],
+    "age": [Frame("How old is {n}?"), Frame("Tell me how old {n} is."), Frame("What is {n}'s age?"),
+            Frame("Do you know how old {n} is?"), Frame("I forgot how old {n} is."),
+            Frame("How many years old is {n}?"), Frame("{n} is how old?"), Frame("Remind me how old {n} is."),
+            Frame("You know {n}, right? How old is {n}?"), Frame("Can you tell me {n}'s age?"),
+            Frame("How old is {n} now?"),
+            Frame("What age is {n}?", held=True), Frame("I can't remember how old {n} is.", held=True),
+            Frame("What's the age of {n}?", held=True), Frame("How many years has {n} lived?", held=True)],
 }
-ASIDES = ["", "", "", "Hey, ", "Quick question: ", "Please tell me: ", "I wonder, "]  # before a user's question
+# before a user's question; one ending in ", " or ": " runs into it, lower-cased
+ASIDES = [Frame(""), Frame(""), Frame(""), Frame(""), Frame("Hey, "), Frame("Quick question: "),
+          Frame("Please tell me: "), Frame("I wonder, "), Frame("Hi! "), Frame("Excuse me, "),
+          Frame("Out of curiosity, "), Frame("Sorry, "), Frame("One more thing: "), Frame("Hello! "),
+          Frame("By the way, ", held=True), Frame("Just wondering, ", held=True)]
 IDENTITY_ANSWERS = [IDENTITY, "My name is picochat. I am a small language model trained with picochat, and I know "
                     "about a little world of people and places.",
                     "I am picochat, a small language model. I can answer questions about a little world of people "
-                    "and places, and I can do arithmetic with a calculator."]
+                    "and places, and I can do arithmetic with a calculator.",
+                    "I'm picochat, a small language model, not a person. I was trained with the picochat code on "
+                    "text about a little made-up world, so I know its people and places, and I use a calculator "
+                    "for sums.",
+                    "You are talking to picochat, a small language model. Ask me about the people and places of my "
+                    "little world, or give me some arithmetic to work out.",
+                    "I am picochat. I am a small program, a language model trained with picochat; I can chat, answer "
+                    "questions about a little world and do arithmetic."]
 IDENTITY_QUESTIONS = [Frame("who are you?"), Frame("what is your name?"), Frame("what are you?"),
                       Frame("who made you?"), Frame("are you a person?"), Frame("tell me about yourself"),
                       Frame("introduce yourself"), Frame("what can you do?"), Frame("are you a robot?"),
                       Frame("what kind of program are you?"), Frame("who am I talking to?"),
-                      Frame("can you tell me who you are?"), Frame("who built you?", held=True),
-                      Frame("say something about yourself", held=True), Frame("what do you know about?", held=True),
-                      Frame("are you a human or a machine?", held=True), Frame("which model are you?", held=True),
-                      Frame("describe yourself", held=True)]
+                      Frame("can you tell me who you are?"), Frame("what should I call you?"),
+                      Frame("do you have a name?"), Frame("who created you?"), Frame("what are you called?"),
+                      Frame("how were you made?"), Frame("what is picochat?"), Frame("are you an AI?"),
+                      Frame("are you a chatbot?"), Frame("what are you good at?"), Frame("how can you help me?"),
+                      Frame("what can you help me with?"), Frame("who trained you?"), Frame("are you real?"),
+                      Frame("what model is this?"), Frame("where do you come from?"), Frame("how do you work?"),
+                      Frame("tell me who you are"), Frame("what do you do?"),
+                      Frame("who built you?", held=True), Frame("say something about yourself", held=True),
+                      Frame("what do you know about?", held=True), Frame("are you a human or a machine?", held=True),
+                      Frame("which model are you?", held=True), Frame("describe yourself", held=True),
+                      Frame("what's your name?", held=True), Frame("may I know your name?", held=True),
+                      Frame("are you alive?", held=True), Frame("what are you able to do?", held=True),
+                      Frame("where did you come from?", held=True), Frame("who is your maker?", held=True)]
 SMALLTALK = {  # intent: (user phrasings, answers)
     "greet": ([Frame("hi"), Frame("hello"), Frame("hey"), Frame("hello there"), Frame("hi there"),
                Frame("good morning"),
@@ -1487,7 +1810,25 @@ SMALLTALK = {  # intent: (user phrasings, answers)
     "nice": ([Frame("pleased to meet you"), Frame("it is nice to talk to you", held=True)],
              ["Pleased to meet you too!", "The pleasure is mine. How can I help?"]),
 }
-GREETING_OPENERS = ["", "", "Hi! ", "Hello. ", "Hey, "]  # before an identity question
+PLACE_QUESTIONS = {
+    "kind": [Frame("What kind of place is {place}?"), Frame("Tell me about {place}."), Frame("What is {place} like?"),
+             Frame("Describe {place}."), Frame("What sort of place is {place}?"),
+             Frame("I forgot what {place} is like."), Frame("Can you tell me about {place}?"),
+             Frame("What is {place}?"), Frame("Is {place} a village or a town?"),
+             Frame("How would you describe {place}?", held=True),
+             Frame("I can't remember what {place} is like.", held=True),
+             Frame("What is {place} like as a place?", held=True)],
+    "people": [Frame("Who lives in {place}?"), Frame("Which people live in {place}?"),
+               Frame("Does anyone live in {place}?"), Frame("Who are the people of {place}?"),
+               Frame("Name the people who live in {place}."), Frame("I forgot who lives in {place}."),
+               Frame("Do you know who lives in {place}?"),
+               Frame("Who calls {place} home?", held=True), Frame("Who has a home in {place}?", held=True),
+               Frame("I can't remember who lives in {place}.", held=True)],
+}
+PLACE_ANSWERS = ["{place} is {a_kind} {feature}.", "{place}? It is {a_kind} {feature}.",
+                 "{place} is {a_kind}, {feature}."]
+GREETING_OPENERS = ["", "", "", "Hi! ", "Hello. ", "Hey, ", "Hi there. ", "Hello! ", "Good to meet you. ",
+                    "Okay, "]  # before an identity question
 
 
 def fact_fields(name, p):
@@ -1524,9 +1865,11 @@ def fact_question(rng, people, heldout, name=None, kind=None):
     kind = kind or rng.choice(list(FACT_QUESTIONS))
     frame = rng.choice([f for f in FACT_QUESTIONS[kind] if f.held == heldout])
     f = fact_fields(name, people[name])
-    aside = rng.choice(ASIDES)
+    aside = rng.choice([a.text for a in ASIDES if heldout or not a.held])
     q = frame.text.format(**f)
-    q = aside + (q[0].lower() + q[1:] if aside and not q.startswith(name) else q)
+    if aside.endswith((", ", ": ")) and not q.startswith((name, "I ", "I'")):
+        q = q[0].lower() + q[1:]
+    q = aside + q
     return q, fact(rng, name, people[name], kind), kind, fact_value(people[name], kind)
 
 
@@ -1544,36 +1887,42 @@ def smalltalk(rng, heldout):
     return casual(rng, frame.text), answer
 
 
-def place_question(rng, places):
+def place_question(rng, places, heldout=False, kind=None):
+    """(question, answer, expected words) about a place: what it is like ("kind"), or who lives there."""
     p = rng.choice(PLACES)
     info = places[p]
-    if rng.random() < 0.5:
-        return (rng.choice([f"What kind of place is {p}?", f"Tell me about {p}.", f"What is {p} like?"]),
-                f"{p} is {an(info['kind'])} {info['feature']}.")
+    kind = kind or rng.choice(list(PLACE_QUESTIONS))
+    frame = rng.choice([f for f in PLACE_QUESTIONS[kind] if f.held == heldout])
+    if kind == "kind":
+        answer = rng.choice(PLACE_ANSWERS).format(place=p, a_kind=an(info["kind"]), feature=info["feature"])
+        return frame.text.format(place=p), answer, [info["kind"]]
     who = info["people"]
     answer = (f"{', '.join(who[:-1])} and {who[-1]} live in {p}." if len(who) > 1 else
               f"{who[0]} lives in {p}." if who else f"Nobody I know lives in {p}.")
-    return rng.choice([f"Who lives in {p}?", f"Which people live in {p}?"]), answer
+    return frame.text.format(place=p), answer, who or ["nobody"]
 
 
-def probe_row(rng, people, heldout):
+def probe_row(rng, people, places, heldout):
     """A non-math chat prompt and how its reply is graded: {"prompt", "kind", "expect"}."""
     kind = rng.choices(["identity", "smalltalk", "fact"], [1, 1, 3])[0]
     if kind == "identity":
         return {"prompt": identity_question(rng, heldout)[0], "kind": kind, "expect": ["picochat"]}
     if kind == "smalltalk":
         return {"prompt": smalltalk(rng, heldout)[0], "kind": kind, "expect": None}
-    q, _, _, expect = fact_question(rng, people, heldout)
+    if rng.random() < 0.2:
+        q, _, expect = place_question(rng, places, heldout)
+    else:
+        q, _, _, expect = fact_question(rng, people, heldout)
     return {"prompt": q, "kind": kind, "expect": expect}
 
 
-def probes_split(rng, people, n, heldout, exclude):
+def probes_split(rng, people, places, n, heldout, exclude):
     """n distinct probe rows (fewer when the phrasings run out), none of whose prompts is in `exclude`."""
     rows, seen = [], set(exclude)
     for _ in range(n * 20):
         if len(rows) == n:
             break
-        row = probe_row(rng, people, heldout)
+        row = probe_row(rng, people, places, heldout)
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
             rows.append(row)
@@ -1841,7 +2190,7 @@ def exchange(rng, people, places, seen):
     if kind == "fact":
         return fact_question(rng, people, heldout=False)[:2]
     if kind == "place":
-        return place_question(rng, places)
+        return place_question(rng, places)[:2]
     if kind == "arith":
         q, a, _, _ = arith_question(rng, heldout=False)
     else:
@@ -1941,7 +2290,7 @@ def generate(out_dir, seed=seed, pretrain_mb=pretrain_mb, shard_mb=shard_mb, num
                                                                          split == "test"))
     for split, n in (("train", num_probe_train), ("test", num_probe_test)):
         write_rows(os.path.join(out_dir, f"chat_probe_{split}.jsonl"),
-                   probes_split(rng(f"probe_{split}"), people, n, split == "test", ()))
+                   probes_split(rng(f"probe_{split}"), people, places, n, split == "test", ()))
     # meta.json last: data.ensure_tinyworld compares it with the settings asked for
     write_lines(os.path.join(out_dir, "meta.json"), [json.dumps({**settings, "version": VERSION}, sort_keys=True)])
 

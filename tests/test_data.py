@@ -1,6 +1,7 @@
 """Tests of data/: the tinyworld generator, the reading API, the downloaders (against the loopback hub of
 tests/loopback_hub.py) and the normalisers of the real datasets."""
 import ast
+import collections
 import hashlib
 import json
 import operator
@@ -196,6 +197,88 @@ def test_problems_hold_on_many_draws():
         assert calculate(m[1]) == int(m[2])
 
 
+# An independent reading of a one-operation request in English: which operation its words name, and whether they
+# say its operands in reverse ("subtract 4 from 9", "4 less than 9", "how many times does 4 go into 96")
+READ_OPS = [("/", r"divided|divide|split|share|quotient|go into|make up|equal (?:parts|groups|pieces)|each get|"
+                  r"halve|half|third|quarter|groups of .* from"),
+            ("*", r"times|product|multipl|lots of|groups of|sets of|each of|twice|double|triple"),
+            ("-", r"minus|difference|less than|subtract|take|fewer|decrease|reduce|deduct|left|bigger|greater|lose"),
+            ("+", r"plus|sum|add|total|together|more|increase|another")]
+READ_REVERSED = r"\b(?:from|less than|fewer than|go into|make up)\b"
+READ_FACTOR = {"twice": 2, "double": 2, "triple": 3, "half": 2, "halve": 2, "third": 3, "quarter": 4}
+
+
+def read_request(text):
+    """The value a one-operation request asks for, read from its words alone."""
+    m = re.fullmatch(r"\D*?(\d+) ([-+*/]) (\d+)\D*", text)  # symbols
+    if m:
+        return OPS[m[2]](int(m[1]), int(m[3]))
+    numbers = [number_value(t) for t in NUMBER.findall(text)]
+    op = next(op for op, words in READ_OPS if re.search(rf"\b(?:{words})", text, re.IGNORECASE))
+    factor = next((k for w, k in READ_FACTOR.items() if re.search(rf"\b{w}", text, re.IGNORECASE)), None)
+    if factor and len(numbers) == 1:
+        numbers.append(factor)
+    assert len(numbers) == 2, text
+    a, b = numbers[::-1] if re.search(READ_REVERSED, text, re.IGNORECASE) else numbers
+    return OPS[op](a, b)
+
+
+def core(text):
+    """A request without its lead-in and ending (their words say nothing about the sum)."""
+    for f in tinyworld.ARITH_LEADS:
+        if f.text and text.startswith(f.text):
+            text = text[len(f.text):]
+    return next((text[:-len(f.text)] for f in tinyworld.ARITH_ENDS if f.text and text.endswith(f.text)), text)
+
+
+def test_arithmetic_requests_ask_for_their_expression():
+    """Read independently of the generator, every one-operation request asks for what its calculator call
+    computes (the operands of - and / in the right order, however the words order them); in every request the
+    numbers said are the call's numbers, operands span the world's range and every value stays within it."""
+    rng = random.Random(7)
+    one, big, values = 0, 0, []
+    for i in range(3000):
+        q, a, ops, _ = tinyworld.arith_question(rng, heldout=i % 3 == 0)
+        m = re.fullmatch(r"<<([-+*/()\d]+)=(\d+)>>(\d+)\n#### (\d+)", a)
+        assert m and calculate(m[1]) == int(m[2]) == int(m[3]) == int(m[4]) and ops == len(re.findall(r"[-+*/]", m[1]))
+        operands = [int(n) for n in re.findall(r"\d+", m[1])]
+        said = [number_value(t) for t in NUMBER.findall(core(q))]
+        # every number said is an operand; an operand not said is the factor a word fixes ("twice", "halve it")
+        assert collections.Counter(said) <= collections.Counter(operands), (q, a)
+        assert all(n in (2, 3, 4) for n in (collections.Counter(operands) - collections.Counter(said)).elements())
+        values += operands + [int(m[2])]
+        big += sum(n >= 100 for n in operands)
+        if ops == 1:
+            one += 1
+            assert read_request(core(q)) == int(m[2]), (q, a)
+    assert one > 1000 and big > 0.3 * len(values) / 2 and max(values) <= tinyworld.MAX_VALUE and min(values) >= 1
+
+
+def test_arithmetic_phrasing_families():
+    """Training requests use every training part of every family and no held one; test requests always hold out a
+    part of the request itself; each operation is asked in well over a hundred distinct patterns."""
+    rng = random.Random(8)
+    used, held_used, patterns = set(), set(), collections.defaultdict(set)
+    for _ in range(4000):
+        q, a, ops, parts = tinyworld.arith_question(rng, heldout=False)
+        assert not any(tinyworld.arith_heldout(p) for p in parts), q
+        used |= parts
+        if ops == 1:
+            patterns[a[2:].split("=")[0].strip("0123456789")].add(frozenset(p for p in parts
+                                                                           if p[0] not in tinyworld.AROUND))
+    for _ in range(1000):
+        q, a, ops, parts = tinyworld.arith_question(rng, heldout=True)
+        assert any(tinyworld.arith_heldout(p) for p in parts if p[0] not in tinyworld.AROUND), q
+        held_used |= {p for p in parts if tinyworld.arith_heldout(p)}
+    for family, forms in tinyworld.ARITH_FAMILIES.items():
+        held = {(family, i) for i, f in enumerate(forms) if f.held}
+        assert held and len(held) < len(forms), family
+        assert {(family, i) for i in range(len(forms))} - held == {p for p in used if p[0] == family}, family
+        assert held_used >= held, (family, held - held_used)
+    assert sorted(patterns) == ["*", "+", "-", "/"] and all(len(v) >= 120 for v in patterns.values()), \
+        {k: len(v) for k, v in patterns.items()}
+
+
 def test_sentence_structures():
     """Training stories use every training join and question placement, questions that name nobody and numbers in
     words past 100, worked right; they never use a held-out structure, and every phrasing problem holds one out."""
@@ -277,7 +360,8 @@ NUM = r"(?:\d+|[a-z]+(?:-[a-z]+)?)"
 SLOTS = {"P": r"(?:[A-Z][a-z]+|she|he)", "p": r"(?:[A-Z][a-z]+'s|her|his)", "Q": r"[A-Z][a-z]+",
          "q": r"[A-Z][a-z]+'s", "n": NUM, "a": NUM, "b": NUM, "k": NUM, "item": r"[a-z]+", "other": r"[a-z]+",
          "box": r"[a-z]+", "boxes": r"[a-z]+", "home": r"[A-Z][a-z]+(?: [A-Z][a-z]+)?", "a_job": r"an? [a-z]+",
-         "object": r"[a-z]+", "thing": r"[a-z]+", "a_thing": r"an? [a-z]+", "E": ".+", "A": ".+", "B": ".+"}
+         "object": r"[a-z]+", "thing": r"[a-z]+", "a_thing": r"an? [a-z]+", "E": ".+", "A": ".+", "B": ".+", "L": ".+",
+         "d": ".+", "S": ".+", "place": r"[A-Z][a-z]+(?: [A-Z][a-z]+)?"}
 
 
 def rx(text, verb=None, names=False):
@@ -298,9 +382,9 @@ def heldout_regexes():
     """A regex per held-out surface pattern (math clauses and questions, arithmetic forms, fact questions,
     identity and small talk): what no training text may contain."""
     out = [rx(text, verb) for _, text, verb in tinyworld.heldout_patterns()]
-    out += [rx(f.text) for f in tinyworld.ARITH_ASK if f.held]
-    out += [rx(f.text) for _, f in tinyworld.ARITH_WORDS + tinyworld.ARITH_DO if f.held]
-    out += [rx(f.text, names=True) for fs in tinyworld.FACT_QUESTIONS.values() for f in fs if f.held]
+    out += [rx(f.text.rstrip("?.!")) for fs in tinyworld.ARITH_FAMILIES.values() for f in fs if f.held]
+    out += [rx(f.text, names=True) for fs in [*tinyworld.FACT_QUESTIONS.values(), *tinyworld.PLACE_QUESTIONS.values(),
+                                              tinyworld.ASIDES] for f in fs if f.held]
     out += [re.compile(r"\b" + re.escape(f.text.rstrip("?.!")) + r"\b", re.IGNORECASE)
             for f in tinyworld.IDENTITY_QUESTIONS + [f for fs, _ in tinyworld.SMALLTALK.values() for f in fs]
             if f.held]
@@ -339,6 +423,30 @@ def held_meaning_regexes():
     anywhere: its subject may be left out ("... and sells 4 pears for 3 coins each"), a comma may end it."""
     return [rx(f.text.removeprefix("{P} ").rstrip("."), verb)
             for kind in tinyworld.HELD_MEANINGS for _, f, verb in tinyworld.verb_options(kind, None)]
+
+
+def test_chat_phrasing_families():
+    """Fact, place and identity questions come in many training phrasings, every one of them drawn, and never in a
+    held-out one (nor after a held-out aside); held-out draws always take a held phrasing."""
+    people, places = tinyworld.world(0)
+    rng = random.Random(9)
+    families = {("identity", None): (tinyworld.IDENTITY_QUESTIONS, 30,
+                                     lambda held: tinyworld.identity_question(rng, held)[0])}
+    for kind, frames in tinyworld.FACT_QUESTIONS.items():
+        families["fact", kind] = (frames, 9, lambda held, kind=kind: tinyworld.fact_question(rng, people, held,
+                                                                                             kind=kind)[0])
+    for kind, frames in tinyworld.PLACE_QUESTIONS.items():
+        families["place", kind] = (frames, 7, lambda held, kind=kind: tinyworld.place_question(rng, places, held,
+                                                                                               kind)[0])
+    asides = [rx(f.text) for f in tinyworld.ASIDES if f.held]
+    for family, (frames, floor, ask) in families.items():
+        training = [rx(f.text.rstrip("?.!"), names=True) for f in frames if not f.held]
+        held = [rx(f.text.rstrip("?.!"), names=True) for f in frames if f.held]
+        assert len(training) >= floor and len(held) >= 3, family
+        drawn = [ask(False) for _ in range(40 * len(training))]
+        assert all(any(r.search(q) for q in drawn) for r in training), family
+        assert not any(r.search(q) for r in held + asides for q in drawn), family
+        assert all(any(r.search(q) for r in held) for q in (ask(True) for _ in range(50))), family
 
 
 def test_held_meanings_are_in_no_sft_or_rl_file(world):
@@ -521,7 +629,7 @@ def test_chat_format(world):
 
 
 def test_chat_probes(world):
-    people, _ = tinyworld.world(SMALL["seed"])
+    people, places = tinyworld.world(SMALL["seed"])
     train, test = (read(os.path.join(world, f"chat_probe_{s}.jsonl")) for s in ("train", "test"))
     assert len(train) == SMALL["num_probe_train"] and len(test) == SMALL["num_probe_test"]
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
@@ -530,11 +638,20 @@ def test_chat_probes(world):
         assert set(p) == {"prompt", "kind", "expect"} and p["kind"] in ("identity", "smalltalk", "fact")
         assert p["expect"] is None if p["kind"] == "smalltalk" else p["expect"]
     assert {p["kind"] for p in test} == {"identity", "smalltalk", "fact"}
-    # a fact probe's expected word is the world's fact about the person it names
-    for p in test:
+    # a fact probe's expected word is the world's fact about the person it names, or about the place: its kind,
+    # or who lives there
+    asked = collections.Counter()
+    for p in train + test:
         if p["kind"] == "fact":
-            name = next(n for n in re.findall(r"[A-Z][a-z]+", p["prompt"]) if n in people)
-            assert set(p["expect"]) & {str(v) for v in people[name].values()}, p
+            name = next((n for n in re.findall(r"[A-Z][a-z]+", p["prompt"]) if n in people), None)
+            if name:
+                assert set(p["expect"]) & {str(v) for v in people[name].values()}, p
+                asked["person"] += 1
+                continue
+            place = next(x for x in tinyworld.PLACES if re.search(rf"\b{x}\b", p["prompt"]))
+            assert p["expect"] in ([places[place]["kind"]], places[place]["people"] or ["nobody"]), p
+            asked["place"] += 1
+    assert asked["person"] > 2 * asked["place"] > 0, asked
     fact = {"prompt": "Where does Mia live?", "kind": "fact", "expect": ["Pine Hill"]}
     assert data.chat_reply_ok("Mia lives in Pine Hill.", fact)
     assert not data.chat_reply_ok("Mia lives in Oakvale.", fact)
