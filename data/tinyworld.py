@@ -1300,7 +1300,7 @@ def math_problem(rng, people, slice_, steps=0):
 #   symbols   an ask (ARITH_ASK) around the expression in symbols       "Can you work out 17 * 10 + 29?"
 #   words     an ask around the expression in words (ARITH_WORDS)       "What does the sum of 3 and 40 come to?"
 #   order     an order's verb phrase (ARITH_DO) in a frame (ARITH_DO_ASK)  "What do you get if you take 4 from 96?"
-#   question  a question of one operation's own (ARITH_QUESTIONS)       "How many times does 4 go into 96?"
+#   question  a question of one operation's own (ARITH_QUESTIONS)       "How many groups of 4 can you make from 96?"
 #   chain     a start, then steps on the running value (ARITH_CHAINS, ARITH_STEPS)  "Start with 12, add 5, then
 #             halve it."
 # then a lead-in (ARITH_LEADS) and an ending (ARITH_ENDS). {A} {B} are an operation's operands in the order of its
@@ -1325,8 +1325,11 @@ ARITH_ASK = [Frame("What is {E}?"), Frame("Calculate {E}."), Frame("How much is 
              Frame("Tell me what {E} is.", held=True), Frame("{E} makes ___.", held=True),
              Frame("Quick, {E}?", held=True)]
 # asks that only ever take symbols: their word forms ("What is 3 times 4?") and "Compute 3 * 4." are phrasings of
-# tests/heldback.py, which no generated set may contain (tests/test_heldback.py); "What's" is their contraction
-SYMBOLS_ONLY = {"What is {E}?", "How much is {E}?", "What's {E}?"}
+# tests/heldback.py, which no generated set may contain (tests/test_heldback.py); "What's" is their contraction.
+# tests/test_heldback.py also named "Work out ..." in words, and these forms, which the generator no longer has:
+# "what do you get when you multiply ...", "take ... away from ...", "add ... to ...", "how many times does ... go
+# into ...", and a few fact and identity questions
+SYMBOLS_ONLY = {"What is {E}?", "How much is {E}?", "What's {E}?", "Work out {E}."}
 # noun phrases of one operation; the held-out ones are made of words training uses elsewhere
 ARITH_WORDS = [
     ArithForm("+", "{A} plus {B}"), ArithForm("+", "the sum of {A} and {B}"), ArithForm("+", "{A} added to {B}"),
@@ -1352,12 +1355,11 @@ ARITH_WORDS = [
 NOUN_FORMS = ("the ", "half ", "twice ", "double ", "triple ", "a third ", "a quarter ")  # forms that read as one thing
 # orders: verb phrases, said in a frame of ARITH_DO_ASK
 ARITH_DO = [
-    ArithForm("+", "add {A} and {B}"), ArithForm("+", "add {B} to {A}"), ArithForm("+", "add up {A} and {B}"),
+    ArithForm("+", "add {A} and {B}"), ArithForm("+", "add up {A} and {B}"),
     ArithForm("+", "sum {A} and {B}"), ArithForm("+", "put {A} and {B} together"), ArithForm("+", "add {L}"),
     ArithForm("+", "add up {L}"), ArithForm("+", "increase {A} by {B}", held=True),
     ArithForm("+", "sum up {L}", held=True),
-    ArithForm("-", "subtract {B} from {A}"), ArithForm("-", "take {B} away from {A}"),
-    ArithForm("-", "take {B} from {A}"),
+    ArithForm("-", "subtract {B} from {A}"), ArithForm("-", "take {B} from {A}"),
     ArithForm("-", "take away {B} from {A}"), ArithForm("-", "decrease {A} by {B}"),
     ArithForm("-", "reduce {A} by {B}", held=True), ArithForm("-", "deduct {B} from {A}", held=True),
     ArithForm("*", "multiply {A} by {B}"), ArithForm("*", "times {A} by {B}"), ArithForm("*", "double {A}", k=2),
@@ -1367,10 +1369,10 @@ ARITH_DO = [
     ArithForm("/", "halve {A}", k=2),
     ArithForm("/", "cut {A} into {B} equal pieces"), ArithForm("/", "divide {A} into {B} equal groups"),
     ArithForm("/", "share {A} equally among {B}", held=True), ArithForm("/", "share {A} between {B}", held=True)]
-# training says "what do you get when you ...": a question before its condition ("What/How ... if ...") is the
-# stories' held placement (HELD_PLACEMENT), so "what do you get if you ..." is held
+# a question before its condition ("What/How ... if ...") is the stories' held placement (HELD_PLACEMENT), so
+# "what do you get if you ..." is held
 ARITH_DO_ASK = [Frame("{d}."), Frame("please {d}."), Frame("can you {d}?"), Frame("could you {d}?"),
-                Frame("{d}, please."), Frame("I need you to {d}."), Frame("what do you get when you {d}?"),
+                Frame("{d}, please."), Frame("I need you to {d}."),
                 Frame("if you {d}, what do you get?"),
                 Frame("{d}. What do you get?"), Frame("{d} and tell me the answer."), Frame("help me {d}."),
                 Frame("let's {d}."), Frame("what is the result when you {d}?"), Frame("{d}. What is the result?"),
@@ -1388,7 +1390,6 @@ ARITH_QUESTIONS = [
     ArithForm("*", "what are {A} lots of {B}?"),
     ArithForm("*", "if each of {A} boxes holds {B}, how many is that in all?"),
     ArithForm("*", "how much do {A} groups of {B} make?", held=True),
-    ArithForm("/", "how many times does {B} go into {A}?"),
     ArithForm("/", "how many groups of {B} can you make from {A}?"),
     ArithForm("/", "if {A} is shared equally by {B} people, how much does each get?"),
     ArithForm("/", "how many lots of {B} make up {A}?", held=True)]
@@ -1695,7 +1696,7 @@ FACT_QUESTIONS = {
             Frame("What is the job of {n}?"), Frame("Do you know what {n} does for a living?"),
             Frame("Tell me {n}'s job."), Frame("What's {n}'s job?"), Frame("What does {n} do?"),
             Frame("What kind of work does {n} do?"), Frame("I forgot {n}'s job."),
-            Frame("Remind me what {n} does for work."), Frame("What is {n}'s line of work?"),
+            Frame("Remind me what {n} does for work."),
             Frame("Can you tell me {n}'s job?"), Frame("Do you know {n}'s job?"), Frame("{n} works as what?"),
             Frame("You know {n}, right? What does {n} do for work?"), Frame("What is {n} by trade?"),
             Frame("Which job does {n} have?", held=True), Frame("How does {n} earn a living?", held=True),
@@ -1704,7 +1705,7 @@ FACT_QUESTIONS = {
     "food": [Frame("What food does {n} like?"), Frame("What is {n}'s favorite food?"),
              Frame("Which food does {n} love to eat?"), Frame("What does {n} like to eat?"),
              Frame("Tell me the favorite food of {n}."), Frame("What's {n}'s favorite food?"),
-             Frame("What does {n} love to eat?"), Frame("What food does {n} like best?"),
+             Frame("What food does {n} like best?"),
              Frame("I forgot what {n} likes to eat."), Frame("Do you know {n}'s favorite food?"),
              Frame("What should I cook for {n}?"), Frame("What is the food that {n} likes?"),
              Frame("Remind me what food {n} likes."), Frame("You know {n}, right? What food does {n} like?"),
@@ -1749,9 +1750,9 @@ FACT_QUESTIONS = {
                Frame("Who does {n} call a best friend?", held=True),
                Frame("I can't remember who {n}'s best friend is.", held=True),
                Frame("Who is {n}'s closest friend?", held=True), Frame("{n} is best friends with whom?", held=True)],
-    "age": [Frame("How old is {n}?"), Frame("Tell me how old {n} is."), Frame("What is {n}'s age?"),
+    "age": [Frame("How old is {n}?"), Frame("Tell me how old {n} is."),
             Frame("Do you know how old {n} is?"), Frame("I forgot how old {n} is."),
-            Frame("How many years old is {n}?"), Frame("{n} is how old?"), Frame("Remind me how old {n} is."),
+            Frame("{n} is how old?"), Frame("Remind me how old {n} is."),
             Frame("You know {n}, right? How old is {n}?"), Frame("Can you tell me {n}'s age?"),
             Frame("How old is {n} now?"),
             Frame("What age is {n}?", held=True), Frame("I can't remember how old {n} is.", held=True),
@@ -1777,8 +1778,8 @@ IDENTITY_QUESTIONS = [Frame("who are you?"), Frame("what is your name?"), Frame(
                       Frame("who made you?"), Frame("are you a person?"), Frame("tell me about yourself"),
                       Frame("introduce yourself"), Frame("what can you do?"), Frame("are you a robot?"),
                       Frame("what kind of program are you?"), Frame("who am I talking to?"),
-                      Frame("can you tell me who you are?"), Frame("what should I call you?"),
-                      Frame("do you have a name?"), Frame("who created you?"), Frame("what are you called?"),
+                      Frame("can you tell me who you are?"),
+                      Frame("who created you?"), Frame("what are you called?"),
                       Frame("how were you made?"), Frame("what is picochat?"), Frame("are you an AI?"),
                       Frame("are you a chatbot?"), Frame("what are you good at?"), Frame("how can you help me?"),
                       Frame("what can you help me with?"), Frame("who trained you?"), Frame("are you real?"),
@@ -1787,7 +1788,7 @@ IDENTITY_QUESTIONS = [Frame("who are you?"), Frame("what is your name?"), Frame(
                       Frame("who built you?", held=True), Frame("say something about yourself", held=True),
                       Frame("what do you know about?", held=True), Frame("are you a human or a machine?", held=True),
                       Frame("which model are you?", held=True), Frame("describe yourself", held=True),
-                      Frame("what's your name?", held=True), Frame("may I know your name?", held=True),
+                      Frame("may I know your name?", held=True),
                       Frame("are you alive?", held=True), Frame("what are you able to do?", held=True),
                       Frame("where did you come from?", held=True), Frame("who is your maker?", held=True)]
 SMALLTALK = {  # intent: (user phrasings, answers)
@@ -1812,7 +1813,7 @@ SMALLTALK = {  # intent: (user phrasings, answers)
 }
 PLACE_QUESTIONS = {
     "kind": [Frame("What kind of place is {place}?"), Frame("Tell me about {place}."), Frame("What is {place} like?"),
-             Frame("Describe {place}."), Frame("What sort of place is {place}?"),
+             Frame("Describe {place}."),
              Frame("I forgot what {place} is like."), Frame("Can you tell me about {place}?"),
              Frame("What is {place}?"), Frame("Is {place} a village or a town?"),
              Frame("How would you describe {place}?", held=True),

@@ -198,13 +198,13 @@ def test_problems_hold_on_many_draws():
 
 
 # An independent reading of a one-operation request in English: which operation its words name, and whether they
-# say its operands in reverse ("subtract 4 from 9", "4 less than 9", "how many times does 4 go into 96")
-READ_OPS = [("/", r"divided|divide|split|share|quotient|go into|make up|equal (?:parts|groups|pieces)|each get|"
+# say its operands in reverse ("subtract 4 from 9", "4 less than 9", "how many lots of 4 make up 96")
+READ_OPS = [("/", r"divided|divide|split|share|quotient|make up|equal (?:parts|groups|pieces)|each get|"
                   r"halve|half|third|quarter|groups of .* from"),
             ("*", r"times|product|multipl|lots of|groups of|sets of|each of|twice|double|triple"),
             ("-", r"minus|difference|less than|subtract|take|fewer|decrease|reduce|deduct|left|bigger|greater|lose"),
             ("+", r"plus|sum|add|total|together|more|increase|another")]
-READ_REVERSED = r"\b(?:from|less than|fewer than|go into|make up)\b"
+READ_REVERSED = r"\b(?:from|less than|fewer than|make up)\b"
 READ_FACTOR = {"twice": 2, "double": 2, "triple": 3, "half": 2, "halve": 2, "third": 3, "quarter": 4}
 
 
