@@ -3,6 +3,7 @@ Training-step throughput of model.py against the machine's matmul peak (fp32 and
 
     python tests/bench_pretrain.py                      # depth 6, head_dim 64, T 512, batch 8, vocab 4096
     python tests/bench_pretrain.py --steps=10 --threads=2 --compile=1
+    python tests/bench_pretrain.py --compile=1 --profile=1 --gemm_bound=1   # where the time goes, and the ceiling
     python tests/bench_pretrain.py --device=cuda --depth=20 --max_seq_len=2048 --device_batch_size=16 \
         --total_batch_size=32768 --vocab_size=65536 --compile=1 --kernels=1   # a GPU: bf16 only, against its peak
 
@@ -42,6 +43,7 @@ dtypes = "auto"      # "auto": float32, plus bfloat16 where the CPU has native b
 device = "cpu"       # or cuda
 kernels = 0          # the Triton kernels of kernels/ (pretrain.py --kernels=1; CUDA only)
 profile = 0          # 1: after the timings, where one step's time goes (torch.profiler), per phase and per kind of op
+gemm_bound = 0       # 1: the MFU this shape allows at best: its matmuls timed alone, everything else free
 for arg in sys.argv[1:]:
     key, value = arg.removeprefix("--").split("=")
     if key not in globals() or key.startswith("_"):
@@ -148,6 +150,47 @@ def print_profile(step, dtype):
             print(f"    {e.key[:60]:<60} {e.self_cpu_time_total / total:6.1%}  x{e.count}")
 
 # -----------------------------------------------------------------------------
+# The matmul-only bound: a step's GEMMs (every Linear's forward and its two backward products, and attention's
+# QK^T and AV over the full context with their backward products, as estimate_flops counts them), each timed
+# alone at its own shape. Their summed time is the least a step can take if norms, softmax, the loss, the optimiser
+# and every copy were free; the model's FLOPs over it, against the 2048^2 peak, is the MFU no fusion can beat.
+
+
+def time_gemm(m, k, n, dtype, batch=1, reps=5):
+    """Best seconds of a (batch, m, k) @ (batch, k, n) product."""
+    a = torch.randn(batch, m, k, dtype=dtype, device=device)
+    b = torch.randn(batch, k, n, dtype=dtype, device=device)
+    torch.bmm(a, b)
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.bmm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_bound_mfu(dtype, peak_gflops):
+    """(MFU bound, share of the GEMM time in attention's products) of one micro-batch of this shape."""
+    model = GPT(config_from_depth(depth, vocab_size, max_seq_len, head_dim=head_dim))
+    c, rows = model.config, device_batch_size * max_seq_len
+    shapes = {}  # (batch, m, k, n) -> how many times a micro-batch runs it
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            n_in, n_out = module.in_features, module.out_features
+            for shape in ((1, rows, n_in, n_out), (1, rows, n_out, n_in), (1, n_in, rows, n_out)):  # fwd, dX, dW
+                shapes[shape] = shapes.get(shape, 0) + 1
+    heads, T = device_batch_size * c.n_head, max_seq_len
+    # QK^T (T, D)(D, T) and AV (T, T)(T, D), and each one's two backward products: 2 of each kind per product
+    attention = {(heads, T, c.head_dim, T): 3 * c.n_layer, (heads, T, T, c.head_dim): 3 * c.n_layer}
+    seconds = {shape: count * time_gemm(*shape[1:], dtype, batch=shape[0]) for shape, count in
+               {**shapes, **attention}.items()}
+    total = sum(seconds.values())
+    flops = model.estimate_flops() * rows
+    return flops / total / (peak_gflops * 1e9), sum(seconds[s] for s in attention) / total
+
+# -----------------------------------------------------------------------------
 # Run
 
 
@@ -183,6 +226,11 @@ if __name__ == "__main__":
         if device == "cuda":
             result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             print(f"peak GPU memory: {result['peak_memory_gib']} GiB")
+        if gemm_bound:
+            bound, attention_share = gemm_bound_mfu(getattr(torch, name), peaks[name])
+            result[f"gemm_bound_mfu_{name}"] = round(bound, 4)
+            print(f"gemm bound {name}: MFU <= {bound:.2f} if everything but the matmuls were free "
+                  f"(attention's products {attention_share:.0%} of the matmul time)")
     flops = GPT(config_from_depth(depth, vocab_size, max_seq_len, head_dim=head_dim)).estimate_flops()
     names = {"bf16": "bfloat16", "fp32": "float32"}
     for short, name in names.items():
