@@ -69,7 +69,8 @@ math_train, mc_train; a held-out meaning only in pretraining stories):
                                     one of its steps)
     level = the number of steps (arith: of operations).
     chat_probe_test    identity, small talk and fact questions (a person's or a place's) in held-out phrasings
-                       (probes_split: frames marked held, fact questions also after a held aside); each row
+                       (probes_split: frames marked held, fact questions also after a held aside, small talk
+                       of SMALLTALK's intents also with a held opener or name); each row
                        {"prompt", "kind": "identity"|"smalltalk"|"fact", "expect": [words, one of which the reply
                        must contain] or null}. A reply is right when it has no "####", no calculator call and
                        (expect) one of the words: data.chat_reply_ok.
@@ -86,6 +87,7 @@ question. Chats: greetings and small talk, identity, fact questions in many phra
 """
 import collections
 import functools
+import itertools
 import json
 import os
 import random
@@ -1791,26 +1793,6 @@ IDENTITY_QUESTIONS = [Frame("who are you?"), Frame("what is your name?"), Frame(
                       Frame("may I know your name?", held=True),
                       Frame("are you alive?", held=True), Frame("what are you able to do?", held=True),
                       Frame("where did you come from?", held=True), Frame("who is your maker?", held=True)]
-SMALLTALK = {  # intent: (user phrasings, answers)
-    "greet": ([Frame("hi"), Frame("hello"), Frame("hey"), Frame("hello there"), Frame("hi there"),
-               Frame("good morning"),
-               Frame("greetings", held=True), Frame("hiya", held=True), Frame("good day", held=True)],
-              ["Hello! How can I help you today?", "Hi there! What would you like to know?",
-               "Hey! What can I do for you?", "Hello! Ask me about the people and places I know, or give me a sum."]),
-    "how": ([Frame("how are you?"), Frame("how is it going?"),
-             Frame("how do you feel today?"), Frame("are you doing well?", held=True),
-             Frame("how have you been?", held=True)],
-            ["I am doing well, thank you! How can I help you?", "I am fine, thanks for asking. What would you like "
-             "to know?"]),
-    "thanks": ([Frame("thank you!"), Frame("thanks"),
-                Frame("many thanks", held=True), Frame("thanks, that helps", held=True)],
-               ["You are welcome!", "Glad I could help!", "Any time!"]),
-    "bye": ([Frame("bye"), Frame("goodbye"),
-             Frame("see you soon", held=True), Frame("bye for now", held=True)],
-            ["Goodbye! Have a nice day.", "See you later!", "Bye! Come back any time."]),
-    "nice": ([Frame("pleased to meet you"), Frame("it is nice to talk to you", held=True)],
-             ["Pleased to meet you too!", "The pleasure is mine. How can I help?"]),
-}
 PLACE_QUESTIONS = {
     "kind": [Frame("What kind of place is {place}?"), Frame("Tell me about {place}."), Frame("What is {place} like?"),
              Frame("Describe {place}."),
@@ -1830,6 +1812,203 @@ PLACE_ANSWERS = ["{place} is {a_kind} {feature}.", "{place}? It is {a_kind} {fea
                  "{place} is {a_kind}, {feature}."]
 GREETING_OPENERS = ["", "", "", "Hi! ", "Hello. ", "Hey, ", "Hi there. ", "Hello! ", "Good to meet you. ",
                     "Okay, "]  # before an identity question
+
+
+# Small talk: what users type to an assistant besides questions, by intent. An intent's phrasings are written with
+# slots (SMALLTALK_SLOTS), each text standing for one Frame per filling ("good {daypart}": "good morning", "good
+# afternoon", "good evening"), so that every surface form is a Frame that a test can name. Around a phrasing, where
+# the intent reads naturally so (Smalltalk.opened, .named), a user may put an opener ("oh, thanks") and name the
+# assistant ("thanks, picochat!"); held openers and names ride along in probes only. A phrasing that names a time
+# is answered by echoing it where the intent has answers with {time} ("good evening" -> "Good evening! ...", "have
+# a nice weekend" -> "Thank you, enjoy your weekend too!"), any other by the rest. No answer holds a number:
+# whatever the phrasing, small talk is answered as chat, never as math.
+Smalltalk = collections.namedtuple("Smalltalk", "phrasings answers opened named")
+SMALLTALK_SLOTS = {"hi": ["hi", "hello", "hey"], "daypart": ["morning", "afternoon", "evening"],
+                   "span": ["day", "evening", "night", "weekend"], "nice": ["nice", "great", "wonderful"]}
+TIME_WORD = re.compile(r"\b(morning|afternoon|evening|night|day|weekend)\b")  # what a {time} answer echoes
+SMALLTALK_OPENERS = [Frame(""), Frame(""), Frame(""), Frame(""), Frame(""), Frame(""), Frame("oh, "),
+                     Frame("well, "), Frame("ah, "), Frame("okay, "), Frame("so, "), Frame("alright, "),
+                     Frame("anyway, ", held=True), Frame("um, ", held=True)]
+SMALLTALK_NAMES = [Frame(""), Frame(""), Frame(""), Frame(""), Frame(""), Frame(""), Frame(", picochat"),
+                   Frame(" picochat"), Frame(", friend"), Frame(", buddy"), Frame(", pal", held=True)]
+
+
+def talk_forms(train, held):
+    """A small-talk intent's Frames: each text of `train` and of `held` (held=True) once per filling of its slots."""
+    frames = []
+    for texts, is_held in ((train, False), (held, True)):
+        for text in texts:
+            slots = re.findall(r"\{(\w+)\}", text)
+            for values in itertools.product(*(SMALLTALK_SLOTS[s] for s in slots)):
+                frames.append(Frame(text.format(**dict(zip(slots, values))), held=is_held))
+    return frames
+
+
+SMALLTALK = {
+    "greet": Smalltalk(
+        talk_forms(["{hi}", "{hi} there", "good {daypart}", "morning", "oh {hi}", "well hello", "hello hello",
+                   "hey hey", "{hi}, anyone there?"],
+                  ["greetings", "hiya", "good day", "howdy", "yo"]),
+        ["Hello! How can I help you today?", "Hi there! What would you like to know?", "Hey! What can I do for you?",
+         "Hello! Ask me about the people and places I know, or give me a sum.", "Good {time}! How can I help?",
+         "Good {time} to you too! What would you like to know?", "Good {time}! What can I do for you?"],
+        opened=False, named=True),
+    "how": Smalltalk(
+        talk_forms(["how are you?", "how is it going?", "how do you feel today?", "how are you doing?",
+                   "how's it going?", "how are things?", "how are you today?", "how's your day going?",
+                   "what's up?", "how are you feeling?", "are you ok?", "you doing okay?", "how's everything?",
+                   "how are you this {daypart}?", "how's life?", "what's new?"],
+                  ["are you doing well?", "how have you been?", "how goes it?", "everything good with you?",
+                   "how are you holding up?"]),
+        ["I am doing well, thank you! How can I help you?",
+         "I am fine, thanks for asking. What would you like to know?",
+         "All good here! I am a language model, so every day is much the same for me. What can I do for you?",
+         "Very well, thanks! Is there something you would like to know?"], opened=True, named=True),
+    "thanks": Smalltalk(
+        talk_forms(["thank you!", "thanks", "thanks a lot", "thank you so much", "thank you very much",
+                   "thanks so much", "thx", "ty", "thanks for the help", "thanks for your help",
+                   "thank you for helping", "that was helpful", "great, thanks", "perfect, thank you",
+                   "awesome, thanks", "thanks again"],
+                  ["many thanks", "thanks, that helps", "cheers", "much appreciated", "I appreciate it",
+                   "thanks a bunch", "thank you kindly"]),
+        ["You are welcome!", "Glad I could help!", "Any time!",
+         "You're welcome! Let me know if you need anything else.", "No problem at all!", "My pleasure!"],
+        opened=True, named=True),
+    "bye": Smalltalk(
+        talk_forms(["bye", "goodbye", "bye bye", "see you", "see you later", "see ya", "talk to you later",
+                   "I have to go now", "I gotta go", "I'm leaving now", "good night", "catch you later",
+                   "that's all for today", "time to go"],
+                  ["see you soon", "bye for now", "farewell", "take care", "until next time"]),
+        ["Goodbye! Have a nice day.", "See you later!", "Bye! Come back any time.",
+         "Goodbye! It was nice talking to you.", "Good {time}! Come back any time.",
+         "Good {time}! It was nice talking to you."], opened=True, named=True),
+    "wish": Smalltalk(
+        talk_forms(["have a {nice} {span}", "enjoy your {span}", "have fun", "enjoy the rest of your day"],
+                  ["have a lovely {span}", "have a good one", "hope your {span} goes well", "all the best"]),
+        ["Thank you, you too!", "Thanks! You too.", "You too! Come back any time.", "Thank you, enjoy your {time} too!",
+         "Thanks, you too! Enjoy the {time}.", "Thank you! I hope you have a great {time} as well."],
+        opened=True, named=True),
+    "nice": Smalltalk(
+        talk_forms(["pleased to meet you", "nice to meet you", "nice meeting you", "good to meet you",
+                   "it's nice to meet you", "nice to talk to you", "nice talking to you", "good to see you",
+                   "great to meet you", "happy to meet you"],
+                  ["it is nice to talk to you", "glad to meet you", "lovely to meet you", "a pleasure to meet you"]),
+        ["Pleased to meet you too!", "The pleasure is mine. How can I help?",
+         "Nice to meet you too! What would you like to know?", "Likewise! What can I do for you?"],
+        opened=True, named=True),
+    "sorry": Smalltalk(
+        talk_forms(["sorry", "I'm sorry", "I am sorry", "sorry about that", "oops, sorry", "my bad", "my mistake",
+                   "sorry, my mistake", "sorry for the trouble", "sorry, I was wrong", "I didn't mean that",
+                   "oops"],
+                  ["apologies", "I apologize", "pardon me", "forgive me", "sorry for bothering you"]),
+        ["No problem at all!", "That's okay, don't worry about it.", "No worries! How can I help?",
+         "It's fine, really. What would you like to do next?"], opened=True, named=True),
+    "praise": Smalltalk(
+        talk_forms(["you are great", "you're great", "you're awesome", "good job", "well done", "nice work",
+                   "great job", "you are smart", "you're so smart", "great answer", "nice answer", "I like you",
+                   "you're amazing", "you are very helpful", "you're cool", "impressive"],
+                  ["you're the best", "you rock", "brilliant work", "you are very clever", "top notch"]),
+        ["Thank you, that is kind of you!", "Thanks! I am only a small model, but I do my best.",
+         "That's nice to hear, thank you!", "Thank you! Is there anything else I can help with?"],
+        opened=True, named=True),
+    "back": Smalltalk(
+        talk_forms(["I'm back", "I am back", "back again", "{hi} again", "it's me again", "me again",
+                   "I'm here again", "remember me?", "did you miss me?"],
+                  ["guess who's back", "I have returned", "here I am again", "long time no see"]),
+        ["Welcome back! What would you like to know?", "Good to see you again! How can I help?",
+         "Hello again! What can I do for you?",
+         "Welcome back! Ask me anything about my little world, or give me a sum."], opened=True, named=True),
+    "ack": Smalltalk(
+        talk_forms(["ok", "okay", "got it", "I see", "alright", "sure", "sounds good", "makes sense", "understood",
+                   "cool", "fine", "ok cool", "okay then", "I understand", "yes", "yep", "all right", "great"],
+                  ["gotcha", "fair enough", "roger that", "noted", "crystal clear"]),
+        ["Great! Let me know if you have another question.", "Okay! What else can I do for you?",
+         "Good! Is there anything else you would like to know?", "Alright. I am here if you need me."],
+        opened=False, named=True),
+    "happy": Smalltalk(
+        talk_forms(["I'm happy", "I am happy today", "I feel great", "I'm in a good mood", "I'm so happy",
+                   "I feel good today", "I'm having a great day", "life is good", "I'm excited",
+                   "I feel fantastic", "today is great", "I'm in a great mood"],
+                  ["I'm over the moon", "I feel wonderful", "I'm thrilled", "I'm in high spirits"]),
+        ["That's great to hear!", "I am glad to hear that!", "Wonderful! Is there anything I can help you with?",
+         "That's lovely. I hope the good mood lasts!"], opened=True, named=False),
+    "sad": Smalltalk(
+        talk_forms(["I'm sad", "I feel sad", "I am sad today", "I'm feeling down", "I feel bad", "I had a bad day",
+                   "I'm upset", "I'm not happy", "I feel lonely", "I'm in a bad mood", "today was awful",
+                   "things are hard right now", "I'm stressed"],
+                  ["I'm feeling blue", "I feel miserable", "today was rough", "I'm heartbroken",
+                   "I'm having a hard time"]),
+        ["I am sorry to hear that. I hope things get better soon.",
+         "That sounds hard. I am only a small language model, but I am here to chat if it helps.",
+         "I'm sorry you feel that way. Would a chat help? Ask me anything."], opened=True, named=False),
+    "tired": Smalltalk(
+        talk_forms(["I'm tired", "I am so tired", "I'm sleepy", "I feel tired", "I need a nap",
+                   "I didn't sleep well", "I'm so sleepy", "it's been a long day", "I need some rest",
+                   "I can barely keep my eyes open"],
+                  ["I'm exhausted", "I'm worn out", "I could sleep for a week", "I'm running on empty"]),
+        ["Sounds like you need some rest. Take it easy!",
+         "Maybe a short break would help. I will be here when you are back.",
+         "Rest is important. I hope you get some sleep soon."], opened=True, named=False),
+    "bored": Smalltalk(
+        talk_forms(["I'm bored", "I am so bored", "I'm bored, talk to me", "entertain me", "there's nothing to do",
+                   "what should I do?", "I have nothing to do", "say something", "let's chat", "talk to me",
+                   "chat with me"],
+                  ["nothing is happening", "I need something to do", "keep me company", "I'm bored out of my mind"]),
+        ["Let's chat! Ask me about the people and places of my little world.",
+         "How about a puzzle? Give me some arithmetic and I will work it out with my calculator.",
+         "I can tell you about the people who live in my little world. Who would you like to hear about?"],
+        opened=True, named=False),
+    "help": Smalltalk(
+        talk_forms(["can you help me?", "I need help", "help", "help me please", "please help", "I have a question",
+                   "can I ask you something?", "are you there?", "could you help me?", "will you help me?",
+                   "I need your help", "I want to ask something"],
+                  ["can you give me a hand?", "I could use some help", "could you help me out?", "I need some help",
+                   "may I ask you a question?"]),
+        ["Of course! What do you need?",
+         "Sure, ask away. I know about the people and places of my little world, and I can do arithmetic.",
+         "I am here. What would you like to know?",
+         "Yes! Ask me a question about my little world, or give me something to work out."],
+        opened=True, named=True),
+    "weather": Smalltalk(
+        talk_forms(["nice weather today", "it's raining", "it is cold today", "it's so hot today", "what a lovely day",
+                   "it's sunny outside", "how's the weather?", "it's snowing", "the weather is nice",
+                   "it's windy today", "is it going to rain?", "what's the weather like?"],
+                  ["it's pouring outside", "it's freezing out here", "the sun is shining",
+                   "lovely weather we're having", "do you like the weather?"]),
+        ["I cannot see outside, since I am a language model, but I hope the weather is kind to you!",
+         "I do not know the weather where you are, but I hope you enjoy your day.",
+         "I cannot check the weather, but thanks for telling me! What else can I do for you?"],
+        opened=True, named=False),
+    "laugh": Smalltalk(
+        talk_forms(["haha", "hahaha", "lol", "lmao", "hehe", "that's funny", "so funny", "ha", "you're funny",
+                   "that made me laugh", "lol, that's funny", "haha, nice"],
+                  ["rofl", "ha ha", "that's hilarious", "I'm laughing so hard"]),
+        ["Glad you are having fun!", "I am glad that made you smile!", "Ha! What else can I do for you?"],
+        opened=False, named=True),
+    "confused": Smalltalk(
+        talk_forms(["I don't understand", "I do not understand", "what do you mean?", "I'm confused", "huh?",
+                   "that makes no sense", "I don't get it", "what?", "that doesn't make sense", "I am confused",
+                   "can you explain?", "I don't follow"],
+                  ["I'm lost", "that confuses me", "you lost me", "I'm not following", "that went over my head"]),
+        ["Sorry about that! Could you ask your question another way?",
+         "Let me try to help. Tell me what you would like to know.",
+         "Sorry for the confusion. You can ask me about the people and places of my little world, or give me "
+         "some arithmetic."], opened=True, named=True),
+    "repeat": Smalltalk(
+        talk_forms(["can you repeat that?", "say that again", "what did you say?", "pardon?", "sorry, what?",
+                   "repeat that please", "can you say that again?", "one more time?", "please repeat",
+                   "what was that?"],
+                  ["come again?", "could you say that again?", "could you repeat that?", "I missed that",
+                   "run that by me again"]),
+        ["Sorry! Which part should I say again?", "Of course. What would you like me to repeat?",
+         "Sure! Ask me again and I will answer."], opened=True, named=True),
+    "decline": Smalltalk(
+        talk_forms(["no thanks", "no thank you", "nope", "no", "not now", "never mind", "forget it", "nothing",
+                   "that's all", "I'm good", "not really"],
+                  ["nah", "maybe later", "no need", "not today", "nothing else"]),
+        ["Okay! Let me know if you need anything.", "No problem. I am here if you change your mind.",
+         "Alright! Just ask if you think of something."], opened=True, named=True),
+}
 
 
 def fact_fields(name, p):
@@ -1879,13 +2058,22 @@ def identity_question(rng, heldout):
     return rng.choice(GREETING_OPENERS) + casual(rng, frame.text), rng.choice(IDENTITY_ANSWERS)
 
 
-def smalltalk(rng, heldout):
-    phrasings, answers = SMALLTALK[rng.choice(list(SMALLTALK))]
-    frame = rng.choice([f for f in phrasings if f.held == heldout])
-    answer = rng.choice(answers)
-    if frame.text.startswith("good "):
-        answer = frame.text.capitalize() + "! How can I help?"  # "good evening" -> "Good evening! ..."
-    return casual(rng, frame.text), answer
+def smalltalk_text(opener, phrasing, name):
+    """A user's small talk before casual writing: an opener, then the phrasing with a name before its end mark."""
+    end = phrasing[-1] if phrasing[-1] in "?.!" else ""
+    return opener + phrasing[:len(phrasing) - len(end)] + name + end
+
+
+def smalltalk(rng, heldout, intent=None):
+    """(user, answer) of small talk in a training or a held-out phrasing (only then with any opener or name)."""
+    talk = SMALLTALK[intent or rng.choice(list(SMALLTALK))]
+    frame = rng.choice([f for f in talk.phrasings if f.held == heldout])
+    opener, name = (rng.choice([f.text for f in parts if heldout or not f.held]) if used else ""
+                    for parts, used in ((SMALLTALK_OPENERS, talk.opened), (SMALLTALK_NAMES, talk.named)))
+    time = TIME_WORD.search(frame.text)
+    timed = [a for a in talk.answers if "{time}" in a]
+    answer = rng.choice(timed if time and timed else [a for a in talk.answers if a not in timed])
+    return casual(rng, smalltalk_text(opener, frame.text, name)), answer.format(time=time.group(1) if time else None)
 
 
 def place_question(rng, places, heldout=False, kind=None):

@@ -17,7 +17,7 @@ import pytest
 
 import data
 from data import arc, download, gsm8k, hellaswag, math500, mmlu, smoltalk, tinyworld
-from data.grade import grade
+from data.grade import extract_answer, grade
 from data.loader import TokenRows
 from tests.conftest import REPO, shared_data
 
@@ -378,6 +378,12 @@ def rx(text, verb=None, names=False):
     return re.compile(f"(?i:{out[0]}){out[1:]}" if out[0].isalpha() else out)
 
 
+def smalltalk_part_regexes():
+    """A regex per held small-talk opener and name ("um, ", ", pal"): its words, which no training text has."""
+    return [re.compile(r"\b" + re.escape(f.text.strip(" ,")) + r"\b", re.IGNORECASE)
+            for f in tinyworld.SMALLTALK_OPENERS + tinyworld.SMALLTALK_NAMES if f.held]
+
+
 def heldout_regexes():
     """A regex per held-out surface pattern (math clauses and questions, arithmetic forms, fact questions,
     identity and small talk): what no training text may contain."""
@@ -386,8 +392,9 @@ def heldout_regexes():
     out += [rx(f.text, names=True) for fs in [*tinyworld.FACT_QUESTIONS.values(), *tinyworld.PLACE_QUESTIONS.values(),
                                               tinyworld.ASIDES] for f in fs if f.held]
     out += [re.compile(r"\b" + re.escape(f.text.rstrip("?.!")) + r"\b", re.IGNORECASE)
-            for f in tinyworld.IDENTITY_QUESTIONS + [f for fs, _ in tinyworld.SMALLTALK.values() for f in fs]
+            for f in tinyworld.IDENTITY_QUESTIONS + [f for s in tinyworld.SMALLTALK.values() for f in s.phrasings]
             if f.held]
+    out += smalltalk_part_regexes()
     # the held-out sentence structures: the fronted "After A, B." (training has only "After that, ..." and "After
     # all that, ..."), and the question asked before the story's clauses as its condition ("How many ... if ...?")
     assert [j.text for j in tinyworld.JOINS if j.held] == ["After {A}, {B}."]
@@ -447,6 +454,54 @@ def test_chat_phrasing_families():
         assert all(any(r.search(q) for q in drawn) for r in training), family
         assert not any(r.search(q) for r in held + asides for q in drawn), family
         assert all(any(r.search(q) for r in held) for q in (ask(True) for _ in range(50))), family
+
+
+def test_smalltalk_intents_phrasings_and_answers():
+    """Small talk comes in many intents, each in dozens of training surface forms (phrasing, opener, name), none of
+    which says a held part or another intent's form; every training phrasing is drawn and nothing else, held draws
+    always take a held phrasing, a named time of day is echoed, and no answer could be graded as math."""
+    def key(text):  # a surface form as casual writing leaves it: first letter's case and end mark vary
+        return (text[0].lower() + text[1:]).rstrip("?.!")
+
+    def parts(frames, used, held):
+        return sorted({f.text for f in frames if held or not f.held}) if used else [""]
+    held_rx = re.compile("|".join([r"\b" + re.escape(f.text.rstrip("?.!")) + r"\b" for s in
+                                   tinyworld.SMALLTALK.values() for f in s.phrasings if f.held] +
+                                  [r.pattern for r in smalltalk_part_regexes()]), re.IGNORECASE)
+    assert len(tinyworld.SMALLTALK) >= 15 and len(smalltalk_part_regexes()) >= 2
+    training, held = {}, {}  # a surface form's key: (intent, phrasing)
+    for intent, talk in tinyworld.SMALLTALK.items():
+        for is_held, forms in ((False, training), (True, held)):
+            phrasings = [f.text for f in talk.phrasings if f.held == is_held]
+            assert len(phrasings) >= (3 if is_held else 10), (intent, is_held)
+            for p in phrasings:
+                for o in parts(tinyworld.SMALLTALK_OPENERS, talk.opened, is_held):
+                    for n in parts(tinyworld.SMALLTALK_NAMES, talk.named, is_held):
+                        text = tinyworld.smalltalk_text(o, p, n)
+                        assert key(text) not in training and key(text) not in held, text
+                        assert is_held or not held_rx.search(text), text
+                        forms[key(text)] = (intent, p)
+        assert sum(i == intent for i, _ in training.values()) >= 24, intent
+    rng = random.Random(5)
+    for intent, talk in tinyworld.SMALLTALK.items():
+        phrasings = {f.text for f in talk.phrasings if not f.held}
+        drawn = set()
+        for _ in range(30 * len(phrasings)):
+            user, answer = tinyworld.smalltalk(rng, False, intent)
+            assert key(user) in training and training[key(user)][0] == intent, user
+            drawn.add(training[key(user)][1])
+            time = tinyworld.TIME_WORD.search(user)
+            if time and any("{time}" in a for a in talk.answers):
+                assert time.group(1) in answer.lower(), (user, answer)
+        assert drawn == phrasings, intent
+        for _ in range(30):
+            user, _ = tinyworld.smalltalk(rng, True, intent)
+            assert held_rx.search(user) and key(user) in held and held[key(user)][0] == intent, user
+        for answer in talk.answers:
+            for time in ("morning", "night"):
+                reply = answer.format(time=time)
+                assert not NUMBER.search(reply) and extract_answer(reply) is None, reply
+                assert data.chat_reply_ok(reply, {"prompt": "hi", "kind": "smalltalk", "expect": None}), reply
 
 
 def test_held_meanings_are_in_no_sft_or_rl_file(world):
