@@ -407,7 +407,9 @@ def heldout_regexes():
 def test_heldout_phrasings_are_in_no_training_file(world):
     regexes = heldout_regexes()
     assert len(regexes) > 80
-    training = "\n".join(training_texts(world))
+    # RL's prompts too: chat_probe_train takes training phrasings only
+    rl_prompts = [p["prompt"] for p in read(os.path.join(world, "chat_probe_train.jsonl"))]
+    training = "\n".join(training_texts(world) + rl_prompts)
     for r in regexes:
         m = r.search(training)
         assert not m, (r.pattern, training[max(0, m.start() - 80):m.end() + 20])
