@@ -1829,8 +1829,9 @@ TIME_WORD = re.compile(r"\b(morning|afternoon|evening|night|day|weekend)\b")  # 
 SMALLTALK_OPENERS = [Frame(""), Frame(""), Frame(""), Frame(""), Frame(""), Frame(""), Frame("oh, "),
                      Frame("well, "), Frame("ah, "), Frame("okay, "), Frame("so, "), Frame("alright, "),
                      Frame("anyway, ", held=True), Frame("um, ", held=True)]
-SMALLTALK_NAMES = [Frame(""), Frame(""), Frame(""), Frame(""), Frame(""), Frame(""), Frame(", picochat"),
-                   Frame(" picochat"), Frame(", friend"), Frame(", buddy"), Frame(", pal", held=True)]
+# a name always after a comma: "sorry, what picochat?" would read as a question about picochat
+SMALLTALK_NAMES = [Frame(""), Frame(""), Frame(""), Frame(""), Frame(""), Frame(", picochat"), Frame(", friend"),
+                   Frame(", buddy"), Frame(", pal", held=True)]
 
 
 def talk_forms(train, held):
