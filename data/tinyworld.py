@@ -165,8 +165,9 @@ def words(n):
 
 
 def number(n, in_words):
-    """How a story writes a number: in words when asked to (up to 999, words()), else digits."""
-    return words(n) if in_words else str(n)
+    """How a story writes a number: in words when asked to (up to 999, words()), else digits. A round hundred stays
+    digits: "the quotient of one hundred and two" would read as 102."""
+    return words(n) if in_words and n % 100 else str(n)
 
 
 def an(word):
@@ -1429,6 +1430,9 @@ ARITH_FAMILIES = {"arith_ask": ARITH_ASK, "arith_words": ARITH_WORDS, "arith_do"
 AROUND = ("arith_leads", "arith_ends")  # parts around a request: held ones ride along in test requests only
 STYLE_WEIGHTS = {"symbols": 3, "words": 3, "order": 3, "question": 1, "chain": 2}
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+# a request's numbers are the world's (up to MAX_VALUE), but its results may have 4 digits, as a calculator's do:
+# a model that never read a 4-digit result back copied two of its digits ("<<90*27=2430>>24")
+ARITH_MAX_VALUE = 9999
 
 
 def operand(rng, small):
@@ -1442,9 +1446,10 @@ def operand(rng, small):
 
 
 def draw_expr(rng, ops):
-    """A random expression (a graph of Nodes) with `ops` operations, every value whole and in 1..MAX_VALUE
-    (Redraw otherwise); multiplied and divided by small numbers. A number beside an operation or another number is
-    drawn to fit it where it can: a difference positive, a quotient whole, a product within range."""
+    """A random expression (a graph of Nodes) with `ops` operations, its numbers in 1..MAX_VALUE and every value
+    whole and in 1..ARITH_MAX_VALUE (Redraw otherwise); multiplied and divided by small numbers. A number beside an
+    operation or another number is drawn to fit it where it can: a difference positive, a quotient whole, a product
+    within range."""
     op = rng.choice("+-*/")
     left = rng.randint(0, ops - 1)
     a = draw_expr(rng, left) if left else None
@@ -1452,15 +1457,15 @@ def draw_expr(rng, ops):
     if a is None:
         a = leaf(b.value * draw(rng, 2, MAX_VALUE // b.value) if op == "/" else draw(rng, b.value + 1, MAX_VALUE)
                  if op == "-" else operand(rng, False))
-    if op == "*" and a.op is None and a.value * b.value > MAX_VALUE:
-        a = leaf(draw(rng, 2, MAX_VALUE // b.value))
-    elif b.op is None and op == "*" and a.value * b.value > MAX_VALUE:
-        b = leaf(draw(rng, 2, MAX_VALUE // a.value))
+    if op == "*" and a.op is None and a.value * b.value > ARITH_MAX_VALUE:
+        a = leaf(draw(rng, 2, min(MAX_VALUE, ARITH_MAX_VALUE // b.value)))
+    elif b.op is None and op == "*" and a.value * b.value > ARITH_MAX_VALUE:
+        b = leaf(draw(rng, 2, min(MAX_VALUE, ARITH_MAX_VALUE // a.value)))
     elif b.op is None and op == "/" and a.value % b.value:
         b = leaf(rng.choice([d for d in range(2, 13) if a.value % d == 0] or [a.value + 1]))  # (none: Redraw)
     value = {"+": a.value + b.value, "-": a.value - b.value, "*": a.value * b.value,
              "/": a.value // b.value if a.value % b.value == 0 else -1}[op]
-    if not 1 <= value <= MAX_VALUE:
+    if not 1 <= value <= ARITH_MAX_VALUE:
         raise Redraw
     return Node(value, op, a, b, None, None)
 
@@ -1834,6 +1839,12 @@ SMALLTALK_NAMES = [Frame(""), Frame(""), Frame(""), Frame(""), Frame(""), Frame(
                    Frame(", buddy"), Frame(", pal", held=True)]
 
 
+# small talk that tests/test_heldback.py found among its held-back probes: never generated, in training or test
+NOT_TOLD = {"good afternoon", "good evening", "good night", "how are you doing", "how's it going", "what's up",
+            "thanks a lot", "thank you so much", "nice to meet you", "hey there", "see you later", "have a nice day",
+            "i'm back"}
+
+
 def talk_forms(train, held):
     """A small-talk intent's Frames: each text of `train` and of `held` (held=True) once per filling of its slots."""
     frames = []
@@ -1841,7 +1852,9 @@ def talk_forms(train, held):
         for text in texts:
             slots = re.findall(r"\{(\w+)\}", text)
             for values in itertools.product(*(SMALLTALK_SLOTS[s] for s in slots)):
-                frames.append(Frame(text.format(**dict(zip(slots, values))), held=is_held))
+                form = text.format(**dict(zip(slots, values)))
+                if form.lower().rstrip("?.!") not in NOT_TOLD:
+                    frames.append(Frame(form, held=is_held))
     return frames
 
 
@@ -1891,11 +1904,11 @@ SMALLTALK = {
         opened=True, named=True),
     "nice": Smalltalk(
         talk_forms(["pleased to meet you", "nice to meet you", "nice meeting you", "good to meet you",
-                   "it's nice to meet you", "nice to talk to you", "nice talking to you", "good to see you",
+                   "nice to talk to you", "nice talking to you", "good to see you",
                    "great to meet you", "happy to meet you"],
                   ["it is nice to talk to you", "glad to meet you", "lovely to meet you", "a pleasure to meet you"]),
         ["Pleased to meet you too!", "The pleasure is mine. How can I help?",
-         "Nice to meet you too! What would you like to know?", "Likewise! What can I do for you?"],
+         "Good to meet you too! What would you like to know?", "Likewise! What can I do for you?"],
         opened=True, named=True),
     "sorry": Smalltalk(
         talk_forms(["sorry", "I'm sorry", "I am sorry", "sorry about that", "oops, sorry", "my bad", "my mistake",
