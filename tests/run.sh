@@ -20,4 +20,4 @@ if ! command -v chromedriver >/dev/null || ! { command -v chromium || command -v
   fi
 fi
 if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
-exec python3 -m pytest -q "$@"
+exec python3 -m pytest -q --durations=10 "$@"  # the slowest tests: the suite must stay within ~8 minutes
