@@ -1551,28 +1551,27 @@ def say_expr(rng, e, noun=False):
     forms = [i for i, f in enumerate(ARITH_WORDS) if form_fits(f, e, noun, lambda t, s: not noun and words_nest(t, s))]
     if run_of(e) and rng.random() < 0.5:  # a run is most often said as one: "the sum of 3, 5 and 9"
         forms = [i for i in forms if "{L}" in ARITH_WORDS[i].text]
-    if not forms:
-        return None
-    i = rng.choice(forms)
-    parts = {x: say_expr(rng, x, noun=True) for x in (e.a, e.b)}
-    if None in parts.values():
-        return None
-    text, patterns = fill(rng, ARITH_WORDS[i], e, lambda x: (parts[x][0] + ("," if x is e.a and x.op else ""),
-                                                             parts[x][1]))
-    return text, {("arith_words", i)} | patterns
+    return say_in(rng, "arith_words", forms, e, lambda x, said: (said[0] + ("," if x is e.a and x.op else ""),
+                                                                    said[1]))
 
 
 def say_order(rng, e):
-    """An order's verb phrase for e ("take 4 away from 96"), operands that are operations as noun phrases; or None."""
-    forms = [i for i, f in enumerate(ARITH_DO) if form_fits(f, e, nest_ok=order_nest)]
+    """An order's verb phrase for e ("take 4 from 96"), operands that are operations as noun phrases; or None."""
+    return say_in(rng, "arith_do", [i for i, f in enumerate(ARITH_DO) if form_fits(f, e, nest_ok=order_nest)], e,
+                  lambda x, said: said)
+
+
+def say_in(rng, family, forms, e, operand):
+    """(text, patterns) of e in one of `forms` (indices into the family's table), each operand said as a noun phrase
+    and written as operand(x, (text, patterns)) gives it; None when no form fits or an operand cannot be said."""
     if not forms:
         return None
     i = rng.choice(forms)
     parts = {x: say_expr(rng, x, noun=True) for x in (e.a, e.b)}
     if None in parts.values():
         return None
-    text, patterns = fill(rng, ARITH_DO[i], e, lambda x: parts[x])
-    return text, {("arith_do", i)} | patterns
+    text, patterns = fill(rng, ARITH_FAMILIES[family][i], e, lambda x: operand(x, parts[x]))
+    return text, {(family, i)} | patterns
 
 
 def say_chain(rng, e):
