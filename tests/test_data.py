@@ -9,6 +9,7 @@ import os
 import random
 import re
 import runpy
+import shutil
 import string
 import sys
 import threading
@@ -1049,7 +1050,9 @@ def test_corpus_download_has_a_fixed_validation_shard_and_feeds_pretraining(hub,
         data.pretrain_files("train")
 
 
-def test_recipe_sets_come_in_with_their_real_schemas(hub, quick_retries, tmp_base_dir):
+def test_recipe_sets_come_in_with_their_real_schemas(hub, quick_retries, world, tmp_base_dir):
+    # the SFT mixture read below includes tinyworld: the module's small set, not the default one (70 s to generate)
+    shutil.copytree(world, os.path.join(tmp_base_dir, "data", "tinyworld"))
     from loopback_hub import math500_rows, publish_recipe
     hellaswag_rows = publish_recipe(hub)
     for name in ("smoltalk", "gsm8k", "math500", "arc", "mmlu", "hellaswag"):
