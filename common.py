@@ -203,14 +203,15 @@ def setup_device(device=""):
         raise SystemExit("error: --device=mps but MPS (Apple GPU) is not available here; use --device=cpu")
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, local_rank, world_size = 0, 0, 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this node (torchrun sets it)
     if ddp:
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         world_size = int(os.environ["WORLD_SIZE"])
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
-        if device.startswith("cuda") and local_world > torch.cuda.device_count():
+        on_node = max(local_world, local_rank + 1)
+        if device.startswith("cuda") and on_node > torch.cuda.device_count():
             # every rank stops here: one that went on would wait in init_process_group for the missing ones
-            raise SystemExit(f"error: {local_world} processes on this node but {torch.cuda.device_count()} CUDA GPUs "
+            raise SystemExit(f"error: {on_node} processes on this node but {torch.cuda.device_count()} CUDA GPUs "
                              f"(one each); use --nproc_per_node={torch.cuda.device_count()}, or --device=cpu (gloo)")
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
@@ -224,7 +225,6 @@ def setup_device(device=""):
         # torchrun sets OMP_NUM_THREADS=1 when several processes share a machine; respect an explicit value,
         # otherwise give each local process an equal share of the cores
         if "OMP_NUM_THREADS" not in os.environ:
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     print0(f"device: {device}" + (f", {world_size} processes" if ddp else ""))
     return ddp, rank, local_rank, world_size, torch.device(device)

@@ -59,6 +59,19 @@ def sync():
         torch.cuda.synchronize()
 
 
+def best_seconds(fn, reps):
+    """Best wall time of fn() over reps calls, after one warm-up call."""
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def matmul_peak(dtype, n=2048, reps=3):
     if device == "cuda":
         n, reps = 8192, 10
@@ -66,15 +79,7 @@ def matmul_peak(dtype, n=2048, reps=3):
     if dtype == torch.bfloat16 and not common.cpu_has_fast_bf16():
         n = 512  # emulated bf16 (no AMX / AVX512-BF16) runs at a few GFLOP/s: a smaller size measures the same
         a, b = a[:n, :n].contiguous(), b[:n, :n].contiguous()
-    a @ b
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n ** 3 / best_seconds(lambda: a @ b, reps) / 1e9
 
 # -----------------------------------------------------------------------------
 # Training step
@@ -160,15 +165,7 @@ def time_gemm(m, k, n, dtype, batch=1, reps=5):
     """Best seconds of a (batch, m, k) @ (batch, k, n) product."""
     a = torch.randn(batch, m, k, dtype=dtype, device=device)
     b = torch.randn(batch, k, n, dtype=dtype, device=device)
-    torch.bmm(a, b)
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.bmm(a, b)
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_seconds(lambda: torch.bmm(a, b), reps)
 
 
 def gemm_bound_mfu(dtype, peak_gflops):
