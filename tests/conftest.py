@@ -2,6 +2,7 @@
 import os
 import runpy
 import sys
+import time
 
 # The suite is defined on the CPU (exact figures, gloo, the interpreter for Triton): on a machine with a GPU it is
 # hidden from the tests and from the stage scripts they start (CUDA reads this at its first use, after this line).
@@ -11,6 +12,8 @@ if os.environ.get("PICOCHAT_TEST_GPU") != "1":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
@@ -113,3 +116,63 @@ def save_random_model(stage, config, tag="tiny"):
     meta = {"step": 1, "model_config": dataclasses.asdict(config), "tokenizer_hash": load_tokenizer().hash}
     common.save_checkpoint(common.checkpoint_dir(stage, tag), 1, model.state_dict(), None, meta)
     return model
+
+
+# -----------------------------------------------------------------------------
+# Two gloo ranks in spawned processes: the DDP tests. Teardown is where such tests go flaky, so:
+# - the rendezvous is a file the test owns (no port picked in advance that another process can take, no rank hosting
+#   a store the other still needs);
+# - both ranks pass a barrier before they leave (destroy_process_group is not collective: without it one rank tears
+#   down while the other still has a collective in flight);
+# - each rank destroys its process group on every path, an exception's too;
+# - torch._dynamo is imported before the group exists. Imported while one exists (every torch.optim optimizer imports
+#   it when built), it keeps references to the group (torch 2.13, measured), and destroy_process_group then no longer
+#   frees gloo's backend: its threads (2 workers, the TCP loop) live on into interpreter shutdown, where Python (< 3.14)
+#   ends a thread that takes the GIL with pthread_exit, which aborts the process ("terminate called without an active
+#   exception", SIGABRT; pytorch/pytorch#38228). Seen once in a loaded CI run, and only when the ranks exit;
+# - each rank then checks that no gloo thread is left, so that a torch which leaks them again fails here every time
+#   instead of aborting now and then.
+
+
+def gloo_ranks(tmp_path, fn, *args, timeout=120):
+    """Run fn(rank, *args) on two gloo ranks (spawned processes, one thread each, the process group set up and torn
+    down around it). fn: a module-level function (the processes import it). Fails the test on an error or a signal in
+    either rank (its traceback), or when they are not done within `timeout` seconds."""
+    ranks = mp.spawn(_gloo_rank, args=(str(tmp_path / "gloo_store"), fn, args), nprocs=2, join=False)
+    deadline = time.time() + timeout
+    while not ranks.join(timeout=1):
+        if time.time() > deadline:
+            for p in ranks.processes:
+                p.kill()
+                p.join()
+            pytest.fail(f"the ranks hung (not done within {timeout} s)")
+
+
+def _gloo_rank(rank, store_path, fn, args):
+    import torch._dynamo  # noqa: F401  (before init_process_group: see above)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        fn(rank, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    deadline = time.time() + 10  # a joined thread can stay listed for a moment
+    while (left := _gloo_threads()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not left, f"gloo threads outlived destroy_process_group: {left}"
+
+
+def _gloo_threads():
+    """The names of this process's gloo threads (Linux; none elsewhere)."""
+    tasks = "/proc/self/task"
+    names = []
+    for tid in os.listdir(tasks) if os.path.isdir(tasks) else []:
+        try:
+            with open(os.path.join(tasks, tid, "comm")) as f:
+                name = f.read().strip()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return names
