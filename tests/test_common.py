@@ -4,15 +4,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import common
+from conftest import gloo_ranks
 from model import GPT, config_from_depth
 
 
@@ -259,19 +257,13 @@ def test_a_model_whose_weights_do_not_fit_its_config_falls_back(two_steps, tmp_b
     assert "its weights do not fit its model config (Error(s) in loading state_dict" in capsys.readouterr().out
 
 
-def _resume_rank(rank, store_path, ckpt_dir, out):
-    """One of two gloo ranks resuming from ckpt_dir; writes the step it resumed at to out/rank<r>. Rendezvous,
-    barrier and teardown as test_model.py's DDP test (see there why)."""
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
-        model = GPT(config_from_depth(1, 64, 16, aspect_ratio=32, head_dim=16))
-        meta, _ = common.resume_checkpoint(ckpt_dir, model, model.setup_optimizers(), rank, "cpu", {})
-        with open(os.path.join(out, f"rank{rank}"), "w") as f:
-            f.write(str(meta["step"]))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _resume_rank(rank, ckpt_dir, out):
+    """One of two gloo ranks (conftest.gloo_ranks) resuming from ckpt_dir; writes the step it resumed at to
+    out/rank<r>."""
+    model = GPT(config_from_depth(1, 64, 16, aspect_ratio=32, head_dim=16))
+    meta, _ = common.resume_checkpoint(ckpt_dir, model, model.setup_optimizers(), rank, "cpu", {})
+    with open(os.path.join(out, f"rank{rank}"), "w") as f:
+        f.write(str(meta["step"]))
 
 
 def test_ranks_agree_on_the_step_when_only_one_ranks_file_is_damaged(two_steps, tmp_path):
@@ -283,12 +275,5 @@ def test_ranks_agree_on_the_step_when_only_one_ranks_file_is_damaged(two_steps, 
         common.atomic_write_text(os.path.join(d, f"meta_{step:06d}.json"), json.dumps({**meta, "world_size": 2}))
         shutil.copy(os.path.join(d, f"optim_{step:06d}_rank0.pt"), os.path.join(d, f"optim_{step:06d}_rank1.pt"))
     open(os.path.join(d, "optim_000020_rank1.pt"), "wb").write(b"truncated")
-    ranks = mp.spawn(_resume_rank, args=(str(tmp_path / "store"), d, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.time() + 120
-    while not ranks.join(timeout=1):
-        if time.time() > deadline:
-            for p in ranks.processes:
-                p.kill()
-                p.join()
-            pytest.fail("the ranks hung")
+    gloo_ranks(tmp_path, _resume_rank, d, str(tmp_path))
     assert [open(tmp_path / f"rank{r}").read() for r in range(2)] == ["10", "10"]

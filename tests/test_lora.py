@@ -7,18 +7,16 @@ import copy
 import dataclasses
 import json
 import os
-import socket
 import threading
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import chat
 import common
 import evaluate
-from conftest import run_main
+from conftest import gloo_ranks, run_main
 from model import (GPT, AdamW, KVCache, LoRALinear, QuantLinear, _packed_kernel_ok, add_lora, config_from_depth,
                    lora_disabled, lora_state_dict, merge_lora, pack_int4, quantize_int4, quantize_int8,
                    quantize_model, unpack_int4, weight_bytes)
@@ -386,13 +384,9 @@ def test_rl_and_dpo_with_lora_use_the_base_as_reference_without_a_copy(sft_model
 # DDP: two gloo ranks training adapters end bit-identical, and equal to one process on the mean gradient
 
 
-def _lora_ddp_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
+def _lora_ddp_worker(rank, out):
     model = _lora_ddp_steps(rank)
     torch.save(lora_state_dict(model), os.path.join(out, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
 
 
 def _lora_ddp_steps(rank):
@@ -410,10 +404,7 @@ def _lora_ddp_steps(rank):
 
 
 def test_lora_ddp_two_ranks_match_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_lora_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    gloo_ranks(tmp_path, _lora_ddp_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     single = lora_state_dict(_lora_ddp_steps(None))

@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from conftest import gloo_ranks
 from model import (GPT, GPTConfig, KVCache, Muon, RMSNorm, _compiled_decode_step, apply_rotary, config_from_depth,
                    generate, orthogonalize, param_floor, sample_next)
 
@@ -422,31 +422,18 @@ def test_bad_input_errors():
 
 # -----------------------------------------------------------------------------
 # DDP: two gloo ranks with different data end bit-identical, and equal to one process on the mean grad.
-# Teardown is where such tests go flaky, so: the rendezvous is a file the test owns (no port picked in advance that
-# another process can take, no rank hosting a store the other still needs); both ranks pass a barrier before they
-# leave (destroy_process_group is not collective: without it one rank tears down while the other still has a
-# collective in flight); and each rank destroys its process group on every path, an exception's too, so that no
-# process reaches interpreter shutdown with gloo's threads alive (which aborts it: "terminate called without an
-# active exception", hiding the real error).
 
 
-def _ddp_worker(rank, store_path, out):
-    store = torch.distributed.FileStore(store_path, 2)
-    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
-        model = _ddp_model()
-        adamw, muon = model.setup_optimizers()
-        for step in range(2):
-            idx = torch.randint(0, 64, (2, 2, 17), generator=torch.Generator().manual_seed(step))[rank]
-            model(idx[:, :-1], idx[:, 1:]).backward()
-            adamw.step()
-            muon.step()
-            model.zero_grad(set_to_none=True)
-        torch.save(model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
-        torch.distributed.barrier()
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_worker(rank, out):
+    model = _ddp_model()
+    adamw, muon = model.setup_optimizers()
+    for step in range(2):
+        idx = torch.randint(0, 64, (2, 2, 17), generator=torch.Generator().manual_seed(step))[rank]
+        model(idx[:, :-1], idx[:, 1:]).backward()
+        adamw.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+    torch.save(model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
 
 
 def _ddp_model():
@@ -457,8 +444,7 @@ def _ddp_model():
 
 
 def test_ddp_two_ranks_match_one_process(tmp_path):
-    # join=True: both workers have exited (and an error or a signal in either fails the test) before we go on
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    gloo_ranks(tmp_path, _ddp_worker, str(tmp_path))  # both have exited (an error or a signal fails the test)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     model = _ddp_model()
