@@ -213,6 +213,11 @@ def setup_device(device=""):
             # every rank stops here: one that went on would wait in init_process_group for the missing ones
             raise SystemExit(f"error: {on_node} processes on this node but {torch.cuda.device_count()} CUDA GPUs "
                              f"(one each); use --nproc_per_node={torch.cuda.device_count()}, or --device=cpu (gloo)")
+        # torch._dynamo, imported while a process group exists (building any torch.optim optimizer imports it),
+        # keeps references to the group: destroy_process_group then leaves gloo's threads running into interpreter
+        # shutdown, where they can abort the process (tests/conftest.py's gloo_ranks says how). Imported before the
+        # group, it holds none. Here and not at the top: the import takes seconds, and one process needs no group.
+        import torch._dynamo  # noqa: F401
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"

@@ -158,12 +158,12 @@ def _gloo_rank(rank, store_path, fn, args):
     finally:
         dist.destroy_process_group()
     deadline = time.time() + 10  # a joined thread can stay listed for a moment
-    while (left := _gloo_threads()) and time.time() < deadline:
+    while (left := gloo_threads()) and time.time() < deadline:
         time.sleep(0.05)
     assert not left, f"gloo threads outlived destroy_process_group: {left}"
 
 
-def _gloo_threads():
+def gloo_threads():
     """The names of this process's gloo threads (Linux; none elsewhere)."""
     tasks = "/proc/self/task"
     names = []

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import gloo_ranks
+from conftest import REPO, gloo_ranks
 from model import GPT, config_from_depth
 
 
@@ -79,6 +79,21 @@ def test_more_ranks_on_a_node_than_gpus_stop_every_rank_with_one_line(monkeypatc
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
         with pytest.raises(SystemExit, match=r"2 processes on this node but 1 CUDA GPUs .*--nproc_per_node=1"):
             common.setup_device("cuda")
+
+
+def test_a_distributed_stage_leaves_no_gloo_thread_behind():
+    # a stage under torchrun: setup_device, an optimizer built (it imports torch._dynamo), teardown. Threads of gloo
+    # left alive meet interpreter shutdown and can abort the process (see conftest.gloo_ranks). In a fresh process,
+    # since this one may have imported torch._dynamo already
+    code = ("import common, conftest; from model import GPT, config_from_depth; common.setup_device('cpu'); "
+            "GPT(config_from_depth(1, 64, 16, aspect_ratio=32, head_dim=16)).setup_optimizers(); "
+            "common.teardown(); print(conftest.gloo_threads())")
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "0", "OMP_NUM_THREADS": "1",  # port 0: the only rank hosts the store on a free port
+           "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "[]"
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
