@@ -169,7 +169,7 @@ def test_config_file_is_data(tmp_path):
     common.configure(g, [str(cfg)])
     assert (g["depth"], g["lr"], g["compile"], g["source"]) == (-2, 3.0, True, "x=y")
     marker = tmp_path / "ran"
-    for text, fragment in [(f"import os\ndepth = 2\n", "line 1: only `key = value` lines"),
+    for text, fragment in [("import os\ndepth = 2\n", "line 1: only `key = value` lines"),
                            (f"depth = open({str(marker)!r}, 'w') and 2\n", "line 1: the value of depth must be a literal"),
                            (f"depht = 2\nopen({str(marker)!r}, 'w')\n", "unknown config key 'depht' in"),
                            ("lr = 1e999\n", "--lr must be a finite number, got '1e999'"),
