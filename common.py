@@ -217,7 +217,7 @@ def setup_device(device=""):
         # keeps references to the group: destroy_process_group then leaves gloo's threads running into interpreter
         # shutdown, where they can abort the process (tests/conftest.py's gloo_ranks says how). Imported before the
         # group, it holds none. Here and not at the top: the import takes seconds, and one process needs no group.
-        import torch._dynamo  # noqa: F401
+        import torch._dynamo as _  # noqa: F401  (as _: a plain import would make torch a local name here)
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
