@@ -17,7 +17,9 @@ SHARDING = "torch's sharding engines cost about 1 s of CPU to import: only the -
 DEFERRED = {("common.py", "tokenizer"): "tokenizer.py imports common: at the top, each would import the other",
             ("common.py", "torch.distributed.fsdp"): SHARDING,
             ("common.py", "torch.distributed.checkpoint.state_dict"): SHARDING,
-            ("model.py", "torch.distributed.optim"): SHARDING, ("model.py", "torch.distributed.tensor"): SHARDING}
+            ("model.py", "torch.distributed.optim"): SHARDING, ("model.py", "torch.distributed.tensor"): SHARDING,
+            ("common.py", "torch._dynamo"): "a distributed run must import it before its process group (see there), "
+                                            "and at the top it would cost every other start seconds"}
 # the files that keep their imports at the top (the other data/ files and tokenizer.py are left to their owners)
 TOP_IMPORTS = sorted(f"{name}.py" for name in STAGES) + ["common.py", "model.py", "data/grade.py", "data/loader.py"]
 
