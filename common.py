@@ -213,17 +213,12 @@ def setup_device(device=""):
             # every rank stops here: one that went on would wait in init_process_group for the missing ones
             raise SystemExit(f"error: {on_node} processes on this node but {torch.cuda.device_count()} CUDA GPUs "
                              f"(one each); use --nproc_per_node={torch.cuda.device_count()}, or --device=cpu (gloo)")
-        # torch._dynamo, imported while a process group exists (building any torch.optim optimizer imports it),
-        # keeps references to the group: destroy_process_group then leaves gloo's threads running into interpreter
-        # shutdown, where they can abort the process (tests/conftest.py's gloo_ranks says how). Imported before the
-        # group, it holds none. Here and not at the top: the import takes seconds, and one process needs no group.
-        import torch._dynamo as _  # noqa: F401  (as _: a plain import would make torch a local name here)
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
-            dist.init_process_group(backend="nccl", device_id=torch.device(device))
+            init_process_group(backend="nccl", device_id=torch.device(device))
         elif device == "cpu":
-            dist.init_process_group(backend="gloo")
+            init_process_group(backend="gloo")
         else:
             raise SystemExit(f"error: distributed training needs cuda or cpu, not {device}")
     if device == "cpu":
@@ -233,6 +228,17 @@ def setup_device(device=""):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     print0(f"device: {device}" + (f", {world_size} processes" if ddp else ""))
     return ddp, rank, local_rank, world_size, torch.device(device)
+
+
+def init_process_group(**kwargs):
+    """dist.init_process_group(**kwargs), torch._dynamo imported first. Imported while a group exists (building any
+    torch.optim optimizer imports it), torch._dynamo keeps references to the group (torch 2.13, measured), so that
+    destroy_process_group no longer frees gloo's backend: its threads live on into interpreter shutdown, where Python
+    (< 3.14) ends a thread that takes the GIL with pthread_exit, which aborts the process ("terminate called without
+    an active exception", SIGABRT; pytorch/pytorch#38228). Imported before the group, it holds none. Not at the top
+    of this file: the import takes seconds, and a single process needs no group."""
+    import torch._dynamo as _  # noqa: F401  (as _: a plain import would make torch a local name here)
+    dist.init_process_group(**kwargs)
 
 
 def teardown():

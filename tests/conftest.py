@@ -15,6 +15,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+import common  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 
@@ -107,7 +109,6 @@ def save_random_model(stage, config, tag="tiny"):
     tokenizer's hash, as a stage would have saved it: what a later stage's test starts from. Returns the model."""
     import dataclasses
 
-    import common
     from model import GPT
     from tokenizer import load_tokenizer
     torch.manual_seed(0)
@@ -125,11 +126,8 @@ def save_random_model(stage, config, tag="tiny"):
 # - both ranks pass a barrier before they leave (destroy_process_group is not collective: without it one rank tears
 #   down while the other still has a collective in flight);
 # - each rank destroys its process group on every path, an exception's too;
-# - torch._dynamo is imported before the group exists. Imported while one exists (every torch.optim optimizer imports
-#   it when built), it keeps references to the group (torch 2.13, measured), and destroy_process_group then no longer
-#   frees gloo's backend: its threads (2 workers, the TCP loop) live on into interpreter shutdown, where Python (< 3.14)
-#   ends a thread that takes the GIL with pthread_exit, which aborts the process ("terminate called without an active
-#   exception", SIGABRT; pytorch/pytorch#38228). Seen once in a loaded CI run, and only when the ranks exit;
+# - the group is made by common.init_process_group, as the stages make theirs: gloo threads left alive after
+#   destroy_process_group abort a process at exit (seen once in a loaded CI run; see there why);
 # - each rank then checks that no gloo thread is left, so that a torch which leaks them again fails here every time
 #   instead of aborting now and then.
 
@@ -149,22 +147,27 @@ def gloo_ranks(tmp_path, fn, *args, timeout=120):
 
 
 def _gloo_rank(rank, store_path, fn, args):
-    import torch._dynamo  # noqa: F401  (before init_process_group: see above)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    common.init_process_group(backend="gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
         fn(rank, *args)
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    deadline = time.time() + 10  # a joined thread can stay listed for a moment
-    while (left := gloo_threads()) and time.time() < deadline:
-        time.sleep(0.05)
+    left = gloo_threads()
     assert not left, f"gloo threads outlived destroy_process_group: {left}"
 
 
-def gloo_threads():
-    """The names of this process's gloo threads (Linux; none elsewhere)."""
+def gloo_threads(wait=10):
+    """The names of this process's gloo threads (Linux; none elsewhere) once none is left or `wait` seconds have
+    passed: a joined thread can stay listed for a moment."""
+    deadline = time.time() + wait
+    while (names := _gloo_thread_names()) and time.time() < deadline:
+        time.sleep(0.05)
+    return names
+
+
+def _gloo_thread_names():
     tasks = "/proc/self/task"
     names = []
     for tid in os.listdir(tasks) if os.path.isdir(tasks) else []:

@@ -83,8 +83,8 @@ def test_more_ranks_on_a_node_than_gpus_stop_every_rank_with_one_line(monkeypatc
 
 def test_a_distributed_stage_leaves_no_gloo_thread_behind():
     # a stage under torchrun: setup_device, an optimizer built (it imports torch._dynamo), teardown. Threads of gloo
-    # left alive meet interpreter shutdown and can abort the process (see conftest.gloo_ranks). In a fresh process,
-    # since this one may have imported torch._dynamo already
+    # left alive meet interpreter shutdown and can abort the process (see common.init_process_group). In a fresh
+    # process, since this one may have imported torch._dynamo already
     code = ("import common, conftest; from model import GPT, config_from_depth; common.setup_device('cpu'); "
             "GPT(config_from_depth(1, 64, 16, aspect_ratio=32, head_dim=16)).setup_optimizers(); "
             "common.teardown(); print(conftest.gloo_threads())")
