@@ -513,7 +513,10 @@ Node = collections.namedtuple("Node", "value op a b say at")  # a leaf has op No
 Problem = collections.namedtuple("Problem", "question answer steps shape patterns recipe")
 
 
+@functools.lru_cache(maxsize=None)
 def leaf(n):
+    """A number as a graph node; one shared node per number (a leaf is never told apart by identity, only steps
+    are), as the generator makes a million of them, mostly for numbers it then throws away."""
     return Node(n, None, None, None, None, None)
 
 
@@ -713,11 +716,8 @@ def sentence_order(rng, events, n_people):
     """A random order of the sentences that keeps, for each person, their events in story order; a relation to a
     person who never changes may come before that person's count is given ("Tom has twice as many as Mia. Mia
     has 4.")."""
-    after = {i: set() for i in range(len(events))}  # i -> events that must come before i
-    for i, e in enumerate(events):
-        for j in range(i):
-            if touches(e) & touches(events[j]) & set(range(n_people)):
-                after[i].add(j)
+    people = [touches(e) & set(range(n_people)) for e in events]  # (not the one outside the story a giving names)
+    after = {i: {j for j in range(i) if people[i] & people[j]} for i in range(len(events))}  # i -> events before i
     for i, e in enumerate(events):
         if e["kind"] in RELATIONS and rng.random() < 0.25:
             ref = e["roles"][1]
@@ -727,11 +727,12 @@ def sentence_order(rng, events, n_people):
                     events[j]["kind"] in RELATIONS and events[j]["roles"][1] == ref for j in about_ref[1:]):
                 after[i].discard(intro)
                 after[intro].add(i)
-    order, left = [], list(range(len(events)))
+    order, told, left = [], set(), list(range(len(events)))
     while left:
-        ready = [i for i in left if after[i] <= set(order)]
+        ready = [i for i in left if after[i] <= told]
         i = ready[0] if rng.random() < 0.6 else rng.choice(ready)
         order.append(i)
+        told.add(i)
         left.remove(i)
     return order
 
@@ -927,16 +928,17 @@ def work(recipe, names, people, rng, counts_after=None):
     events, question = recipe["events"], recipe["question"]
     counts, numbers, changes, start = {}, {}, [], None  # changes: person 0's changes in an unknown-start story
     N = len(events)
-    used = {frame_of(e)[0].k for e in events + [question]} - {None}  # numbers the story states ("twice": 2)
+    told = events + [question]
+    frames = [frame_of(e)[0] for e in told]
+    used = {frame.k for frame in frames} - {None}  # numbers the story states ("twice": 2)
 
     def say(key, roles, **nums):
         if recipe["nobody"] and roles[0] == 0 and key in SAY_NOBODY:
             return SAY_NOBODY[key].format(**nums)
         return SAY[key].format(P=names[roles[0]], Q=names[roles[-1]], **nums)
 
-    for i, e in enumerate(events + [question]):
+    for i, (e, frame) in enumerate(zip(told, frames)):
         kind, roles = e["kind"], e["roles"]
-        frame, _ = frame_of(e)
         P, at = roles[0], (i, 0)
         got = {}
         if kind == "has":
@@ -1207,10 +1209,14 @@ def tell(recipe, names, people, rng, fits=None):
     return Problem(text, answer, len(steps_of(target)), shape(target), patterns, recipe)
 
 
+GIRLS = sorted(SHE)
+BOYS = [n for n in NAMES if n not in SHE]
+
+
 def draw_names(rng, she):
     """Distinct names, one per role, of the roles' genders."""
-    girls = rng.sample(sorted(SHE), sum(she))
-    boys = rng.sample([n for n in NAMES if n not in SHE], len(she) - sum(she))
+    girls = rng.sample(GIRLS, sum(she))
+    boys = rng.sample(BOYS, len(she) - sum(she))
     return [girls.pop() if s else boys.pop() for s in she]
 
 
