@@ -226,6 +226,8 @@ TENSE = {"has": ("has", "had"), "are": ("are", "were"), "is": ("is", "was"), "do
          "cost": ("cost", "cost"), "costs": ("costs", "cost"), "wants": ("wants", "wanted"),
          "needs": ("needs", "needed"), "saves": ("saves", "saved"), "buys": ("buys", "bought")}
 
+TENSE_WORDS = [{w: forms[tense] for w, forms in TENSE.items()} for tense in (0, 1)]  # {"has": "had", ...} of a tense
+
 HAVE_VERBS = [Verb("has", "had"), Verb("owns", "owned"), Verb("keeps", "kept"), Verb("collects", "collected")]
 MONEY = "coins"  # the world's money: a story about coins may buy, sell, earn and pay (MONEY_KINDS)
 GOODS = frozenset(ITEMS) - {MONEY}  # what is bought and sold
@@ -509,7 +511,9 @@ def heldout_patterns():
 # -----------------------------------------------------------------------------
 # Math stories: the computation graph, its shape and its worked solution
 
-Node = collections.namedtuple("Node", "value op a b say at")  # a leaf has op None; at orders the solution lines
+# a leaf has op None; at orders the solution lines; say() restates the step (a function: most graphs drawn are
+# thrown away, Redraw or fits, before their solution is written)
+Node = collections.namedtuple("Node", "value op a b say at")
 Problem = collections.namedtuple("Problem", "question answer steps shape patterns recipe")
 
 
@@ -559,7 +563,7 @@ def solution(goal, target, position):
         node = next(n for n in todo if all(c.op is None or id(c) in done for c in (n.a, n.b)))
         todo.remove(node)
         done.add(id(node))
-        lines.append(f"{node.say}: <<{node.a.value}{node.op}{node.b.value}={node.value}>>{node.value}")
+        lines.append(f"{node.say()}: <<{node.a.value}{node.op}{node.b.value}={node.value}>>{node.value}")
     return "\n".join(lines + [f"#### {target.value}"])
 
 
@@ -616,6 +620,12 @@ def pattern_choices(kind, item, heldout, anon=False, nobody=False):
                  kind in QUESTIONS or any(s in f.text for s in ("{P}", "{p}", "{Q}", "{q}")))]
 
 
+@functools.lru_cache(maxsize=None)
+def number_slots(text):
+    """The number slots a frame's text has, in NUMBER_SLOTS order."""
+    return [s for s in NUMBER_SLOTS if f"{{{s}}}" in text]
+
+
 def new_event(rng, kind, roles, item, heldout=False, anon=False, nobody=False):
     """An event with a random pattern: a training one, or with heldout=True a held-out one (None if none fits)."""
     options = pattern_choices("give" if kind == "got" else kind, item, heldout, anon, nobody)
@@ -623,7 +633,7 @@ def new_event(rng, kind, roles, item, heldout=False, anon=False, nobody=False):
         return None
     pattern, frame = rng.choice(options)
     return {"kind": kind, "roles": list(roles), "pattern": list(pattern), "conn": rng.choice(CONNECTORS),
-            "words": [s for s in NUMBER_SLOTS if f"{{{s}}}" in frame.text and rng.random() < 0.3],
+            "words": [s for s in number_slots(frame.text) if rng.random() < 0.3],
             "pron": rng.random() < 0.6}
 
 
@@ -716,7 +726,8 @@ def sentence_order(rng, events, n_people):
     """A random order of the sentences that keeps, for each person, their events in story order; a relation to a
     person who never changes may come before that person's count is given ("Tom has twice as many as Mia. Mia
     has 4.")."""
-    people = [touches(e) & set(range(n_people)) for e in events]  # (not the one outside the story a giving names)
+    story = set(range(n_people))  # (not the one outside the story a giving may name)
+    people = [touches(e) & story for e in events]
     after = {i: {j for j in range(i) if people[i] & people[j]} for i in range(len(events))}  # i -> events before i
     for i, e in enumerate(events):
         if e["kind"] in RELATIONS and rng.random() < 0.25:
@@ -934,8 +945,8 @@ def work(recipe, names, people, rng, counts_after=None):
 
     def say(key, roles, **nums):
         if recipe["nobody"] and roles[0] == 0 and key in SAY_NOBODY:
-            return SAY_NOBODY[key].format(**nums)
-        return SAY[key].format(P=names[roles[0]], Q=names[roles[-1]], **nums)
+            return lambda: SAY_NOBODY[key].format(**nums)
+        return lambda: SAY[key].format(P=names[roles[0]], Q=names[roles[-1]], **nums)
 
     for i, (e, frame) in enumerate(zip(told, frames)):
         kind, roles = e["kind"], e["roles"]
@@ -1106,7 +1117,7 @@ def sentence(event, nums, names, recipe, people, pronoun, start=True, conn=True,
     she = recipe["she"][P]
     box, boxes = CONTAINERS[recipe["box"]]
     person = people[names[P]]
-    fields = {w: forms[tense] for w, forms in TENSE.items()}
+    fields = dict(TENSE_WORDS[tense])
     fields.update(item=recipe["item"], other=recipe["other"], box=box, boxes=boxes, home=person["home"],
                   a_job=an(person["job"]), P=("she" if she else "he") if pronoun else names[P],
                   p="the" if recipe["nobody"] and P == 0 else ("her" if she else "his")
