@@ -404,6 +404,7 @@ QUESTIONS = {
                Frame("{P} spends all {p} {item} on {other} at {k} {item} each. How many {other} does {P} get?"),
                Frame("How many {other} can {P} buy if each costs {k} {item}?", held=True)],
 }
+TOLD_IN = {**FRAMES, **{kind: ([], frames) for kind, frames in QUESTIONS.items()}}  # kind: (verbs, frames)
 CONNECTORS = ["", "", "Then ", "Later, ", "After that, ", "Next, "]  # before a change of a count (not a pattern)
 # A question that names nobody ({P}, {p} and {Q} absent) is asked only where one count (or, for a total, two)
 # holds the story's item: anonymous().
@@ -480,7 +481,7 @@ def heldout_pair(frame_index, verb_index):
 
 def verb_options(kind, item):
     """[(pattern, frame, verb)] of a kind for an item (None: any); pattern = (kind, frame index, verb index or -1)."""
-    verbs, frames = FRAMES[kind] if kind in FRAMES else ([], QUESTIONS[kind])
+    verbs, frames = TOLD_IN[kind]
     out = []
     for fi, frame in enumerate(frames):
         if "{v}" not in frame.text:
@@ -494,8 +495,7 @@ def verb_options(kind, item):
 
 def is_heldout_pattern(pattern):
     kind, fi, vi = pattern
-    frames = FRAMES[kind][1] if kind in FRAMES else QUESTIONS[kind]
-    return frames[fi].held or (vi >= 0 and heldout_pair(fi, vi))
+    return TOLD_IN[kind][1][fi].held or (vi >= 0 and heldout_pair(fi, vi))
 
 
 def heldout_patterns():
@@ -600,8 +600,7 @@ NUMBER_SLOTS = ("n", "a", "b", "k")
 
 
 def pick(rng, weights):
-    keys = list(weights)
-    return rng.choices(keys, [weights[k] for k in keys])[0]
+    return rng.choices(list(weights), weights.values())[0]
 
 
 def anonymous(frame):
@@ -798,6 +797,7 @@ def placement_fits(place, recipe):
                               for e in recipe["events"]))
 
 
+@functools.lru_cache(maxsize=None)
 def indirect(text):
     """A question frame as the object of a request ("How many {item} does {P} have now?" -> "how many {item} {P}
     has now"), or None when it has none."""
@@ -889,7 +889,7 @@ class Unfit(Exception):
 
 def frame_of(event):
     kind, fi, vi = event["pattern"]
-    verbs, frames = FRAMES[kind] if kind in FRAMES else ([], QUESTIONS[kind])
+    verbs, frames = TOLD_IN[kind]
     return frames[fi], (verbs[vi] if vi >= 0 else None)
 
 
@@ -897,9 +897,9 @@ def draw(rng, lo, hi, used=None, multiple_of=1):
     """A number in lo..hi (a multiple of multiple_of); with `used`, one not in it (and then added): a story states
     each number once and works out values it does not state, so which number feeds which step is never ambiguous."""
     lo, hi = -(-lo // multiple_of), hi // multiple_of
+    if lo > hi:
+        raise Redraw
     for _ in range(20 if used is not None else 1):
-        if lo > hi:
-            raise Redraw
         value = rng.randint(lo, hi) * multiple_of
         if used is None:
             return value
@@ -1126,7 +1126,7 @@ def sentence(event, nums, names, recipe, people, pronoun, start=True, conn=True,
                   v=(verb.now, verb.past)[tense] if verb else "")
     for slot, value in nums.items():
         fields[slot] = number(value, slot in event["words"])
-    text = template.format(**fields)
+    text = template.format_map(fields)
     if elide:  # the frame starts with "{P} ", a one-word name or pronoun
         text = text.split(" ", 1)[1]
     elif conn and event["conn"] and template.startswith("{") and event["kind"] in MUTATION_KINDS:
@@ -1139,13 +1139,17 @@ def sentence(event, nums, names, recipe, people, pronoun, start=True, conn=True,
 def subject_slot(event):
     """Which person a sentence starts with and its first person slot ("{P}", "{p}", "{Q}", "{q}"; a pronoun may
     stand in the first two), or (None, None)."""
-    text = frame_of(event)[0].text
-    hits = [(text.find(s), s) for s in ("{P}", "{p}", "{Q}", "{q}") if s in text]
-    if not hits:
+    slot = first_person_slot(frame_of(event)[0].text)
+    if slot is None:
         return None, None
-    slot = min(hits)[1]
     roles = event["roles"]
     return (roles[0] if slot in ("{P}", "{p}") else roles[-1]), slot
+
+
+@functools.lru_cache(maxsize=None)
+def first_person_slot(text):
+    hits = [(text.find(s), s) for s in ("{P}", "{p}", "{Q}", "{q}") if s in text]
+    return min(hits)[1] if hits else None
 
 
 def tell(recipe, names, people, rng, fits=None):
