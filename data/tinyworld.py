@@ -622,7 +622,7 @@ def pattern_choices(kind, item, heldout, anon=False, nobody=False):
 @functools.lru_cache(maxsize=None)
 def number_slots(text):
     """The number slots a frame's text has, in NUMBER_SLOTS order."""
-    return [s for s in NUMBER_SLOTS if f"{{{s}}}" in text]
+    return tuple(s for s in NUMBER_SLOTS if f"{{{s}}}" in text)
 
 
 def new_event(rng, kind, roles, item, heldout=False, anon=False, nobody=False):
@@ -725,7 +725,7 @@ def sentence_order(rng, events, n_people):
     """A random order of the sentences that keeps, for each person, their events in story order; a relation to a
     person who never changes may come before that person's count is given ("Tom has twice as many as Mia. Mia
     has 4.")."""
-    story = set(range(n_people))  # (not the one outside the story a giving may name)
+    story = set(range(n_people))  # the story's people (a giving may name one outside it, n_people)
     people = [touches(e) & story for e in events]
     after = {i: {j for j in range(i) if people[i] & people[j]} for i in range(len(events))}  # i -> events before i
     for i, e in enumerate(events):
@@ -1148,6 +1148,7 @@ def subject_slot(event):
 
 @functools.lru_cache(maxsize=None)
 def first_person_slot(text):
+    """subject_slot's slot of a frame's text (None: the text names nobody)."""
     hits = [(text.find(s), s) for s in ("{P}", "{p}", "{Q}", "{q}") if s in text]
     return min(hits)[1] if hits else None
 
