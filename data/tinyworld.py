@@ -226,6 +226,8 @@ TENSE = {"has": ("has", "had"), "are": ("are", "were"), "is": ("is", "was"), "do
          "cost": ("cost", "cost"), "costs": ("costs", "cost"), "wants": ("wants", "wanted"),
          "needs": ("needs", "needed"), "saves": ("saves", "saved"), "buys": ("buys", "bought")}
 
+TENSE_WORDS = [{w: forms[tense] for w, forms in TENSE.items()} for tense in (0, 1)]  # {"has": "had", ...} of a tense
+
 HAVE_VERBS = [Verb("has", "had"), Verb("owns", "owned"), Verb("keeps", "kept"), Verb("collects", "collected")]
 MONEY = "coins"  # the world's money: a story about coins may buy, sell, earn and pay (MONEY_KINDS)
 GOODS = frozenset(ITEMS) - {MONEY}  # what is bought and sold
@@ -402,6 +404,7 @@ QUESTIONS = {
                Frame("{P} spends all {p} {item} on {other} at {k} {item} each. How many {other} does {P} get?"),
                Frame("How many {other} can {P} buy if each costs {k} {item}?", held=True)],
 }
+TOLD_IN = {**FRAMES, **{kind: ([], frames) for kind, frames in QUESTIONS.items()}}  # kind: (verbs, frames)
 CONNECTORS = ["", "", "Then ", "Later, ", "After that, ", "Next, "]  # before a change of a count (not a pattern)
 # A question that names nobody ({P}, {p} and {Q} absent) is asked only where one count (or, for a total, two)
 # holds the story's item: anonymous().
@@ -478,7 +481,7 @@ def heldout_pair(frame_index, verb_index):
 
 def verb_options(kind, item):
     """[(pattern, frame, verb)] of a kind for an item (None: any); pattern = (kind, frame index, verb index or -1)."""
-    verbs, frames = FRAMES[kind] if kind in FRAMES else ([], QUESTIONS[kind])
+    verbs, frames = TOLD_IN[kind]
     out = []
     for fi, frame in enumerate(frames):
         if "{v}" not in frame.text:
@@ -492,8 +495,7 @@ def verb_options(kind, item):
 
 def is_heldout_pattern(pattern):
     kind, fi, vi = pattern
-    frames = FRAMES[kind][1] if kind in FRAMES else QUESTIONS[kind]
-    return frames[fi].held or (vi >= 0 and heldout_pair(fi, vi))
+    return TOLD_IN[kind][1][fi].held or (vi >= 0 and heldout_pair(fi, vi))
 
 
 def heldout_patterns():
@@ -509,11 +511,16 @@ def heldout_patterns():
 # -----------------------------------------------------------------------------
 # Math stories: the computation graph, its shape and its worked solution
 
-Node = collections.namedtuple("Node", "value op a b say at")  # a leaf has op None; at orders the solution lines
+# a leaf has op None; at orders the solution lines; say() restates the step (a function: most graphs drawn are
+# thrown away, Redraw or fits, before their solution is written)
+Node = collections.namedtuple("Node", "value op a b say at")
 Problem = collections.namedtuple("Problem", "question answer steps shape patterns recipe")
 
 
+@functools.lru_cache(maxsize=None)
 def leaf(n):
+    """A number as a graph node; one shared node per number (a leaf is never told apart by identity, only steps
+    are), as the generator makes a million of them, mostly for numbers it then throws away."""
     return Node(n, None, None, None, None, None)
 
 
@@ -556,7 +563,7 @@ def solution(goal, target, position):
         node = next(n for n in todo if all(c.op is None or id(c) in done for c in (n.a, n.b)))
         todo.remove(node)
         done.add(id(node))
-        lines.append(f"{node.say}: <<{node.a.value}{node.op}{node.b.value}={node.value}>>{node.value}")
+        lines.append(f"{node.say()}: <<{node.a.value}{node.op}{node.b.value}={node.value}>>{node.value}")
     return "\n".join(lines + [f"#### {target.value}"])
 
 
@@ -593,8 +600,7 @@ NUMBER_SLOTS = ("n", "a", "b", "k")
 
 
 def pick(rng, weights):
-    keys = list(weights)
-    return rng.choices(keys, [weights[k] for k in keys])[0]
+    return rng.choices(list(weights), weights.values())[0]
 
 
 def anonymous(frame):
@@ -613,6 +619,12 @@ def pattern_choices(kind, item, heldout, anon=False, nobody=False):
                  kind in QUESTIONS or any(s in f.text for s in ("{P}", "{p}", "{Q}", "{q}")))]
 
 
+@functools.lru_cache(maxsize=None)
+def number_slots(text):
+    """The number slots a frame's text has, in NUMBER_SLOTS order."""
+    return tuple(s for s in NUMBER_SLOTS if f"{{{s}}}" in text)
+
+
 def new_event(rng, kind, roles, item, heldout=False, anon=False, nobody=False):
     """An event with a random pattern: a training one, or with heldout=True a held-out one (None if none fits)."""
     options = pattern_choices("give" if kind == "got" else kind, item, heldout, anon, nobody)
@@ -620,7 +632,7 @@ def new_event(rng, kind, roles, item, heldout=False, anon=False, nobody=False):
         return None
     pattern, frame = rng.choice(options)
     return {"kind": kind, "roles": list(roles), "pattern": list(pattern), "conn": rng.choice(CONNECTORS),
-            "words": [s for s in NUMBER_SLOTS if f"{{{s}}}" in frame.text and rng.random() < 0.3],
+            "words": [s for s in number_slots(frame.text) if rng.random() < 0.3],
             "pron": rng.random() < 0.6}
 
 
@@ -713,11 +725,9 @@ def sentence_order(rng, events, n_people):
     """A random order of the sentences that keeps, for each person, their events in story order; a relation to a
     person who never changes may come before that person's count is given ("Tom has twice as many as Mia. Mia
     has 4.")."""
-    after = {i: set() for i in range(len(events))}  # i -> events that must come before i
-    for i, e in enumerate(events):
-        for j in range(i):
-            if touches(e) & touches(events[j]) & set(range(n_people)):
-                after[i].add(j)
+    story = set(range(n_people))  # the story's people (a giving may name one outside it, n_people)
+    people = [touches(e) & story for e in events]
+    after = {i: {j for j in range(i) if people[i] & people[j]} for i in range(len(events))}  # i -> events before i
     for i, e in enumerate(events):
         if e["kind"] in RELATIONS and rng.random() < 0.25:
             ref = e["roles"][1]
@@ -727,11 +737,12 @@ def sentence_order(rng, events, n_people):
                     events[j]["kind"] in RELATIONS and events[j]["roles"][1] == ref for j in about_ref[1:]):
                 after[i].discard(intro)
                 after[intro].add(i)
-    order, left = [], list(range(len(events)))
+    order, told, left = [], set(), list(range(len(events)))
     while left:
-        ready = [i for i in left if after[i] <= set(order)]
+        ready = [i for i in left if after[i] <= told]
         i = ready[0] if rng.random() < 0.6 else rng.choice(ready)
         order.append(i)
+        told.add(i)
         left.remove(i)
     return order
 
@@ -786,6 +797,7 @@ def placement_fits(place, recipe):
                               for e in recipe["events"]))
 
 
+@functools.lru_cache(maxsize=None)
 def indirect(text):
     """A question frame as the object of a request ("How many {item} does {P} have now?" -> "how many {item} {P}
     has now"), or None when it has none."""
@@ -877,7 +889,7 @@ class Unfit(Exception):
 
 def frame_of(event):
     kind, fi, vi = event["pattern"]
-    verbs, frames = FRAMES[kind] if kind in FRAMES else ([], QUESTIONS[kind])
+    verbs, frames = TOLD_IN[kind]
     return frames[fi], (verbs[vi] if vi >= 0 else None)
 
 
@@ -885,9 +897,9 @@ def draw(rng, lo, hi, used=None, multiple_of=1):
     """A number in lo..hi (a multiple of multiple_of); with `used`, one not in it (and then added): a story states
     each number once and works out values it does not state, so which number feeds which step is never ambiguous."""
     lo, hi = -(-lo // multiple_of), hi // multiple_of
+    if lo > hi:
+        raise Redraw
     for _ in range(20 if used is not None else 1):
-        if lo > hi:
-            raise Redraw
         value = rng.randint(lo, hi) * multiple_of
         if used is None:
             return value
@@ -927,16 +939,17 @@ def work(recipe, names, people, rng, counts_after=None):
     events, question = recipe["events"], recipe["question"]
     counts, numbers, changes, start = {}, {}, [], None  # changes: person 0's changes in an unknown-start story
     N = len(events)
-    used = {frame_of(e)[0].k for e in events + [question]} - {None}  # numbers the story states ("twice": 2)
+    told = events + [question]
+    frames = [frame_of(e)[0] for e in told]
+    used = {frame.k for frame in frames} - {None}  # numbers the story states ("twice": 2)
 
     def say(key, roles, **nums):
         if recipe["nobody"] and roles[0] == 0 and key in SAY_NOBODY:
-            return SAY_NOBODY[key].format(**nums)
-        return SAY[key].format(P=names[roles[0]], Q=names[roles[-1]], **nums)
+            return lambda: SAY_NOBODY[key].format(**nums)
+        return lambda: SAY[key].format(P=names[roles[0]], Q=names[roles[-1]], **nums)
 
-    for i, e in enumerate(events + [question]):
+    for i, (e, frame) in enumerate(zip(told, frames)):
         kind, roles = e["kind"], e["roles"]
-        frame, _ = frame_of(e)
         P, at = roles[0], (i, 0)
         got = {}
         if kind == "has":
@@ -1104,7 +1117,7 @@ def sentence(event, nums, names, recipe, people, pronoun, start=True, conn=True,
     she = recipe["she"][P]
     box, boxes = CONTAINERS[recipe["box"]]
     person = people[names[P]]
-    fields = {w: forms[tense] for w, forms in TENSE.items()}
+    fields = dict(TENSE_WORDS[tense])
     fields.update(item=recipe["item"], other=recipe["other"], box=box, boxes=boxes, home=person["home"],
                   a_job=an(person["job"]), P=("she" if she else "he") if pronoun else names[P],
                   p="the" if recipe["nobody"] and P == 0 else ("her" if she else "his")
@@ -1113,7 +1126,7 @@ def sentence(event, nums, names, recipe, people, pronoun, start=True, conn=True,
                   v=(verb.now, verb.past)[tense] if verb else "")
     for slot, value in nums.items():
         fields[slot] = number(value, slot in event["words"])
-    text = template.format(**fields)
+    text = template.format_map(fields)
     if elide:  # the frame starts with "{P} ", a one-word name or pronoun
         text = text.split(" ", 1)[1]
     elif conn and event["conn"] and template.startswith("{") and event["kind"] in MUTATION_KINDS:
@@ -1126,13 +1139,18 @@ def sentence(event, nums, names, recipe, people, pronoun, start=True, conn=True,
 def subject_slot(event):
     """Which person a sentence starts with and its first person slot ("{P}", "{p}", "{Q}", "{q}"; a pronoun may
     stand in the first two), or (None, None)."""
-    text = frame_of(event)[0].text
-    hits = [(text.find(s), s) for s in ("{P}", "{p}", "{Q}", "{q}") if s in text]
-    if not hits:
+    slot = first_person_slot(frame_of(event)[0].text)
+    if slot is None:
         return None, None
-    slot = min(hits)[1]
     roles = event["roles"]
     return (roles[0] if slot in ("{P}", "{p}") else roles[-1]), slot
+
+
+@functools.lru_cache(maxsize=None)
+def first_person_slot(text):
+    """subject_slot's slot of a frame's text (None: the text names nobody)."""
+    hits = [(text.find(s), s) for s in ("{P}", "{p}", "{Q}", "{q}") if s in text]
+    return min(hits)[1] if hits else None
 
 
 def tell(recipe, names, people, rng, fits=None):
@@ -1207,10 +1225,14 @@ def tell(recipe, names, people, rng, fits=None):
     return Problem(text, answer, len(steps_of(target)), shape(target), patterns, recipe)
 
 
+GIRLS = sorted(SHE)
+BOYS = [n for n in NAMES if n not in SHE]
+
+
 def draw_names(rng, she):
     """Distinct names, one per role, of the roles' genders."""
-    girls = rng.sample(sorted(SHE), sum(she))
-    boys = rng.sample([n for n in NAMES if n not in SHE], len(she) - sum(she))
+    girls = rng.sample(GIRLS, sum(she))
+    boys = rng.sample(BOYS, len(she) - sum(she))
     return [girls.pop() if s else boys.pop() for s in she]
 
 
