@@ -3,6 +3,7 @@ Train, save and load picochat's byte-level BPE tokenizer, and render chats into 
 
     python tokenizer.py                          # train on the built-in data (tinyworld), vocab 32768
     python tokenizer.py --vocab_size=4096 --data=path/to/texts   # .txt / .jsonl ("text") / .parquet, or a folder
+    python tokenizer.py --max_digits=1           # every digit its own token (default: numbers in pairs)
     python tokenizer.py --eval=1                 # bytes per token of the saved tokenizer on held-out text
 
 The trainer is plain Python + numpy and fast: documents are split into chunks with a GPT-4-style regex (in
@@ -38,9 +39,16 @@ import tiktoken
 
 import common
 
-# GPT-4's split pattern, but numbers in groups of at most two digits (nanochat measured this best for small
-# vocabularies: fewer tokens are spent on memorising numbers).
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+def split_pattern(max_digits):
+    """GPT-4's split pattern, but numbers in chunks of at most max_digits digits: no token holds more. nanochat
+    measured 2 best for small vocabularies (fewer tokens are spent on memorising numbers); at 1 every digit is a
+    token (as LLaMA splits them), so a number said in words is written one digit per word ("five hundred and two"
+    -> 5 0 2), where pairs would fuse the hundreds with the tens ("50" "2")."""
+    return (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,%d}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]"""
+            r"""|\s+(?!\S)|\s+""" % max_digits)
+
+
+SPLIT_PATTERN = split_pattern(2)
 SPECIAL_TOKENS = [
     "<|bos|>",  # begins every document and every conversation
     "<|user_start|>", "<|user_end|>",
@@ -56,6 +64,7 @@ data = ""  # a .txt/.jsonl/.parquet file or a folder of them; "" = the built-in 
 max_chars = 2_000_000_000  # train on at most this many characters in total
 doc_cap = 10_000  # keep at most this many characters of each document
 num_proc = 0  # processes for splitting text into chunks; 0 = all CPU cores
+max_digits = 2  # numbers are split into chunks of at most this many digits before BPE (split_pattern)
 eval = 0  # 1: instead of training, report bytes per token of the saved tokenizer on held-out text
 
 # -----------------------------------------------------------------------------
@@ -63,7 +72,7 @@ eval = 0  # 1: instead of training, report bytes per token of the saved tokenize
 # chunks weighted by their counts, which is what makes a Python trainer fast.
 #
 # The split regex is the slow part, so it runs on unique *pieces* of text rather than on all of it. A space
-# that follows a non-space character always starts a new chunk under SPLIT_PATTERN (no alternative can run
+# that follows a non-space character always starts a new chunk under the split pattern (no alternative can run
 # from a non-space character into a following space, and the pattern never looks behind), so cutting the text
 # before every such space and chunking the pieces separately gives exactly the chunks of the whole text.
 # Cutting is a cheap stdlib `re` split (its \s is a superset of `regex`'s, so it never cuts where it must not).
@@ -73,8 +82,8 @@ eval = 0  # 1: instead of training, report bytes per token of the saved tokenize
 _CUT = re.compile(r" (?<=\S )")  # the space is consumed; every piece but a document's first starts with it
 
 
-def _count_batch(texts):
-    """Counter of SPLIT_PATTERN's chunks (str) over a list of documents, by way of their unique pieces."""
+def _count_batch(texts, pattern):
+    """Counter of the split pattern's chunks (str) over a list of documents, by way of their unique pieces."""
     inner, edges = collections.Counter(), collections.Counter()  # pieces between cuts; first/last pieces
     for text in texts:
         parts = _CUT.split(text)
@@ -82,7 +91,7 @@ def _count_batch(texts):
         if len(parts) > 1:
             edges[" " + parts[-1]] += 1
             inner.update(parts[1:-1])
-    findall = regex.compile(SPLIT_PATTERN).findall
+    findall = regex.compile(pattern).findall
     by_count = collections.defaultdict(list)
     for piece, n in inner.items():
         by_count[n].append(piece)
@@ -108,8 +117,8 @@ def _batches(texts, batch_chars):
         yield batch
 
 
-def count_chunks(texts, num_proc=0, batch_chars=1 << 22):
-    """{chunk bytes: count} of SPLIT_PATTERN's chunks over an iterable of documents. Worker processes count
+def count_chunks(texts, num_proc=0, batch_chars=1 << 22, pattern=SPLIT_PATTERN):
+    """{chunk bytes: count} of the split pattern's chunks over an iterable of documents. Worker processes count
     batches of ~batch_chars characters while the main process reads on; at most 2 batches per worker are in
     flight, so memory stays bounded however long the stream."""
     num_proc = num_proc or os.cpu_count()
@@ -117,7 +126,7 @@ def count_chunks(texts, num_proc=0, batch_chars=1 << 22):
     first = next(batches, [])
     second = next(batches, None)
     if second is None:  # one batch: not worth starting processes
-        counts = _count_batch(first)
+        counts = _count_batch(first, pattern)
     else:
         counts = collections.Counter()
         pending = collections.deque()
@@ -125,7 +134,7 @@ def count_chunks(texts, num_proc=0, batch_chars=1 << 22):
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with multiprocessing.get_context(method).Pool(num_proc) as pool:
             for batch in itertools.chain([first, second], batches):
-                pending.append(pool.apply_async(_count_batch, (batch,)))
+                pending.append(pool.apply_async(_count_batch, (batch, pattern)))
                 if len(pending) >= 2 * num_proc:
                     counts.update(pending.popleft().get())
             while pending:
@@ -217,12 +226,12 @@ def merge_chunks(chunk_counts, num_merges):
     return merges
 
 
-def train_bpe(texts, vocab_size, num_proc=0):
+def train_bpe(texts, vocab_size, num_proc=0, pattern=SPLIT_PATTERN):
     """Train on an iterable of documents. Returns the mergeable ranks {token bytes: id} (specials excluded)."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens and the "
                          f"{len(SPECIAL_TOKENS)} special tokens (at least {256 + len(SPECIAL_TOKENS)})")
-    chunk_counts = count_chunks(texts, num_proc)
+    chunk_counts = count_chunks(texts, num_proc, pattern=pattern)
     if not chunk_counts:
         raise ValueError("no text to train the tokenizer on (the corpus is empty)")
     merges = merge_chunks(chunk_counts, vocab_size - 256 - len(SPECIAL_TOKENS))
@@ -246,15 +255,16 @@ def _file_hash(rank_text, meta):
     return hashlib.sha256((rank_text + json.dumps(meta, sort_keys=True)).encode("utf-8")).hexdigest()
 
 
-def save_tokenizer(mergeable_ranks, directory=None):
+def save_tokenizer(mergeable_ranks, directory=None, pattern=SPLIT_PATTERN):
     """Write tokenizer.tiktoken, token_bytes.npy and tokenizer.json (last: it makes the tokenizer complete), each
-    atomically. Returns the directory."""
+    atomically; the split pattern it was trained with is saved with it, and loading uses that one. Returns the
+    directory."""
     directory = directory or default_dir()
     ranks = sorted(mergeable_ranks.items(), key=lambda kv: kv[1])
     rank_text = "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in ranks)
     n = len(ranks)
     meta = {
-        "pattern": SPLIT_PATTERN,
+        "pattern": pattern,
         "special_tokens": {name: n + i for i, name in enumerate(SPECIAL_TOKENS)},
         "vocab_size": n + len(SPECIAL_TOKENS),
     }
@@ -737,16 +747,19 @@ def main(config):
         common.print0(f"report: {common.write_report_section('tokenizer_eval', section)}")
         return
     # ---- train
+    if max_digits < 1:
+        raise ValueError(f"max_digits={max_digits}: a token must be able to hold one digit (1 or more)")
+    pattern = split_pattern(max_digits)
     files = pretrain_files("train", data)
     common.print0(f"training a {vocab_size}-token BPE on: {', '.join(files)}")
-    ranks = train_bpe(iter_documents(files, max_chars, doc_cap), vocab_size, num_proc)
+    ranks = train_bpe(iter_documents(files, max_chars, doc_cap), vocab_size, num_proc, pattern)
     train_s = time.time() - t0
     got = len(ranks) + len(SPECIAL_TOKENS)
     if got < vocab_size:
         common.print0(f"the text ran out of pairs to merge: vocab_size is {got}, not {vocab_size}")
     common.print0(f"trained in {train_s:.1f}s")
     # ---- save
-    directory = save_tokenizer(ranks)
+    directory = save_tokenizer(ranks, pattern=pattern)
     tok = load_tokenizer(directory)  # what every later stage will load
     sample = "Hello world! 12345 <|bos|> 日本語"
     assert tok.decode(tok.encode(sample)) == sample

@@ -65,21 +65,26 @@ def tok(tmp_path_factory):
 # training
 
 
-def test_chunk_counts_equal_plain_regex_split():
+@pytest.mark.parametrize("max_digits", [1, 2])
+def test_chunk_counts_equal_plain_regex_split(max_digits):
     # count_chunks cuts text into pieces before splitting; the chunks must be exactly those of the whole text
+    pattern = tokenizer.split_pattern(max_digits)
     rng = random.Random(0)
     alphabet = list("ab Z9'.\n\r\t  ,!\u00a0\u3000é日🙂\x1c\x0b") + ["'s", "'LL", "  ", "\n\n", " \n", "12345"]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(300)] + CORPUS
     want = collections.Counter()
     for t in texts:
-        want.update(regex.findall(tokenizer.SPLIT_PATTERN, t))
+        want.update(regex.findall(pattern, t))
     want = {k.encode("utf-8"): v for k, v in want.items()}
-    assert count_chunks(texts) == want
-    assert count_chunks(texts, num_proc=2, batch_chars=500) == want  # the multiprocess path
+    assert count_chunks(texts, pattern=pattern) == want
+    assert count_chunks(texts, num_proc=2, batch_chars=500, pattern=pattern) == want  # the multiprocess path
 
 
-def test_digits_split_in_pairs():
-    assert regex.findall(tokenizer.SPLIT_PATTERN, "x 12345") == ["x", " ", "12", "34", "5"]
+@pytest.mark.parametrize("max_digits, chunks", [(1, ["1", "2", "3", "4", "5"]), (2, ["12", "34", "5"]),
+                                                (3, ["123", "45"])])
+def test_numbers_split_in_chunks_of_max_digits(max_digits, chunks):
+    assert regex.findall(tokenizer.split_pattern(max_digits), "x 12345") == ["x", " "] + chunks
+    assert tokenizer.SPLIT_PATTERN == tokenizer.split_pattern(2)  # the default: pairs
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -296,4 +301,24 @@ def test_script_trains_and_evaluates(tmp_path, tmp_base_dir, monkeypatch, capsys
     monkeypatch.setattr(tokenizer, "data", str(tmp_path / "missing.txt"))
     monkeypatch.setattr(tokenizer, "eval", 0)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
+        tokenizer.main({})
+
+
+def test_script_saves_its_digit_split_and_loading_uses_it(tmp_path, tmp_base_dir, monkeypatch):
+    text = tmp_path / "numbers.txt"
+    text.write_text("\n\n".join(f"Mia has {n} apples and {7 * n} pears." for n in range(400)))
+    monkeypatch.setattr(tokenizer, "data", str(text))
+    monkeypatch.setattr(tokenizer, "vocab_size", 500)
+    digit_tokens = {}
+    for max_digits in (2, 1):
+        monkeypatch.setattr(tokenizer, "max_digits", max_digits)
+        tokenizer.main({})
+        tok = load_tokenizer()
+        pieces = [tok.decode([i]) for i in range(tok.vocab_size - len(SPECIAL_TOKENS))]
+        digit_tokens[max_digits] = {p for p in pieces if p.isdigit()}
+        said = [tok.decode([i]) for i in tok.encode("Tom has 502 pears")]
+        assert said[-4:] == (["5", "0", "2", " pears"] if max_digits == 1 else [" ", "50", "2", " pears"])
+    assert max(map(len, digit_tokens[2])) == 2 and max(map(len, digit_tokens[1])) == 1
+    monkeypatch.setattr(tokenizer, "max_digits", 0)
+    with pytest.raises(ValueError, match="max_digits=0"):
         tokenizer.main({})
