@@ -647,6 +647,13 @@ def start_stage(device="", dtype="", seed=0):
     and the compute dtype with its autocast context."""
     _, rank, _, world_size, device = setup_device(device)
     seed_everything(seed)
+    if device.type == "cpu":
+        # The same run twice gives the same model. Without this, a compiled backward on several threads adds an
+        # embedding's gradient rows with atomic adds in an order that changes from run to run: we measured
+        # pretraining losses apart from the 3rd step, and two cpu-preset runs of one config 0.14 apart on
+        # held-back arithmetic. On CPU it cost no measurable speed; on GPUs it costs speed (and cuBLAS settings),
+        # so it stays off there. warn_only: an op with no deterministic CPU kernel warns instead of stopping a run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     dtype = resolve_dtype(device, dtype)
     print0(f"compute dtype: {dtype}")
     return Stage(rank, world_size, device, dtype, autocast(device, dtype))

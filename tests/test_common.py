@@ -96,6 +96,24 @@ def test_a_distributed_stage_leaves_no_gloo_thread_behind():
     assert out.stdout.splitlines()[-1] == "[]"
 
 
+def test_a_cpu_stage_computes_the_same_gradient_every_time_when_compiled_on_two_threads():
+    # inductor's compiled backward adds an embedding's gradient rows with atomic adds across threads, in an order
+    # that changes between calls unless start_stage turns deterministic algorithms on (then this fails 1 run in 1).
+    # In a fresh process: the mode and the thread count are global
+    code = ("import torch, common; from model import GPT, config_from_depth; common.start_stage('cpu', 'float32'); "
+            "torch.set_num_threads(2); model = GPT(config_from_depth(1, 64, 16, aspect_ratio=32, head_dim=16)); "
+            "step = torch.compile(lambda x, y: model(x, y)); "
+            "x, y = torch.randint(0, 64, (16, 64)), torch.randint(0, 64, (16, 64)); grads = []\n"
+            "for _ in range(5):\n"
+            "    model.zero_grad(set_to_none=True); step(x, y).backward()\n"
+            "    grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))\n"
+            "print(all(torch.equal(grads[0], g) for g in grads[1:]))")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "True"
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "out" / "f.txt"
     common.atomic_write_text(str(path), "old")
