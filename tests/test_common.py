@@ -4,13 +4,14 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import asdict
 
 import pytest
 import torch
 
 import common
-from conftest import REPO, gloo_ranks
+from conftest import REPO, gloo_ranks, run_script
 from model import GPT, config_from_depth
 
 
@@ -81,36 +82,40 @@ def test_more_ranks_on_a_node_than_gpus_stop_every_rank_with_one_line(monkeypatc
             common.setup_device("cuda")
 
 
-def test_a_distributed_stage_leaves_no_gloo_thread_behind():
+def test_a_distributed_stage_leaves_no_gloo_thread_behind(tmp_path):
     # a stage under torchrun: setup_device, an optimizer built (it imports torch._dynamo), teardown. Threads of gloo
     # left alive meet interpreter shutdown and can abort the process (see common.init_process_group). In a fresh
     # process, since this one may have imported torch._dynamo already
     code = ("import common, conftest; from model import GPT, config_from_depth; common.setup_device('cpu'); "
             "GPT(config_from_depth(1, 64, 16, aspect_ratio=32, head_dim=16)).setup_optimizers(); "
             "common.teardown(); print(conftest.gloo_threads())")
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "0", "OMP_NUM_THREADS": "1",  # port 0: the only rank hosts the store on a free port
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "0",  # port 0: the only rank hosts the store on a free port
            "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_script(["python", "-c", code], tmp_path, timeout=120, env_extra=env)
     assert out.stdout.splitlines()[-1] == "[]"
 
 
-def test_a_cpu_stage_computes_the_same_gradient_every_time_when_compiled_on_two_threads():
+def test_a_cpu_stage_computes_the_same_gradient_every_time_when_compiled_on_two_threads(tmp_path):
     # inductor's compiled backward adds an embedding's gradient rows with atomic adds across threads, in an order
     # that changes between calls unless start_stage turns deterministic algorithms on (then this fails 1 run in 1).
     # In a fresh process: the mode and the thread count are global
-    code = ("import torch, common; from model import GPT, config_from_depth; common.start_stage('cpu', 'float32'); "
-            "torch.set_num_threads(2); model = GPT(config_from_depth(1, 64, 16, aspect_ratio=32, head_dim=16)); "
-            "step = torch.compile(lambda x, y: model(x, y)); "
-            "x, y = torch.randint(0, 64, (16, 64)), torch.randint(0, 64, (16, 64)); grads = []\n"
-            "for _ in range(5):\n"
-            "    model.zero_grad(set_to_none=True); step(x, y).backward()\n"
-            "    grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))\n"
-            "print(all(torch.equal(grads[0], g) for g in grads[1:]))")
-    env = {**os.environ, "PYTHONPATH": REPO}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    code = textwrap.dedent("""
+        import torch, common
+        from model import GPT, config_from_depth
+        common.start_stage("cpu", "float32")
+        torch.set_num_threads(2)
+        model = GPT(config_from_depth(1, 64, 16, aspect_ratio=32, head_dim=16))
+        step = torch.compile(lambda x, y: model(x, y))
+        x, y = torch.randint(0, 64, (16, 64)), torch.randint(0, 64, (16, 64))
+        grads = []
+        for _ in range(5):
+            model.zero_grad(set_to_none=True)
+            step(x, y).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        print(all(torch.equal(grads[0], g) for g in grads[1:]))
+    """)
+    out = run_script(["python", "-c", code], tmp_path)
     assert out.stdout.splitlines()[-1] == "True"
 
 
